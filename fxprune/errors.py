@@ -1,0 +1,28 @@
+"""The exceptions fxprune raises. Every one is an :class:`FxPruneError`.
+
+Each message names the node, module or Python line at fault and says what to do.
+"""
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises on bad input or a failed check."""
+
+
+class TraceError(FxPruneError):
+    """The model could not be captured by ``torch.fx.symbolic_trace``."""
+
+
+class ConfigError(FxPruneError):
+    """An argument to a public function is out of range or inconsistent."""
+
+
+class PlanError(FxPruneError):
+    """A plan does not match the model it is applied to."""
+
+
+class DataError(FxPruneError):
+    """Data passed to a data-driven criterion is missing or malformed."""
+
+
+class VerificationError(FxPruneError):
+    """The pruned model disagrees with the masked original or with ONNX Runtime."""

@@ -1,0 +1,158 @@
+"""The channel-group IR: what :func:`fxprune.analyze` produces and method passes read.
+
+A :class:`ChannelGroup` is a set of channel positions that must be kept or removed
+together. Index ``i`` of a group names one channel across all of its
+:class:`Member` s: the parameter slices that produce it (conv ``weight[i]``, BN
+``running_mean[i]``, ...) and those that consume it (conv ``weight[:, i]``,
+a linear's columns after a flatten). A :class:`Pin` is a reason that some channels
+of a group cannot be removed.
+
+This module imports nothing else of fxprune: method passes depend on it alone.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    >>> g = graph.groups["0"]
+    >>> g.size, [(m.param, m.dim, m.kind) for m in g.members]
+    (8, [('0.weight', 0, 'producer'), ('0.bias', 0, 'producer'), ('2.weight', 1, 'consumer')])
+    >>> graph.groups["2"].pinned.all().item()   # the model output is pinned
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Why channels cannot be removed: ``node`` is the fx node name, ``reason`` a sentence."""
+
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}"
+
+
+@dataclass
+class Member:
+    """One parameter (or buffer) dimension whose slices follow a group's channels.
+
+    ``index[j]`` is the group channel that position ``j`` of ``param`` along ``dim``
+    belongs to, or -1 where that position is not this group's (it belongs to another
+    group, or is fixed). ``kind`` is ``"producer"`` for slices that create or ride along
+    with the channel (conv/linear rows, biases, norm affine and running statistics,
+    per-channel scales) and ``"consumer"`` for slices that read it (conv/linear input
+    columns). ``node`` is the fx node that uses the slice; ``role`` says what the
+    parameter is: ``"weight"``, ``"bias"``, ``"norm_weight"``, ``"norm_bias"``,
+    ``"running_mean"``, ``"running_var"`` or ``"scale"`` (a per-channel multiplier).
+    """
+
+    param: str
+    dim: int
+    index: torch.Tensor
+    kind: str
+    node: str
+    role: str = "weight"
+
+    def positions(self) -> torch.Tensor:
+        """Positions along ``dim`` that belong to this group."""
+        return torch.nonzero(self.index >= 0).flatten()
+
+
+@dataclass
+class ChannelGroup:
+    """Channels kept or removed together; see the module docstring."""
+
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    pins: list[Pin] = field(default_factory=list)
+    pinned: torch.Tensor = None  # bool[size]: channels that must stay
+    approximate: bool = False
+
+    @property
+    def producers(self) -> list[str]:
+        return _unique(m.node for m in self.members if m.kind == "producer")
+
+    @property
+    def consumers(self) -> list[str]:
+        return _unique(m.node for m in self.members if m.kind == "consumer")
+
+    @property
+    def prunable(self) -> int:
+        """How many channels may be removed (the unpinned ones)."""
+        return int((~self.pinned).sum())
+
+    def reduce(self, per_position, member: Member, op: str = "sum") -> torch.Tensor:
+        """Fold one value per position of ``member`` into one value per group channel.
+
+        ``per_position`` is a 1-D tensor as long as the member's dimension; positions
+        outside the group are skipped. A channel read at several positions (a flatten
+        into a linear, ``cat([x, x])``) gets the sum (``op="sum"``) or max of them.
+        """
+        out = torch.zeros(self.size, dtype=per_position.dtype)
+        keep = member.index >= 0
+        idx, val = member.index[keep], per_position[keep]
+        if op == "sum":
+            return out.index_add_(0, idx, val)
+        return out.index_reduce_(0, idx, val, "amax", include_self=False)
+
+    def __repr__(self) -> str:
+        state = "pinned" if self.prunable == 0 else f"{self.prunable} prunable"
+        return f"ChannelGroup({self.name!r}, size={self.size}, {state}, members={len(self.members)})"
+
+
+class ChannelGraph:
+    """The result of the coupling analysis of one traced module.
+
+    ``module`` is the analysed ``GraphModule`` (a copy; the user's model is never
+    touched); ``groups`` maps group name to :class:`ChannelGroup` in graph order.
+    ``channel_of`` maps the analysis' internal channel ids (stored per node in
+    ``node.meta["fxprune"]``) to a global channel index: group ``g`` holds global
+    indices ``offsets[g] ... offsets[g] + g.size - 1``; -1 means fixed.
+    """
+
+    def __init__(self, module, groups: dict[str, ChannelGroup], channel_of: torch.Tensor,
+                 offsets: dict[str, int], node_flops: dict[str, int], example_inputs: tuple):
+        self.module = module
+        self.groups = groups
+        self.channel_of = channel_of
+        self.offsets = offsets
+        self.node_flops = node_flops
+        self.example_inputs = example_inputs
+
+    @property
+    def num_channels(self) -> int:
+        return int(sum(g.size for g in self.groups.values()))
+
+    def param(self, name: str) -> torch.Tensor:
+        """The analysed module's parameter or buffer called ``name``."""
+        mod_name, _, attr = name.rpartition(".")
+        return getattr(self.module.get_submodule(mod_name), attr)
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups.values() if g.prunable > 0]
+
+    def to_dot(self) -> str:
+        from .inspect import graph_to_dot  # local import: ir stays free of fxprune imports at load
+
+        return graph_to_dot(self)
+
+    def __repr__(self) -> str:
+        n = len(self.groups)
+        p = len(self.prunable_groups())
+        lines = [f"ChannelGraph({n} groups, {p} prunable, {self.num_channels} channels)"]
+        for g in list(self.groups.values())[:12]:
+            lines.append(f"  {g!r}")
+        if n > 12:
+            lines.append(f"  ... {n - 12} more")
+        return "\n".join(lines)
+
+
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))

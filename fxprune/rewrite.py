@@ -1,0 +1,105 @@
+"""The rewrite: a new, physically smaller ``GraphModule`` from a graph and a plan.
+
+:func:`rewrite` deep-copies the analysed module, slices every parameter and buffer
+that is a member of a pruned group, lets each rule update its module's attributes
+(``in_channels``, ``num_features``, ``groups``, ...) and its node's literal arguments
+(``view(-1, 512 * 7 * 7)``, ``split([32, 32])``), and recompiles. The analysed module
+and the user's model are left as they were.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.rewrite import rewrite
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    >>> small = rewrite(graph, fxprune.Plan({"0": [0, 2, 5]}, {"0": 8}))
+    >>> small.get_submodule("0").out_channels, small.get_submodule("2").in_channels
+    (3, 3)
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from . import rules
+from .labels import kept_along, varying
+from .trace import meta_shapes
+
+
+class Resizer:
+    """What ``fix`` and ``resize`` rules may ask about a node at rewrite time."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def old_shape(self, node: fx.Node):
+        return meta_shapes(node)
+
+    def varying_dims(self, node: fx.Node) -> list[int]:
+        label = node.meta.get("fxprune")
+        return varying(label) if isinstance(label, torch.Tensor) else []
+
+    def kept_along(self, node: fx.Node, dim: int) -> torch.Tensor:
+        label = node.meta.get("fxprune")
+        return kept_along(label, dim, self.old_shape(node)[dim], self.keep)
+
+    def new_shape(self, node: fx.Node):
+        """The shape of ``node``'s output in the pruned model (a list for multi-output nodes)."""
+        shapes, labels = meta_shapes(node), node.meta.get("fxprune")
+        if isinstance(shapes, list):
+            return [self._shape(s, lab) if s is not None else None for s, lab in zip(shapes, labels)]
+        return self._shape(shapes, labels)
+
+    def _shape(self, shape, label):
+        out = list(shape)
+        for d in varying(label) if isinstance(label, torch.Tensor) else []:
+            out[d] = int(kept_along(label, d, shape[d], self.keep).sum())
+        return tuple(out)
+
+    @staticmethod
+    def set_arg(node: fx.Node, index: int, name: str, value) -> None:
+        if len(node.args) > index:
+            args = list(node.args)
+            args[index] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: value}
+
+
+def rewrite(graph, plan) -> fx.GraphModule:
+    """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
+    keep = plan.mask(graph)
+    gm = copy.deepcopy(graph.module)
+    for (param, dim), channels in graph.param_channels.items():
+        kept = (channels < 0) | keep[channels.clamp(min=0)]
+        if bool(kept.all()):
+            continue
+        _slice_tensor(gm, param, dim, torch.nonzero(kept).flatten())
+    rw = Resizer(keep)
+    resized = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = rules.rule_for(node, gm)
+        if rule.resize is not None and node.target not in resized:
+            rule.resize(gm.get_submodule(node.target), node, rw)
+            resized.add(node.target)
+        if rule.fix is not None:
+            rule.fix(node, rw)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
+    return gm
+
+
+def _slice_tensor(gm: fx.GraphModule, name: str, dim: int, index: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    new = old.detach().index_select(dim, index).clone()
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)

@@ -1,0 +1,129 @@
+"""Capture a model as a ``torch.fx.GraphModule`` with shapes and concrete values in ``node.meta``.
+
+:func:`trace` copies the model first (the user's model is never touched), runs
+``torch.fx.symbolic_trace`` with the user's leaf modules and ``concrete_args``, then
+propagates the example inputs with :class:`ValueProp`, a ``ShapeProp`` that also keeps
+the concrete value of every non-tensor node (``x.size(1)``, ``c // 2``), which the
+coupling analysis needs to evaluate reshapes.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from fxprune.trace import trace
+    >>> gm = trace(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+    >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "output"]
+    [torch.Size([1, 1000])]
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .cost import eval_mode
+from .errors import TraceError
+
+
+class ValueProp(ShapeProp):
+    """``ShapeProp`` that also records non-tensor results in ``node.meta["value"]``."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if not isinstance(result, torch.Tensor) and _is_plain(result):
+            n.meta["value"] = result
+        return result
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device, slice)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return False
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that honours user leaf modules and remembers where it is, for errors."""
+
+    def __init__(self, leaf_modules=()):
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+    """Trace a copy of ``model`` and annotate every node with shapes and values.
+
+    ``leaf_modules`` lists module types or qualified names to keep as single nodes
+    (what to do with code fx cannot trace); ``concrete_args`` is passed to
+    ``symbolic_trace``. Raises :class:`~fxprune.errors.TraceError` naming the module
+    and the line that could not be traced.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    example_inputs = _as_tuple(example_inputs)
+    work = copy.deepcopy(model)
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(work, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
+        raise TraceError(_explain(exc, tracer.stack)) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(work).__name__)
+    try:
+        # shapes never come from a train-mode run: it would update BN statistics
+        with eval_mode(gm), torch.no_grad():
+            ValueProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
+                         "Check that example_inputs match what model.forward expects.") from exc
+    return gm
+
+
+def meta_shapes(node: fx.Node):
+    """The output shape of ``node`` as a tuple, or a list of shapes (None for non-tensors)
+    when it returns several values; None when it returns no tensor."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta.shape)
+    if isinstance(meta, (tuple, list)):
+        return [tuple(m.shape) if isinstance(m, TensorMetadata) else None for m in meta]
+    return None
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _explain(exc: Exception, stack: list[str]) -> str:
+    where = stack[-1] if stack else "<root>"
+    frame = _user_frame(exc)
+    line = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else '?'})" if frame else ""
+    return (f"could not trace module '{where}'{line}: {type(exc).__name__}: {exc}. "
+            f"Fix: pass leaf_modules=['{where}'] (or its type) to keep it as one opaque node, "
+            "or concrete_args={...} to fix the Python values that steer its control flow.")
+
+
+def _user_frame(exc: Exception):
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
+              and os.sep + "fxprune" + os.sep not in f.filename]
+    return frames[-1] if frames else None

@@ -1,0 +1,43 @@
+"""Magnitude criteria: the L1 or L2 norm of every parameter slice of a channel.
+
+A channel's score is the norm over *all* its members, producers and consumers alike
+(conv rows and columns, biases, norm affine parameters): a group-lasso view of the
+channel as one block of weights, as Torch-Pruning's group magnitude importance.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.passes import magnitude
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.Conv2d(4, 2, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.fill_(1.0); _ = net[1].weight.fill_(1.0); net[0].weight[2] = 0.0
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 4, 4),))
+    >>> magnitude.l1(graph)["0"]
+    tensor([5., 5., 2., 5.])
+"""
+from __future__ import annotations
+
+import torch
+
+
+def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
+    """``fn`` applied to each slice of ``tensor`` along ``dim`` (reduced over the other dims)."""
+    flat = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).float()
+    return fn(flat)
+
+
+def group_power_sums(graph, group, p: float, members=None) -> torch.Tensor:
+    """Sum over members of ``sum |w|^p`` per channel of ``group``."""
+    total = torch.zeros(group.size)
+    for m in members if members is not None else group.members:
+        values = per_position(graph.param(m.param), m.dim, lambda f: f.abs().pow(p).sum(1))
+        total += group.reduce(values, m)
+    return total
+
+
+def l1(graph, data=None, seed=0):
+    return {g.name: group_power_sums(graph, g, 1.0) for g in graph.prunable_groups()}
+
+
+def l2(graph, data=None, seed=0):
+    return {g.name: group_power_sums(graph, g, 2.0).sqrt() for g in graph.prunable_groups()}
