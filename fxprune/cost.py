@@ -1,6 +1,7 @@
 """Costs: parameter counts, FLOPs (``torch.utils.flop_counter``) and their prediction for a plan.
 
-FLOPs are counted once per node of the original graph with ``FlopCounterMode``. A
+FLOPs are counted once per node of the original graph with ``FlopCounterMode`` (while
+tracing, see :class:`fxprune.trace.ValueProp`). A
 plan's FLOPs then follow without any forward pass: a node's count scales with the kept
 fraction of each channel label the coupling analysis recorded for it (a conv: its
 output channels times its input channels; a depthwise conv: its output channels).
@@ -19,7 +20,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -44,30 +44,6 @@ def eval_mode(module: torch.nn.Module):
     finally:
         for name, m in module.named_modules():
             m.training = was_training[name]
-
-
-class _NodeFlops(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.flops: dict[str, int] = {}
-
-    def run_node(self, n):
-        if n.op not in ("call_module", "call_function", "call_method"):
-            return super().run_node(n)
-        with FlopCounterMode(display=False) as counter:
-            out = super().run_node(n)
-        total = int(counter.get_total_flops())
-        if total:
-            self.flops[n.name] = total
-        return out
-
-
-def node_flops(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
-    """FLOPs of each node of ``gm`` (nodes with none are left out), run in eval mode."""
-    with eval_mode(gm), torch.no_grad():
-        interp = _NodeFlops(gm)
-        interp.run(*example_inputs)
-    return interp.flops
 
 
 class CostModel:

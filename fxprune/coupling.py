@@ -28,7 +28,6 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from . import rules
-from .cost import node_flops
 from .ir import ChannelGraph, ChannelGroup, Member, Pin
 from .labels import FIXED, collapse, varying
 from .trace import meta_shapes
@@ -70,8 +69,9 @@ class _UnionFind:
                 self.parent[ra] = rb
 
     def roots(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.flatten().tolist()
-        return torch.tensor([self.find(i) if i >= 0 else FIXED for i in flat], dtype=torch.long).view(ids.shape)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        found = torch.tensor([self.find(i) if i >= 0 else FIXED for i in uniq.tolist()], dtype=torch.long)
+        return found[inverse]
 
 
 class Context:
@@ -243,7 +243,8 @@ def _consolidate_members(a: _Analysis) -> None:
 def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
     uf = a.uf
     n_ids = len(uf.parent)
-    root = torch.tensor([uf.find(i) for i in range(n_ids)], dtype=torch.long)
+    root_list = [uf.find(i) for i in range(n_ids)]
+    root = torch.tensor(root_list, dtype=torch.long)
 
     # Blocks (fresh allocations) that share a channel belong to one group.
     block_parent = list(range(len(a.blocks)))
@@ -256,7 +257,7 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
 
     first_block_of_root: dict[int, int] = {}
     for b, (_, ids) in enumerate(a.blocks):
-        for r in root[ids].tolist():
+        for r in (root_list[i] for i in ids.tolist()):
             other = first_block_of_root.setdefault(r, b)
             if other != b:
                 ra, rb = bfind(other), bfind(b)
@@ -274,32 +275,34 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
             name_of_top[top] = _unique_name(_producer_name(node), groups)
             groups[name_of_top[top]] = ChannelGroup(name=name_of_top[top], size=0)
         blocks_of.setdefault(name_of_top[top], []).append(ids)
-    channel_of_root = torch.full((n_ids,), FIXED, dtype=torch.long)
+    channel_of_root = [FIXED] * n_ids
     offsets: dict[str, int] = {}
+    group_of_channel: list[int] = []
     next_channel = 0
-    for name, g in groups.items():
+    for gi, (name, g) in enumerate(groups.items()):
         offsets[name] = next_channel
         for ids in blocks_of[name]:
-            for r in root[ids].tolist():
+            for r in (root_list[i] for i in ids.tolist()):
                 if channel_of_root[r] < 0:
                     channel_of_root[r] = next_channel
                     next_channel += 1
         g.size = next_channel - offsets[name]
-    channel_of = channel_of_root[root]
+        group_of_channel.extend([gi] * g.size)
+    channel_of = torch.tensor(channel_of_root, dtype=torch.long)[root]
+    group_of_channel = torch.tensor(group_of_channel, dtype=torch.long)
+    names = list(groups)
 
     pinned = torch.zeros(next_channel, dtype=torch.bool)
     pins_of: dict[str, list[Pin]] = {name: [] for name in groups}
-    bounds = sorted((off, name) for name, off in offsets.items())
-    starts = torch.tensor([o for o, _ in bounds])
     for ids, pin in a.pins:
         ch = channel_of[ids]
         ch = ch[ch >= 0]
         if not ch.numel():
             continue
         pinned[ch] = True
-        for gi in torch.unique(torch.searchsorted(starts, ch, right=True) - 1).tolist():
-            if pin not in pins_of[bounds[gi][1]]:
-                pins_of[bounds[gi][1]].append(pin)
+        for gi in torch.unique(group_of_channel[ch]).tolist():
+            if pin not in pins_of[names[gi]]:
+                pins_of[names[gi]].append(pin)
 
     param_channels: dict[tuple[str, int], torch.Tensor] = {}
     param_kinds: dict[tuple[str, int], str] = {}
@@ -307,11 +310,14 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
         ch = torch.where(ids >= 0, channel_of[ids.clamp(min=0)], FIXED)
         param_channels.setdefault((param, dim), ch)
         param_kinds.setdefault((param, dim), kind)
-        for name, g in groups.items():
-            off = offsets[name]
-            inside = (ch >= off) & (ch < off + g.size)
-            if bool(inside.any()):
-                g.members.append(Member(param, dim, torch.where(inside, ch - off, FIXED), kind, node, role))
+        inside = ch >= 0
+        if not bool(inside.any()):
+            continue
+        owner = torch.where(inside, group_of_channel[ch.clamp(min=0)], -1)
+        for gi in torch.unique(owner[inside]).tolist():
+            name = names[gi]
+            index = torch.where(owner == gi, ch - offsets[name], FIXED)
+            groups[name].members.append(Member(param, dim, index, kind, node, role))
     for name, g in groups.items():
         off = offsets[name]
         g.pinned = pinned[off:off + g.size].clone()
@@ -325,7 +331,7 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
     graph.param_channels = param_channels
     graph.param_kinds = param_kinds
     graph.costs = costs
-    graph.node_flops = node_flops(a.gm, example_inputs)
+    graph.node_flops = {n.name: n.meta["flops"] for n in a.gm.graph.nodes if n.meta.get("flops")}
     return graph
 
 

@@ -23,16 +23,24 @@ import traceback
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils.flop_counter import FlopCounterMode
 
 from .cost import eval_mode
 from .errors import TraceError
 
 
 class ValueProp(ShapeProp):
-    """``ShapeProp`` that also records non-tensor results in ``node.meta["value"]``."""
+    """``ShapeProp`` that also records non-tensor results in ``node.meta["value"]`` and the
+    FLOPs of each op, as ``torch.utils.flop_counter.FlopCounterMode`` counts them, in
+    ``node.meta["flops"]``: one forward pass gives shapes, values and costs."""
 
     def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+        if n.op in ("call_module", "call_function", "call_method"):
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+            n.meta["flops"] = int(counter.get_total_flops())
+        else:
+            result = super().run_node(n)
         if not isinstance(result, torch.Tensor) and _is_plain(result):
             n.meta["value"] = result
         return result
