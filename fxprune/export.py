@@ -1,8 +1,10 @@
 """ONNX export of a pruned model, checked against ONNX Runtime.
 
-:func:`export_onnx` writes one ``.onnx`` file (no external-data sidecar) with a dynamic
-batch dimension, runs ``onnx.checker``, and compares ONNX Runtime (CPU) with torch at
-batch 1 and batch 3. Tolerance: ``ORT_RTOL * max|torch| + ORT_ATOL`` per output.
+:func:`export_onnx` writes one ``.onnx`` file (no external-data sidecar, unless the
+weights pass ONNX's 2 GB protobuf limit) with a dynamic batch dimension, runs
+``onnx.checker``, and compares ONNX Runtime (CPU) with torch at batch 1 and batch 3.
+Tolerance: ``ORT_RTOL * max|torch| + ORT_ATOL`` per output. :func:`write_onnx` only
+writes the file (what a latency search needs); :func:`figures_table` prints the figures.
 
 Example::
 
@@ -24,8 +26,12 @@ from contextlib import redirect_stdout, redirect_stderr
 import torch
 from torch.utils._pytree import tree_flatten
 
+from tabulate import tabulate
+
 from .errors import VerificationError
 from .verify import ORT_ATOL, ORT_RTOL, random_inputs
+
+PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes of weights above which ONNX needs external data
 
 
 def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None, *,
@@ -44,15 +50,10 @@ def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None
     if path is None:
         tmpdir = tempfile.TemporaryDirectory()
         path = os.path.join(tmpdir.name, "model.onnx")
-    batchable = dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs)
-    names = [f"input_{i}" for i in range(len(example_inputs))]
-    dynamic = None
-    if batchable:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = tuple({0: batch} for _ in example_inputs)
-    _export(module, example_inputs, path, names, dynamic)
-    model = onnx.load(path)
-    onnx.checker.check_model(model)
+    batchable = dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs) \
+        and _runs_at_batch(module, example_inputs, max(batches))
+    external = write_onnx(module, example_inputs, path, dynamic_batch=batchable)
+    onnx.checker.check_model(path if external else onnx.load(path))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
@@ -78,9 +79,10 @@ def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None
             worst_rel = max(worst_rel, err / (scale + 1e-30))
             ok = ok and err <= ORT_RTOL * scale + ORT_ATOL
         tried.append(b if b is not None else "example")
+    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     result = {"ok": ok, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "batches": tried,
               "rtol": ORT_RTOL, "atol": ORT_ATOL, "path": None if tmpdir else path,
-              "bytes": os.path.getsize(path)}
+              "bytes": size, "external_data": external, "dynamic_batch": batchable}
     if tmpdir:
         tmpdir.cleanup()
     if check and not ok:
@@ -89,13 +91,56 @@ def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None
     return result
 
 
-def _export(module, inputs, path, names, dynamic):
+def _runs_at_batch(module, example_inputs, batch) -> bool:
+    """Whether the model accepts another batch size (a literal batch in a reshape does not)."""
+    try:
+        with torch.no_grad():
+            module(*random_inputs(example_inputs, batch=batch))
+        return True
+    except Exception:
+        return False
+
+
+def write_onnx(module: torch.nn.Module, example_inputs, path: str, *, dynamic_batch: bool = True) -> bool:
+    """Export ``module`` (in eval mode, on a copy) to ``path`` without checking it; returns whether
+    the weights went to an external-data file ``path + ".data"`` (only past ONNX's 2 GB limit).
+
+    ``dynamic_batch`` makes dimension 0 of every input a symbolic ``batch``.
+    """
+    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
+    if module.training:
+        module = copy.deepcopy(module).eval()
+    names = [f"input_{i}" for i in range(len(example_inputs))]
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = tuple({0: batch} for _ in example_inputs)
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    external = weight_bytes > PROTOBUF_LIMIT
+    _export(module, example_inputs, path, names, dynamic, external)
+    return external
+
+
+def figures_table(result: dict) -> str:
+    """The figures returned by :func:`export_onnx` as a small table."""
+    rows = [("file", result.get("path") or "(temporary)"),
+            ("size", f"{result['bytes'] / 1e6:.2f} MB" + (" + external data" if result.get("external_data") else
+                                                          " (one file)")),
+            ("batch dimension", "dynamic" if result.get("dynamic_batch", True) else "fixed"),
+            ("ONNX Runtime checked at batches", ", ".join(str(b) for b in result["batches"])),
+            ("max abs diff vs torch", f"{result['max_abs_diff']:.2e}"),
+            ("max rel diff vs torch", f"{result['max_rel_diff']:.2e} (tolerance {result['rtol']:.0e})"),
+            ("verdict", "ok" if result["ok"] else "MISMATCH")]
+    return tabulate(rows, tablefmt="github", headers=["ONNX export", ""])
+
+
+def _export(module, inputs, path, names, dynamic, external=False):
     buf = io.StringIO()
     with warnings.catch_warnings(), redirect_stdout(buf), redirect_stderr(buf):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(module, inputs, path, input_names=names, dynamic_shapes=dynamic,
-                              external_data=False, dynamo=True, verbose=False)
+                              external_data=external, dynamo=True, verbose=False)
         except Exception as exc:
             raise VerificationError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}\n"
                                     f"{buf.getvalue()[-2000:]}") from exc

@@ -62,6 +62,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.stack: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -72,6 +73,9 @@ class _Tracer(fx.Tracer):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -92,8 +96,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     try:
         graph = tracer.trace(work, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
-        raise TraceError(_explain(exc, tracer.stack)) from exc
+        raise TraceError(_explain(exc, tracer.failed_in)) from exc
     gm = fx.GraphModule(tracer.root, graph, type(work).__name__)
+    gm.meta["fxprune_training"] = bool(model.training)  # the mode baked into the graph (FX_NOTES.md)
     try:
         # shapes never come from a train-mode run: it would update BN statistics
         with eval_mode(gm), torch.no_grad():
@@ -121,8 +126,8 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
-def _explain(exc: Exception, stack: list[str]) -> str:
-    where = stack[-1] if stack else "<root>"
+def _explain(exc: Exception, where: str | None) -> str:
+    where = where or "<root>"
     frame = _user_frame(exc)
     line = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else '?'})" if frame else ""
     return (f"could not trace module '{where}'{line}: {type(exc).__name__}: {exc}. "

@@ -1,0 +1,42 @@
+"""Shared checks for the compiler tests: prune, then assert the invariants of DESIGN.md."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fxprune
+
+
+def state_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"the input model changed: {k}"
+
+
+def prune_and_check(model, inputs, *, method="random", ratio=0.5, onnx=True, seed=0, must_shrink=(), **kw):
+    """Compile with verification on; check the user's model is untouched, the output shapes
+    are unchanged, and that every group named in ``must_shrink`` lost channels."""
+    model = model.eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    before = state_copy(model)
+    pruned = fxprune.compile(model, inputs, method=method, ratio=ratio, onnx=onnx, seed=seed, **kw)
+    assert_state_equal(model, before)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"], rep.mask
+    assert rep.mask["nodes_compared"] > 0
+    if onnx:
+        assert rep.onnx["ok"], rep.onnx
+    with torch.no_grad():
+        ref, out = model(*inputs), pruned(*inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    out = out if isinstance(out, tuple) else (out,)
+    assert [r.shape for r in ref] == [o.shape for o in out]
+    for name in must_shrink:
+        assert name in rep.plan.keep, f"group '{name}' was not pruned; plan: {list(rep.plan.keep)}"
+    return pruned, rep

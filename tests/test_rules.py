@@ -1,0 +1,398 @@
+"""One tiny model per rule of fxprune/rules.py: pruned, mask-equivalent, and equal in ONNX Runtime."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from helpers import prune_and_check
+
+X = torch.randn(2, 3, 16, 16)
+
+
+def conv_bn(cin, cout, k=3, groups=1, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Plain(nn.Module):  # conv (groups=1), BN, activations, dropout, identity, head
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = act()
+        self.drop = nn.Dropout2d(0.2)
+        self.id = nn.Identity()
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.id(self.drop(self.act(self.bn(self.conv(x))))))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = conv_bn(3, 16, 1)
+        self.dw = conv_bn(16, 16, 3, groups=16)
+        self.dw_mult = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # depth multiplier 2
+        self.out = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.dw_mult(self.dw(self.pw(x))))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16, 1)
+        self.g = conv_bn(16, 24, 3, groups=4)
+        self.out = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.g(self.a(x)))
+
+
+class Norms(nn.Module):  # BatchNorm1d on [N, C], InstanceNorm2d with affine, BatchNorm3d path
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.conv2 = nn.Conv2d(16, 12, 3, padding=1)
+        self.fc1 = nn.Linear(12, 20)
+        self.bn1d = nn.BatchNorm1d(20)
+        self.fc2 = nn.Linear(20, 5)
+
+    def forward(self, x):
+        x = self.conv2(F.relu(self.inorm(self.conv(x))))
+        x = x.mean((2, 3))
+        return self.fc2(F.relu(self.bn1d(self.fc1(x))))
+
+
+class Residual(nn.Module):  # add, sub and mul as residual joins
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.stem = conv_bn(3, 16)
+        self.b1 = nn.Sequential(conv_bn(16, 8), nn.Conv2d(8, 16, 3, padding=1))
+        self.b2 = nn.Sequential(conv_bn(16, 8), nn.Conv2d(8, 16, 3, padding=1))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.op(x, self.b1(x))
+        x = self.op(self.b2(x), x)
+        return self.head(x)
+
+
+class SE(nn.Module):  # squeeze-excitation: x * sigmoid(fc(pool(x))) broadcasts [N, C, 1, 1]
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_bn(3, 16)
+        self.squeeze = nn.Conv2d(16, 4, 1)
+        self.expand = nn.Conv2d(4, 16, 1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        s = torch.sigmoid(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s)
+
+
+class Concat(nn.Module):  # cat of two branches, then split, chunk and slicing on the channel dim
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.b = conv_bn(3, 8)
+        self.c = nn.Conv2d(24, 16, 1)
+        self.d = nn.Conv2d(12, 4, 1)
+        self.e = nn.Conv2d(8, 4, 1)
+        self.f = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        y1, y2 = torch.split(y, [12, 12], dim=1)
+        p, q = self.c(y).chunk(2, dim=1)
+        r = y2[:, 4:]
+        return self.d(y1) + self.e(p) + self.e(r) + self.f(q[:, :4])
+
+
+class FlattenLinear(nn.Module):  # flatten / view / reshape into linear, literal sizes recomputed
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = conv_bn(3, 16, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        if self.how == "flatten":
+            x = torch.flatten(x, 1)
+        elif self.how == "view":
+            x = x.view(-1, 16 * 4 * 4)
+        else:
+            x = x.reshape(x.size(0), 256)
+        return self.fc(x)
+
+
+class Spatial(nn.Module):  # pooling, interpolate, pad, mean over spatial dims
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.b = nn.Conv2d(16, 16, 3)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.a(x), 2)
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.avg_pool2d(F.pad(self.b(F.pad(x, (1, 1, 1, 1))), (0, 1, 0, 1)), 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ChannelsLast(nn.Module):  # ConvNeXt style: permute to NHWC, linear on C, permute back
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 16, 7, padding=3)
+        self.pw1 = nn.Linear(16, 32)
+        self.pw2 = nn.Linear(32, 16)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.dw(x).permute(0, 2, 3, 1)
+        x = self.pw2(F.gelu(self.pw1(x)))
+        return self.out(x.permute(0, 3, 1, 2))
+
+
+class WidthLinear(nn.Module):  # a Linear over the width dim must not couple with channels
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_bn(3, 16)
+        self.width = nn.Linear(16, 16)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.width(self.conv(x)))
+
+
+class Shuffle(nn.Module):  # channel shuffle by view -> transpose -> view (ShuffleNet)
+    def __init__(self, literal=False):
+        super().__init__()
+        self.literal = literal
+        self.a = conv_bn(3, 8)
+        self.b = conv_bn(3, 8)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.size()
+        if self.literal:
+            y = y.view(2, 2, 8, 16, 16).transpose(1, 2).contiguous().view(2, 16, 16, 16)
+        else:
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.out(y)
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 32)
+        self.ps = nn.PixelShuffle(2)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.ps(self.a(x)))
+
+
+class Functional(nn.Module):  # F.conv2d / F.batch_norm / F.linear on raw parameters and buffers
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.2)
+        self.b = nn.Parameter(torch.randn(16) * 0.1)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.beta = nn.Parameter(torch.randn(16) * 0.1)
+        self.register_buffer("mean", torch.randn(16) * 0.1)
+        self.register_buffer("var", torch.rand(16) + 0.5)
+        self.scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)  # layer-scale style
+        self.w2 = nn.Parameter(torch.randn(6, 16) * 0.2)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.w, self.b, padding=1)
+        x = F.relu(F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5))
+        x = (x * self.scale).mean((2, 3))
+        return F.linear(x, self.w2)
+
+
+CASES = {
+    "conv_bn_act": (Plain(), ["conv"]),
+    "conv_bn_gelu": (Plain(nn.GELU), ["conv"]),
+    "conv_bn_hardswish": (Plain(nn.Hardswish), ["conv"]),
+    "depthwise": (Depthwise(), ["pw.0"]),
+    "grouped": (Grouped(), ["a.0"]),
+    "norms": (Norms(), ["conv", "conv2", "fc1"]),
+    "residual_add": (Residual(torch.add), ["stem.0", "b1.0.0"]),
+    "residual_sub": (Residual(lambda a, b: a - b), ["stem.0"]),
+    "residual_mul": (Residual(lambda a, b: a * b), ["stem.0"]),
+    "se_gate": (SE(), ["conv.0", "squeeze"]),
+    "cat_split_chunk_slice": (Concat(), ["a.0", "b.0"]),  # e is shared: c's channels join b's group
+    "flatten_linear": (FlattenLinear("flatten"), ["conv.0"]),
+    "view_linear": (FlattenLinear("view"), ["conv.0"]),
+    "reshape_linear": (FlattenLinear("reshape"), ["conv.0"]),
+    "spatial_ops": (Spatial(), ["a.0", "b"]),
+    "permute_linear": (ChannelsLast(), ["dw", "pw1"]),
+    "channel_shuffle": (Shuffle(), ["a.0"]),
+    "channel_shuffle_literal": (Shuffle(literal=True), ["a.0"]),
+    "pixel_shuffle": (PixelShuffleNet(), ["a.0"]),
+    "functional_params": (Functional(), ["conv2d"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rule(name):
+    torch.manual_seed(0)
+    model, must_shrink = CASES[name]
+    for m in model.modules():  # non-trivial BN statistics, so a mis-sliced buffer shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    prune_and_check(model, (X,), must_shrink=must_shrink)
+
+
+def test_grouped_conv_keeps_whole_groups():
+    model = Grouped().eval()
+    graph = fxprune.analyze(model, (X,))
+    assert graph.groups["a.0"].size == 4  # 16 input channels tied in 4 groups of 4
+    pruned, _ = prune_and_check(model, (X,), ratio=0.5, onnx=False)
+    g = pruned.get_submodule("g.0")
+    assert (g.groups, g.in_channels, g.out_channels) == (2, 8, 12)
+
+
+def test_depthwise_ties_input_to_output():
+    graph = fxprune.analyze(Depthwise().eval(), (X,))
+    g = graph.groups["pw.0"]
+    # pw conv, its BN, the depthwise conv and its BN, and the multiplier conv (2 outputs per input)
+    producers = {(m.param, m.dim) for m in g.members if m.kind == "producer"}
+    assert {("pw.0.weight", 0), ("dw.0.weight", 0), ("dw_mult.weight", 0)} <= producers
+    assert g.size == 16
+    pruned, _ = prune_and_check(Depthwise(), (X,), ratio=0.25, onnx=False)
+    assert pruned.get_submodule("dw_mult").weight.shape == (24, 1, 3, 3)
+
+
+def test_width_linear_does_not_couple():
+    graph = fxprune.analyze(WidthLinear().eval(), (X,))
+    conv = graph.groups["conv.0"]
+    assert conv.size == 16 and conv.prunable == 16
+    assert all(not m.param.startswith("width") for m in conv.members)
+    assert "width" not in graph.groups or graph.groups["width"].prunable == 0
+    pruned, rep = prune_and_check(WidthLinear(), (X,), ratio=0.5)
+    assert pruned.get_submodule("width").weight.shape == (16, 16)
+    assert pruned.get_submodule("out").in_channels == 8
+
+
+def test_flatten_linear_maps_channel_blocks():
+    graph = fxprune.analyze(FlattenLinear("view").eval(), (X,))
+    fc = [m for m in graph.groups["conv.0"].members if m.param == "fc.weight"][0]
+    assert fc.dim == 1
+    assert fc.index[:16].tolist() == [0] * 16 and fc.index[16:32].tolist() == [1] * 16
+    plan = fxprune.Plan({"conv.0": [1, 5, 9]}, {"conv.0": 16})
+    pruned = fxprune.apply(FlattenLinear("view").eval(), (X,), plan, onnx=False)
+    assert pruned.get_submodule("fc").in_features == 48
+    assert "48" in pruned.code  # the literal of view(-1, 256) was recomputed
+
+
+def test_cat_of_the_same_tensor_twice():
+    class CatTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv_bn(3, 8)
+            self.out = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.out(torch.cat([y, y], 1))
+
+    pruned, _ = prune_and_check(CatTwice(), (X,), must_shrink=["a.0"])
+    assert pruned.get_submodule("out").in_channels == 8
+
+
+def test_chunk_branch_cat_c2f():
+    class C2f(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cv1 = conv_bn(3, 16, 1)
+            self.m1 = conv_bn(8, 8)
+            self.m2 = conv_bn(8, 8)
+            self.cv2 = conv_bn(32, 12, 1)
+            self.out = nn.Conv2d(12, 4, 1)
+
+        def forward(self, x):
+            y0, y1 = self.cv1(x).chunk(2, 1)
+            y2 = self.m1(y1)
+            y3 = self.m2(y2)
+            return self.out(self.cv2(torch.cat([y0, y1, y2, y3], 1)))
+
+    prune_and_check(C2f(), (X,), must_shrink=["cv1.0", "m1.0", "m2.0", "cv2.0"])
+
+
+def test_untraceable_model_names_module_line_and_fix():
+    class Listy(nn.Module):  # YOLO's C2f writes list(x.chunk(2, 1)): fx cannot iterate a proxy
+        def __init__(self):
+            super().__init__()
+            self.cv1 = conv_bn(3, 16, 1)
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            return torch.cat(y, 1)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(3, 3, 1)
+            self.c2f = Listy()
+
+        def forward(self, x):
+            return self.c2f(self.stem(x))
+
+    with pytest.raises(fxprune.TraceError) as err:
+        fxprune.analyze(Outer(), (X,))
+    msg = str(err.value)
+    assert "'c2f'" in msg and "test_rules.py" in msg and "list(self.cv1(x).chunk(2, 1))" in msg
+    assert "leaf_modules=['c2f']" in msg
+    # the suggested fix works: c2f becomes one opaque node, its channels pinned, the stem still analysed
+    graph = fxprune.analyze(Outer(), (X,), leaf_modules=["c2f"])
+    assert graph.groups["stem.0"].prunable == 0
+    assert any("c2f" in p.reason for p in graph.groups["stem.0"].pins)
+
+
+def test_shuffle_groups_pair_branches():
+    graph = fxprune.analyze(Shuffle().eval(), (X,))
+    # the shuffle interleaves a and b: channel i of a and channel i of b go together
+    assert graph.groups["a.0"].size == 8
+    assert {m.param for m in graph.groups["a.0"].members} >= {"a.0.weight", "b.0.weight", "out.weight"}
+
+
+def test_unknown_op_pins_with_reason():
+    class Unknown(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv_bn(3, 8)
+            self.b = conv_bn(3, 8)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.out(torch.flip(self.a(x), [1]) + self.b(x))
+
+    graph = fxprune.analyze(Unknown().eval(), (X,))
+    a = graph.groups["a.0"]
+    assert a.prunable == 0
+    assert any("flip" in p.reason for p in a.pins)
+    assert graph.groups["b.0"].prunable == 0  # b meets a's fixed channels in the add
+    pruned, rep = prune_and_check(Unknown(), (X,), onnx=False)
+    assert rep.plan.keep == {}
+
+
+def test_model_output_is_pinned():
+    graph = fxprune.analyze(Plain().eval(), (X,))
+    out = graph.groups["out"]
+    assert out.prunable == 0 and out.pins[0].reason == "model output"
+    assert graph.groups["conv"].prunable == 16
