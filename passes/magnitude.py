@@ -1,8 +1,9 @@
 """Magnitude criteria: the L1 or L2 norm of every parameter slice of a channel.
 
-A channel's score is the norm over *all* its members, producers and consumers alike
-(conv rows and columns, biases, norm affine parameters): a group-lasso view of the
-channel as one block of weights, as Torch-Pruning's group magnitude importance.
+A channel's score is the norm over all its parameter members, producers and consumers
+alike (conv rows and columns, biases, norm affine parameters; not the running statistics,
+which are not weights): a group-lasso view of the channel as one block of weights, as
+Torch-Pruning's group magnitude importance.
 
 Example::
 
@@ -20,6 +21,9 @@ from __future__ import annotations
 import torch
 
 
+STATISTICS = ("running_mean", "running_var")
+
+
 def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
     """``fn`` applied to each slice of ``tensor`` along ``dim`` (reduced over the other dims)."""
     flat = tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).float()
@@ -27,9 +31,11 @@ def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
 
 
 def group_power_sums(graph, group, p: float, members=None) -> torch.Tensor:
-    """Sum over members of ``sum |w|^p`` per channel of ``group``."""
+    """Sum over members (default: every weight member) of ``sum |w|^p`` per channel of ``group``."""
     total = torch.zeros(group.size)
-    for m in members if members is not None else group.members:
+    if members is None:
+        members = [m for m in group.members if m.role not in STATISTICS]
+    for m in members:
         values = per_position(graph.param(m.param), m.dim, lambda f: f.abs().pow(p).sum(1))
         total += group.reduce(values, m)
     return total

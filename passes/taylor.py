@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from fxprune.cost import eval_mode
 from fxprune.data import batches
 
-from .magnitude import per_position
+from .magnitude import STATISTICS, per_position
 
 
 def score(graph, data=None, seed=0, max_batches: int = 8):
     groups = graph.prunable_groups()
-    names = sorted({m.param for g in groups for m in g.members})
+    names = sorted({m.param for g in groups for m in g.members if m.role not in STATISTICS})
     params = [graph.param(n) for n in names]
     total = {g.name: torch.zeros(g.size) for g in groups}
     count = 0
@@ -47,7 +47,7 @@ def score(graph, data=None, seed=0, max_batches: int = 8):
             for g in groups:
                 s = torch.zeros(g.size)
                 for m in g.members:
-                    grad = grads[m.param]
+                    grad = grads.get(m.param)
                     if grad is None:
                         continue
                     prod = values[m.param].detach() * grad
