@@ -223,7 +223,28 @@ class Functional(nn.Module):  # F.conv2d / F.batch_norm / F.linear on raw parame
         return F.linear(x, self.w2)
 
 
+class OtherDims(nn.Module):  # Conv1d + BatchNorm1d, ConvTranspose2d, Conv3d + BatchNorm3d + InstanceNorm3d
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.c1b = nn.Conv1d(12, 4, 1)
+        self.up = nn.ConvTranspose2d(3, 10, 2, stride=2)
+        self.c2 = nn.Conv2d(10, 4, 3)
+        self.c3 = nn.Conv3d(1, 6, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(6)
+        self.in3 = nn.InstanceNorm3d(6, affine=True)
+        self.c3b = nn.Conv3d(6, 2, 1)
+
+    def forward(self, x):
+        a = self.c1b(F.relu(self.bn1(self.c1(x.flatten(2)))))
+        b = self.c2(F.relu(self.up(x)))
+        c = self.c3b(self.in3(F.relu(self.bn3(self.c3(x[:, :1].unsqueeze(1))))))
+        return a.mean(-1) + b.mean((2, 3)) + c.mean((2, 3, 4)).sum(1, keepdim=True)
+
+
 CASES = {
+    "conv1d_transposed_conv3d": (OtherDims(), ["c1", "up", "c3"]),
     "conv_bn_act": (Plain(), ["conv"]),
     "conv_bn_gelu": (Plain(nn.GELU), ["conv"]),
     "conv_bn_hardswish": (Plain(nn.Hardswish), ["conv"]),
