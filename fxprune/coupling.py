@@ -16,8 +16,10 @@ Example::
     >>> x = torch.randn(1, 3, 64, 64)
     >>> graph = couple(trace(net, (x,)), (x,))
     >>> g = graph.groups["conv1"]       # the stem conv writes the layer1 residual stream
-    >>> g.size, len(g.producers), g.prunable
-    (64, 4, 64)
+    >>> g.size, g.prunable
+    (64, 64)
+    >>> sorted(m.param for m in g.members if m.kind == "producer" and m.role == "weight")
+    ['conv1.weight', 'layer1.0.conv2.weight', 'layer1.1.conv2.weight']
 """
 from __future__ import annotations
 
@@ -221,7 +223,22 @@ def couple(gm: fx.GraphModule, example_inputs: tuple) -> ChannelGraph:
     a = _Analysis(gm)
     a.run()
     _consolidate_members(a)
-    return _build_graph(a, example_inputs)
+    graph = _build_graph(a, example_inputs)
+    _mark_approximate(graph)
+    return graph
+
+
+def _mark_approximate(graph: ChannelGraph) -> None:
+    """Groups whose channels reach a channel-normalising op (rules set ``meta["fxprune_approx"]``)."""
+    starts = sorted((off, name) for name, off in graph.offsets.items())
+    bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
+    for node in graph.module.graph.nodes:
+        if node.meta.get("fxprune_approx") is None or not isinstance(node.meta.get("fxprune"), torch.Tensor):
+            continue
+        ch = torch.unique(node.meta["fxprune"])
+        ch = ch[ch >= 0]
+        for gi in torch.unique(torch.searchsorted(bounds, ch, right=True) - 1).tolist():
+            graph.groups[starts[gi][1]].approximate = True
 
 
 def _consolidate_members(a: _Analysis) -> None:

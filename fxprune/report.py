@@ -7,7 +7,7 @@ Example::
     >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False)
     >>> rep = fxprune.report(small)
     >>> rep.params_before, rep.params_after
-    (256, 128)
+    (260, 132)
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Example::
     >>> from fxprune.passes import bn_scale
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     >>> with torch.no_grad():
-    ...     net[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
+    ...     _ = net[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
     >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 4, 4),))
     >>> bn_scale.score(graph)["0"]
     tensor([0.5000, 2.0000, 0.1000, 1.0000])
