@@ -1,0 +1,99 @@
+"""Analysis + rewrite time of fxprune against Torch-Pruning, and ORT latency against FLOPs.
+
+For each model: fxprune's ``analyze`` + L2 plan at ``--ratio`` + ``rewrite`` (no verification)
+against Torch-Pruning's dependency-graph build + pruning step at the same ratio, the
+median of ``--repeats`` runs each, in the same process; then the ONNX Runtime CPU latency
+of fxprune's pruned model over the original's, next to its FLOPs ratio (we want the
+latency ratio close to the FLOPs ratio).
+
+    python tools/bench_speed.py                       # the five models of the benchmark issue
+    python tools/bench_speed.py --models resnet50 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torchvision
+from tabulate import tabulate
+from tqdm import tqdm
+
+import fxprune
+from fxprune.cost import count_flops
+from fxprune.latency import paired_medians, ort_session
+from fxprune.export import write_onnx
+from fxprune.passes import magnitude
+from fxprune.rewrite import rewrite
+
+MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_1_6gf"]
+
+
+def ours(model, x, ratio):
+    t = time.perf_counter()
+    graph = fxprune.analyze(model, (x,))
+    pruned = rewrite(graph, fxprune.make_plan(graph, magnitude.l2(graph), ratio=ratio))
+    return time.perf_counter() - t, pruned
+
+
+def theirs(model, x, ratio):
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    t = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=head)
+    pruner.step()
+    return time.perf_counter() - t, model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.md"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = []
+    for name in tqdm(args.models.split(","), desc="models", file=sys.stderr):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, 224, 224)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = [ours(model, x, args.ratio) for _ in range(args.repeats)]
+            try:
+                b = [theirs(model, x, args.ratio) for _ in range(args.repeats)]
+                t_theirs = statistics.median(t for t, _ in b)
+            except Exception as exc:  # Torch-Pruning fails on some models: say so
+                t_theirs = None
+                print(f"{name}: Torch-Pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        t_ours, pruned = statistics.median(t for t, _ in a), a[0][1]
+        flops_ratio = count_flops(pruned, (x,)) / count_flops(model, (x,))
+        paths = [f"/tmp/fxprune_speed_{name}_{k}.onnx" for k in ("base", "pruned")]
+        write_onnx(model, (x,), paths[0])
+        write_onnx(pruned, (x,), paths[1])
+        base_ms, cand_ms = paired_medians(ort_session(paths[0]), ort_session(paths[1]), (x,))
+        rows.append((name, f"{t_ours:.2f}", "-" if t_theirs is None else f"{t_theirs:.2f}",
+                     "-" if t_theirs is None else f"{t_theirs / t_ours:.1f}x", f"{flops_ratio:.1%}",
+                     f"{base_ms:.1f} -> {cand_ms:.1f}", f"{cand_ms / base_ms:.1%}",
+                     f"{(cand_ms / base_ms) / flops_ratio:.2f}"))
+    head = ["model", "fxprune s", "Torch-Pruning s", "speed-up", "FLOPs kept", "ORT ms (b=1)", "latency kept",
+            "latency / FLOPs"]
+    text = tabulate(rows, headers=head, tablefmt="github")
+    note = (f"\n\nratio={args.ratio} per group, L2; fxprune = analyze + plan + rewrite, Torch-Pruning = MetaPruner "
+            f"build + step; median of {args.repeats}; 2 threads; ORT latency median, paired with the original.\n")
+    print(text + note)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text + note)
+
+
+if __name__ == "__main__":
+    main()
