@@ -185,7 +185,8 @@ def prune_theirs(method, base, target, train_data, cfg):
 def latency(model, x1):
     from fxprune.latency import ort_latency
 
-    return [ort_latency(model, (x1.expand(b, -1, -1, -1).contiguous(),), repeats=20)["median_ms"] for b in (1, 64)]
+    return [ort_latency(model, (x1.expand(b, -1, -1, -1).contiguous(),), repeats=20, threads=2)["median_ms"]
+            for b in (1, 64)]
 
 
 # ----------------------------------------------------------------------------- main
@@ -197,6 +198,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", default=",".join(OURS + THEIRS))
     p.add_argument("--targets", default=None, help="FLOPs fractions kept, comma-separated (default 0.5,0.25)")
+    p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     cfg = p.parse_args(argv)
     cfg.seed, cfg.lr, cfg.lam = 0, 0.05, 5e-4
     if cfg.quick:
@@ -208,7 +210,7 @@ def main(argv=None):
     targets = [float(t) for t in cfg.targets.split(",")]
     methods = cfg.methods.split(",")
     torch.manual_seed(cfg.seed)
-    (xtr, ytr), (xte, yte) = fashion_mnist()
+    (xtr, ytr), (xte, yte) = fashion_mnist(cfg.data) if cfg.data else fashion_mnist()
     train_data, test_data = (xtr, ytr), (xte[:cfg.test_n], yte[:cfg.test_n])
     os.makedirs(os.path.join(cfg.out, "cache"), exist_ok=True)
     cache = os.path.join(cfg.out, "cache", f"resnet20_fmnist_{'quick' if cfg.quick else 'full'}.pt")
