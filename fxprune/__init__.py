@@ -12,8 +12,9 @@ from .export import export_onnx
 from .ir import ChannelGraph, ChannelGroup, Member, Pin
 from .plan import Plan, make_plan
 from .report import Report, report
+from .save import load, save
 
-__all__ = ["analyze", "apply", "compile", "report", "export_onnx", "make_plan", "Plan", "Report",
+__all__ = ["analyze", "apply", "compile", "report", "export_onnx", "save", "load", "make_plan", "Plan", "Report",
            "ChannelGraph", "ChannelGroup", "Member", "Pin", "FxPruneError", "TraceError", "ConfigError",
            "PlanError", "DataError", "VerificationError"]
 __version__ = "0.1.0"

@@ -55,10 +55,13 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
 
     ``method`` names a criterion of :data:`fxprune.passes.REGISTRY` (or is a callable
-    ``score(graph, data=..., seed=...)``). Give one budget: ``ratio`` (fraction of each
-    group removed), ``flops`` or ``params`` (fraction of the model kept). ``data`` feeds
-    data-driven criteria. With ``verify`` (the default) the result is checked by
-    mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
+    ``score(graph, data=..., seed=...)``). A criterion with a ``plan`` attribute chooses
+    its own channels under the budget (CURL, CATRO): ``criterion.plan(graph, data=, seed=,
+    ratio=, flops=, params=, round_to=, min_keep=, floor=, ignore=, meta=, **method_options)``
+    returns the :class:`Plan`. Give one budget: ``ratio`` (fraction of each group removed),
+    ``flops`` or ``params`` (fraction of the model kept). ``data`` feeds data-driven criteria.
+    With ``verify`` (the default) the result is checked by mask-equivalence and, with
+    ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`.
     """
     from . import passes
@@ -72,10 +75,16 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
     t0 = time.perf_counter()
-    scores = criterion(graph, data=data, seed=seed, **(method_options or {}))
-    t1 = time.perf_counter()
-    plan = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, round_to=round_to,
-                     min_keep=min_keep, floor=floor, ignore=ignore, meta={"method": name})
+    planner = getattr(criterion, "plan", None)
+    if callable(planner):  # a method that chooses its own channels under the budget (CURL, CATRO)
+        plan = planner(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, round_to=round_to,
+                       min_keep=min_keep, floor=floor, ignore=ignore, meta={"method": name}, **(method_options or {}))
+        t1 = time.perf_counter()
+    else:
+        scores = criterion(graph, data=data, seed=seed, **(method_options or {}))
+        t1 = time.perf_counter()
+        plan = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, round_to=round_to,
+                         min_keep=min_keep, floor=floor, ignore=ignore, meta={"method": name})
     graph.timings.update({"score": t1 - t0, "plan": time.perf_counter() - t1})
     return _build(model, graph, plan, name, verify, onnx)
 

@@ -1,13 +1,17 @@
-"""The ``fxprune`` command line: ``prune`` and ``inspect`` a model.
+"""The ``fxprune`` command line: ``prune``, ``inspect`` and ``export`` a model.
 
 A model is named ``torchvision:<name>`` (built with ``weights=None``) or
 ``module.path:factory`` (a callable returning an ``nn.Module``). The input shape
 defaults to the model's native one for torchvision models, else ``1,3,224,224``.
+Models are traced in eval mode; ``--train-mode`` traces them in train mode, which keeps
+branches that only run in training (GoogLeNet's and Inception-v3's auxiliary heads).
 
 Example::
 
-    $ fxprune prune torchvision:resnet18 --method l2 --flops 0.5 --out resnet18_pruned.onnx
-    $ fxprune inspect torchvision:resnet18
+    $ fxprune prune torchvision:resnet18 --method l2 --flops 0.5 --out resnet18_pruned.onnx --save r18.pt
+    $ fxprune prune torchvision:resnet18 --latency 0.5 --round-to 8 --out resnet18_fast.onnx
+    $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
+    $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
 """
 from __future__ import annotations
 
@@ -86,23 +90,56 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=_fraction, help="fraction of each group's channels removed")
     budget.add_argument("--flops", type=_fraction, help="fraction of the model's FLOPs kept")
     budget.add_argument("--params", type=_fraction, help="fraction of the model's parameters kept")
+    budget.add_argument("--latency", type=_fraction,
+                        help="fraction of the original's ONNX Runtime CPU latency allowed (searched, measured)")
     prune.add_argument("--round-to", type=int, default=None, help="keep channel counts a multiple of this")
     prune.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
+    prune.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     prune.add_argument("--out", default=None, help="write the pruned model as ONNX to this path")
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
+    prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
     prune.add_argument("--no-verify", action="store_true", help="skip mask-equivalence and ONNX checks")
+    prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
+    prune.add_argument("--steps", type=int, default=6, help="--latency: candidates tried by the bisection")
 
-    inspect = sub.add_parser("inspect", help="print the channel groups of a model")
+    inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
     inspect.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
+    inspect.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--graph", default=None, metavar="PATH",
+                         help="draw the graph, coloured by channel group, to PATH (.svg, .png, .pdf or .dot)")
+    inspect.add_argument("--collapse", type=_collapse, default="auto",
+                         help="auto (default), chains, none, or a module depth: how much to merge in --graph")
+
+    export = sub.add_parser("export", help="export a model (or a pruned one) to ONNX, checked in ONNX Runtime")
+    export.add_argument("model", help="torchvision:<name> or module.path:factory (the original architecture)")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--load", default=None, help="a file written by fxprune.save / prune --save")
+    source.add_argument("--plan", default=None, help="a plan JSON written by prune --plan")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
+    export.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
+    export.add_argument("--no-verify", action="store_true", help="do not fail when ONNX Runtime disagrees")
     return parser
+
+
+def _collapse(text: str):
+    if text in ("auto", "chains", "none"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--collapse wants auto, chains, none or a depth >= 0, got '{text}'")
+    return value
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": _prune, "inspect": _inspect}[args.command](args)
+        return {"prune": _prune, "inspect": _inspect, "export": _export}[args.command](args)
     except FxPruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
@@ -113,43 +150,111 @@ def _inputs(args):
     return (torch.randn(shape),)
 
 
-def _prune(args) -> int:
-    from .api import compile
-    from .export import export_onnx
-    from .report import report
-
+def _model(args):
     model = load_model(args.model)
+    return model.train() if getattr(args, "train_mode", False) else model
+
+
+def _prune(args) -> int:
+    from .export import export_onnx, figures_table
+    from .report import report
+    from .save import save
+
+    model = _model(args)
     inputs = _inputs(args)
+    history = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
-                         round_to=args.round_to, verify=not args.no_verify, onnx=False)
+        if args.latency is not None:
+            pruned, history = _prune_latency(args, model, inputs)
+        else:
+            from .api import compile
+
+            pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops,
+                             params=args.params, round_to=args.round_to, verify=not args.no_verify, onnx=False)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
     rep = report(pruned)
+    if history is not None:
+        from .latency import history_table
+
+        print(history_table(history) + "\n")
     if args.out:
-        result = export_onnx(pruned, inputs, args.out, check=not args.no_verify)
-        rep.onnx = result
+        rep.onnx = export_onnx(pruned, inputs, args.out, check=not args.no_verify)
     print(rep)
+    if args.latency is not None:
+        meta = rep.plan.meta
+        print(f"\nONNX Runtime CPU latency: {meta['latency_ratio']:.3f} × the original "
+              f"(target {args.latency}, FLOPs budget {meta['flops_budget']:.3f})")
     if args.out:
-        print(f"\nwrote {args.out} ({rep.onnx['bytes'] / 1e6:.1f} MB)")
+        print("\n" + figures_table(rep.onnx))
     if args.plan:
         rep.plan.save(args.plan)
         print(f"wrote {args.plan}")
+    if args.save:
+        save(pruned, args.save)
+        print(f"wrote {args.save} (plan + weights; fxprune.load(path, factory, inputs) rebuilds it)")
     return 0
+
+
+def _prune_latency(args, model, inputs):
+    from . import passes
+    from .api import analyze, apply
+    from .latency import search_latency
+
+    if args.repeats < 1 or args.steps < 1:
+        raise FxPruneError(f"--repeats {args.repeats} and --steps {args.steps} must be at least 1")
+    graph = analyze(model, inputs)
+    criterion = passes.get(args.method)
+    options = {"round_to": args.round_to, "meta": {"method": args.method}}
+    if callable(getattr(criterion, "plan", None)):
+        def planner(flops):
+            return criterion.plan(graph, data=None, seed=0, ratio=None, flops=flops, params=None,
+                                  round_to=args.round_to, min_keep=1, floor=0.0, ignore=(), meta=options["meta"])
+        found = dict(planner=planner)
+    else:
+        found = dict(scores=criterion(graph, data=None, seed=0), **options)
+    print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
+          f"({args.steps} candidates, median of {args.repeats} runs each):", flush=True)
+    plan, history = search_latency(model, graph, args.latency, steps=args.steps, repeats=args.repeats,
+                                   progress=True, **found)
+    pruned = apply(model, inputs, plan, verify=not args.no_verify, onnx=False)
+    return pruned, history
 
 
 def _inspect(args) -> int:
     from .api import analyze
-    from .inspect import group_table, group_rows
+    from .inspect import graph_to_dot, group_rows, group_table, render
 
-    graph = analyze(load_model(args.model), _inputs(args))
+    graph = analyze(_model(args), _inputs(args))
+    if args.graph:
+        render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:
         print(json.dumps(group_rows(graph), indent=1))
     else:
+        print(repr(graph).splitlines()[0])
         print(group_table(graph))
+    if args.graph:
+        print(f"wrote {args.graph}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _export(args) -> int:
+    from .api import apply
+    from .export import export_onnx, figures_table
+    from .save import load
+
+    inputs = _inputs(args)
+    if args.load:
+        module = load(args.load, lambda: load_model(args.model), inputs)
+    elif args.plan:
+        module = apply(_model(args), inputs, args.plan, verify=not args.no_verify, onnx=False)
+    else:
+        module = _model(args)
+    result = export_onnx(module, inputs, args.out, check=not args.no_verify)
+    print(figures_table(result))
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ Example::
 
     >>> from fxprune import passes
     >>> sorted(passes.REGISTRY)
-    ['bn', 'l1', 'l2', 'random', 'taylor']
+    ['bn', 'catro', 'curl', 'l1', 'l2', 'random', 'taylor']
 """
 from __future__ import annotations
 
 from fxprune.errors import ConfigError
 
-from . import bn_scale, magnitude, rand, taylor
+from . import bn_scale, catro, curl, magnitude, rand, taylor
 
 REGISTRY = {
     "l1": magnitude.l1,
@@ -23,6 +23,8 @@ REGISTRY = {
     "bn": bn_scale.score,
     "taylor": taylor.score,
     "random": rand.score,
+    "curl": curl.score,
+    "catro": catro.score,
 }
 
 

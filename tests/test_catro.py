@@ -1,0 +1,172 @@
+"""CATRO: scatter traces, the Dinkelbach iteration against brute force, data errors, digits end to end, sub-tasks."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from digits import SmallResNet, accuracy, load, train
+
+import fxprune
+import fxprune.finetune as ft
+from fxprune import passes
+from fxprune.cost import CostModel
+from fxprune.errors import ConfigError, DataError
+from fxprune.passes import catro
+
+passes.register("catro", catro.score)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: one intra-op thread is about twice as fast as two under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_scatter_traces_match_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    feats, y = torch.randn(60, 5, 3, generator=gen), torch.randint(0, 4, (60,), generator=gen)
+    stats = catro.ScatterStats(5, 3)
+    for i in range(0, 60, 7):  # running sums over uneven batches
+        stats.update(feats[i:i + 7], y[i:i + 7])
+    f, mu = feats.double(), feats.double().mean(0)
+    b = sum((y == k).sum() * (f[y == k].mean(0) - mu).pow(2).sum(1) for k in range(4))
+    w = sum((f[y == k] - f[y == k].mean(0)).pow(2).sum((0, 2)) for k in range(4))
+    assert torch.allclose(stats.between(), b) and torch.allclose(stats.within(), w)
+
+
+def test_separating_channel_first_dead_channel_last():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    feats = torch.zeros(40, 4, 1)
+    feats[:, 0, 0] = y.float() * 3 + 0.01 * torch.randn(40, generator=gen)  # separates the classes perfectly
+    feats[:, 1, 0] = torch.randn(40, generator=gen)                          # noise
+    feats[:, 2, 0] = y.float() + torch.randn(40, generator=gen)               # weakly informative
+    # channel 3 stays 0: dead
+    stats = catro.ScatterStats(4, 1)
+    stats.update(feats, y)
+    b, w = stats.between(), stats.within()
+    ratio = b / (w + 1e-12)
+    ratio[(b + w) <= 1e-12] = 0
+    assert ratio.argsort(descending=True).tolist() == [0, 2, 1, 3]
+    assert catro.dinkelbach(b, w, 1)[0].tolist() == [0]
+    assert catro.dinkelbach(b, w, 3)[0].tolist() == [0, 1, 2]  # the dead channel is chosen last
+    assert 3 in catro.dinkelbach(b, w, 4)[0].tolist()
+
+
+def _brute(b, w, k, forced, eps=1e-12):
+    best, arg = -1.0, None
+    must = set(torch.nonzero(forced).flatten().tolist())
+    for sel in itertools.combinations(range(len(b)), k):
+        if not must <= set(sel):
+            continue
+        r = float(b[list(sel)].sum() / (w[list(sel)].sum() + eps))
+        if r > best + 1e-12:
+            best, arg = r, sel
+    return best, arg
+
+
+def test_dinkelbach_reaches_the_brute_force_optimum():
+    gen = torch.Generator().manual_seed(0)
+    iters = []
+    for case in range(60):
+        c = int(torch.randint(3, 9, (), generator=gen))
+        b = torch.rand(c, generator=gen).double() * 5
+        w = torch.rand(c, generator=gen).double() + 0.05
+        forced = torch.zeros(c, dtype=torch.bool)
+        if case % 3 == 0:
+            forced[int(torch.randint(0, c, (), generator=gen))] = True
+        for k in range(max(1, int(forced.sum())), c + 1):
+            sel, lam, it = catro.dinkelbach(b, w, k, forced, max_iter=50)
+            best, _ = _brute(b, w, k, forced)
+            assert lam == pytest.approx(best, rel=1e-9), (case, k)
+            assert len(sel) == k and bool(forced[sel].sum() == forced.sum())
+            iters.append(it)
+    assert max(iters) <= 6  # converges in a few steps
+
+
+def test_bad_data():
+    model = SmallResNet(4).eval()
+    x = torch.randn(20, 1, 8, 8)
+    graph = fxprune.analyze(model, (x[:1],))
+    with pytest.raises(DataError, match="needs labels"):
+        catro.plan(graph, data=[x], flops=0.5, progress=False)
+    y = torch.tensor([0] * 10 + [1] * 9 + [2])
+    with pytest.raises(DataError, match=r"class\(es\) \[2\] have fewer than two"):
+        catro.plan(graph, data=(x, y), flops=0.5, progress=False)
+    with pytest.raises(DataError, match="shaped like"):
+        catro.plan(graph, data=(torch.randn(20, 2, 8, 8), torch.arange(20) % 2), flops=0.5, progress=False)
+    with pytest.raises(DataError, match="no sample of class"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, classes=[0, 5], progress=False)
+    with pytest.raises(ConfigError, match="samples_per_class"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, samples_per_class=1, progress=False)
+    with pytest.raises(ConfigError, match="objective"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, objective="fisher", progress=False)
+    with pytest.raises(ConfigError, match="allocation"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, allocation="best", progress=False)
+
+
+def test_collect_is_class_balanced():
+    x, y = torch.randn(100, 3), torch.tensor([0] * 70 + [1] * 20 + [2] * 10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    (xs,), ys = catro.collect(loader, samples_per_class=8)
+    assert torch.bincount(ys).tolist() == [8, 8, 8] and xs.shape == (24, 3)
+    (xs,), ys = catro.collect(loader, samples_per_class=8, classes=[2, 1])
+    assert sorted(set(ys.tolist())) == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    (xtr, ytr), (xte, yte) = load()
+    torch.manual_seed(0)
+    model = train(SmallResNet(16), xtr, ytr)
+    return model, (xtr, ytr), (xte, yte)
+
+
+def test_digits_catro_budget_and_recovery(digits_model):
+    model, (xtr, ytr), (xte, yte) = digits_model
+    base = accuracy(model, xte, yte)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64)
+    pruned = fxprune.compile(model, (xtr[:1],), method="catro", flops=0.5, data=loader, onnx=False,
+                             method_options={"progress": False})
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and 0.45 <= rep.flops_after / rep.flops_before <= 0.5
+    assert rep.plan.meta["method"] == "catro" and rep.plan.meta["samples_per_class"] == 32
+    # one short fine-tune (2 epochs of distillation with mixup) brings it back near the unpruned model
+    student = ft.fit(copy.deepcopy(pruned), xtr, ytr, stage="kd", teacher=model, epochs=2, lr=0.02, progress=False)
+    assert accuracy(student, xte, yte) >= base - 0.03
+
+
+def test_greedy_allocation_meets_the_budget_and_sequential_changes_later_sets(digits_model):
+    model, (xtr, ytr), _ = digits_model
+    graph = fxprune.analyze(model, (xtr[:1],))
+    greedy = catro.plan(graph, data=(xtr, ytr), flops=0.5, allocation="greedy", samples_per_class=16, progress=False)
+    cost = CostModel(graph)
+    assert cost.flops(greedy.mask(graph).numpy()) <= 0.5 * cost.base_flops
+    one = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=False, samples_per_class=16, progress=False)
+    seq = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=True, samples_per_class=16, progress=False)
+    order = list(one.keep)
+    assert one.keep[order[0]] == seq.keep[order[0]]  # the shallowest group sees the same network
+    assert any(one.keep[n] != seq.keep[n] for n in order[1:])  # deeper ones see the pruned one
+    assert all(len(one.keep[n]) == len(seq.keep[n]) == graph.groups[n].size // 2 for n in order)
+
+
+def test_subtask_shrinks_the_classifier(digits_model):
+    model, (xtr, ytr), (xte, yte) = digits_model
+    classes = [3, 8]
+    small = catro.subtask(model, (xtr[:1],), classes, (xtr, ytr), ratio=0.25, progress=False)
+    rep = fxprune.report(small)
+    assert rep.mask["ok"] and rep.plan.meta["subtask"] == classes
+    sel = (yte == 3) | (yte == 8)
+    with torch.no_grad():
+        out = small(xte[sel])
+    assert out.shape == (int(sel.sum()), 2)
+    truth = (yte[sel] == 8).long()
+    tuned = ft.fit(copy.deepcopy(small), xtr[(ytr == 3) | (ytr == 8)], (ytr[(ytr == 3) | (ytr == 8)] == 8).long(),
+                   epochs=2, lr=0.02, progress=False)
+    with torch.no_grad():
+        assert (tuned(xte[sel]).argmax(1) == truth).float().mean() >= 0.95

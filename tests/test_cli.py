@@ -1,0 +1,118 @@
+"""The command line, run in-process: inspect (table, JSON, graph), prune (--save, --plan, --out, --latency), export."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from digits import SmallResNet
+from fxprune.cli import main
+from fxprune.inspect import group_rows
+
+MODEL = "digits:SmallResNet"
+SHAPE = ["--input-shape", "2,1,8,8"]
+
+
+def wide():
+    """A factory for the --latency test: convolutions heavy enough to time."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 10))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_table_and_json(capsys):
+    code, out, _ = run(capsys, "inspect", MODEL, *SHAPE)
+    assert code == 0
+    lines = out.splitlines()
+    graph = fxprune.analyze(SmallResNet().eval(), (torch.randn(2, 1, 8, 8),))
+    rows = group_rows(graph)
+    assert lines[0] == repr(graph).splitlines()[0]
+    assert [ln.split("|")[1].strip() for ln in lines[3:]] == [r["name"] for r in rows]   # sorted by FLOPs share
+    assert "FLOPs share" in lines[1] and "pins" in lines[1]
+    code, out, _ = run(capsys, "inspect", MODEL, *SHAPE, "--json")
+    data = json.loads(out)
+    assert [d["name"] for d in data] == [r["name"] for r in rows]
+    fc = next(d for d in data if d["name"] == "fc")
+    assert fc["prunable"] == 0 and any("output" in p for p in fc["pins"])
+    assert sum(d["size"] for d in data) == graph.num_channels
+
+
+def test_inspect_graph(capsys, tmp_path):
+    dot = str(tmp_path / "g.dot")
+    code, out, _ = run(capsys, "inspect", MODEL, *SHAPE, "--graph", dot, "--collapse", "none")
+    assert code == 0 and f"wrote {dot}" in out
+    text = open(dot).read()
+    assert text.startswith("digraph") and 'subgraph "cluster_stage1.0"' in text
+    code, _, err = run(capsys, "inspect", MODEL, *SHAPE, "--graph", str(tmp_path / "g.gif"))
+    assert code == 2 and ".svg, .png" in err
+    if shutil.which("dot"):
+        svg = str(tmp_path / "g.svg")
+        assert run(capsys, "inspect", MODEL, *SHAPE, "--graph", svg)[0] == 0
+        assert "<svg" in open(svg).read()
+
+
+def test_prune_save_plan_out_then_export(capsys, tmp_path):
+    onnx_path, plan_path, saved = (str(tmp_path / n) for n in ("p.onnx", "p.json", "p.pt"))
+    code, out, _ = run(capsys, "prune", MODEL, *SHAPE, "--flops", "0.5", "--out", onnx_path, "--plan", plan_path,
+                       "--save", saved)
+    assert code == 0
+    assert "ONNX Runtime checked at batches | 1, 3" in out and "(one file)" in out
+    assert sorted(os.listdir(tmp_path)) == ["p.json", "p.onnx", "p.pt"]   # no external-data sidecar
+    dim0 = onnx.load(onnx_path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value                         # a symbolic batch
+    x = torch.randn(5, 1, 8, 8)                                          # another batch size
+    loaded = fxprune.load(saved, SmallResNet, (x,))
+    assert fxprune.report(loaded).plan.keep == fxprune.Plan.load(plan_path).keep
+    rep = fxprune.report(loaded)
+    assert rep.flops_after <= 0.5 * rep.flops_before
+    got = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        want = loaded(x).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-5
+    # export rebuilds from the saved file, and from the plan
+    out2 = str(tmp_path / "e.onnx")
+    code, out, _ = run(capsys, "export", MODEL, *SHAPE, "--load", saved, "--out", out2)
+    assert code == 0 and "| verdict" in out and "ok" in out
+    got2 = ort.InferenceSession(out2, providers=["CPUExecutionProvider"]).run(None, {"input_0": x.numpy()})[0]
+    assert np.abs(got2 - want).max() <= 1e-4 * np.abs(want).max() + 1e-5
+    # a saved file given the wrong architecture is refused, with the reason
+    code, _, err = run(capsys, "export", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--load", saved,
+                       "--out", str(tmp_path / "bad.onnx"))
+    assert code == 2 and "fxprune: error:" in err and "pruned with" in err
+
+
+def test_prune_latency(capsys):
+    code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
+                       "--steps", "1", "--repeats", "8", "--round-to", "8")
+    assert code == 0
+    assert "FLOPs budget |" in out and "ONNX Runtime CPU latency:" in out
+    steps = [ln for ln in out.splitlines() if re.match(r"^\|\s+\d+ \|\s+0\.\d+ \|", ln)]
+    assert len(steps) == 1 and steps[0].split("|")[2].strip() == "0.6"
+    assert "mask-equivalence" in out and "ok" in out
+
+
+def test_bad_input_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "inspect", "resnet18")
+    assert code == 2 and "torchvision:<name>" in err
+    code, _, err = run(capsys, "inspect", "torchvision:no_such_net")
+    assert code == 2 and "no model 'no_such_net'" in err
+    with pytest.raises(SystemExit):
+        main(["prune", MODEL, "--flops", "0.5", "--latency", "0.5"])   # one budget only
+    with pytest.raises(SystemExit):
+        main(["inspect", MODEL, "--collapse", "-1"])
