@@ -199,6 +199,8 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(OURS + THEIRS))
     p.add_argument("--targets", default=None, help="FLOPs fractions kept, comma-separated (default 0.5,0.25)")
     p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no training: merge the accuracy.json files of runs made with other --targets into one table")
     cfg = p.parse_args(argv)
     cfg.seed, cfg.lr, cfg.lam = 0, 0.05, 5e-4
     if cfg.quick:
@@ -207,6 +209,8 @@ def main(argv=None):
     else:
         cfg.base_epochs, cfg.budget, cfg.samples, cfg.test_n = 8, 4, 15000, 10000
         cfg.targets = cfg.targets or "0.5,0.25"
+    if cfg.merge:
+        return merge(cfg)
     targets = [float(t) for t in cfg.targets.split(",")]
     methods = cfg.methods.split(",")
     torch.manual_seed(cfg.seed)
@@ -251,7 +255,20 @@ def main(argv=None):
     write(rows, cfg, f0)
 
 
-def write(rows, cfg, f0):
+def merge(cfg):
+    """One table and plot from several runs (each run's baseline row is kept, marked with its targets)."""
+    rows = []
+    for path in cfg.merge:
+        with open(path) as f:
+            run = json.load(f)
+        targets = sorted({r["target"] for r in run[1:]}, reverse=True)
+        run[0]["method"] = f"baseline (run for {', '.join(f'{t:.0%}' for t in targets)})"
+        rows.extend(run)
+    rows.sort(key=lambda r: (r["library"] != "-", -r["target"]))
+    write(rows, cfg, rows[0]["flops"], merged=len(cfg.merge))
+
+
+def write(rows, cfg, f0, merged=0):
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
@@ -262,7 +279,8 @@ def write(rows, cfg, f0):
     md = tabulate(table, headers=head, tablefmt="github")
     note = (f"\n\nResNet-20 on Fashion-MNIST; baseline {cfg.base_epochs} epochs; every pruned model gets the same "
             f"budget of {cfg.budget} epochs of {cfg.samples} samples (SGD, cosine, seed {cfg.seed}); "
-            f"test on {cfg.test_n} images; device {cfg.device}.{' QUICK RUN.' if cfg.quick else ''}\n")
+            f"test on {cfg.test_n} images; device {cfg.device}.{' QUICK RUN.' if cfg.quick else ''}"
+            f"{f' Merged from {merged} runs, each with its own baseline (same seed).' if merged else ''}\n")
     name = "accuracy_quick" if cfg.quick else "accuracy"
     with open(os.path.join(cfg.out, f"{name}.md"), "w") as f:
         f.write(md + note)
@@ -276,13 +294,15 @@ def write(rows, cfg, f0):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = rows[0]
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+    colors = plt.get_cmap("tab20").colors
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["library"] != "-")):
         pts = sorted((r["flops"] / f0, r["acc"]) for r in rows if r["method"] == method and r["acc"] is not None)
         if not pts:
             continue
         pts = pts + [(1.0, base["acc"])]
-        style = "--" if method.startswith("tp-") else "-"
-        ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], style, marker="o", label=method)
+        theirs = method.startswith("tp-")
+        ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], "--" if theirs else "-", marker="s" if theirs else "o",
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=method)
     ax.set_xlabel("FLOPs kept (fraction of ResNet-20)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST, ResNet-20: accuracy vs FLOPs after equal fine-tuning")
