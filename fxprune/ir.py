@@ -110,8 +110,8 @@ class ChannelGroup:
 class ChannelGraph:
     """The result of the coupling analysis of one traced module.
 
-    ``module`` is the analysed ``GraphModule`` (a copy; the user's model is never
-    touched); ``groups`` maps group name to :class:`ChannelGroup` in graph order.
+    ``module`` is the analysed ``GraphModule``; it shares the user's submodules and
+    parameters (fxprune never writes to them; the rewrite copies what it keeps); ``groups`` maps group name to :class:`ChannelGroup` in graph order.
     ``channel_of`` maps the analysis' internal channel ids (stored per node in
     ``node.meta["fxprune"]``) to a global channel index: group ``g`` holds global
     indices ``offsets[g] ... offsets[g] + g.size - 1``; -1 means fixed.

@@ -68,15 +68,27 @@ class Resizer:
             node.kwargs = {**node.kwargs, name: value}
 
 
+def kept_positions(param: str, dim: int, channels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Positions of ``param`` along ``dim`` that survive: fixed ones and kept channels."""
+    return torch.nonzero((channels < 0) | keep[channels.clamp(min=0)]).flatten()
+
+
 def rewrite(graph, plan) -> fx.GraphModule:
     """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
     keep = plan.mask(graph)
-    gm = copy.deepcopy(graph.module)
+    # Slice first, then deep-copy with the sliced tensors standing in for the originals:
+    # only what is kept is copied, once.
+    sliced: dict[str, torch.Tensor] = {}
     for (param, dim), channels in graph.param_channels.items():
-        kept = (channels < 0) | keep[channels.clamp(min=0)]
-        if bool(kept.all()):
-            continue
-        _slice_tensor(gm, param, dim, torch.nonzero(kept).flatten())
+        index = kept_positions(param, dim, channels, keep)
+        if len(index) < len(channels):
+            sliced[param] = sliced.get(param, graph.param(param).detach()).index_select(dim, index)
+    memo = {}
+    for name, new in sliced.items():
+        old = graph.param(name)
+        memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
+            old, torch.nn.Parameter) else new
+    gm = copy.deepcopy(graph.module, memo)
     rw = Resizer(keep)
     resized = set()
     for node in gm.graph.nodes:
@@ -93,13 +105,3 @@ def rewrite(graph, plan) -> fx.GraphModule:
     gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
     return gm
 
-
-def _slice_tensor(gm: fx.GraphModule, name: str, dim: int, index: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(owner_name)
-    old = getattr(owner, attr)
-    new = old.detach().index_select(dim, index).clone()
-    if isinstance(old, torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)

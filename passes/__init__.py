@@ -9,13 +9,13 @@ Example::
 
     >>> from fxprune import passes
     >>> sorted(passes.REGISTRY)
-    ['bn', 'catro', 'curl', 'l1', 'l2', 'random', 'taylor']
+    ['bn', 'catro', 'curl', 'dwgl', 'gsm', 'l1', 'l2', 'oicsr', 'random', 'taylor']
 """
 from __future__ import annotations
 
 from fxprune.errors import ConfigError
 
-from . import bn_scale, catro, curl, magnitude, rand, taylor
+from . import bn_scale, catro, curl, dwgl, gsm, magnitude, oicsr, rand, taylor
 
 REGISTRY = {
     "l1": magnitude.l1,
@@ -25,6 +25,9 @@ REGISTRY = {
     "random": rand.score,
     "curl": curl.score,
     "catro": catro.score,
+    "dwgl": dwgl.score,
+    "oicsr": oicsr.score,
+    "gsm": gsm.score,
 }
 
 

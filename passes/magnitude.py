@@ -36,7 +36,9 @@ def group_power_sums(graph, group, p: float, members=None) -> torch.Tensor:
     if members is None:
         members = [m for m in group.members if m.role not in STATISTICS]
     for m in members:
-        values = per_position(graph.param(m.param), m.dim, lambda f: f.abs().pow(p).sum(1))
+        w = graph.param(m.param).detach()
+        other = [d for d in range(w.dim()) if d != m.dim]
+        values = torch.linalg.vector_norm(w.float(), ord=p, dim=other).pow(p) if other else w.float().abs().pow(p)
         total += group.reduce(values, m)
     return total
 

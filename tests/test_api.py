@@ -183,13 +183,12 @@ def test_verification_catches_a_wrong_rewrite(resnet, monkeypatch):
     """A rewrite that slices one member wrongly must fail verification, not pass silently."""
     import fxprune.rewrite as rw
 
-    real = rw._slice_tensor
+    real = rw.kept_positions
 
-    def off_by_one(gm, name, dim, index):
-        if name == "layer2.0.conv1.weight" and dim == 0:
-            index = torch.roll(index, 1)
-        return real(gm, name, dim, index)
+    def off_by_one(param, dim, channels, keep):
+        index = real(param, dim, channels, keep)
+        return torch.roll(index, 1) if param == "layer2.0.conv1.weight" and dim == 0 else index
 
-    monkeypatch.setattr(rw, "_slice_tensor", off_by_one)
+    monkeypatch.setattr(rw, "kept_positions", off_by_one)
     with pytest.raises(fxprune.VerificationError, match="layer2"):
         fxprune.compile(resnet, (X,), ratio=0.5, onnx=False)

@@ -1,0 +1,196 @@
+"""OICSR: out-in-channel sparsity regularization (Li et al., CVPR 2019; METHODS.md section 4).
+
+Removing channel ``i`` of a group removes its producers' out-slices *and* its
+consumers' in-slices, so OICSR regularizes them as one block, the *out-in channel*
+``G_i`` (every trainable member slice of channel ``i``: conv rows, biases, BN affine,
+consumer columns; running statistics are buffers and are left out).
+
+* :class:`Regularizer`: ``lam * sum_groups sum_i ||G_i||_2`` (group lasso), or with
+  ``penalty="growl"`` the GrOWL form ``sum_i theta_i ||G_[i]||_2`` with the group's
+  channels sorted by descending norm and ``theta_i = lam + lam2 * (n - i)``.
+* :func:`score` (``compile(method="oicsr")``): the out-in energy ``E_i = ||G_i||^2`` read
+  from the trained weights. ``make_plan`` divides each group's scores by their mean
+  before the global ranking, which is the cross-group normalisation ``E_i / mean_j E_j``.
+* :func:`prune`: the global greedy loop. Each round removes about ``step`` of the
+  original FLOPs by energy (through :func:`fxprune.make_plan` and
+  :func:`fxprune.rewrite.rewrite`), never more than ``cap`` of any group's original
+  channels, then calls the user's ``retrain`` to move features into the survivors,
+  until the FLOPs target is met.
+
+The paper pruned only the internal channels of ResNet bottlenecks; ``residual=False``
+(the default of :class:`Regularizer` and :func:`prune`) leaves groups written by
+several layers (residual streams, see :func:`residual_groups`) alone. The
+criterion scores every group; pass ``ignore=residual_groups(graph)`` to
+``compile`` for the paper's setting. The energy normalisation, the cap and GrOWL's
+weights are interpretations (the paper's exact forms are not known).
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.passes import oicsr
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.Conv2d(2, 1, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.copy_(torch.tensor([3.0, 0.0]).view(2, 1, 1, 1))
+    ...     _ = net[1].weight.copy_(torch.tensor([4.0, 1.0]).view(1, 2, 1, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 1, 2, 2),))
+    >>> oicsr.Regularizer(graph, lam=0.5)(net)      # 0.5 * (5 + 1)
+    tensor(3., grad_fn=<MulBackward0>)
+    >>> oicsr.score(graph)["0"]                     # energies 3**2 + 4**2 and 0**2 + 1**2
+    tensor([25.,  1.])
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from fxprune.api import analyze
+from fxprune.cost import count_flops
+from fxprune.errors import ConfigError
+from fxprune.plan import Plan, make_plan
+from fxprune.rewrite import rewrite
+from fxprune.trace import _as_tuple
+from fxprune.verify import check_mask, mask_equivalence, random_inputs
+
+from .group_lasso import (GroupLasso, channel_sq_norms, graph_tensors, residual_groups, select_groups,
+                          trainable_members)
+
+__all__ = ["Regularizer", "score", "prune", "residual_groups"]
+
+
+class Regularizer(GroupLasso):
+    """The OICSR loss term over the out-in channels of ``graph``'s prunable groups.
+
+    ``residual`` includes residual-stream groups; ``groups`` restricts it to some group
+    names; ``penalty`` is ``"gl"`` (group lasso) or ``"growl"`` (with ``lam2``).
+    Pinned channels get coefficient 0.
+    """
+
+    def __init__(self, graph, lam: float = 1e-4, *, penalty: str = "gl", lam2: float = 0.0, residual: bool = False,
+                 groups=None, eps: float = 1e-8):
+        if penalty not in ("gl", "growl"):
+            raise ConfigError(f"penalty='{penalty}' is unknown: choose 'gl' (group lasso) or 'growl'")
+        if penalty == "growl" and not lam2 >= 0:
+            raise ConfigError(f"lam2={lam2} must be non-negative (GrOWL's slope)")
+        self.penalty, self.lam2 = penalty, float(lam2)
+        selected = select_groups(graph, groups, skip=() if residual else residual_groups(graph))
+        terms = [(g, trainable_members(graph, g), (~g.pinned).float()) for g in selected]
+        super().__init__(graph, lam, terms, eps)
+
+    def coefficients(self, norms: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        if self.penalty == "gl":
+            return coef
+        # GrOWL: the k-th largest norm (k = 1..n) gets lam + lam2 * (n - k), relative to lam
+        n = int(coef.gt(0).sum())
+        ranks = torch.empty(norms.numel(), dtype=torch.long)
+        masked = torch.where(coef > 0, norms.float().cpu(), torch.full_like(norms.float().cpu(), -1.0))
+        ranks[torch.sort(masked, descending=True, stable=True).indices] = torch.arange(norms.numel())
+        theta = 1 + (self.lam2 / max(self.lam, 1e-30)) * (n - 1 - ranks).clamp_min(0).float()
+        return theta * coef
+
+
+def energy(graph, group, tensors=None) -> torch.Tensor:
+    """``E_i = ||G_i||^2``: the squared norm of every trainable member slice of channel ``i``."""
+    tensors = graph_tensors(graph) if tensors is None else tensors
+    return channel_sq_norms(tensors, group, trainable_members(graph, group)).detach().float().cpu()
+
+
+def score(graph, data=None, seed=0):
+    """The OICSR criterion: out-in energy of every prunable group's channels (see :func:`energy`)."""
+    return {g.name: energy(graph, g) for g in graph.prunable_groups()}
+
+
+def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: float = 0.5, retrain=None,
+          residual: bool = False, ignore=(), max_rounds: int = 50, verify: bool = True, progress: bool = False):
+    """The global greedy loop; returns the pruned ``GraphModule``. ``model`` is not changed.
+
+    Each round: analyse the current model, score by energy, and call
+    :func:`fxprune.make_plan` for ``step`` fewer original FLOPs (never below ``flops``),
+    with every group that already lost ``cap`` of its original channels left whole, and
+    no group cut beyond that cap; :func:`fxprune.rewrite.rewrite` cuts; then
+    ``retrain(module)`` (your training loop with the OICSR term, for a few epochs; it may
+    return a new module or train in place). Stops at the target or when nothing more can
+    go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`).
+    ``result.meta["fxprune_oicsr"]`` holds ``"plan"`` (the kept original channels, a
+    :class:`fxprune.Plan` on ``model``) and ``"rounds"`` (FLOPs fraction after each).
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+        ...                           torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+        >>> small = prune(net, (torch.randn(1, 1, 10, 10),), flops=0.7, step=0.2, cap=0.5)
+        >>> small.meta["fxprune_oicsr"]["rounds"][-1] <= 0.7
+        True
+    """
+    if not 0 < flops <= 1:
+        raise ConfigError(f"flops={flops} is out of range: it is the fraction of the model's FLOPs kept, in (0, 1]")
+    if not 0 < step <= 1:
+        raise ConfigError(f"step={step} must be in (0, 1]: the fraction of the original FLOPs removed per round")
+    if not 0 < cap < 1:
+        raise ConfigError(f"cap={cap} must be in (0, 1): the largest fraction of a group's channels removed")
+    if retrain is not None and not callable(retrain):
+        raise ConfigError("retrain must be a callable retrain(module) -> module or None")
+    example_inputs = _as_tuple(example_inputs)
+    base = count_flops(model, example_inputs)
+    current, rounds = model, []
+    first = analyze(model, example_inputs)
+    original = {g.name: torch.arange(g.size) for g in first.groups.values()}
+    min_kept = {g.name: max(1, math.ceil((1 - cap) * g.size)) for g in first.groups.values()}
+    frozen = set(ignore) | (set() if residual else set(residual_groups(first)))
+    bar = _progress(progress, max_rounds)
+    for _ in range(max_rounds):
+        now = count_flops(current, example_inputs) / base
+        if now <= flops + 1e-9:
+            break
+        graph = first if current is model else analyze(current, example_inputs)
+        target = max(flops, now - step)
+        at_cap = {n for n, g in graph.groups.items() if n in min_kept and g.size <= min_kept[n]}
+        scores = score(graph)
+        plan = Plan({}, {}, {})
+        if any(g.name not in frozen | at_cap for g in graph.prunable_groups()):
+            with warnings.catch_warnings():   # a budget out of reach this round is fine: the loop goes on
+                warnings.filterwarnings("ignore", message="the budget cannot be met")
+                plan = make_plan(graph, scores, flops=min(1.0, target / now), ignore=sorted(frozen | at_cap),
+                                 meta={"method": "oicsr"})
+            plan = _capped(graph, plan, scores, min_kept)
+        if plan.removed == 0:
+            warnings.warn(f"OICSR stopped at {now:.1%} of the FLOPs: no group can lose more channels under "
+                          f"cap={cap}", stacklevel=2)
+            break
+        for name, kept in plan.keep.items():
+            original[name] = original[name][torch.tensor(kept)]
+        current = rewrite(graph, plan)
+        if verify:
+            check_mask(mask_equivalence(graph, plan.mask(graph), current, random_inputs(example_inputs)))
+        if retrain is not None:
+            current = retrain(current) or current
+        rounds.append(count_flops(current, example_inputs) / base)
+        bar.update(1)
+    bar.close()
+    if current is model:
+        current = rewrite(first, Plan({}, {}, {"method": "oicsr"}))
+    sizes = {n: g.size for n, g in first.groups.items()}
+    keep = {n: idx.tolist() for n, idx in original.items() if len(idx) < sizes[n]}
+    current.meta["fxprune_oicsr"] = {"plan": Plan(keep, {n: sizes[n] for n in keep}, {"method": "oicsr", "flops": flops}),
+                                     "rounds": rounds}
+    return current
+
+
+def _capped(graph, plan, scores, min_kept) -> Plan:
+    """Give back a group's best channels where ``plan`` would cut it below its cap."""
+    keep = {}
+    for name, kept in plan.keep.items():
+        need = min_kept.get(name, 1) - len(kept)
+        if need > 0:
+            dropped = [i for i in range(graph.groups[name].size) if i not in set(kept)]
+            best = sorted(dropped, key=lambda i: -float(scores[name][i]))[:need]
+            kept = sorted(kept + best)
+        if len(kept) < graph.groups[name].size:
+            keep[name] = kept
+    return Plan(keep, {n: graph.groups[n].size for n in keep}, plan.meta)
+
+
+def _progress(enabled, total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="OICSR rounds", disable=not enabled)
