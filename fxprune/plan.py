@@ -204,7 +204,7 @@ def _ranked(g, s: torch.Tensor) -> np.ndarray:
     """Channel indices from least to most important; pinned channels last (always kept)."""
     key = s.double().clone()
     key[g.pinned] = float("inf")
-    return np.array(sorted(range(g.size), key=lambda i: (float(key[i]), i)))
+    return np.lexsort((np.arange(g.size), key.numpy()))
 
 
 def _search(graph, groups, scores, order, kept_count, flops, params):

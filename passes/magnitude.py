@@ -30,22 +30,37 @@ def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
     return fn(flat)
 
 
-def group_power_sums(graph, group, p: float, members=None) -> torch.Tensor:
-    """Sum over members (default: every weight member) of ``sum |w|^p`` per channel of ``group``."""
+def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.Tensor:
+    """Sum over members (default: every weight member) of ``sum |w|^p`` per channel of ``group``.
+
+    ``cache`` (a dict shared across groups) keeps each parameter's table of ``sum |w|^p``
+    over its dims past the first two, so a conv weight read as rows by one group and as
+    columns by another is reduced once.
+    """
     total = torch.zeros(group.size)
     if members is None:
         members = [m for m in group.members if m.role not in STATISTICS]
+    cache = {} if cache is None else cache
     for m in members:
-        w = graph.param(m.param).detach()
-        other = [d for d in range(w.dim()) if d != m.dim]
-        values = torch.linalg.vector_norm(w.float(), ord=p, dim=other).pow(p) if other else w.float().abs().pow(p)
+        table = cache.get((m.param, p))
+        if table is None:
+            w = graph.param(m.param).detach().float()
+            table = w.abs().pow(p) if w.dim() < 2 else torch.linalg.vector_norm(
+                w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1), ord=p, dim=-1).pow(p)
+            cache[(m.param, p)] = table
+        values = table if table.dim() == 1 else table.sum(1 - m.dim) if m.dim < 2 else None
+        if values is None:  # a member along a dim past the second: reduce from the weight itself
+            w = graph.param(m.param).detach().float()
+            values = torch.linalg.vector_norm(w.movedim(m.dim, 0).flatten(1), ord=p, dim=1).pow(p)
         total += group.reduce(values, m)
     return total
 
 
 def l1(graph, data=None, seed=0):
-    return {g.name: group_power_sums(graph, g, 1.0) for g in graph.prunable_groups()}
+    cache = {}
+    return {g.name: group_power_sums(graph, g, 1.0, cache=cache) for g in graph.prunable_groups()}
 
 
 def l2(graph, data=None, seed=0):
-    return {g.name: group_power_sums(graph, g, 2.0).sqrt() for g in graph.prunable_groups()}
+    cache = {}
+    return {g.name: group_power_sums(graph, g, 2.0, cache=cache).sqrt() for g in graph.prunable_groups()}
