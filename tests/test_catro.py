@@ -106,6 +106,14 @@ def test_bad_data():
         catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, samples_per_class=1, progress=False)
     with pytest.raises(ConfigError, match="objective"):
         catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, objective="fisher", progress=False)
+    with pytest.raises(ConfigError, match="features"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, features="input", progress=False)
+    with pytest.raises(ConfigError, match="space"):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, space="features", progress=False)
+    with pytest.raises(ConfigError, match="step="):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, step=1.0, progress=False)
+    with pytest.raises(ConfigError, match="reg="):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, reg=-1.0, progress=False)
     with pytest.raises(ConfigError, match="allocation"):
         catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, allocation="best", progress=False)
 
@@ -127,16 +135,32 @@ def digits_model():
     return model, (xtr, ytr), (xte, yte)
 
 
-def test_digits_catro_budget_and_recovery(digits_model):
+def _short_finetune(pruned, xtr, ytr, xte, yte):
+    """The issue's "one short fine-tune": 10 SGD steps of cross-entropy (batch 32) on 320 samples."""
+    tuned = ft.fit(copy.deepcopy(pruned), xtr[:320], ytr[:320], stage="ce", epochs=1, lr=0.02, progress=False)
+    return accuracy(tuned, xte, yte)
+
+
+def test_digits_catro_budget_recovery_and_beats_random(digits_model):
     model, (xtr, ytr), (xte, yte) = digits_model
     base = accuracy(model, xte, yte)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=64)
     pruned = fxprune.compile(model, (xtr[:1],), method="catro", flops=0.5, data=loader, onnx=False,
-                             method_options={"progress": False})
+                             method_options={"progress": False, "samples_per_class": 16})
     rep = fxprune.report(pruned)
     assert rep.mask["ok"] and 0.45 <= rep.flops_after / rep.flops_before <= 0.5
-    assert rep.plan.meta["method"] == "catro" and rep.plan.meta["samples_per_class"] == 32
-    # one short fine-tune (2 epochs of distillation with mixup) brings it back near the unpruned model
+    assert rep.plan.meta["method"] == "catro" and rep.plan.meta["samples_per_class"] == 16
+    assert rep.plan.meta["features"] == "output"
+    # right after the cut, CATRO keeps far more than random (measured 0.40 vs 0.11-0.16 on this model)
+    cut = accuracy(pruned, xte, yte)
+    rand = [fxprune.compile(model, (xtr[:1],), method="random", flops=0.5, onnx=False, seed=s) for s in range(3)]
+    assert cut >= max(accuracy(r, xte, yte) for r in rand) + 0.15
+    # after the same short fine-tune, CATRO beats random's mean over 3 seeds by a margin
+    # (measured on this model: catro 0.84, random 0.61, 0.60, 0.63)
+    tuned = _short_finetune(pruned, xtr, ytr, xte, yte)
+    rand_tuned = [_short_finetune(r, xtr, ytr, xte, yte) for r in rand]
+    assert tuned >= sum(rand_tuned) / len(rand_tuned) + 0.1, (tuned, rand_tuned)
+    # one longer fine-tune (2 epochs of distillation with mixup) brings it back near the unpruned model
     student = ft.fit(copy.deepcopy(pruned), xtr, ytr, stage="kd", teacher=model, epochs=2, lr=0.02, progress=False)
     assert accuracy(student, xte, yte) >= base - 0.03
 
@@ -144,11 +168,13 @@ def test_digits_catro_budget_and_recovery(digits_model):
 def test_greedy_allocation_meets_the_budget_and_sequential_changes_later_sets(digits_model):
     model, (xtr, ytr), _ = digits_model
     graph = fxprune.analyze(model, (xtr[:1],))
-    greedy = catro.plan(graph, data=(xtr, ytr), flops=0.5, allocation="greedy", samples_per_class=16, progress=False)
+    greedy = catro.plan(graph, data=(xtr, ytr), flops=0.5, allocation="greedy", samples_per_class=16, features="own",
+                        progress=False)
     cost = CostModel(graph)
     assert cost.flops(greedy.mask(graph).numpy()) <= 0.5 * cost.base_flops
-    one = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=False, samples_per_class=16, progress=False)
-    seq = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=True, samples_per_class=16, progress=False)
+    own = {"samples_per_class": 16, "features": "own", "progress": False}
+    one = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=False, **own)
+    seq = catro.plan(graph, data=(xtr, ytr), ratio=0.5, sequential=True, **own)
     order = list(one.keep)
     assert one.keep[order[0]] == seq.keep[order[0]]  # the shallowest group sees the same network
     assert any(one.keep[n] != seq.keep[n] for n in order[1:])  # deeper ones see the pruned one
@@ -170,3 +196,27 @@ def test_subtask_shrinks_the_classifier(digits_model):
                    epochs=2, lr=0.02, progress=False)
     with torch.no_grad():
         assert (tuned(xte[sel]).argmax(1) == truth).float().mean() >= 0.95
+
+
+def test_backward_output_keeps_the_channel_that_separates_the_classes_at_the_output():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 2, 4, 4, generator=gen)
+    x[:, 0] += 3 * y.float().view(-1, 1, 1)  # input channel 0 carries the class; channel 1 is noise
+    conv = torch.nn.Conv2d(2, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0] = 1.0   # channel 0: the class signal
+        conv.weight[1, 1] = 2.0   # channel 1: loud noise
+        conv.weight[2, 1] = 0.5   # channel 2: quiet noise; channel 3: dead
+    fc = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, 1.0, -1.0, 1.0]]))
+    net = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
+    graph = fxprune.analyze(net, (x[:1],))
+    g = next(g for g in graph.prunable_groups() if g.size == 4)
+    assert catro.backward_output(graph, g, 1, (x,), y).tolist() == [0]
+    assert catro.backward_output(graph, g, 3, (x,), y).tolist() == [0, 2, 3]  # the loud noise goes first
+    assert catro.backward_output(graph, g, 2, (x,), y, step=0.5).tolist() == [0, 3]  # two per round: both noises
+    out = torch.stack([net(x), torch.zeros(40, 2)])
+    assert catro.output_trace_ratio(out, y).tolist()[1] == 0.0
