@@ -116,15 +116,23 @@ def _one_axis(ctx, label):
     """Make a label vary along at most one dim, unifying across the others.
 
     A reshape can spread one channel dim over several (``view(n, g, c // g, h, w)`` in a
-    channel shuffle). A rewrite can only shrink such a value as a sub-grid, so the
-    entries across every varying dim but the last are tied, and the last dim carries
-    the channels.
+    channel shuffle, a pixel shuffle). A rewrite can only shrink such a value as a
+    sub-grid, so one dim keeps the channels and the entries across the others are tied:
+    the dim with the most distinct ids (the last one on a tie), which is ``c // g`` in a
+    channel shuffle and the output channels of a pixel shuffle.
     """
-    label = collapse(ctx.roots(label))
+    label = collapse(ctx.roots(collapse(label)))  # collapse first: roots() on a full-size label is slow
     dims = varying(label)
     if len(dims) <= 1:
         return label
-    last = dims[-1]
+
+    def distinct(d):
+        index = [0] * label.dim()
+        index[d] = slice(None)
+        return (int(torch.unique(label[tuple(index)]).numel()), d)
+
+    last = max(dims, key=distinct)
+    dims = [d for d in dims if d != last] + [last]
     moved = label.movedim(last, -1).reshape(-1, label.shape[last])
     for j in range(moved.shape[1]):
         ctx.unify_within(moved[:, j], f"reshape at '{ctx.node.name}' spreads channels over several dims")
@@ -552,11 +560,20 @@ def cat_rule(ctx, args, kwargs):
         parts = [along(lab, dim, t.shape[dim]) for t, lab in zip(xs, labels)]
         return torch.cat(parts).view([1] * dim + [-1] + [1] * (nd - dim - 1))
     if dim not in vary:  # e.g. a class token joined along the token dim: channels coincide
-        result = None
-        for t, lab in zip(xs, labels):
+        result, joined = None, []
+        sources = list(arg(ctx.node.args, ctx.node.kwargs, 0, "tensors"))
+        for t, lab, src in zip(xs, labels, sources):
             if lab is None:
+                param = param_behind(ctx, src, t, vary)
+                if param is not None:  # a learned token: its entries follow the channels
+                    joined.append((param, t))
+                    continue
                 lab = torch.full([t.shape[d] if d in vary else 1 for d in range(nd)], FIXED, dtype=torch.long)
             result = lab if result is None else ctx.unify(result, lab, f"'{ctx.node.name}' joins them with fixed channels")
+        for param, t in joined:
+            (d,) = vary
+            shape = ctx.gm.get_parameter(param).shape
+            ctx.member(param, d - (nd - len(shape)), along(result, d, t.shape[d]), "producer", "scale")
         return result.narrow(dim, 0, 1)
     return pin_all(ctx, args, kwargs, f"'{ctx.node.name}' concatenates channels along two dims at once")
 
@@ -653,8 +670,298 @@ def resize_unflatten(m, node, rw):
 
 
 register(Rule(_module_shape_op, resize=resize_unflatten), nn.Unflatten)
-register(Rule(shape_op(torch.split), fix=fix_split), torch.split, torch.chunk, torch.tensor_split)
+register(Rule(shape_op(torch.split), fix=fix_split), torch.split)
+register(Rule(shape_op(torch.chunk), fix=fix_split), torch.chunk)
+register(Rule(shape_op(torch.tensor_split), fix=fix_split), torch.tensor_split)
 register(Rule(shape_op(method("split")), fix=fix_split), "split")
 register(Rule(shape_op(method("chunk")), fix=fix_split), "chunk")
 register(Rule(getitem_rule, fix=fix_getitem), operator.getitem)
 register(Rule(cat_rule), torch.cat, torch.concat, torch.concatenate, torch.stack)
+
+
+# ----------------------------------------------------------------------------- transformers
+# --- transformers: attention, layer norm, contractions (matmul, einsum), Swin's wrapped helpers.
+#
+# Two facts these rules leave in ``node.meta`` for the verifier (fxprune/verify.py):
+# ``node.meta["fxprune_approx"] = dim``: a LayerNorm normalises over channels along ``dim``;
+#   removing channels changes the statistics, so its groups are *approximate* (the
+#   masked reference renormalises over the kept channels there);
+# ``node.meta["fxprune_contract"] = True``: the op sums over a channel dim (q @ k^T), so
+#   the masked reference zeroes the removed positions of its inputs first.
+
+def layer_norm_rule(ctx, args, kwargs):
+    """LayerNorm over trailing dims that carry channels: pass them, approximately.
+
+    The affine weight and bias follow the channels. The group is marked approximate: a
+    pruned LayerNorm normalises over the kept channels only.
+    """
+    x = args[0]
+    if ctx.node.op == "call_module":
+        m, name = ctx.module(), ctx.node.target
+        k = len(m.normalized_shape)
+        weight = f"{name}.weight" if getattr(m, "weight", None) is not None else None
+        bias = f"{name}.bias" if getattr(m, "bias", None) is not None else None
+    else:
+        k = len(arg(args, kwargs, 1, "normalized_shape"))
+        w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+        if any(t is not None and getattr(t, "param", None) is None for t in (w, b)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes affine parameters computed at run time")
+        weight, bias = (t.param if t is not None else None for t in (w, b))
+    label, nd = x.label, len(x.shape)
+    inside = [d for d in varying(label) if d >= nd - k]
+    if not inside:
+        return label
+    if len(varying(label)) > 1:
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over channels spread over several dims")
+        return None
+    d = inside[0]
+    ids = along(label, d, x.shape[d])
+    for role, p in (("norm_weight", weight), ("norm_bias", bias)):
+        if p is not None:
+            ctx.member(p, d - (nd - k), ids, "producer", role)
+    ctx.node.meta["fxprune_approx"] = d
+    return label
+
+
+def resize_layer_norm(m, node, rw):
+    k = len(m.normalized_shape)
+    m.normalized_shape = tuple(rw.new_shape(node)[-k:])
+
+
+def fix_layer_norm(node, rw):
+    k = len(arg(node.args, node.kwargs, 1, "normalized_shape"))
+    rw.set_arg(node, 1, "normalized_shape", list(rw.new_shape(node)[-k:]))
+
+
+def _contract(ctx, operands, out_letters):
+    """Shared by matmul and einsum: ``operands`` is a list of (T, letters), one letter per dim.
+
+    A letter's channels must agree in every operand that has it (they are unified); a
+    letter summed over (absent from the output) that carries channels makes the node a
+    contraction over channels (exact under pruning when both sides drop the same ones).
+    """
+    ids_of: dict[str, list] = {}
+    for t, letters in operands:
+        if t.param is not None:
+            return pin_all(ctx, [t for t, _ in operands], {}, f"{describe(ctx.node, ctx.gm)} multiplies by a parameter")
+        vary = varying(t.label)
+        if len(vary) > 1:
+            return pin_all(ctx, [t for t, _ in operands], {},
+                           f"{describe(ctx.node, ctx.gm)} sees channels spread over several dims")
+        for d, letter in enumerate(letters):
+            ids_of.setdefault(letter, []).append((along(t.label, d, t.shape[d]) if d in vary else None, t.shape[d]))
+    result: dict[str, torch.Tensor] = {}
+    for letter, found in ids_of.items():
+        carried = [i for i, _ in found if i is not None]
+        if not carried:
+            continue
+        ids = carried[0]
+        for other in carried[1:]:
+            ids = ctx.unify(ids, other, f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
+        if any(i is None and size > 1 for i, size in found):
+            ctx.pin(ids, f"{describe(ctx.node, ctx.gm)} combines them with an operand whose channels are fixed")
+        result[letter] = ids
+    summed = [letter for letter in result if letter not in out_letters]
+    kept_out = [letter for letter in out_letters if letter in result]
+    if summed:
+        ctx.node.meta["fxprune_contract"] = True
+    if len(kept_out) > 1:
+        for letter in kept_out:
+            ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims")
+        return None
+    ctx.cost(*[result[letter] for letter in summed + kept_out])
+    if not kept_out:
+        return None
+    d = out_letters.index(kept_out[0])
+    shape = [1] * len(out_letters)
+    shape[d] = -1
+    return result[kept_out[0]].view(shape)
+
+
+def matmul_rule(ctx, args, kwargs):
+    """``a @ b`` (matmul, bmm): contraction over a's last and b's second-to-last dim."""
+    a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "other", arg(args, kwargs, 1, "mat2"))
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} on a vector is not supported")
+    nd = len(ctx.out_shape)
+    batch = "abcdefgh"[:nd - 2]
+    la = batch[len(batch) - (len(a.shape) - 2):] + "ik"
+    lb = batch[len(batch) - (len(b.shape) - 2):] + "kj"
+    return _contract(ctx, [(a, la), (b, lb)], batch + "ij")
+
+
+def einsum_rule(ctx, args, kwargs):
+    equation = args[0].replace(" ", "")
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
+    if "..." in equation or "->" not in equation:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: only explicit einsum equations are supported")
+    ins, out = equation.split("->")
+    ins = ins.split(",")
+    if len(ins) != len(operands) or any(len(s) != len(t.shape) for s, t in zip(ins, operands)):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: equation does not fit its operands")
+    return _contract(ctx, list(zip(operands, ins)), out)
+
+
+def patch_merging_pad_rule(ctx, args, kwargs):
+    """Swin's ``_patch_merging_pad``: pad H, W, then cat four strided views along channels (dim -1)."""
+    x = args[0]
+    label = x.label
+    if label is None:
+        return None
+    nd = len(x.shape)
+    if varying(label) != [nd - 1]:
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
+        return None
+    ids = along(label, nd - 1, x.shape[-1])
+    return torch.cat([ids] * 4).view((1,) * (nd - 1) + (-1,))
+
+
+register(Rule(layer_norm_rule, resize=resize_layer_norm), nn.LayerNorm)
+register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
+register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+register(Rule(einsum_rule), torch.einsum)
+try:
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    register(Rule(patch_merging_pad_rule), _patch_merging_pad)
+except ImportError:  # an older torchvision
+    pass
+
+
+def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
+    """Self-attention whose inner width must equal its input width (``nn.MultiheadAttention``,
+    Swin's ``shifted_window_attention``): ``qkv = x @ W^T`` packs q, k, v, each split into
+    ``heads`` heads of ``width // heads`` channels; ``proj`` maps back to the stream.
+
+    Inner channel ``j`` of q, k and v is tied to stream channel ``j`` (the module forces
+    equal widths), and channel ``j`` of every head is tied across heads, so each head keeps
+    the same ``head_dim``. The q/k/v rows are recorded as consumer-kind members: the masked
+    reference zeroes the removed ones, as the pruned model drops them from ``q @ k^T``.
+    """
+    nd = len(x.shape)
+    if x.label is None:
+        return None
+    if varying(x.label) != [nd - 1]:
+        return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)} sees channels off its feature dim")
+    width = x.shape[-1]
+    if width % heads:
+        return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)}: width {width} is not a multiple of {heads} heads")
+    ids = along(x.label, nd - 1, width)
+    per_head = ids.view(heads, width // heads)
+    ctx.unify(per_head[:1], per_head, f"{describe(ctx.node, ctx.gm)} keeps every head the same width")
+    ids = ctx.roots(ids)
+    ctx.member(qkv_weight, 1, ids, "consumer", "weight")
+    ctx.member(qkv_weight, 0, torch.cat([ids] * 3), "consumer", "weight")
+    if qkv_bias is not None:
+        ctx.member(qkv_bias, 0, torch.cat([ids] * 3), "consumer", "bias")
+    ctx.member(proj_weight, 1, ids, "consumer", "weight")
+    ctx.member(proj_weight, 0, ids, "producer", "weight")
+    if proj_bias is not None:
+        ctx.member(proj_bias, 0, ids, "producer", "bias")
+    ctx.cost(ids)
+    return ids.view((1,) * (nd - 1) + (width,))
+
+
+def _fold_query_scale(weight: torch.Tensor, bias, old_head_dim: int, new_head_dim: int) -> None:
+    """Attention scales q @ k^T by 1/sqrt(head_dim); after head_dim shrinks, scale the q rows
+    by sqrt(new/old) so that the pruned model keeps the original scale exactly."""
+    if old_head_dim == new_head_dim:
+        return
+    factor = (new_head_dim / old_head_dim) ** 0.5
+    width = weight.shape[0] // 3
+    with torch.no_grad():
+        weight[:width] *= factor
+        if bias is not None:
+            bias[:width] *= factor
+
+
+def mha_module(ctx, args, kwargs):
+    """``nn.MultiheadAttention`` (self-attention, packed in-projection, batch first)."""
+    m, name = ctx.module(), ctx.node.target
+    q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    if not (q is k is v) or not m._qkv_same_embed_dim or not m.batch_first or m.bias_k is not None \
+            or m.add_zero_attn or arg(args, kwargs, 4, "need_weights", True):
+        pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: only batch-first self-attention "
+                                   "with need_weights=False is pruned")
+        return None
+    bias = m.in_proj_bias is not None
+    label = _attention(ctx, q, m.num_heads, f"{name}.in_proj_weight", f"{name}.in_proj_bias" if bias else None,
+                       f"{name}.out_proj.weight", f"{name}.out_proj.bias" if m.out_proj.bias is not None else None)
+    return (label, None)
+
+
+def resize_mha(m, node, rw):
+    width = m.in_proj_weight.shape[1]
+    _fold_query_scale(m.in_proj_weight.data, None if m.in_proj_bias is None else m.in_proj_bias.data,
+                      m.head_dim, width // m.num_heads)
+    m.embed_dim = m.kdim = m.vdim = width
+    m.head_dim = width // m.num_heads
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+
+
+def swin_attention_rule(ctx, args, kwargs):
+    """torchvision's ``shifted_window_attention`` (Swin v1 and v2), wrapped as one node."""
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads")
+    x, qkv_w, proj_w, bias_table, _, heads = (arg(args, kwargs, i, n) for i, n in enumerate(names))
+    qkv_b, proj_b = arg(args, kwargs, 9, "qkv_bias"), arg(args, kwargs, 10, "proj_bias")
+    logit_scale = arg(args, kwargs, 11, "logit_scale")
+    if any(t is not None and getattr(t, "param", None) is None for t in (qkv_w, proj_w, qkv_b, proj_b)):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    if logit_scale is not None and getattr(logit_scale, "label", None) is not None:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: logit scale carries channels")
+    return _attention(ctx, x, heads, qkv_w.param, qkv_b.param if qkv_b is not None else None,
+                      proj_w.param, proj_b.param if proj_b is not None else None)
+
+
+def fix_swin_attention(node, rw):
+    x = node.args[0]
+    old, new = rw.old_shape(x)[-1], rw.new_shape(x)[-1]
+    heads = arg(node.args, node.kwargs, 5, "num_heads")
+    if old == new or arg(node.args, node.kwargs, 11, "logit_scale") is not None:
+        return  # Swin v2's cosine attention has no 1/sqrt(head_dim)
+    gm = node.graph.owning_module
+    w, b = arg(node.args, node.kwargs, 1, "qkv_weight"), arg(node.args, node.kwargs, 9, "qkv_bias")
+    weight = gm.get_parameter(w.target) if isinstance(w, fx.Node) else None
+    bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) else None
+    if weight is not None:
+        _fold_query_scale(weight.data, None if bias is None else bias.data, old // heads, new // heads)
+
+
+register(Rule(mha_module, resize=resize_mha), nn.MultiheadAttention)
+try:
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    register(Rule(swin_attention_rule, fix=fix_swin_attention), shifted_window_attention)
+except ImportError:
+    pass
+
+
+def param_behind(ctx, node, t, vary):
+    """The parameter that ``node`` broadcasts (``class_token.expand(n, -1, -1)``), when its
+    entries line up with the channel dim ``vary`` of the value; else None."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "contiguous", "clone"):
+        node = node.args[0]
+    if len(vary) != 1 or not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        shape = ctx.gm.get_parameter(node.target).shape
+    except AttributeError:
+        return None
+    (d,) = vary
+    pd = d - (len(t.shape) - len(shape))
+    return node.target if 0 <= pd < len(shape) and shape[pd] == t.shape[d] else None
+
+
+def relative_position_bias_rule(ctx, args, kwargs):
+    """Swin's ``_get_relative_position_bias``: one bias per attention head. Heads stay whole
+    (the attention rules prune ``head_dim`` instead), so the table's head dim is kept."""
+    return pin_all(ctx, args, kwargs, "the relative-position bias has one entry per attention head, and heads are "
+                                      "kept whole (head_dim is pruned instead)")
+
+
+try:
+    from torchvision.models.swin_transformer import _get_relative_position_bias
+
+    register(Rule(relative_position_bias_rule), _get_relative_position_bias)
+except ImportError:
+    pass

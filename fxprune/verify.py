@@ -140,7 +140,11 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
         got = _Capture(pruned_eval)
         got.run(*inputs)
     labels = {n.name: n.meta.get("fxprune") for n in graph.module.graph.nodes}
-    params = {n.name for n in graph.module.graph.nodes if n.op == "get_attr"}  # sliced as members, not labelled
+    params = set()  # parameters, and values computed from them alone: sliced as members, not labelled
+    for n in graph.module.graph.nodes:
+        tensors_in = [a for a in n.all_input_nodes if "tensor_meta" in a.meta]
+        if n.op == "get_attr" or (n.op != "placeholder" and tensors_in and all(a.name in params for a in tensors_in)):
+            params.add(n.name)
     worst, worst_failing, compared = (0.0, None), (0.0, None), 0
     for name, value in got.values.items():
         if name not in ref.values or name in params:
