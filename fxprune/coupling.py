@@ -31,7 +31,7 @@ from torch.fx.node import map_aggregate
 
 from . import rules
 from .ir import ChannelGraph, ChannelGroup, Member, Pin
-from .labels import FIXED, collapse, varying
+from .labels import FIXED, collapse
 from .trace import meta_shapes
 
 

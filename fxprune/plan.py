@@ -130,7 +130,7 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     if not 0 <= floor < 1:
         raise ConfigError(f"floor={floor} must be in [0, 1): the fraction of each group always kept")
 
-    ignored = _ignored_groups(graph, ignore)
+    ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     for g in groups:
         s = scores.get(g.name)
@@ -152,18 +152,37 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         counts = {g.name: kept_count(g, min(g.prunable, int(round(ratio * g.size)))) for g in groups}
     else:
         counts = _search(graph, groups, scores, order, kept_count, flops, params)
-    mask = _keep_mask(graph, groups, order, counts)
+    info = {"ratio": ratio, "flops": flops, "params": params, "round_to": round_to, "floor": floor}
+    info.update(meta or {})
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, counts), info)
+
+
+def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:
+    """The :class:`Plan` that keeps the channels of ``groups`` set in the global ``mask``."""
     keep = {}
     for g in groups:
         local = np.nonzero(mask[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
         if len(local) < g.size:
             keep[g.name] = local.tolist()
-    info = {"ratio": ratio, "flops": flops, "params": params, "round_to": round_to, "floor": floor}
-    info.update(meta or {})
-    return Plan(keep, {k: graph.groups[k].size for k in keep}, info)
+    return Plan(keep, {k: graph.groups[k].size for k in keep}, meta)
 
 
-def _keep_mask(graph, groups, order, counts) -> np.ndarray:
+def smallest_meeting(cost_after, n: int, target: float) -> int | None:
+    """The smallest ``k`` in ``0..n`` with ``cost_after(k) <= target`` (``cost_after`` must not
+    increase with ``k``), or None when even ``n`` misses the target. A binary search."""
+    if cost_after(n) > target:
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost_after(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def keep_mask(graph, groups, order, counts) -> np.ndarray:
     """Keep the top ``counts[g]`` channels of each group, then make sure no tensor is left empty.
 
     A value can hold a slice of a group (a ``chunk`` of a shuffled stream): the group
@@ -224,25 +243,20 @@ def _search(graph, groups, scores, order, kept_count, flops, params):
             removed[name] += 1
         return {g.name: kept_count(g, removed[g.name]) for g in groups}
 
-    def keep_mask(counts):
-        return _keep_mask(graph, groups, order, counts)
+    def cost_after(k):
+        return measure(keep_mask(graph, groups, order, counts_after(k)))
 
-    lo, hi = 0, len(cands)
-    if measure(keep_mask(counts_after(hi))) > target:
-        best = measure(keep_mask(counts_after(hi)))
+    k = smallest_meeting(cost_after, len(cands), target)
+    if k is None:
         warnings.warn(f"the budget cannot be met: with every prunable channel removed the model keeps "
-                      f"{best / (cost.base_flops if flops is not None else cost.base_params):.1%}", stacklevel=3)
-        return counts_after(hi)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if measure(keep_mask(counts_after(mid))) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return counts_after(lo)
+                      f"{cost_after(len(cands)) / (cost.base_flops if flops is not None else cost.base_params):.1%}",
+                      stacklevel=3)
+        return counts_after(len(cands))
+    return counts_after(k)
 
 
-def _ignored_groups(graph, ignore) -> set[str]:
+def ignored_groups(graph, ignore) -> set[str]:
+    """Names of the groups that ``ignore`` (group names, module names or modules) leaves whole."""
     names = set()
     prefixes = []
     for item in ignore or ():

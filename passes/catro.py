@@ -81,7 +81,7 @@ from fxprune.cost import CostModel
 from fxprune.data import batches
 from fxprune.errors import ConfigError, DataError
 from fxprune.masking import MaskedRunner, feature_nodes, pooled_features
-from fxprune.plan import Plan, _ignored_groups, _keep_mask
+from fxprune.plan import Plan, ignored_groups, keep_mask, smallest_meeting
 
 from .curl import check_like_examples
 
@@ -392,16 +392,10 @@ def allocate(graph, groups, curves, kmin, *, flops=None, params=None, sets=None,
                 keep[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
         return keep
 
-    if measure(mask(counts_after(len(steps)))) > target:
+    lo = smallest_meeting(lambda t: measure(mask(counts_after(t))), len(steps), target)
+    if lo is None:
         raise ConfigError("the budget cannot be met: every group at its floor still exceeds it. "
                           "Lower floor= / min_keep= or ignore fewer groups.")
-    lo, hi = 0, len(steps)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if measure(mask(counts_after(mid))) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
     return counts_after(lo)
 
 
@@ -480,7 +474,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
         raise ConfigError(f"reg={reg} must be >= 0 (the ridge added to the within-class scatter, times its mean trace)")
     inputs, labels = collect(data, samples_per_class, classes)
     check_like_examples(graph, inputs)
-    skipped = _ignored_groups(graph, ignore)
+    skipped = ignored_groups(graph, ignore)
     groups = [g for g in graph.prunable_groups() if g.name not in skipped]
     groups = _order_by_depth(graph, groups)
     kmin = {g.name: max(1, min_keep, math.ceil(floor * g.size), int(g.pinned.sum())) for g in groups}
@@ -531,7 +525,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
             bar.update(1)
     # a value holding only a slice of a group must not lose all of it (as make_plan does)
     order = {g.name: _keep_order(g, keep) for g in groups}
-    final = _keep_mask(graph, groups, order, {g.name: len(keep.get(g.name, range(g.size))) for g in groups})
+    final = keep_mask(graph, groups, order, {g.name: len(keep.get(g.name, range(g.size))) for g in groups})
     keep = {}
     for g in groups:
         local = np.nonzero(final[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
@@ -547,7 +541,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
 
 
 def _keep_order(g, keep):
-    """Removal order for ``_keep_mask``: dropped channels first, then the kept ones."""
+    """Removal order for ``keep_mask``: dropped channels first, then the kept ones."""
     kept = set(keep.get(g.name, range(g.size)))
     return np.array([i for i in range(g.size) if i not in kept] + sorted(kept))
 

@@ -57,7 +57,7 @@ from fxprune.cost import CostModel
 from fxprune.data import batches
 from fxprune.errors import ConfigError, DataError
 from fxprune.masking import MaskedRunner
-from fxprune.plan import Plan, _ignored_groups, _keep_mask, make_plan
+from fxprune.plan import Plan, ignored_groups, keep_mask, make_plan, plan_from_mask, smallest_meeting
 
 KL_DIRECTIONS = ("code", "paper")
 
@@ -195,7 +195,7 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
             raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
     if ratio is not None and not 0 <= ratio < 1:
         raise ConfigError(f"ratio={ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
-    skipped = _ignored_groups(graph, tuple(ignore) + tuple(protect))
+    skipped = ignored_groups(graph, tuple(ignore) + tuple(protect))
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in skipped]
     for g in groups:
         s = scores.get(g.name)
@@ -228,26 +228,14 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
                 removed[name] += 1
             return {g.name: kept(g, removed[g.name]) for g in groups}
 
-        lo, hi = 0, len(cands)
-        if measure(_keep_mask(graph, groups, order, counts_after(hi))) > target:
+        lo = smallest_meeting(lambda k: measure(keep_mask(graph, groups, order, counts_after(k))), len(cands), target)
+        if lo is None:
             raise ConfigError(f"the budget cannot be met with min_keep_frac={min_keep_frac}: removing every allowed "
                               "channel still exceeds it. Lower min_keep_frac or protect fewer groups.")
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if measure(_keep_mask(graph, groups, order, counts_after(mid))) <= target:
-                hi = mid
-            else:
-                lo = mid + 1
         counts = counts_after(lo)
         info["removals"] = lo
-    mask = _keep_mask(graph, groups, order, counts)
-    keep = {}
-    for g in groups:
-        local = np.nonzero(mask[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
-        if len(local) < g.size:
-            keep[g.name] = local.tolist()
     info.update({"ratio": ratio, "flops": flops, "params": params, "round_to": round_to, "floor": floor})
-    return Plan(keep, {k: graph.groups[k].size for k in keep}, info)
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, counts), info)
 
 
 def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round_to=None, min_keep: int = 1,

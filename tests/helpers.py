@@ -1,8 +1,6 @@
 """Shared checks for the compiler tests: prune, then assert the invariants of DESIGN.md."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import fxprune

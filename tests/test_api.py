@@ -1,15 +1,13 @@
 """The public API: budgets, plans, apply, criteria, and a clear error for every bad input."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 import fxprune
-from fxprune.cost import count_flops, count_params
+from fxprune.cost import count_params
 from fxprune.passes import bn_scale, magnitude, taylor
 from helpers import assert_state_equal, state_copy
 
@@ -150,7 +148,6 @@ def test_bad_models_and_inputs():
     with pytest.raises(fxprune.TraceError, match="example_inputs"):
         fxprune.analyze(nn.Conv2d(3, 4, 3), (torch.randn(1, 5, 8, 8),))
     with pytest.raises(fxprune.DataError, match="labels"):
-        graph = fxprune.analyze(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
         list(fxprune.data.batches([(torch.randn(2, 3), torch.arange(3))]))
 
 

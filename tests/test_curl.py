@@ -11,22 +11,12 @@ from digits import SmallResNet, accuracy, load, train
 
 import fxprune
 import fxprune.finetune as ft
-from fxprune import passes
 from fxprune.cost import CostModel
 from fxprune.errors import ConfigError, DataError
 from fxprune.passes import curl
 from fxprune.rewrite import rewrite
 
-passes.register("curl", curl.score)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread is about twice as fast as two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(p_logits, q_logits):

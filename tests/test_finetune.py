@@ -9,13 +9,7 @@ import fxprune.finetune as ft
 from fxprune.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread is about twice as fast as two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kd_mixup_loss_matches_the_formula():

@@ -13,13 +13,7 @@ from fxprune.masking import MaskedRunner, feature_nodes, pooled_features
 from fxprune.rewrite import rewrite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread is about twice as fast as two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CatSplit(nn.Module):
