@@ -116,19 +116,7 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     more important). ``ignore`` lists group names, module names or modules whose
     groups stay whole.
     """
-    budgets = [b for b in (ratio, flops, params) if b is not None]
-    if len(budgets) != 1:
-        raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
-                          "flops= or params= (fraction of the model kept)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ConfigError(f"ratio={ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
-    for name, b in (("flops", flops), ("params", params)):
-        if b is not None and not 0 < b <= 1:
-            raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to={round_to} must be a positive integer")
-    if not 0 <= floor < 1:
-        raise ConfigError(f"floor={floor} must be in [0, 1): the fraction of each group always kept")
+    check_budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor)
 
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
@@ -155,6 +143,22 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     info = {"ratio": ratio, "flops": flops, "params": params, "round_to": round_to, "floor": floor}
     info.update(meta or {})
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, counts), info)
+
+
+def check_budget(*, ratio=None, flops=None, params=None, round_to=None, floor: float = 0.0) -> None:
+    """Raise :class:`ConfigError` unless exactly one budget is given and every value is in range."""
+    if sum(b is not None for b in (ratio, flops, params)) != 1:
+        raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
+                          "flops= or params= (fraction of the model kept)")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ConfigError(f"ratio={ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
+    for name, b in (("flops", flops), ("params", params)):
+        if b is not None and not 0 < b <= 1:
+            raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to={round_to} must be a positive integer")
+    if not 0 <= floor < 1:
+        raise ConfigError(f"floor={floor} must be in [0, 1): the fraction of each group always kept")
 
 
 def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:

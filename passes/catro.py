@@ -81,7 +81,7 @@ from fxprune.cost import CostModel
 from fxprune.data import batches
 from fxprune.errors import ConfigError, DataError
 from fxprune.masking import MaskedRunner, feature_nodes, pooled_features
-from fxprune.plan import Plan, ignored_groups, keep_mask, smallest_meeting
+from fxprune.plan import Plan, check_budget, ignored_groups, keep_mask, smallest_meeting
 
 from .curl import check_like_examples
 
@@ -446,18 +446,9 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
         >>> [len(v) for v in p.keep.values()]
         [4]
     """
-    if sum(b is not None for b in (ratio, flops, params)) != 1:
-        raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
-                          "flops= or params= (fraction of the model kept)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ConfigError(f"ratio={ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
-    for name, b in (("flops", flops), ("params", params)):
-        if b is not None and not 0 < b <= 1:
-            raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
+    check_budget(ratio=ratio, flops=flops, params=params, floor=floor)
     if round_to is not None:
         raise ConfigError("catro does not support round_to= (its greedy allocation moves one channel at a time)")
-    if not 0 <= floor < 1:
-        raise ConfigError(f"floor={floor} must be in [0, 1): the fraction of each group always kept")
     if not isinstance(pool_size, int) or pool_size < 1:
         raise ConfigError(f"pool_size={pool_size} must be a positive integer")
     if allocation not in ALLOCATIONS:

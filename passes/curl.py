@@ -57,7 +57,7 @@ from fxprune.cost import CostModel
 from fxprune.data import batches
 from fxprune.errors import ConfigError, DataError
 from fxprune.masking import MaskedRunner
-from fxprune.plan import Plan, ignored_groups, keep_mask, make_plan, plan_from_mask, smallest_meeting
+from fxprune.plan import Plan, check_budget, ignored_groups, keep_mask, make_plan, plan_from_mask, smallest_meeting
 
 KL_DIRECTIONS = ("code", "paper")
 
@@ -183,18 +183,7 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
                          meta=info)
     if ranking != "raw":
         raise ConfigError(f"ranking='{ranking}' must be 'raw' (CURL's global ranking) or 'normalized'")
-    if not 0 <= floor < 1:
-        raise ConfigError(f"floor={floor} must be in [0, 1): the fraction of each group always kept")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to={round_to} must be a positive integer")
-    if sum(b is not None for b in (ratio, flops, params)) != 1:
-        raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
-                          "flops= or params= (fraction of the model kept)")
-    for name, b in (("flops", flops), ("params", params)):
-        if b is not None and not 0 < b <= 1:
-            raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ConfigError(f"ratio={ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
+    check_budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor)
     skipped = ignored_groups(graph, tuple(ignore) + tuple(protect))
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in skipped]
     for g in groups:
