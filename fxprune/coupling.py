@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
@@ -45,35 +46,57 @@ class T:
 
 
 class _UnionFind:
-    def __init__(self):
-        self.parent: list[int] = []
+    """Union-find over channel ids, vectorised with numpy; a root is always the smallest id
+    of its set (so the result does not depend on the order of unions)."""
+
+    def __init__(self, n: int = 0):
+        self.parent = np.arange(max(n, 1024), dtype=np.int64)
+        self.size = n
 
     def new(self, n: int) -> torch.Tensor:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.size
+        if start + n > len(self.parent):
+            grown = np.arange(max(2 * len(self.parent), start + n), dtype=np.int64)
+            grown[:start] = self.parent[:start]
+            self.parent = grown
+        self.size = start + n
         return torch.arange(start, start + n, dtype=torch.long)
 
-    def find(self, x: int) -> int:
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """Roots of ``ids`` (all >= 0), compressing their paths."""
         parent = self.parent
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
+        r = parent[ids]
+        while True:
+            up = parent[r]
+            if np.array_equal(up, r):
+                break
+            r = up
+        parent[ids] = r
+        return r
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Merge the sets of ``a[i]`` and ``b[i]`` for every i (all ids >= 0)."""
+        while a.size:
+            ra, rb = self.find(a), self.find(b)
+            apart = ra != rb
+            if not apart.any():
+                return
+            ra, rb = ra[apart], rb[apart]
+            # hooking every larger root under the smallest root it meets keeps parent[i] <= i:
+            # no cycles, and the next round merges what one round could not
+            np.minimum.at(self.parent, np.maximum(ra, rb), np.minimum(ra, rb))
+            a, b = a[apart], b[apart]
 
     def roots(self, ids: torch.Tensor) -> torch.Tensor:
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        found = torch.tensor([self.find(i) if i >= 0 else FIXED for i in uniq.tolist()], dtype=torch.long)
-        return found[inverse]
+        """Roots of a label (FIXED stays FIXED), same shape."""
+        flat = ids.reshape(-1).numpy()
+        out = np.full(flat.shape, FIXED, dtype=np.int64)
+        live = flat >= 0
+        out[live] = self.find(flat[live])
+        return torch.from_numpy(out).reshape(ids.shape)
+
+    def all_roots(self) -> np.ndarray:
+        return self.find(np.arange(self.size, dtype=np.int64))
 
 
 class Context:
@@ -86,7 +109,7 @@ class Context:
 
     # -- facts about the node
     def module(self) -> torch.nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        return self._a.modules[self.node.target]
 
     @property
     def out_shape(self):
@@ -95,7 +118,7 @@ class Context:
 
     def has_param(self, name: str) -> bool:
         mod, _, attr = name.rpartition(".")
-        return getattr(self.gm.get_submodule(mod), attr, None) is not None
+        return getattr(self._a.modules[mod], attr, None) is not None
 
     # -- actions
     def fresh(self, n: int) -> torch.Tensor:
@@ -114,15 +137,12 @@ class Context:
         the combined label.
         """
         a, b = torch.broadcast_tensors(a, b)
-        pairs = torch.unique(torch.stack([a.flatten(), b.flatten()], 1), dim=0).tolist()
-        pinned = []
-        for x, y in pairs:
-            if x >= 0 and y >= 0:
-                self._a.uf.union(x, y)
-            elif x >= 0 or y >= 0:
-                pinned.append(max(x, y))
-        if pinned:
-            self.pin(torch.tensor(pinned), reason)
+        x, y = a.reshape(-1).numpy(), b.reshape(-1).numpy()
+        both = (x >= 0) & (y >= 0)
+        self._a.uf.union(x[both], y[both])
+        one = (x >= 0) ^ (y >= 0)
+        if one.any():
+            self.pin(torch.from_numpy(np.maximum(x[one], y[one])), reason)
         return torch.where(a >= 0, a, b)
 
     def unify_within(self, ids: torch.Tensor, reason: str) -> None:
@@ -160,6 +180,7 @@ class _Analysis:
         self.fixed_params: list[tuple[str, Pin]] = []
         self.costs: dict[str, list[torch.Tensor]] = {}
         self.env: dict[fx.Node, object] = {}
+        self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters())
         self.params.update(gm.named_buffers())
 
@@ -180,7 +201,7 @@ class _Analysis:
         args = map_aggregate(node.args, self.lookup)
         kwargs = map_aggregate(node.kwargs, self.lookup)
         ctx = Context(self, node)
-        rule = rules.rule_for(node, self.gm)
+        rule = rules.rule_for(node, self.gm, self.modules)
         try:
             label = rule.couple(ctx, args, kwargs)
         except Exception as exc:  # a rule that cannot handle an odd call pins instead of crashing
@@ -258,55 +279,46 @@ def _consolidate_members(a: _Analysis) -> None:
 
 
 def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
-    uf = a.uf
-    n_ids = len(uf.parent)
-    root_list = [uf.find(i) for i in range(n_ids)]
-    root = torch.tensor(root_list, dtype=torch.long)
+    n_ids = a.uf.size
+    root = a.uf.all_roots()
 
-    # Blocks (fresh allocations) that share a channel belong to one group.
-    block_parent = list(range(len(a.blocks)))
-
-    def bfind(b):
-        while block_parent[b] != b:
-            block_parent[b] = block_parent[block_parent[b]]
-            b = block_parent[b]
-        return b
-
-    first_block_of_root: dict[int, int] = {}
-    for b, (_, ids) in enumerate(a.blocks):
-        for r in (root_list[i] for i in ids.tolist()):
-            other = first_block_of_root.setdefault(r, b)
-            if other != b:
-                ra, rb = bfind(other), bfind(b)
-                if ra != rb:
-                    block_parent[max(ra, rb)] = min(ra, rb)
+    # Blocks (fresh allocations) that share a channel belong to one group: link each block
+    # to the first block that holds each of its roots; a group's top is its first block.
+    n_blocks = len(a.blocks)
+    block_of_id = np.concatenate([np.full(ids.numel(), b, dtype=np.int64) for b, (_, ids) in enumerate(a.blocks)]
+                                 or [np.zeros(0, dtype=np.int64)])
+    roots_in_blocks = root[np.concatenate([ids.numpy() for _, ids in a.blocks] or [np.zeros(0, dtype=np.int64)])]
+    first_block = np.full(n_ids, n_blocks, dtype=np.int64)
+    np.minimum.at(first_block, roots_in_blocks, block_of_id)
+    blocks_uf = _UnionFind(n_blocks)
+    blocks_uf.union(block_of_id, first_block[roots_in_blocks])
+    top = blocks_uf.find(np.arange(n_blocks, dtype=np.int64))
 
     # Name each group after its first producer; number channels group by group, in the
     # order their roots first appear among the group's blocks.
     groups: dict[str, ChannelGroup] = {}
-    blocks_of: dict[str, list[torch.Tensor]] = {}
     name_of_top: dict[int, str] = {}
-    for b, (node, ids) in enumerate(a.blocks):
-        top = bfind(b)
-        if top not in name_of_top:
-            name_of_top[top] = _unique_name(_producer_name(node), groups)
-            groups[name_of_top[top]] = ChannelGroup(name=name_of_top[top], size=0)
-        blocks_of.setdefault(name_of_top[top], []).append(ids)
-    channel_of_root = [FIXED] * n_ids
+    for (node, _), t in zip(a.blocks, top.tolist()):
+        if t not in name_of_top:
+            name_of_top[t] = _unique_name(_producer_name(node), groups)
+            groups[name_of_top[t]] = ChannelGroup(name=name_of_top[t], size=0)
+    rank_of_top = np.zeros(max(n_blocks, 1), dtype=np.int64)
+    rank_of_top[list(name_of_top)] = np.arange(len(name_of_top))
+    order = np.argsort(rank_of_top[top[block_of_id]], kind="stable")
+    uniq, first_seen = np.unique(roots_in_blocks[order], return_index=True)
+    by_appearance = np.argsort(first_seen)
+    channel_of_root = np.full(n_ids, FIXED, dtype=np.int64)
+    channel_of_root[uniq[by_appearance]] = np.arange(len(uniq))
+    group_of_channel_np = rank_of_top[top[block_of_id[order][np.sort(first_seen)]]]
+    sizes = np.bincount(group_of_channel_np, minlength=len(groups))
     offsets: dict[str, int] = {}
-    group_of_channel: list[int] = []
     next_channel = 0
-    for gi, (name, g) in enumerate(groups.items()):
+    for name, size in zip(groups, sizes.tolist()):
         offsets[name] = next_channel
-        for ids in blocks_of[name]:
-            for r in (root_list[i] for i in ids.tolist()):
-                if channel_of_root[r] < 0:
-                    channel_of_root[r] = next_channel
-                    next_channel += 1
-        g.size = next_channel - offsets[name]
-        group_of_channel.extend([gi] * g.size)
-    channel_of = torch.tensor(channel_of_root, dtype=torch.long)[root]
-    group_of_channel = torch.tensor(group_of_channel, dtype=torch.long)
+        groups[name].size = size
+        next_channel += size
+    channel_of = torch.from_numpy(channel_of_root[root])
+    group_of_channel = torch.from_numpy(group_of_channel_np)
     names = list(groups)
 
     pinned = torch.zeros(next_channel, dtype=torch.bool)
@@ -323,18 +335,21 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
 
     param_channels: dict[tuple[str, int], torch.Tensor] = {}
     param_kinds: dict[tuple[str, int], str] = {}
+    channel_np = channel_of.numpy()
     for param, dim, ids, kind, role, node in a.members:
-        ch = torch.where(ids >= 0, channel_of[ids.clamp(min=0)], FIXED)
-        param_channels.setdefault((param, dim), ch)
+        ids = ids.numpy()
+        ch = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
+        param_channels.setdefault((param, dim), torch.from_numpy(ch))
         param_kinds.setdefault((param, dim), kind)
         inside = ch >= 0
-        if not bool(inside.any()):
+        if not inside.any():
             continue
-        owner = torch.where(inside, group_of_channel[ch.clamp(min=0)], -1)
-        for gi in torch.unique(owner[inside]).tolist():
+        owner = np.where(inside, group_of_channel_np[np.maximum(ch, 0)], -1)
+        owners = owner[inside]
+        for gi in ([int(owners[0])] if (owners == owners[0]).all() else np.unique(owners).tolist()):
             name = names[gi]
-            index = torch.where(owner == gi, ch - offsets[name], FIXED)
-            groups[name].members.append(Member(param, dim, index, kind, node, role))
+            index = np.where(owner == gi, ch - offsets[name], FIXED)
+            groups[name].members.append(Member(param, dim, torch.from_numpy(index), kind, node, role))
     for name, g in groups.items():
         off = offsets[name]
         g.pinned = pinned[off:off + g.size].clone()

@@ -127,7 +127,15 @@ def write_onnx(module: torch.nn.Module, example_inputs, path: str, *, dynamic_ba
         dynamic = tuple({0: batch} for _ in example_inputs)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     external = weight_bytes > PROTOBUF_LIMIT
-    _export(module, example_inputs, path, names, dynamic, external)
+    try:
+        _export(module, example_inputs, path, names, dynamic, external)
+    except VerificationError as exc:
+        # the exporter can add constants of its own (transposed or folded weights) and pass
+        # protobuf's 2 GB with weights well under it: the weights then go to external data
+        if external or "serialize" not in str(exc).lower():
+            raise
+        external = True
+        _export(module, example_inputs, path, names, dynamic, external)
     return external
 
 

@@ -133,7 +133,10 @@ class ChannelGraph:
     def param(self, name: str) -> torch.Tensor:
         """The analysed module's parameter or buffer called ``name``."""
         mod_name, _, attr = name.rpartition(".")
-        return getattr(self.module.get_submodule(mod_name), attr)
+        cached = getattr(self, "_modules", None)
+        if cached is None or cached[0] is not self.module:
+            cached = self._modules = (self.module, dict(self.module.named_modules()))
+        return getattr(cached[1][mod_name], attr)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable > 0]

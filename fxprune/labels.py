@@ -31,10 +31,11 @@ def collapse(label: torch.Tensor | None) -> torch.Tensor | None:
     """Shrink every dimension along which ``label`` is constant to size 1; all-fixed gives None."""
     if label is None:
         return None
-    for d in range(label.dim()):
+    # the longest dims first: each one found constant shrinks what the next checks read
+    for d in sorted(range(label.dim()), key=lambda d: -label.shape[d]):
         if label.shape[d] > 1:
             first = label.narrow(d, 0, 1)
-            if bool((label == first).all()):
+            if label.stride(d) == 0 or bool((label == first).all()):
                 label = first
     if bool((label == FIXED).all()):
         return None

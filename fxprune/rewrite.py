@@ -73,35 +73,105 @@ def kept_positions(param: str, dim: int, channels: torch.Tensor, keep: torch.Ten
     return torch.nonzero((channels < 0) | keep[channels.clamp(min=0)]).flatten()
 
 
+_ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device, torch.Size, range,
+           type(len), type(lambda: 0))
+
+
+def copy_modules(root: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy(root, memo)``, faster: a new object per module, a copy of every
+    tensor (or its replacement in ``memo``, keyed by ``id``), and plain attributes
+    (numbers, strings, tuples of them, empty hook dicts) copied without recursion.
+
+    Anything else in a module's ``__dict__`` goes through ``copy.deepcopy`` with the same
+    memo, so tensors held outside ``_parameters``/``_buffers`` (a list of weights) are
+    still the new ones. Shared submodules and tensors stay shared in the copy.
+    """
+    def tensor(t):
+        new = memo.get(id(t))
+        if new is None:
+            new = copy.deepcopy(t, memo)  # Parameter keeps its type and requires_grad
+        return new
+
+    def module(m):
+        new = memo.get(id(m))
+        if new is not None:
+            return new
+        new = m.__class__.__new__(m.__class__)
+        memo[id(m)] = new
+        state = {}
+        for key, value in m.__dict__.items():
+            if key == "_modules":
+                value = {k: None if v is None else module(v) for k, v in value.items()}
+            elif key in ("_parameters", "_buffers"):
+                value = {k: None if v is None else tensor(v) for k, v in value.items()}
+            elif isinstance(value, _ATOMIC) or (type(value) is tuple and all(isinstance(v, _ATOMIC) for v in value)):
+                pass
+            elif isinstance(value, dict) and not value:
+                value = type(value)()
+            else:
+                value = copy.deepcopy(value, memo)
+            state[key] = value
+        new.__dict__.update(state)
+        return new
+
+    return module(root)
+
+
+def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` keeping positions ``index_of_dim[d]`` along each dim ``d``."""
+    for dim, index in index_of_dim.items():
+        tensor = tensor.index_select(dim, index)
+    return tensor
+
+
+def _holder(gm: fx.GraphModule) -> torch.nn.Module:
+    """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
+    (what the graph's targets name), without its graph and generated code."""
+    holder = torch.nn.Module()
+    for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        holder.__dict__[key] = gm.__dict__[key]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            top = node.target.split(".")[0]
+            value = gm.__dict__.get(top)
+            if isinstance(value, torch.Tensor):
+                holder.__dict__[top] = value
+    return holder
+
+
 def rewrite(graph, plan) -> fx.GraphModule:
     """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
     keep = plan.mask(graph)
     # Slice first, then deep-copy with the sliced tensors standing in for the originals:
     # only what is kept is copied, once.
-    sliced: dict[str, torch.Tensor] = {}
+    kept: dict[str, dict[int, torch.Tensor]] = {}
     for (param, dim), channels in graph.param_channels.items():
         index = kept_positions(param, dim, channels, keep)
         if len(index) < len(channels):
-            sliced[param] = sliced.get(param, graph.param(param).detach()).index_select(dim, index)
+            kept.setdefault(param, {})[dim] = index
+    sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
     memo = {}
     for name, new in sliced.items():
         old = graph.param(name)
         memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
             old, torch.nn.Parameter) else new
-    gm = copy.deepcopy(graph.module, memo)
+    root = copy_modules(_holder(graph.module), memo)
+    new_graph = fx.Graph(owning_module=root)
+    new_graph.output(new_graph.graph_copy(graph.module.graph, {}))
     rw = Resizer(keep)
     resized = set()
-    for node in gm.graph.nodes:
+    modules = dict(root.named_modules())
+    for node in new_graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        rule = rules.rule_for(node, gm)
+        rule = rules.rule_for(node, root, modules)
         if rule.resize is not None and node.target not in resized:
-            rule.resize(gm.get_submodule(node.target), node, rw)
+            rule.resize(modules[node.target], node, rw)
             resized.add(node.target)
         if rule.fix is not None:
             rule.fix(node, rw)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    new_graph.eliminate_dead_code()
+    gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
     gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
     return gm
 

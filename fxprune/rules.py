@@ -43,6 +43,13 @@ class Rule:
     couple: Callable
     fix: Callable | None = None
     resize: Callable | None = None
+    same_shape: bool = False  # a module whose output has its input's shape and dtype, and no FLOPs
+
+
+def keeps_shape(module: nn.Module) -> bool:
+    """Whether ``module``'s output is shaped like its first input (shape propagation skips it)."""
+    rule = RULES.get(type(module))
+    return rule is not None and rule.same_shape
 
 
 RULES: dict[object, Rule] = {}
@@ -53,10 +60,14 @@ def register(rule: Rule, *spellings) -> None:
         RULES[s] = rule
 
 
-def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
+def rule_for(node: fx.Node, gm: fx.GraphModule, modules: dict | None = None) -> Rule:
+    """The rule of ``node``; ``modules`` (``dict(gm.named_modules())``) saves the lookups."""
     if node.op == "output":
         return OUTPUT
-    key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+    if node.op == "call_module":
+        key = type(modules[node.target] if modules is not None else gm.get_submodule(node.target))
+    else:
+        key = node.target
     return RULES.get(key, DEFAULT)
 
 
@@ -134,8 +145,8 @@ def _one_axis(ctx, label):
     last = max(dims, key=distinct)
     dims = [d for d in dims if d != last] + [last]
     moved = label.movedim(last, -1).reshape(-1, label.shape[last])
-    for j in range(moved.shape[1]):
-        ctx.unify_within(moved[:, j], f"reshape at '{ctx.node.name}' spreads channels over several dims")
+    # every column is one channel: tie each entry to the column's first
+    ctx.unify(moved[:1], moved, f"reshape at '{ctx.node.name}' spreads channels over several dims")
     index = [slice(0, 1) if d in dims[:-1] else slice(None) for d in range(label.dim())]
     return collapse(ctx.roots(label[tuple(index)]))
 
@@ -597,6 +608,11 @@ def fix_split(node, rw):
 # ----------------------------------------------------------------------------- the table
 
 ELEMENTWISE = Rule(elementwise)
+register(Rule(elementwise, same_shape=True),
+         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+         nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+         nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
+         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, torchvision.ops.StochasticDepth)
 register(ELEMENTWISE,
          # arithmetic
          operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
@@ -606,16 +622,12 @@ register(ELEMENTWISE,
          "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "sqrt",
          "rsqrt", "pow", "clamp", "clamp_", "clamp_min", "clamp_max", "clone", "detach", "to", "float",
          "half", "double", "type_as", "contiguous", "sigmoid", "sigmoid_", "tanh", "relu", "relu_",
-         # activations and dropout, module and functional spellings
-         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-         nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
-         nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
-         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+         # activations and dropout, functional spellings (modules above)
          F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
          F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.logsigmoid,
          F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
          torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.nn.functional.threshold,
-         torchvision.ops.stochastic_depth, torchvision.ops.StochasticDepth)
+         torchvision.ops.stochastic_depth)
 
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
@@ -624,13 +636,14 @@ register(Rule(conv_module, resize=resize_conv),
 register(Rule(conv_function, fix=fix_conv_function), F.conv1d, F.conv2d, F.conv3d)
 register(Rule(linear_module, resize=resize_linear), nn.Linear)
 register(Rule(linear_function), F.linear)
-register(Rule(norm_module, resize=resize_norm),
+register(Rule(norm_module, resize=resize_norm, same_shape=True),
          nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)
 register(Rule(batch_norm_function), F.batch_norm, F.instance_norm)
-register(Rule(prelu_module, resize=resize_prelu), nn.PReLU)
+register(Rule(prelu_module, resize=resize_prelu, same_shape=True), nn.PReLU)
 register(Rule(normalizes_trailing), nn.LayerNorm, F.layer_norm)
-register(Rule(normalizes_channels), nn.GroupNorm, F.group_norm, nn.LocalResponseNorm)
+register(Rule(normalizes_channels, same_shape=True), nn.GroupNorm, nn.LocalResponseNorm)
+register(Rule(normalizes_channels), F.group_norm)
 register(Rule(spatial),
          nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -816,7 +829,7 @@ def patch_merging_pad_rule(ctx, args, kwargs):
     return torch.cat([ids] * 4).view((1,) * (nd - 1) + (-1,))
 
 
-register(Rule(layer_norm_rule, resize=resize_layer_norm), nn.LayerNorm)
+register(Rule(layer_norm_rule, resize=resize_layer_norm, same_shape=True), nn.LayerNorm)
 register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
 register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
 register(Rule(einsum_rule), torch.einsum)

@@ -21,7 +21,8 @@ import traceback
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .cost import eval_mode
 from .errors import TraceError
@@ -29,19 +30,62 @@ from .errors import TraceError
 
 class ValueProp(ShapeProp):
     """``ShapeProp`` that also records non-tensor results in ``node.meta["value"]`` and the
-    FLOPs of each op, as ``torch.utils.flop_counter.FlopCounterMode`` counts them, in
-    ``node.meta["flops"]``: one forward pass gives shapes, values and costs."""
+    FLOPs of each op, by ``torch.utils.flop_counter``'s formulas, in ``node.meta["flops"]``:
+    one forward pass gives shapes, values and costs.
+
+    With ``on_meta=True`` (every tensor on the ``meta`` device), a module whose rule
+    says it keeps its input's shape (:attr:`fxprune.rules.Rule.same_shape`: norms,
+    activations, dropout) is not run: its output is ``empty_like`` its input. Those ops
+    count no FLOPs, and on ``meta`` some of them (batch norm) run slow Python
+    decompositions.
+    """
+
+    def __init__(self, gm: fx.GraphModule, on_meta: bool = False):
+        super().__init__(gm)
+        self.on_meta = on_meta
+        self.flops = _FlopsByNode()
+
+    def propagate(self, *args):
+        with self.flops:
+            return super().propagate(*args)
 
     def run_node(self, n: fx.Node):
+        self.flops.count = 0
+        result = super().run_node(n)
         if n.op in ("call_module", "call_function", "call_method"):
-            with FlopCounterMode(display=False) as counter:
-                result = super().run_node(n)
-            n.meta["flops"] = int(counter.get_total_flops())
-        else:
-            result = super().run_node(n)
+            n.meta["flops"] = self.flops.count
         if not isinstance(result, torch.Tensor) and _is_plain(result):
             n.meta["value"] = result
         return result
+
+    def call_module(self, target, args, kwargs):
+        if self.on_meta and args and isinstance(args[0], torch.Tensor):
+            from .rules import keeps_shape
+
+            module = self.fetch_attr(target)
+            if keeps_shape(module):
+                return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+
+class _FlopsByNode(TorchDispatchMode):
+    """Counts FLOPs with ``torch.utils.flop_counter.flop_registry`` into ``self.count``.
+
+    ``FlopCounterMode`` does the same per module; entering it once per node costs more
+    than the whole meta-device forward pass.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.count += int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 def _is_plain(value) -> bool:
@@ -107,7 +151,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
             propagate_on_meta(gm, example_inputs)
         except Exception:  # an op without a meta kernel, a tensor made on the CPU in forward, ...
             try:
-                ValueProp(gm).propagate(*example_inputs)
+                ValueProp(gm).propagate(*example_inputs)  # real tensors: every op runs
             except Exception as exc:
                 raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
                                  "Check that example_inputs match what model.forward expects.") from exc
@@ -120,7 +164,7 @@ class _Propagator(torch.nn.Module):
         self.gm = gm
 
     def forward(self, *inputs):
-        return ValueProp(self.gm).propagate(*inputs)
+        return ValueProp(self.gm, on_meta=True).propagate(*inputs)
 
 
 def propagate_on_meta(gm: fx.GraphModule, example_inputs: tuple) -> None:

@@ -33,27 +33,51 @@ def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
 def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.Tensor:
     """Sum over members (default: every weight member) of ``sum |w|^p`` per channel of ``group``.
 
-    ``cache`` (a dict shared across groups) keeps each parameter's table of ``sum |w|^p``
-    over its dims past the first two, so a conv weight read as rows by one group and as
-    columns by another is reduced once.
+    ``cache`` (a dict shared across groups) keeps each parameter's per-slice sums along
+    its first two dims, so a conv weight read as rows by one group and as columns by
+    another is read once.
     """
     total = torch.zeros(group.size)
     if members is None:
         members = [m for m in group.members if m.role not in STATISTICS]
     cache = {} if cache is None else cache
     for m in members:
-        table = cache.get((m.param, p))
-        if table is None:
-            w = graph.param(m.param).detach().float()
-            table = w.abs().pow(p) if w.dim() < 2 else torch.linalg.vector_norm(
-                w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1), ord=p, dim=-1).pow(p)
-            cache[(m.param, p)] = table
-        values = table if table.dim() == 1 else table.sum(1 - m.dim) if m.dim < 2 else None
+        if (m.param, 0, p) not in cache:
+            for dim, sums in _slice_sums(graph.param(m.param).detach().float(), p).items():
+                cache[(m.param, dim, p)] = sums
+        values = cache.get((m.param, m.dim, p))
         if values is None:  # a member along a dim past the second: reduce from the weight itself
-            w = graph.param(m.param).detach().float()
-            values = torch.linalg.vector_norm(w.movedim(m.dim, 0).flatten(1), ord=p, dim=1).pow(p)
+            values = _power(graph.param(m.param).detach().float(), p).movedim(m.dim, 0).flatten(1).sum(1)
         total += group.reduce(values, m)
     return total
+
+
+_BLOCK = 1 << 16  # elements of a 2-D weight raised to the power at a time (stays in cache)
+
+
+def _slice_sums(w: torch.Tensor, p: float) -> dict[int, torch.Tensor]:
+    """``sum |w|^p`` over all dims but one, for dim 0 and (if any) dim 1.
+
+    One pass over ``w`` and no temporary as large as it: a norm over the kernel dims of a
+    conv, or a 2-D weight (a linear, a 1x1 conv) taken in blocks of rows.
+    """
+    if w.dim() == 1:
+        return {0: _power(w, p)}
+    if w.dim() > 2 and w.shape[2:].numel() > 1:
+        table = torch.linalg.vector_norm(w.flatten(2), ord=p, dim=-1).pow(p)
+        return {0: table.sum(1), 1: table.sum(0)}
+    w = w.reshape(w.shape[0], w.shape[1])
+    rows, cols = torch.empty(w.shape[0]), torch.zeros(w.shape[1])
+    step = max(1, _BLOCK // max(1, w.shape[1]))
+    for i in range(0, w.shape[0], step):
+        block = _power(w[i:i + step], p)
+        rows[i:i + step] = block.sum(1)
+        cols += block.sum(0)
+    return {0: rows, 1: cols}
+
+
+def _power(w: torch.Tensor, p: float) -> torch.Tensor:
+    return w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p)
 
 
 def l1(graph, data=None, seed=0):
