@@ -24,7 +24,7 @@ import time
 import torch
 import torch.fx as fx
 
-from .cost import CostModel, count_flops, count_params
+from .cost import CostModel, count_params, graph_flops
 from .coupling import couple
 from .errors import ConfigError
 from .export import export_onnx
@@ -124,7 +124,7 @@ def _build(model, graph, plan, method, verify, onnx) -> fx.GraphModule:
     first_pin = next((str(g.pins[0]) for g in pinned if g.pins), None)
     pruned.meta["fxprune_report"] = Report(
         method=method, plan=plan, params_before=count_params(model), params_after=count_params(pruned),
-        flops_before=int(cost.base_flops), flops_after=count_flops(pruned, inputs),
+        flops_before=int(cost.base_flops), flops_after=graph_flops(pruned, inputs),
         flops_predicted=cost.flops(keep.numpy()), groups=len(groups), prunable_groups=len(groups) - len(pinned),
         pinned_groups=len(pinned), first_pin=first_pin, mask=mask_result, onnx=onnx_result, timings=timings)
     return pruned

@@ -34,6 +34,21 @@ def count_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
     return int(counter.get_total_flops())
 
 
+def graph_flops(gm: torch.nn.Module, example_inputs: tuple) -> int:
+    """FLOPs of a ``GraphModule`` counted node by node on the ``meta`` device, as the analysis
+    counts the original (:class:`fxprune.trace.ValueProp`): a pruned model's count is then
+    comparable with its original's. (A real eval-mode run can take fused fast paths, such as
+    ``nn.MultiheadAttention``'s, that ``FlopCounterMode`` has no formula for.)"""
+    from .trace import propagate_on_meta
+
+    try:
+        with eval_mode(gm), torch.no_grad():
+            propagate_on_meta(gm, tuple(example_inputs))
+    except Exception:  # an op with no meta kernel: count a real run instead
+        return count_flops(gm, example_inputs)
+    return sum(n.meta.get("flops", 0) for n in gm.graph.nodes)
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module):
     """Run ``module`` in eval mode, then restore every submodule's ``training`` flag."""
@@ -58,11 +73,12 @@ class CostModel:
         self.flops_terms = []
         nodes = {n.name: n for n in graph.module.graph.nodes}
         for name, flops in graph.node_flops.items():
-            labels = graph.costs.get(name)
-            if labels is None:
+            terms = graph.costs.get(name)
+            if terms is None:
                 label = nodes[name].meta.get("fxprune")
-                labels = [label.flatten()] if isinstance(label, torch.Tensor) else []
-            self.flops_terms.append((flops, [lab.numpy() for lab in labels]))
+                terms = [(1.0, [label.flatten()] if isinstance(label, torch.Tensor) else [])]
+            for share, labels in terms:
+                self.flops_terms.append((flops * share, [lab.numpy() for lab in labels]))
         self.param_terms = []
         slots: dict[str, list[np.ndarray]] = {}
         for (param, _dim), ch in graph.param_channels.items():

@@ -165,9 +165,16 @@ class Context:
         """``param`` is used whole somewhere: every slice of it must stay."""
         self._a.fixed_params.append((param, Pin(self.node.name, reason)))
 
-    def cost(self, *labels) -> None:
-        """Say whose kept fraction scales this node's FLOPs (default: its output label)."""
-        self._a.costs[self.node.name] = [lab.flatten().clone() for lab in labels if lab is not None]
+    def cost(self, *labels, share: float | None = None) -> None:
+        """Say whose kept fractions scale this node's FLOPs (default: its output label): the
+        count is multiplied by the kept fraction of each label. With ``share``, only that
+        share of the count scales so; calls with shares add up (attention: projections
+        scale with the width squared, ``q @ k^T`` with the width)."""
+        term = (1.0 if share is None else share, [lab.flatten().clone() for lab in labels if lab is not None])
+        if share is None:
+            self._a.costs[self.node.name] = [term]
+        else:
+            self._a.costs.setdefault(self.node.name, []).append(term)
 
 
 class _Analysis:
@@ -178,7 +185,7 @@ class _Analysis:
         self.pins: list[tuple[torch.Tensor, Pin]] = []
         self.members: list[tuple] = []
         self.fixed_params: list[tuple[str, Pin]] = []
-        self.costs: dict[str, list[torch.Tensor]] = {}
+        self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
         self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters())
@@ -358,7 +365,8 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
     for node in a.gm.graph.nodes:
         if "fxprune" in node.meta:
             node.meta["fxprune"] = map_aggregate(node.meta["fxprune"], lambda lab: _to_channels(lab, channel_of))
-    costs = {k: [_to_channels(v, channel_of) for v in vs] for k, vs in a.costs.items()}
+    costs = {k: [(share, [_to_channels(v, channel_of) for v in vs]) for share, vs in terms]
+             for k, terms in a.costs.items()}
     graph = ChannelGraph(a.gm, groups, channel_of, offsets, {}, example_inputs)
     graph.param_channels = param_channels
     graph.param_kinds = param_kinds

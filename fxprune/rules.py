@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -871,7 +872,14 @@ def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
     ctx.member(proj_weight, 0, ids, "producer", "weight")
     if proj_bias is not None:
         ctx.member(proj_bias, 0, ids, "producer", "bias")
-    ctx.cost(ids)
+    # the qkv and output projections (8 * rows * width^2 FLOPs) scale with the kept width
+    # squared; the rest (q @ k^T and attention @ v, per head) with the kept head_dim
+    rows = math.prod(x.shape) // width
+    total = ctx.node.meta.get("flops") or 0
+    projections = min(1.0, 8 * rows * width * width / total) if total else 1.0
+    ctx.cost(ids, ids, share=projections)
+    if projections < 1.0:
+        ctx.cost(ids, share=1.0 - projections)
     return ids.view((1,) * (nd - 1) + (width,))
 
 

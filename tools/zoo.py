@@ -327,7 +327,7 @@ def save_cache(rows: dict, path=CACHE) -> None:
             f.write(json.dumps(rows[key]) + "\n")
 
 
-def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: int = 1) -> dict:
+def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: int = 1, tp_timeout=None) -> dict:
     """Run every (tool, model) in its own subprocess, ``jobs`` at a time; the cache is saved after each."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -336,7 +336,8 @@ def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: in
     rows = load_cache(cache)
     work = [(tool, n) for n in names for tool in tools]
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(work), unit="run") as bar:
-        futures = {pool.submit(run_one, tool, name, timeout=timeout, mem_mb=mem_mb, threads=threads, onnx=onnx):
+        futures = {pool.submit(run_one, tool, name, mem_mb=mem_mb, threads=threads, onnx=onnx,
+                               timeout=tp_timeout if tool == "torch-pruning" and tp_timeout else timeout):
                    (tool, name) for tool, name in work}
         for fut in as_completed(futures):
             tool, name = futures[fut]
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
     p.add_argument("--only-tp", action="store_true", help="run Torch-Pruning only")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime check (status is then 'mask ok')")
     p.add_argument("--timeout", type=int, default=600, help="seconds per model and tool (default 600)")
+    p.add_argument("--tp-timeout", type=int, help="seconds per model for Torch-Pruning (default: --timeout)")
     p.add_argument("--mem-mb", type=int, default=12000, help="address-space limit per subprocess, MB (default 12000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at a time (default 1)")
@@ -480,7 +482,7 @@ def main(argv=None) -> int:
     if a.table_only:
         rows = load_cache(a.cache)
     else:
-        rows = sweep(names, tools, timeout=a.timeout, mem_mb=a.mem_mb, threads=a.threads,
+        rows = sweep(names, tools, timeout=a.timeout, tp_timeout=a.tp_timeout, mem_mb=a.mem_mb, threads=a.threads,
                      onnx=not a.no_onnx, cache=a.cache, jobs=a.jobs)
     text = table(rows, model_names() if a.table_only and not a.models else sorted({n for _, n in rows}))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
