@@ -378,7 +378,9 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
 def _to_channels(label, channel_of):
     if not isinstance(label, torch.Tensor):
         return label
-    return torch.where(label >= 0, channel_of[label.clamp(min=0)], FIXED)
+    ids = label.numpy()
+    channel_of = channel_of.numpy()
+    return torch.from_numpy(np.where(ids >= 0, channel_of[np.maximum(ids, 0)], FIXED))
 
 
 def _producer_name(node: fx.Node) -> str:

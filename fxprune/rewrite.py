@@ -128,6 +128,7 @@ def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
     (what the graph's targets name), without its graph and generated code."""
     holder = torch.nn.Module()
+    holder.training = gm.training
     for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
         holder.__dict__[key] = gm.__dict__[key]
     for node in gm.graph.nodes:

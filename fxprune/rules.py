@@ -240,9 +240,8 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
         # A grouped conv can lose whole groups: tie each group's input channels together
         # and to its output channels (a depthwise conv is the case of one channel per group).
         blocks = ins.view(groups, c_in // groups)
-        for row in blocks:
-            if row.numel() > 1:
-                ctx.unify_within(row, f"grouped {describe(ctx.node, ctx.gm)} keeps whole groups")
+        if blocks.shape[1] > 1:
+            ctx.unify(blocks[:, :1], blocks, f"grouped {describe(ctx.node, ctx.gm)} keeps whole groups")
         out = ctx.roots(blocks[:, 0]).repeat_interleave(c_out // groups)
         ctx.cost(out)
     ctx.member(weight, out_dim, out, "producer", "weight")

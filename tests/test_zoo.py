@@ -104,16 +104,25 @@ def test_status_needs_every_check():
 
 def test_table_and_geomean():
     assert math.isclose(zoo.geomean([2.0, 8.0]), 4.0)
-    rows = {("fxprune", "a"): {"model": "a", "status": "verified", "params_before": 2e6, "params_after": 1e6,
-                               "flops_before": 4e9, "flops_after": 2e9, "analysis_s": 0.1, "rewrite_s": 0.1,
-                               "verify_s": 1.0, "ort_abs": 1e-6, "groups": 3, "pinned_groups": 1,
-                               "approximate_groups": 0, "first_pin": "output: model output"},
-            ("torch-pruning", "a"): {"model": "a", "status": "ran", "total_s": 1.0, "version": "1.6"}}
+    verified = {"model": "a", "status": "verified", "params_before": 2e6, "params_after": 1e6,
+                "flops_before": 4e9, "flops_after": 2e9, "cold_s": 0.2, "warm_s": 0.1, "mem_analysis_mb": 50,
+                "verify_s": 1.0, "ort_abs": 1e-6, "groups": 3, "pinned_groups": 1, "approximate_groups": 0,
+                "first_pin": "output: model output", "model_sha": "abc"}
+    rows = {("fxprune", "a"): verified,
+            ("torch-pruning", "a"): {"model": "a", "status": "ran", "cold_s": 1.0, "total_s": 0.5, "version": "1.6"}}
     text = zoo.table(rows)
-    assert "**1 of 1 verified**" in text and "5.0×" in text
-    for column in ("params before → after", "FLOPs before → after", "analysis s", "rewrite s", "verify s",
-                   "max ORT diff", "pinned groups", "first pin reason"):
+    assert "**1 of 1 verified**" in text and "5.0×" in text  # cold 1.0 / 0.2; warm 0.5 / 0.1
+    assert "**5.00×** (fxprune faster on 1)" in text
+    assert "1 of 1 models under 5 s" in text
+    for column in ("params before → after", "FLOPs before → after", "analysis+rewrite s (cold)", "analysis MB",
+                   "verify s", "max ORT diff", "pinned groups", "first pin reason"):
         assert column in text
+    # a later timing run that pruned identically replaces the times; a different model is not verified
+    rows[(zoo.TIMING, "a")] = {"model": "a", "tool": zoo.TIMING, "cold_s": 0.1, "warm_s": 0.05, "model_sha": "abc"}
+    assert "**10.00×**" in zoo.table(rows)
+    rows[(zoo.TIMING, "a")]["model_sha"] = "def"
+    text = zoo.table(rows)
+    assert "changed since verified" in text and "**0 of 1 verified**" in text
 
 
 def test_native_sizes():

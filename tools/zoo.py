@@ -49,6 +49,7 @@ RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(RESULTS, "zoo.jsonl")
 TABLE = os.path.join(RESULTS, "zoo.md")
 RATIO = 0.5
+TIMING = "fxprune-timing"  # rows of --timing-only: analysis + rewrite re-timed by a newer version
 TP_MEM_MB = 12000  # address-space cap for Torch-Pruning workers (about 8 GB resident)
 
 
@@ -271,13 +272,28 @@ def worker(tool: str, name: str, threads: int, onnx: bool) -> None:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    if tool != "fxprune":  # Torch-Pruning's autograd walk grows past 8 GB resident on Swin
+    if tool == "torch-pruning":  # Torch-Pruning's autograd walk grows past 8 GB resident on Swin
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = TP_MEM_MB * 1024 * 1024
         if soft == resource.RLIM_INFINITY or soft > cap:
             resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    row = run_fxprune(name, onnx=onnx) if tool == "fxprune" else run_torch_pruning(name)
+    if tool == "fxprune":
+        row = run_fxprune(name, onnx=onnx)
+    elif tool == TIMING:
+        model, x = build(name)
+        row = {"model": name, "tool": TIMING, "status": "timed", **time_fxprune(model, x)}
+    else:
+        row = run_torch_pruning(name)
+    row["commit"] = _commit()
     print("ZOO-ROW " + json.dumps(row), flush=True)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -368,12 +384,16 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
+ANALYSIS_GOAL_S, ANALYSIS_GOAL_MB = 5.0, 2048  # the issue's goals: per model, analysis + rewrite
+
+
 def table(rows: dict, names=None) -> str:
-    """The Markdown report: our table, then Torch-Pruning side by side, then the headline figures."""
+    """The Markdown report: the headline figures, our table, then Torch-Pruning side by side."""
     from tabulate import tabulate
 
     names = names or sorted({m for _, m in rows})
-    ours = [rows.get(("fxprune", n), {"model": n, "status": "not run"}) for n in names]
+    ours = [with_timing(rows.get(("fxprune", n), {"model": n, "status": "not run"}), rows.get((TIMING, n)))
+            for n in names]
     for r in ours:
         if r["status"] == "crash" and "can't allocate memory" in r.get("error", ""):
             r["status"] = "out of memory"
@@ -383,31 +403,48 @@ def table(rows: dict, names=None) -> str:
             r["model"], r["status"],
             f"{_m(r.get('params_before'))} → {_m(r.get('params_after'))}",
             f"{_g(r.get('flops_before'))} → {_g(r.get('flops_after'))}",
-            _s(r.get("analysis_s")), _s(r.get("rewrite_s")), _s(r.get("verify_s")),
+            _s(r.get("cold_s")), _s(r.get("warm_s")),
+            "-" if r.get("mem_analysis_mb") is None else f"{r['mem_analysis_mb']:.0f}",
+            _s(r.get("verify_s")),
             "-" if r.get("ort_abs") is None else f"{r['ort_abs']:.1e}",
             "-" if r.get("groups") is None else f"{r['pinned_groups']}/{r['groups']}",
             r.get("approximate_groups", "-") if r.get("groups") is not None else "-",
             "-" if r.get("mem_peak_mb") is None else f"{r['mem_peak_mb']:.0f}",
             _first_reason(r),
         ])
-    headers = ["model", "status", "params before → after", "FLOPs before → after", "analysis s", "rewrite s",
-               "verify s", "max ORT diff", "pinned groups", "approx. groups", "peak MB", "first pin reason / error"]
+    headers = ["model", "status", "params before → after", "FLOPs before → after", "analysis+rewrite s (cold)",
+               "(warm)", "analysis MB", "verify s", "max ORT diff", "pinned groups", "approx. groups", "peak MB",
+               "first pin reason / error"]
     verified = sum(r["status"] == "verified" for r in ours)
-    slow = sorted((r for r in ours if r.get("analysis_s") is not None), key=lambda r: -r["analysis_s"])[:3]
+    timed = [r for r in ours if r.get("cold_s") is not None]
+    slow = sorted(timed, key=lambda r: -r["cold_s"])[:3]
+    heavy = sorted((r for r in timed if r.get("mem_analysis_mb") is not None), key=lambda r: -r["mem_analysis_mb"])[:3]
+    over_s = [r["model"] for r in timed if r["cold_s"] > ANALYSIS_GOAL_S]
+    over_mb = [r["model"] for r in timed if (r.get("mem_analysis_mb") or 0) > ANALYSIS_GOAL_MB]
     out = [f"# fxprune model-zoo sweep (torchvision, L2 magnitude, ratio {RATIO})", "",
            f"**{verified} of {len(ours)} verified** (mask-equivalence and ONNX Runtime agreement, "
-           "at least one channel removed, finite output of the right shape).", "",
-           "Every model: `weights=None`, eval mode, batch 1 at its native input size, in its own subprocess "
-           "(1 torch thread). *analysis* = trace + coupling + scoring + plan; *verify* = mask-equivalence + "
-           "ONNX export and ONNX Runtime at batches 1 and 3 (the example batch alone where the exporter fixes it). "
-           "*pinned groups* = groups that cannot shrink at all / all groups. *approx. groups*: groups that pass "
-           "through a LayerNorm over channels and lost channels: pruning them renormalises over the kept channels, "
-           "so their mask-equivalence reference recomputes those LayerNorms over the kept channels (exact "
-           "comparison, not skipped). *peak MB*: the worker's peak resident memory, ONNX export included. "
-           "Limits: 10–14 GB of address space and 15–25 min per worker (12 GB for the largest models); "
-           "Torch-Pruning workers are capped at 12 GB of address space (about 8 GB resident).", ""]
-    if slow:
-        out += ["Slowest analyses: " + ", ".join(f"{r['model']} {r['analysis_s']:.1f} s" for r in slow) + ".", ""]
+           "at least one channel removed, finite output of the right shape).", ""]
+    if timed:
+        out += [f"Analysis + rewrite (trace, coupling, L2 scores, plan, new model), cold: "
+                f"{len(timed) - len(over_s)} of {len(timed)} models under {ANALYSIS_GOAL_S:.0f} s"
+                + (f" (over: {', '.join(over_s)})" if over_s else "")
+                + "; slowest " + ", ".join(f"{r['model']} {r['cold_s']:.1f} s" for r in slow) + ". "
+                f"Memory above the model's own: {len(timed) - len(over_mb)} of {len(timed)} under "
+                f"{ANALYSIS_GOAL_MB / 1024:.0f} GB" + (f" (over: {', '.join(over_mb)})" if over_mb else "")
+                + "; largest " + ", ".join(f"{r['model']} {r['mem_analysis_mb']:.0f} MB" for r in heavy) + ".", ""]
+    out += ["Every model: `weights=None`, eval mode, batch 1 at its native input size, in its own subprocess "
+            "(1 torch thread). *analysis+rewrite*: `analyze` + L2 scores + `make_plan` + `rewrite`, timed as the "
+            "first thing the process does (*cold*, one-time library set-up included) and again (*warm*). "
+            "*analysis MB*: the cold run's peak resident memory above the process's peak after building the model. "
+            "*verify*: mask-equivalence + ONNX export and ONNX Runtime at batches 1 and 3 (the example batch alone "
+            "where the exporter fixes it), from `fxprune.compile(model, x, method='l2', ratio=0.5)`. "
+            "*pinned groups*: groups that cannot shrink at all / all groups. *approx. groups*: groups that pass "
+            "through a LayerNorm over channels and lost channels: pruning them renormalises over the kept "
+            "channels, so their mask-equivalence reference recomputes those LayerNorms over the kept channels "
+            "(exact comparison, not skipped). *peak MB*: the worker's peak resident memory, ONNX export included. "
+            "FLOPs are `torch.utils.flop_counter`'s formulas applied node by node on the meta device, for the "
+            "original and the pruned model alike. Limits: 20 GB of address space and 30 min per fxprune worker; "
+            "Torch-Pruning workers are capped at 12 GB of address space and 400 s.", ""]
     out.append(tabulate(body, headers=headers, tablefmt="github"))
     side = side_by_side(rows, names)
     if side:
@@ -421,24 +458,41 @@ def _first_reason(r):
     return (text[:110] + "…") if len(text) > 110 else text
 
 
+def with_timing(row: dict, timing: dict | None) -> dict:
+    """``row`` (a verified run) with the times of a later ``--timing-only`` run, if that run
+    pruned the model into the very same tensors and code (same ``model_sha``); otherwise the
+    status says the model changed since it was verified."""
+    if timing is None or timing.get("cold_s") is None or row.get("status") == "not run":
+        return row
+    row = dict(row)
+    if row.get("model_sha") and timing.get("model_sha") != row["model_sha"]:
+        row["status"] = "changed since verified"
+        return row
+    for key in ("cold_s", "warm_s", "cold_parts", "warm_parts", "mem_analysis_mb"):
+        row[key] = timing.get(key)
+    row["timed_commit"] = timing.get("commit")
+    return row
+
+
 def side_by_side(rows: dict, names) -> str:
     from tabulate import tabulate
 
-    pairs = [(rows.get(("fxprune", n)), rows.get(("torch-pruning", n))) for n in names]
-    pairs = [(a, b) for a, b in pairs if a is not None and a["status"] != "not run"]
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    pairs = [(with_timing(rows["fxprune", n], rows.get((TIMING, n))) if ("fxprune", n) in rows else None,
+              rows.get(("torch-pruning", n))) for n in names]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None and a["status"] != "not run"]
     if not pairs:
         return ""
-    body, ratios = [], {}
+    body, cold, warm = [], {}, {}
     for ours, theirs in pairs:
-        mine = None if ours.get("analysis_s") is None else ours["analysis_s"] + ours["rewrite_s"]
-        tps = theirs.get("total_s")
-        ratio = tps / mine if (mine and tps) else None
-        if ratio:
-            ratios[ours["model"]] = ratio
-        body.append([ours["model"], ours["status"], theirs["status"], _s(mine), _s(tps),
-                     "-" if ratio is None else f"{ratio:.1f}×"])
-    gm = geomean(ratios.values())
+        ok = theirs["status"] in ("ran", "runs: crash", "bad output")  # Torch-Pruning finished its pruning
+        for kind, mine, tps, into in (("cold", ours.get("cold_s"), theirs.get("cold_s"), cold),
+                                      ("warm", ours.get("warm_s"), theirs.get("total_s"), warm)):
+            if ok and mine and tps:
+                into[ours["model"]] = tps / mine
+        body.append([ours["model"], ours["status"], theirs["status"], _s(ours.get("cold_s")),
+                     _s(theirs.get("cold_s")), _x(cold.get(ours["model"])), _s(ours.get("warm_s")),
+                     _s(theirs.get("total_s")), _x(warm.get(ours["model"])),
+                     "-" if theirs.get("mem_analysis_mb") is None else f"{theirs['mem_analysis_mb']:.0f}"])
     ours_ok = sum(a["status"] == "verified" for a, _ in pairs)
     theirs_ok = sum(b["status"] == "ran" for _, b in pairs)
     version = next((b.get("version") for _, b in pairs if b.get("version")), "?")
@@ -446,14 +500,23 @@ def side_by_side(rows: dict, names) -> str:
              f"Coverage: fxprune **{ours_ok} / {len(pairs)} verified**; Torch-Pruning **{theirs_ok} / {len(pairs)} "
              "ran** (pruned, and the pruned model runs with a finite output of the right shape; Torch-Pruning "
              "does not check numerics).", ""]
-    if gm:
-        lines.append(f"Speed: Torch-Pruning's time (dependency graph + step) over fxprune's (analysis + rewrite), "
-                     f"geometric mean over the {len(ratios)} models both pruned: **{gm:.1f}×**"
-                     + (f"; resnet50: **{ratios['resnet50']:.1f}×**." if "resnet50" in ratios else "."))
-        lines.append("")
-    lines.append(tabulate(body, headers=["model", "fxprune", "Torch-Pruning", "fxprune analysis+rewrite s",
-                                         "Torch-Pruning s", "speed-up"], tablefmt="github"))
+    for kind, ratios in (("cold", cold), ("warm", warm)):
+        gm = geomean(ratios.values())
+        if gm:
+            faster = sum(r > 1 for r in ratios.values())
+            lines.append(f"Speed, {kind}: Torch-Pruning's time (dependency graph + pruning step) over fxprune's "
+                         f"(analysis + rewrite), geometric mean over the {len(ratios)} models both pruned: "
+                         f"**{gm:.2f}×** (fxprune faster on {faster})"
+                         + (f"; resnet50: **{ratios['resnet50']:.2f}×**." if "resnet50" in ratios else "."))
+            lines.append("")
+    lines.append(tabulate(body, headers=["model", "fxprune", "Torch-Pruning", "fxprune cold s", "TP cold s",
+                                         "speed-up cold", "fxprune warm s", "TP warm s", "speed-up warm",
+                                         "TP analysis MB"], tablefmt="github"))
     return "\n".join(lines)
+
+
+def _x(ratio):
+    return "-" if ratio is None else f"{ratio:.1f}×"
 
 
 def main(argv=None) -> int:
@@ -471,6 +534,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=CACHE, help="JSON-lines results cache")
     p.add_argument("--out", default=TABLE, help="Markdown table to write")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the cache")
+    p.add_argument("--timing-only", action="store_true",
+                   help="re-time analysis + rewrite (no verification); the table takes times from these rows and "
+                        "keeps a model verified only if the pruned model's fingerprint is unchanged")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -479,6 +545,8 @@ def main(argv=None) -> int:
     names = a.models.split(",") if a.models else model_names()
     names = [n for n in names if n not in set(a.skip.split(","))]
     tools = ["torch-pruning"] if a.only_tp else ["fxprune"] + ([] if a.no_tp else ["torch-pruning"])
+    if a.timing_only:
+        tools = [TIMING]
     if a.table_only:
         rows = load_cache(a.cache)
     else:
