@@ -52,7 +52,7 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
     return total
 
 
-_BLOCK = 1 << 16  # elements of a 2-D weight raised to the power at a time (stays in cache)
+_BLOCK = 1 << 18  # elements of a 2-D weight raised to the power at a time (stays in cache)
 
 
 def _slice_sums(w: torch.Tensor, p: float) -> dict[int, torch.Tensor]:
