@@ -31,7 +31,8 @@ from fxprune.export import write_onnx
 from fxprune.passes import magnitude
 from fxprune.rewrite import rewrite
 
-MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_1_6gf"]
+MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_1_6gf", "convnext_tiny",
+          "vit_b_16"]
 
 
 def ours(model, x, ratio):
@@ -58,9 +59,10 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.md"))
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for name in tqdm(args.models.split(","), desc="models", file=sys.stderr):
         model = torchvision.models.get_model(name, weights=None).eval()
@@ -88,7 +90,7 @@ def main(argv=None):
             "latency / FLOPs"]
     text = tabulate(rows, headers=head, tablefmt="github")
     note = (f"\n\nratio={args.ratio} per group, L2; fxprune = analyze + plan + rewrite, Torch-Pruning = MetaPruner "
-            f"build + step; median of {args.repeats}; 2 threads; ORT latency median, paired with the original.\n")
+            f"build + step; median of {args.repeats}; {args.threads} torch thread(s); ORT latency median, paired with the original.\n")
     print(text + note)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
