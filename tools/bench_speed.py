@@ -79,8 +79,8 @@ def main(argv=None):
         t_ours, pruned = statistics.median(t for t, _ in a), a[0][1]
         flops_ratio = count_flops(pruned, (x,)) / count_flops(model, (x,))
         paths = [f"/tmp/fxprune_speed_{name}_{k}.onnx" for k in ("base", "pruned")]
-        write_onnx(model, (x,), paths[0])
-        write_onnx(pruned, (x,), paths[1])
+        write_onnx(model, (x,), paths[0], dynamic_batch=False)  # latency at batch 1; ViT exports no dynamic batch
+        write_onnx(pruned, (x,), paths[1], dynamic_batch=False)
         base_ms, cand_ms = paired_medians(ort_session(paths[0]), ort_session(paths[1]), (x,))
         rows.append((name, f"{t_ours:.2f}", "-" if t_theirs is None else f"{t_theirs:.2f}",
                      "-" if t_theirs is None else f"{t_theirs / t_ours:.1f}x", f"{flops_ratio:.1%}",
