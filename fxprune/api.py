@@ -28,6 +28,7 @@ from .cost import CostModel, count_params, graph_flops
 from .coupling import couple
 from .errors import ConfigError
 from .export import export_onnx
+from .gcpause import paused_gc
 from .ir import ChannelGraph
 from .plan import Plan, make_plan
 from .report import Report
@@ -36,6 +37,7 @@ from .trace import _as_tuple, trace
 from .verify import check_mask, mask_equivalence, random_inputs
 
 
+@paused_gc
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None) -> ChannelGraph:
     """Trace a copy of ``model`` and find its channel groups (see :mod:`fxprune.ir`)."""
     example_inputs = _as_tuple(example_inputs)

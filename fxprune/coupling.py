@@ -32,7 +32,7 @@ from torch.fx.node import map_aggregate
 
 from . import rules
 from .ir import ChannelGraph, ChannelGroup, Member, Pin
-from .labels import FIXED, collapse
+from .labels import FIXED, collapse_array
 from .trace import meta_shapes
 
 
@@ -52,6 +52,7 @@ class _UnionFind:
     def __init__(self, n: int = 0):
         self.parent = np.arange(max(n, 1024), dtype=np.int64)
         self.size = n
+        self.version = 0  # counts the unions that merged something
 
     def new(self, n: int) -> torch.Tensor:
         start = self.size
@@ -82,6 +83,7 @@ class _UnionFind:
             if not apart.any():
                 return
             ra, rb = ra[apart], rb[apart]
+            self.version += 1
             # hooking every larger root under the smallest root it meets keeps parent[i] <= i:
             # no cycles, and the next round merges what one round could not
             np.minimum.at(self.parent, np.maximum(ra, rb), np.minimum(ra, rb))
@@ -89,11 +91,13 @@ class _UnionFind:
 
     def roots(self, ids: torch.Tensor) -> torch.Tensor:
         """Roots of a label (FIXED stays FIXED), same shape."""
-        flat = ids.reshape(-1).numpy()
-        out = np.full(flat.shape, FIXED, dtype=np.int64)
-        live = flat >= 0
-        out[live] = self.find(flat[live])
-        return torch.from_numpy(out).reshape(ids.shape)
+        return torch.from_numpy(self.roots_array(ids.numpy()))
+
+    def roots_array(self, ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, FIXED, dtype=np.int64)
+        live = ids >= 0
+        out[live] = self.find(ids[live])
+        return out
 
     def all_roots(self) -> np.ndarray:
         return self.find(np.arange(self.size, dtype=np.int64))
@@ -129,6 +133,10 @@ class Context:
 
     def roots(self, label):
         return None if label is None else self._a.uf.roots(label)
+
+    def canonical(self, label):
+        """``collapse(self.roots(label))``: the label in its smallest form, with current roots."""
+        return None if label is None else self._a.collapsed_roots(label)
 
     def unify(self, a: torch.Tensor, b: torch.Tensor, reason: str) -> torch.Tensor:
         """Make the ids of ``a`` and ``b`` (broadcast together) the same channels.
@@ -187,6 +195,7 @@ class _Analysis:
         self.fixed_params: list[tuple[str, Pin]] = []
         self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
+        self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
         self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters())
         self.params.update(gm.named_buffers())
@@ -220,13 +229,31 @@ class _Analysis:
     def lookup(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a
 
+    def collapsed_roots(self, label: torch.Tensor) -> torch.Tensor | None:
+        """``collapse(self.uf.roots(label))``, collapsing first so that fewer ids are looked up.
+
+        A label this returned is returned as it is while no union has happened since
+        (most ops pass their input's label through)."""
+        seen = self._canonical.get(id(label))
+        if seen is not None and seen[0] is label and seen[1] == self.uf.version:
+            return label
+        small = collapse_array(label.numpy())
+        if small is None:
+            return None
+        small = collapse_array(self.uf.roots_array(small))
+        if small is None:
+            return None
+        out = torch.from_numpy(small)
+        self._canonical[id(out)] = (out, self.uf.version)
+        return out
+
     def as_t(self, node: fx.Node, label):
         shapes = meta_shapes(node)
 
         def build(shape, lab):
             if shape is None:
                 return None
-            lab = collapse(self.uf.roots(lab)) if isinstance(lab, torch.Tensor) else None
+            lab = self.collapsed_roots(lab) if isinstance(lab, torch.Tensor) else None
             if lab is not None and (lab.dim() != len(shape) or any(
                     s != 1 and s != t for s, t in zip(lab.shape, shape))):
                 raise RuntimeError(f"fxprune internal error: label {tuple(lab.shape)} does not fit "
@@ -340,23 +367,31 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
             if pin not in pins_of[names[gi]]:
                 pins_of[names[gi]].append(pin)
 
+    # every member's ids -> global channels -> owning group, in one pass over all members
     param_channels: dict[tuple[str, int], torch.Tensor] = {}
     param_kinds: dict[tuple[str, int], str] = {}
     channel_np = channel_of.numpy()
-    for param, dim, ids, kind, role, node in a.members:
-        ids = ids.numpy()
-        ch = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
-        param_channels.setdefault((param, dim), torch.from_numpy(ch))
+    if a.members:
+        ids = np.concatenate([m[2].numpy() for m in a.members] + [np.full(1, FIXED)])  # a sentinel:
+        # reduceat needs every start inside the array
+        starts = np.cumsum([0] + [m[2].numel() for m in a.members])
+        ch_all = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
+        owner_all = np.where(ch_all >= 0, group_of_channel_np[np.maximum(ch_all, 0)], -1)
+        offset_of_group = np.array([offsets[n] for n in names] or [0], dtype=np.int64)
+        index_all = np.where(owner_all >= 0, ch_all - offset_of_group[np.maximum(owner_all, 0)], FIXED)
+        lo = np.minimum.reduceat(np.where(owner_all >= 0, owner_all, np.iinfo(np.int64).max), starts[:-1])
+        hi = np.maximum.reduceat(owner_all, starts[:-1])
+        hi[starts[1:] == starts[:-1]] = -1  # reduceat gives an empty member its neighbour's value
+    for i, (param, dim, _, kind, role, node) in enumerate(a.members):
+        s, e = starts[i], starts[i + 1]
+        param_channels.setdefault((param, dim), torch.from_numpy(ch_all[s:e]))
         param_kinds.setdefault((param, dim), kind)
-        inside = ch >= 0
-        if not inside.any():
+        if hi[i] < 0:  # no position of this member is a channel
             continue
-        owner = np.where(inside, group_of_channel_np[np.maximum(ch, 0)], -1)
-        owners = owner[inside]
-        for gi in ([int(owners[0])] if (owners == owners[0]).all() else np.unique(owners).tolist()):
-            name = names[gi]
-            index = np.where(owner == gi, ch - offsets[name], FIXED)
-            groups[name].members.append(Member(param, dim, torch.from_numpy(index), kind, node, role))
+        owner, index = owner_all[s:e], index_all[s:e]
+        for gi in ([int(hi[i])] if lo[i] == hi[i] else np.unique(owner[owner >= 0]).tolist()):
+            mine = index if lo[i] == hi[i] else np.where(owner == gi, index, FIXED)
+            groups[names[gi]].members.append(Member(param, dim, torch.from_numpy(mine), kind, node, role))
     for name, g in groups.items():
         off = offsets[name]
         g.pinned = pinned[off:off + g.size].clone()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -58,10 +59,17 @@ class Member:
     kind: str
     node: str
     role: str = "weight"
+    _covers: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def positions(self) -> torch.Tensor:
         """Positions along ``dim`` that belong to this group."""
         return torch.nonzero(self.index >= 0).flatten()
+
+    def covers(self, size: int) -> bool:
+        """Whether position ``i`` holds channel ``i`` for every channel of a group of ``size``."""
+        if self._covers is None or self._covers[0] != size:
+            self._covers = (size, len(self.index) == size and bool(np.array_equal(self.index.numpy(), np.arange(size))))
+        return self._covers[1]
 
 
 @dataclass
@@ -86,7 +94,10 @@ class ChannelGroup:
     @property
     def prunable(self) -> int:
         """How many channels may be removed (the unpinned ones)."""
-        return int((~self.pinned).sum())
+        cached = self.__dict__.get("_prunable")
+        if cached is None or cached[0] is not self.pinned:  # counted again when ``pinned`` is replaced
+            cached = self.__dict__["_prunable"] = (self.pinned, int((~self.pinned).sum()))
+        return cached[1]
 
     def reduce(self, per_position, member: Member, op: str = "sum") -> torch.Tensor:
         """Fold one value per position of ``member`` into one value per group channel.
@@ -95,6 +106,8 @@ class ChannelGroup:
         outside the group are skipped. A channel read at several positions (a flatten
         into a linear, ``cat([x, x])``) gets the sum (``op="sum"``) or max of them.
         """
+        if member.covers(self.size):
+            return per_position.clone()
         out = torch.zeros(self.size, dtype=per_position.dtype)
         keep = member.index >= 0
         idx, val = member.index[keep], per_position[keep]

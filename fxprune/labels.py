@@ -22,6 +22,7 @@ Example::
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FIXED = -1
@@ -31,15 +32,21 @@ def collapse(label: torch.Tensor | None) -> torch.Tensor | None:
     """Shrink every dimension along which ``label`` is constant to size 1; all-fixed gives None."""
     if label is None:
         return None
+    out = collapse_array(label.numpy())
+    return None if out is None else torch.from_numpy(out)
+
+
+def collapse_array(label: np.ndarray) -> np.ndarray | None:
+    """:func:`collapse` on a numpy array (labels are small: numpy's per-call cost is torch's tenth)."""
     # the longest dims first: each one found constant shrinks what the next checks read
-    for d in sorted(range(label.dim()), key=lambda d: -label.shape[d]):
+    for d in sorted(range(label.ndim), key=lambda d: -label.shape[d]):
         if label.shape[d] > 1:
-            first = label.narrow(d, 0, 1)
-            if label.stride(d) == 0 or bool((label == first).all()):
+            first = label[(slice(None),) * d + (slice(0, 1),)]
+            if label.strides[d] == 0 or (label == first).all():
                 label = first
-    if bool((label == FIXED).all()):
+    if (label == FIXED).all():
         return None
-    return label.contiguous()
+    return np.ascontiguousarray(label)
 
 
 def varying(label: torch.Tensor | None) -> list[int]:

@@ -39,6 +39,7 @@ import torch
 
 from .cost import CostModel
 from .errors import ConfigError, PlanError
+from .gcpause import paused_gc
 
 
 @dataclass
@@ -108,6 +109,7 @@ def normalized(scores: torch.Tensor, prunable: torch.Tensor) -> torch.Tensor:
     return s / (mean.abs() + 1e-12)
 
 
+@paused_gc
 def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None,
               round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None) -> Plan:
     """Choose the channels to keep under exactly one budget (see the module docstring).
@@ -214,11 +216,16 @@ def _value_channel_sets(graph) -> list[np.ndarray]:
     for node in graph.module.graph.nodes:
         labels = node.meta.get("fxprune")
         for lab in labels if isinstance(labels, tuple) else (labels,):
-            if isinstance(lab, torch.Tensor) and lab.numel() and bool((lab >= 0).all()):
-                key = tuple(torch.unique(lab).tolist())
+            if isinstance(lab, torch.Tensor) and lab.numel():
+                channels = lab.numpy()
+                if channels.min() < 0:
+                    continue
+                channels = np.sort(channels, axis=None)  # np.unique's hashing is slow on small arrays
+                channels = channels[np.concatenate(([True], channels[1:] != channels[:-1]))]
+                key = channels.tobytes()
                 if key not in seen:
                     seen.add(key)
-                    out.append(np.array(key))
+                    out.append(channels)
     graph._value_channel_sets = out
     return out
 

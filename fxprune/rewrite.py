@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from . import rules
+from .gcpause import paused_gc
 from .labels import kept_along, varying
 from .trace import meta_shapes
 
@@ -70,7 +72,8 @@ class Resizer:
 
 def kept_positions(param: str, dim: int, channels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Positions of ``param`` along ``dim`` that survive: fixed ones and kept channels."""
-    return torch.nonzero((channels < 0) | keep[channels.clamp(min=0)]).flatten()
+    ch = channels.numpy()
+    return torch.from_numpy(np.flatnonzero((ch < 0) | keep.numpy()[np.maximum(ch, 0)]))
 
 
 _ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device, torch.Size, range,
@@ -141,6 +144,7 @@ def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     return holder
 
 
+@paused_gc
 def rewrite(graph, plan) -> fx.GraphModule:
     """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
     keep = plan.mask(graph)

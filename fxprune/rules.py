@@ -11,7 +11,10 @@ type, function, method name), in the manner of
 * ``fix(node, rw)`` — at rewrite time, update literal arguments that name channel
   counts (``view(-1, 512 * 7 * 7)``, ``split([32, 32])``, ``groups=``);
 * ``resize(module, node, rw)`` — at rewrite time, update a module's attributes
-  (``in_channels``, ``num_features``, ...) after its parameters were sliced.
+  (``in_channels``, ``num_features``, ...) after its parameters were sliced;
+* ``on_meta(module, x) -> (output, flops)`` — for a module, its output on the ``meta``
+  device and its FLOPs without running it (shape propagation, :mod:`fxprune.trace`);
+  None where the formula does not cover the call, which then runs on ``meta``.
 
 An op with no entry pins every channel it touches (:func:`pin_all`): it can make a
 model less prunable, never wrong. Adding an op is adding a row at the bottom.
@@ -35,8 +38,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.flop_counter import conv_flop_count, flop_registry
 
-from .labels import FIXED, along, collapse, expand_to, varying
+from .labels import FIXED, along, expand_to, varying
 
 
 @dataclass
@@ -44,13 +48,13 @@ class Rule:
     couple: Callable
     fix: Callable | None = None
     resize: Callable | None = None
-    same_shape: bool = False  # a module whose output has its input's shape and dtype, and no FLOPs
+    on_meta: Callable | None = None
 
 
-def keeps_shape(module: nn.Module) -> bool:
-    """Whether ``module``'s output is shaped like its first input (shape propagation skips it)."""
+def meta_formula(module: nn.Module) -> Callable | None:
+    """The ``on_meta`` formula of ``module``'s rule, if it has one."""
     rule = RULES.get(type(module))
-    return rule is not None and rule.same_shape
+    return rule.on_meta if rule is not None else None
 
 
 RULES: dict[object, Rule] = {}
@@ -133,7 +137,7 @@ def _one_axis(ctx, label):
     the dim with the most distinct ids (the last one on a tie), which is ``c // g`` in a
     channel shuffle and the output channels of a pixel shuffle.
     """
-    label = collapse(ctx.roots(collapse(label)))  # collapse first: roots() on a full-size label is slow
+    label = ctx.canonical(label)
     dims = varying(label)
     if len(dims) <= 1:
         return label
@@ -149,7 +153,7 @@ def _one_axis(ctx, label):
     # every column is one channel: tie each entry to the column's first
     ctx.unify(moved[:1], moved, f"reshape at '{ctx.node.name}' spreads channels over several dims")
     index = [slice(0, 1) if d in dims[:-1] else slice(None) for d in range(label.dim())]
-    return collapse(ctx.roots(label[tuple(index)]))
+    return ctx.canonical(label[tuple(index)])
 
 
 # ----------------------------------------------------------------------------- rules
@@ -186,7 +190,7 @@ def elementwise(ctx, args, kwargs):
         result = lab if result is None else ctx.unify(result, lab, f"'{ctx.node.name}' combines them with fixed channels")
     if result is None:
         return None
-    result = collapse(ctx.roots(result))
+    result = ctx.canonical(result)
     vary = varying(result)
     for t in ins:
         sizes = sizes_of(t)
@@ -605,10 +609,53 @@ def fix_split(node, rw):
     node.kwargs = {}
 
 
+# ----------------------------------------------------------------------------- shape formulas
+
+def same_shape(module, x):
+    """A module whose output is shaped like its input, at no FLOPs (norms, activations, dropout)."""
+    return _empty(x.shape, x), 0
+
+
+def _empty(shape, like):
+    # not empty_like/new_empty: on the meta device they run Python decompositions (10x slower)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def conv_on_meta(module, x):
+    """``nn.Conv1d/2d/3d``: torch's output-size formula and ``flop_counter``'s count."""
+    nd = len(module.kernel_size)
+    if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != module.in_channels:
+        return None  # the real call raises its own error
+    spatial = tuple(x.shape[-nd:])
+    if module.padding == "same":
+        out_spatial = spatial
+    else:
+        pad = (0,) * nd if module.padding == "valid" else module.padding
+        out_spatial = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(
+            spatial, pad, module.dilation, module.kernel_size, module.stride))
+    if min(out_spatial) <= 0:
+        return None
+    batch = tuple(x.shape[:-nd - 1])
+    out = _empty(batch + (module.out_channels,) + out_spatial, x)
+    n = batch or (1,)
+    flops = conv_flop_count(n + (module.in_channels,) + spatial, tuple(module.weight.shape),
+                            n + (module.out_channels,) + out_spatial)
+    return out, flops
+
+
+def linear_on_meta(module, x):
+    """``nn.Linear`` on an input of 2 or more dims (``F.linear`` runs one matrix product)."""
+    if x.dim() < 2 or x.shape[-1] != module.in_features:
+        return None
+    rows = math.prod(x.shape[:-1])
+    flops = flop_registry[torch.ops.aten.mm]((rows, module.in_features), (module.in_features, module.out_features))
+    return _empty(tuple(x.shape[:-1]) + (module.out_features,), x), flops
+
+
 # ----------------------------------------------------------------------------- the table
 
 ELEMENTWISE = Rule(elementwise)
-register(Rule(elementwise, same_shape=True),
+register(Rule(elementwise, on_meta=same_shape),
          nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
          nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
          nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
@@ -631,18 +678,18 @@ register(ELEMENTWISE,
 
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
-register(Rule(conv_module, resize=resize_conv),
-         nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta), nn.Conv1d, nn.Conv2d, nn.Conv3d)
+register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 register(Rule(conv_function, fix=fix_conv_function), F.conv1d, F.conv2d, F.conv3d)
-register(Rule(linear_module, resize=resize_linear), nn.Linear)
+register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
 register(Rule(linear_function), F.linear)
-register(Rule(norm_module, resize=resize_norm, same_shape=True),
+register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
          nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)
 register(Rule(batch_norm_function), F.batch_norm, F.instance_norm)
-register(Rule(prelu_module, resize=resize_prelu, same_shape=True), nn.PReLU)
+register(Rule(prelu_module, resize=resize_prelu, on_meta=same_shape), nn.PReLU)
 register(Rule(normalizes_trailing), nn.LayerNorm, F.layer_norm)
-register(Rule(normalizes_channels, same_shape=True), nn.GroupNorm, nn.LocalResponseNorm)
+register(Rule(normalizes_channels, on_meta=same_shape), nn.GroupNorm, nn.LocalResponseNorm)
 register(Rule(normalizes_channels), F.group_norm)
 register(Rule(spatial),
          nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -829,7 +876,7 @@ def patch_merging_pad_rule(ctx, args, kwargs):
     return torch.cat([ids] * 4).view((1,) * (nd - 1) + (-1,))
 
 
-register(Rule(layer_norm_rule, resize=resize_layer_norm, same_shape=True), nn.LayerNorm)
+register(Rule(layer_norm_rule, resize=resize_layer_norm, on_meta=same_shape), nn.LayerNorm)
 register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
 register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
 register(Rule(einsum_rule), torch.einsum)

@@ -22,8 +22,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate

@@ -1,9 +1,11 @@
 """The fast paths of the analysis agree with the slow, obvious ones.
 
 The union-find is vectorised, FLOPs are counted with ``flop_registry`` in one dispatch
-mode instead of ``FlopCounterMode`` per node, shape propagation skips modules that keep
-their input's shape, magnitude sums are taken in blocks, and the rewrite copies modules
-without ``copy.deepcopy``: each is checked here against the plain way of doing it.
+mode instead of ``FlopCounterMode`` per node, shape propagation computes convolutions
+and linears from formulas and skips modules that keep their input's shape, labels that
+no union changed are not looked up again, magnitude sums are taken in blocks, and the
+rewrite copies modules without ``copy.deepcopy``: each is checked here against the plain
+way of doing it.
 """
 from __future__ import annotations
 
@@ -12,12 +14,17 @@ import random
 import pytest
 import torch
 import torchvision
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
+import fxprune.coupling as coupling
 from fxprune.coupling import _UnionFind
+from fxprune.labels import collapse
 from fxprune.passes import magnitude
 from fxprune.rewrite import rewrite
+from fxprune.rules import meta_formula
+from fxprune.trace import ValueProp, meta_shapes, trace
 
 
 def _naive_components(n, pairs):
@@ -112,3 +119,82 @@ def test_vit_flops_before_and_after_are_counted_the_same_way():
     rep = fxprune.report(pruned)
     assert rep.flops_after == pytest.approx(rep.flops_predicted, rel=1e-6)
     assert 0.2 < rep.flops_after / rep.flops_before < 0.35  # half of the stream and of each hidden width
+
+
+@pytest.mark.parametrize("module,shape", [
+    (torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 7)),
+    (torch.nn.Conv2d(4, 8, (3, 5), stride=(1, 2), padding=(2, 0), dilation=(2, 1), groups=2), (1, 4, 11, 12)),
+    (torch.nn.Conv2d(4, 4, 4, padding="same", dilation=2, padding_mode="reflect"), (1, 4, 10, 10)),
+    (torch.nn.Conv2d(4, 4, 3, padding="valid", bias=False), (4, 6, 6)),  # unbatched
+    (torch.nn.Conv1d(3, 5, 4, stride=3, padding=2), (2, 3, 17)),
+    (torch.nn.Conv3d(2, 3, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (1, 2, 3, 8, 8)),
+    (torch.nn.Linear(6, 4), (5, 6)),
+    (torch.nn.Linear(6, 4, bias=False), (2, 3, 6)),
+])
+def test_shape_formulas_equal_running_the_module(module, shape):
+    x = torch.randn(shape)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        expected = module(x)
+    out, flops = meta_formula(module)(module, x.to("meta"))
+    assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
+    assert flops == counter.get_total_flops() > 0
+
+
+def test_shape_formulas_leave_calls_they_do_not_cover_to_a_real_run():
+    conv = torch.nn.Conv2d(4, 6, 3)
+    assert meta_formula(conv)(conv, torch.empty(1, 5, 8, 8, device="meta")) is None  # wrong channels: torch raises
+    assert meta_formula(torch.nn.Linear(3, 2))(torch.nn.Linear(3, 2), torch.empty(3, device="meta")) is None
+    assert meta_formula(torch.nn.ConvTranspose2d(4, 4, 3)) is None
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v3_small", 64), ("shufflenet_v2_x0_5", 64),
+                                       ("swin_t", 64), ("squeezenet1_1", 64)])
+def test_meta_propagation_equals_a_real_forward(name, size):
+    """Shapes, plain values and FLOPs from the meta pass (formulas, skipped modules) are
+    those of running every op on real tensors."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, size, size)
+    fast = trace(model, (x,))  # on meta
+    slow, plain = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        out = ValueProp(slow).propagate(x)  # every op run on real tensors
+        ShapeProp(plain).propagate(x)  # torch's own shape propagation
+    assert out.shape == (1, 1000)
+    fast_nodes, slow_nodes = list(fast.graph.nodes), list(slow.graph.nodes)
+    assert [n.name for n in fast_nodes] == [n.name for n in slow_nodes]
+    for f, s, p in zip(fast_nodes, slow_nodes, plain.graph.nodes):
+        assert meta_shapes(f) == meta_shapes(s) == meta_shapes(p), f.name
+        assert f.meta.get("flops") == s.meta.get("flops"), f.name
+        assert repr(f.meta.get("value")) == repr(s.meta.get("value")), f.name
+
+
+def test_label_cache_changes_no_group(monkeypatch):
+    """Labels that no union changed are passed through without a new lookup; the groups
+    are those of looking every label up again."""
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_y_400mf(weights=None).eval()  # residual adds and SE gates
+    x = torch.randn(1, 3, 64, 64)
+
+    def summary(graph):
+        return {name: (g.size, int(g.pinned.sum()), [(m.param, m.dim, m.index.tolist()) for m in g.members])
+                for name, g in graph.groups.items()}
+
+    cached = summary(fxprune.analyze(model, (x,)))
+    monkeypatch.setattr(coupling._Analysis, "collapsed_roots",
+                        lambda self, label: collapse(self.uf.roots(label)))
+    assert summary(fxprune.analyze(model, (x,))) == cached
+
+
+def test_reduce_of_a_covering_member_equals_the_scatter():
+    torch.manual_seed(0)
+    graph = fxprune.analyze(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),))
+    checked = 0
+    for g in graph.prunable_groups():
+        for m in g.members:
+            values = torch.randn(len(m.index))
+            keep = m.index >= 0
+            plain = torch.zeros(g.size).index_add_(0, m.index[keep], values[keep])
+            assert torch.equal(g.reduce(values, m), plain)
+            checked += m.covers(g.size)
+    assert checked > 50  # the fast path was taken
