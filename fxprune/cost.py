@@ -52,13 +52,14 @@ def graph_flops(gm: torch.nn.Module, example_inputs: tuple) -> int:
 @contextmanager
 def eval_mode(module: torch.nn.Module):
     """Run ``module`` in eval mode, then restore every submodule's ``training`` flag."""
-    was_training = {name: m.training for name, m in module.named_modules()}
-    module.eval()
+    training = [m for m in module.modules() if m.training]  # usually none: the model came in eval mode
+    if training:
+        module.eval()
     try:
         yield module
     finally:
-        for name, m in module.named_modules():
-            m.training = was_training[name]
+        for m in training:
+            m.training = True
 
 
 class CostModel:

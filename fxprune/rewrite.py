@@ -76,6 +76,19 @@ def kept_positions(param: str, dim: int, channels: torch.Tensor, keep: torch.Ten
     return torch.from_numpy(np.flatnonzero((ch < 0) | keep.numpy()[np.maximum(ch, 0)]))
 
 
+def _losing_positions(param_channels: dict, keep: torch.Tensor) -> list:
+    """The ``((param, dim), channels)`` items of ``param_channels`` that lose a position
+    (one vectorised pass over all of them: most parameters lose some, a few none)."""
+    items = list(param_channels.items())
+    if not items:
+        return []
+    ch = np.concatenate([c.numpy() for _, c in items])
+    gone = (ch >= 0) & ~keep.numpy()[np.maximum(ch, 0)]
+    starts = np.cumsum([0] + [len(c) for _, c in items])
+    losing = np.logical_or.reduceat(np.append(gone, False), starts[:-1]) & (starts[1:] > starts[:-1])
+    return [item for item, lose in zip(items, losing.tolist()) if lose]
+
+
 _ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device, torch.Size, range,
            type(len), type(lambda: 0))
 
@@ -151,10 +164,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
     # Slice first, then deep-copy with the sliced tensors standing in for the originals:
     # only what is kept is copied, once.
     kept: dict[str, dict[int, torch.Tensor]] = {}
-    for (param, dim), channels in graph.param_channels.items():
-        index = kept_positions(param, dim, channels, keep)
-        if len(index) < len(channels):
-            kept.setdefault(param, {})[dim] = index
+    for (param, dim), channels in _losing_positions(graph.param_channels, keep):
+        kept.setdefault(param, {})[dim] = kept_positions(param, dim, channels, keep)
     sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
     memo = {}
     for name, new in sliced.items():
