@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from fxprune.gcpause import paused_gc
 
 STATISTICS = ("running_mean", "running_var")
 
@@ -81,11 +82,13 @@ def _power(w: torch.Tensor, p: float) -> torch.Tensor:
     return w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p)
 
 
+@paused_gc
 def l1(graph, data=None, seed=0):
     cache = {}
     return {g.name: group_power_sums(graph, g, 1.0, cache=cache) for g in graph.prunable_groups()}
 
 
+@paused_gc
 def l2(graph, data=None, seed=0):
     cache = {}
     return {g.name: group_power_sums(graph, g, 2.0, cache=cache).sqrt() for g in graph.prunable_groups()}

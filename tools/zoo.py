@@ -554,8 +554,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=TABLE, help="Markdown table to write")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from the cache")
     p.add_argument("--timing-only", action="store_true",
-                   help="re-time analysis + rewrite (no verification); the table takes times from these rows and "
-                        "keeps a model verified only if the pruned model's fingerprint is unchanged")
+                   help="re-time analysis + rewrite (no verification), and Torch-Pruning unless --no-tp; the table "
+                        "takes times from these rows and keeps a model verified only if the pruned model's fingerprint "
+                        "is unchanged")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -564,8 +565,8 @@ def main(argv=None) -> int:
     names = a.models.split(",") if a.models else model_names()
     names = [n for n in names if n not in set(a.skip.split(","))]
     tools = ["torch-pruning"] if a.only_tp else ["fxprune"] + ([] if a.no_tp else ["torch-pruning"])
-    if a.timing_only:
-        tools = [TIMING]
+    if a.timing_only:  # Torch-Pruning re-timed beside it (unless --no-tp): both in the same hour
+        tools = [TIMING] + ([] if a.no_tp else ["torch-pruning"])
     if a.tp_once:
         os.environ["FXPRUNE_ZOO_TP_ONCE"] = "1"
     if a.table_only:
