@@ -56,6 +56,14 @@ def summary(model: str, runs: list[dict]) -> list:
     return row
 
 
+def publish(text: str, path: str) -> None:
+    """Print a results table and write it to ``path`` (folders made as needed)."""
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50")
@@ -76,10 +84,7 @@ def main(argv=None):
     note = ("\n\nMedians over alternating fresh-process pairs (fxprune, then Torch-Pruning), one torch thread, "
             "ratio 0.5, L2; speed-up = Torch-Pruning's time / fxprune's, per pair. "
             f"`python tools/bench_pairs.py --models {args.models} --pairs {args.pairs}` at commit {commit.strip()}.\n")
-    print(text + note)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text + note)
+    publish(text + note, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 For each model: fxprune's ``analyze`` + L2 plan at ``--ratio`` + ``rewrite`` (no verification)
 against Torch-Pruning's dependency-graph build + pruning step at the same ratio, the
-median of ``--repeats`` runs each, in the same process; then the ONNX Runtime CPU latency
+median of ``--repeats`` runs each, alternated, in the same process; then the ONNX Runtime CPU latency
 of fxprune's pruned model over the original's, next to its FLOPs ratio (we want the
 latency ratio close to the FLOPs ratio).
 
@@ -30,6 +30,9 @@ from fxprune.latency import paired_medians, ort_session
 from fxprune.export import write_onnx
 from fxprune.passes import magnitude
 from fxprune.rewrite import rewrite
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_pairs import publish  # noqa: E402
 
 MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_1_6gf", "convnext_tiny",
           "vit_b_16"]
@@ -69,14 +72,19 @@ def main(argv=None):
         x = torch.randn(1, 3, 224, 224)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = [ours(model, x, args.ratio) for _ in range(args.repeats)]
-            try:
-                b = [theirs(model, x, args.ratio) for _ in range(args.repeats)]
-                t_theirs = statistics.median(t for t, _ in b)
-            except Exception as exc:  # Torch-Pruning fails on some models: say so
-                t_theirs = None
-                print(f"{name}: Torch-Pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        t_ours, pruned = statistics.median(t for t, _ in a), a[0][1]
+            times_ours, times_theirs, pruned = [], [], None
+            for _ in range(args.repeats):  # alternated, so that both see the same machine load
+                t, result = ours(model, x, args.ratio)
+                times_ours.append(t)
+                pruned = result if pruned is None else pruned
+                if times_theirs is not None:
+                    try:
+                        times_theirs.append(theirs(model, x, args.ratio)[0])
+                    except Exception as exc:  # Torch-Pruning fails on some models: say so
+                        times_theirs = None
+                        print(f"{name}: Torch-Pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        t_ours = statistics.median(times_ours)
+        t_theirs = statistics.median(times_theirs) if times_theirs else None
         flops_ratio = count_flops(pruned, (x,)) / count_flops(model, (x,))
         paths = [f"/tmp/fxprune_speed_{name}_{k}.onnx" for k in ("base", "pruned")]
         write_onnx(model, (x,), paths[0], dynamic_batch=False)  # latency at batch 1; ViT exports no dynamic batch
@@ -90,11 +98,8 @@ def main(argv=None):
             "latency / FLOPs"]
     text = tabulate(rows, headers=head, tablefmt="github")
     note = (f"\n\nratio={args.ratio} per group, L2; fxprune = analyze + plan + rewrite, Torch-Pruning = MetaPruner "
-            f"build + step; median of {args.repeats}; {args.threads} torch thread(s); ORT latency median, paired with the original.\n")
-    print(text + note)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text + note)
+            f"build + step, alternated; median of {args.repeats} each; {args.threads} torch thread(s); ORT latency median, paired with the original.\n")
+    publish(text + note, args.out)
 
 
 if __name__ == "__main__":
