@@ -74,7 +74,7 @@ class Plan:
 
     def mask(self, graph) -> torch.Tensor:
         """The global keep-mask over ``graph``'s channels; raises PlanError on any mismatch."""
-        keep = torch.ones(graph.num_channels, dtype=torch.bool)
+        keep = np.ones(graph.num_channels, dtype=bool)
         for name, kept in self.keep.items():
             g = graph.groups.get(name)
             if g is None:
@@ -83,19 +83,20 @@ class Plan:
             if g.size != self.sizes.get(name):
                 raise PlanError(f"group '{name}' has {g.size} channels in this model but {self.sizes.get(name)} "
                                 "in the plan: the plan was made for another architecture.")
-            idx = torch.tensor(kept, dtype=torch.long)
-            if idx.numel() == 0:
+            idx = np.asarray(kept, dtype=np.int64)
+            if idx.size == 0:
                 raise PlanError(f"the plan keeps no channel of group '{name}': every group keeps at least one.")
-            if int(idx.min()) < 0 or int(idx.max()) >= g.size or len(set(kept)) != len(kept):
+            local = np.zeros(g.size, dtype=bool)
+            if idx.min() >= 0 and idx.max() < g.size:
+                local[idx] = True
+            if idx.min() < 0 or idx.max() >= g.size or local.sum() != idx.size:
                 raise PlanError(f"the plan's indices for group '{name}' are out of range or repeated.")
-            local = torch.zeros(g.size, dtype=torch.bool)
-            local[idx] = True
-            if bool((g.pinned & ~local).any()):
+            if (g.pinned.numpy() & ~local).any():
                 raise PlanError(f"the plan removes pinned channels of group '{name}' "
                                 f"({'; '.join(str(p) for p in g.pins[:2])}).")
             off = graph.offsets[name]
             keep[off:off + g.size] = local
-        return keep
+        return torch.from_numpy(keep)
 
     @property
     def removed(self) -> int:

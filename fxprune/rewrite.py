@@ -70,23 +70,25 @@ class Resizer:
             node.kwargs = {**node.kwargs, name: value}
 
 
-def kept_positions(param: str, dim: int, channels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Positions of ``param`` along ``dim`` that survive: fixed ones and kept channels."""
-    ch = channels.numpy()
-    return torch.from_numpy(np.flatnonzero((ch < 0) | keep.numpy()[np.maximum(ch, 0)]))
-
-
-def _losing_positions(param_channels: dict, keep: torch.Tensor) -> list:
-    """The ``((param, dim), channels)`` items of ``param_channels`` that lose a position
-    (one vectorised pass over all of them: most parameters lose some, a few none)."""
+def kept_positions(param_channels: dict, keep: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """``{param: {dim: positions}}``: the positions that survive (fixed ones and kept
+    channels) of every parameter dimension in ``param_channels`` that loses some; a
+    parameter that loses nothing is left out. One vectorised pass over all of them."""
     items = list(param_channels.items())
     if not items:
-        return []
+        return {}
     ch = np.concatenate([c.numpy() for _, c in items])
-    gone = (ch >= 0) & ~keep.numpy()[np.maximum(ch, 0)]
-    starts = np.cumsum([0] + [len(c) for _, c in items])
-    losing = np.logical_or.reduceat(np.append(gone, False), starts[:-1]) & (starts[1:] > starts[:-1])
-    return [item for item, lose in zip(items, losing.tolist()) if lose]
+    survives = (ch < 0) | keep.numpy()[np.maximum(ch, 0)]
+    lengths = np.array([len(c) for _, c in items])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    losing = ~np.logical_and.reduceat(np.append(survives, True), starts[:-1]) & (lengths > 0)
+    positions = np.flatnonzero(survives)
+    bounds = np.searchsorted(positions, starts)
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for i in np.flatnonzero(losing).tolist():
+        (param, dim), start = items[i][0], starts[i]
+        out.setdefault(param, {})[dim] = torch.from_numpy(positions[bounds[i]:bounds[i + 1]] - start)
+    return out
 
 
 _ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device, torch.Size, range,
@@ -163,9 +165,7 @@ def rewrite(graph, plan) -> fx.GraphModule:
     keep = plan.mask(graph)
     # Slice first, then deep-copy with the sliced tensors standing in for the originals:
     # only what is kept is copied, once.
-    kept: dict[str, dict[int, torch.Tensor]] = {}
-    for (param, dim), channels in _losing_positions(graph.param_channels, keep):
-        kept.setdefault(param, {})[dim] = kept_positions(param, dim, channels, keep)
+    kept = kept_positions(graph.param_channels, keep)
     sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
     memo = {}
     for name, new in sliced.items():
@@ -187,7 +187,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
             resized.add(node.target)
         if rule.fix is not None:
             rule.fix(node, rw)
-    new_graph.eliminate_dead_code()
+    if any(not n.users for n in new_graph.nodes if n.op not in ("output", "placeholder")):
+        new_graph.eliminate_dead_code()  # a size that fed a now-literal argument; the pass is costly, so only then
     gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
     gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
     return gm

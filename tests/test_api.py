@@ -182,9 +182,10 @@ def test_verification_catches_a_wrong_rewrite(resnet, monkeypatch):
 
     real = rw.kept_positions
 
-    def off_by_one(param, dim, channels, keep):
-        index = real(param, dim, channels, keep)
-        return torch.roll(index, 1) if param == "layer2.0.conv1.weight" and dim == 0 else index
+    def off_by_one(param_channels, keep):
+        kept = real(param_channels, keep)
+        kept["layer2.0.conv1.weight"][0] = torch.roll(kept["layer2.0.conv1.weight"][0], 1)
+        return kept
 
     monkeypatch.setattr(rw, "kept_positions", off_by_one)
     with pytest.raises(fxprune.VerificationError, match="layer2"):
