@@ -397,11 +397,11 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
         g.pinned = pinned[off:off + g.size].clone()
         g.pins = pins_of[name]
 
-    for node in a.gm.graph.nodes:
-        if "fxprune" in node.meta:
-            node.meta["fxprune"] = map_aggregate(node.meta["fxprune"], lambda lab: _to_channels(lab, channel_of))
-    costs = {k: [(share, [_to_channels(v, channel_of) for v in vs]) for share, vs in terms]
-             for k, terms in a.costs.items()}
+    labeled = [n for n in a.gm.graph.nodes if "fxprune" in n.meta]
+    relabel = _Relabel(channel_np, [n.meta["fxprune"] for n in labeled] + list(a.costs.values()))
+    for node in labeled:
+        node.meta["fxprune"] = relabel(node.meta["fxprune"])
+    costs = {k: [(share, [relabel(v) for v in vs]) for share, vs in terms] for k, terms in a.costs.items()}
     graph = ChannelGraph(a.gm, groups, channel_of, offsets, {}, example_inputs)
     graph.param_channels = param_channels
     graph.param_kinds = param_kinds
@@ -410,12 +410,25 @@ def _build_graph(a: _Analysis, example_inputs) -> ChannelGraph:
     return graph
 
 
-def _to_channels(label, channel_of):
-    if not isinstance(label, torch.Tensor):
-        return label
-    ids = label.numpy()
-    channel_of = channel_of.numpy()
-    return torch.from_numpy(np.where(ids >= 0, channel_of[np.maximum(ids, 0)], FIXED))
+class _Relabel:
+    """Maps every label tensor inside some nested values from union-find ids to global
+    channels, all in one numpy lookup (there are hundreds of small labels); calling it on
+    one of those values returns it with its labels replaced, same structure."""
+
+    def __init__(self, channel_of: np.ndarray, values: list):
+        labels: list[torch.Tensor] = []
+        map_aggregate(values, lambda v: labels.append(v) if isinstance(v, torch.Tensor) else None)
+        self.mapped: dict[int, torch.Tensor] = {}
+        if labels:
+            ids = np.concatenate([lab.numpy().reshape(-1) for lab in labels])
+            channels = np.where(ids >= 0, channel_of[np.maximum(ids, 0)], FIXED)
+            ends = np.cumsum([lab.numel() for lab in labels]).tolist()
+            for lab, start, end in zip(labels, [0] + ends, ends):
+                self.mapped[id(lab)] = torch.from_numpy(channels[start:end].reshape(lab.shape))
+        self._labels = labels  # keeps the ids above from being reused while ``mapped`` is keyed on them
+
+    def __call__(self, value):
+        return map_aggregate(value, lambda v: self.mapped[id(v)] if isinstance(v, torch.Tensor) else v)
 
 
 def _producer_name(node: fx.Node) -> str:

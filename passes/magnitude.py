@@ -53,33 +53,37 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
     return total
 
 
-_BLOCK = 1 << 18  # elements of a 2-D weight raised to the power at a time (stays in cache)
+_BLOCK = 1 << 17  # elements raised to the power at a time: a block stays in the L2 cache
 
 
 def _slice_sums(w: torch.Tensor, p: float) -> dict[int, torch.Tensor]:
     """``sum |w|^p`` over all dims but one, for dim 0 and (if any) dim 1.
 
-    One pass over ``w`` and no temporary as large as it: a norm over the kernel dims of a
-    conv, or a 2-D weight (a linear, a 1x1 conv) taken in blocks of rows.
+    The weight is read once, as a 2-D ``[out, in * kernel]`` matrix in blocks of rows:
+    each block's powers are summed along the rows and down the columns while it is in
+    cache (a kernel's columns are folded into their input channel at the end).
     """
     if w.dim() == 1:
         return {0: _power(w, p)}
-    if w.dim() > 2 and w.shape[2:].numel() > 1:
-        k = w.flatten(2)  # [out, in, kernel]: squares summed by a batched product, a third faster than a norm
-        table = torch.einsum("oik,oik->oi", k, k) if p == 2 else torch.linalg.vector_norm(k, ord=p, dim=-1).pow(p)
-        return {0: table.sum(1), 1: table.sum(0)}
-    w = w.reshape(w.shape[0], w.shape[1])
-    rows, cols = torch.empty(w.shape[0]), torch.zeros(w.shape[1])
-    step = max(1, _BLOCK // max(1, w.shape[1]))
-    for i in range(0, w.shape[0], step):
-        block = _power(w[i:i + step], p)
-        rows[i:i + step] = block.sum(1)
-        cols += block.sum(0)
-    return {0: rows, 1: cols}
+    flat = w.reshape(w.shape[0], -1)
+    n_rows, n_cols = flat.shape
+    rows, cols = torch.empty(n_rows), torch.zeros(n_cols)
+    step = max(1, _BLOCK // max(1, n_cols))
+    scratch = torch.empty(min(step, n_rows) * n_cols)
+    for i in range(0, n_rows, step):
+        block = flat[i:i + step]
+        powered = _power(block, p, out=scratch[:block.numel()].view(block.shape))
+        torch.sum(powered, 1, out=rows[i:i + step])
+        cols += powered.sum(0)
+    return {0: rows, 1: cols.view(w.shape[1], -1).sum(1) if w.dim() > 2 else cols}
 
 
-def _power(w: torch.Tensor, p: float) -> torch.Tensor:
-    return w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p)
+def _power(w: torch.Tensor, p: float, out=None) -> torch.Tensor:
+    if p == 2:
+        return torch.mul(w, w, out=out) if out is not None else w.square()
+    if p == 1:
+        return torch.abs(w, out=out) if out is not None else w.abs()
+    return torch.pow(w.abs(), p, out=out) if out is not None else w.abs().pow(p)
 
 
 @paused_gc
