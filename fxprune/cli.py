@@ -23,7 +23,13 @@ import warnings
 
 import torch
 
+from .api import analyze, apply, compile
+from .cost.latency import history_table
 from .errors import FxPruneError
+from .io.onnx import export_onnx, figures_table
+from .io.save import load, save
+from .view.inspect import graph_to_dot, group_rows, group_table, render
+from .view.report import report
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -156,30 +162,26 @@ def _model(args):
 
 
 def _prune(args) -> int:
-    from .export import export_onnx, figures_table
-    from .report import report
-    from .save import save
-
     model = _model(args)
     inputs = _inputs(args)
-    history = None
+    latency_options = None
+    if args.latency is not None:
+        if args.repeats < 1 or args.steps < 1:
+            raise FxPruneError(f"--repeats {args.repeats} and --steps {args.steps} must be at least 1")
+        latency_options = {"steps": args.steps, "repeats": args.repeats, "progress": True}
+        print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
+              f"({args.steps} candidates, median of {args.repeats} runs each):", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if args.latency is not None:
-            pruned, history = _prune_latency(args, model, inputs)
-        else:
-            from .api import compile
-
-            pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops,
-                             params=args.params, round_to=args.round_to, verify=not args.no_verify, onnx=False)
+        pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
+                         latency=args.latency, latency_options=latency_options, round_to=args.round_to,
+                         verify=not args.no_verify, onnx=False)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
     rep = report(pruned)
-    if history is not None:
-        from .latency import history_table
-
-        print(history_table(history) + "\n")
+    if rep.search is not None:
+        print(history_table(rep.search) + "\n")
     if args.out:
         rep.onnx = export_onnx(pruned, inputs, args.out, check=not args.no_verify)
     print(rep)
@@ -198,35 +200,7 @@ def _prune(args) -> int:
     return 0
 
 
-def _prune_latency(args, model, inputs):
-    from . import passes
-    from .api import analyze, apply
-    from .latency import search_latency
-
-    if args.repeats < 1 or args.steps < 1:
-        raise FxPruneError(f"--repeats {args.repeats} and --steps {args.steps} must be at least 1")
-    graph = analyze(model, inputs)
-    criterion = passes.get(args.method)
-    options = {"round_to": args.round_to, "meta": {"method": args.method}}
-    if callable(getattr(criterion, "plan", None)):
-        def planner(flops):
-            return criterion.plan(graph, data=None, seed=0, ratio=None, flops=flops, params=None,
-                                  round_to=args.round_to, min_keep=1, floor=0.0, ignore=(), meta=options["meta"])
-        found = dict(planner=planner)
-    else:
-        found = dict(scores=criterion(graph, data=None, seed=0), **options)
-    print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
-          f"({args.steps} candidates, median of {args.repeats} runs each):", flush=True)
-    plan, history = search_latency(model, graph, args.latency, steps=args.steps, repeats=args.repeats,
-                                   progress=True, **found)
-    pruned = apply(model, inputs, plan, verify=not args.no_verify, onnx=False)
-    return pruned, history
-
-
 def _inspect(args) -> int:
-    from .api import analyze
-    from .inspect import graph_to_dot, group_rows, group_table, render
-
     graph = analyze(_model(args), _inputs(args))
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
@@ -241,10 +215,6 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
-    from .api import apply
-    from .export import export_onnx, figures_table
-    from .save import load
-
     inputs = _inputs(args)
     if args.load:
         module = load(args.load, lambda: load_model(args.model), inputs)

@@ -121,23 +121,48 @@ class ChannelGroup:
 
 
 class ChannelGraph:
-    """The result of the coupling analysis of one traced module.
+    """The result of the coupling analysis of one captured module.
 
-    ``module`` is the analysed ``GraphModule``; it shares the user's submodules and
-    parameters (fxprune never writes to them; the rewrite copies what it keeps); ``groups`` maps group name to :class:`ChannelGroup` in graph order.
-    ``channel_of`` maps the analysis' internal channel ids (stored per node in
-    ``node.meta["fxprune"]``) to a global channel index: group ``g`` holds global
-    indices ``offsets[g] ... offsets[g] + g.size - 1``; -1 means fixed.
+    Fields:
+
+    * ``module``: the analysed ``GraphModule``; it shares the user's submodules and
+      parameters (fxprune never writes to them; the rewrite copies what it keeps);
+    * ``groups``: group name -> :class:`ChannelGroup`, in graph order;
+    * ``channel_of``: the analysis' internal channel ids -> global channel index; group
+      ``g`` holds global indices ``offsets[g] ... offsets[g] + g.size - 1``; -1 means fixed;
+    * ``offsets``: group name -> its first global channel index;
+    * ``node_flops``: node name -> FLOPs of that node in the unpruned model;
+    * ``example_inputs``: the inputs the model was captured with;
+    * ``param_channels``: (parameter name, dim) -> global channel of each position (-1: fixed);
+    * ``param_kinds``: (parameter name, dim) -> ``"producer"`` or ``"consumer"``;
+    * ``costs``: node name -> ``[(share, [labels])]``: whose kept fractions scale the node's
+      FLOPs (see :class:`fxprune.cost.flops.CostModel`);
+    * ``table``: the op-rules table (:class:`fxprune.ops.RuleTable`) of the graph's dialect,
+      which the rewrite asks how to resize modules and fix literal arguments;
+    * ``source_names``: ``id(module)`` -> qualified name, for the user's original modules;
+    * ``capture``: how the model was captured (``{"tracer": ..., ...}``);
+    * ``timings``: stage name -> seconds.
     """
 
     def __init__(self, module, groups: dict[str, ChannelGroup], channel_of: torch.Tensor,
-                 offsets: dict[str, int], node_flops: dict[str, int], example_inputs: tuple):
+                 offsets: dict[str, int], node_flops: dict[str, int], example_inputs: tuple, *,
+                 param_channels: dict | None = None, param_kinds: dict | None = None, costs: dict | None = None,
+                 table=None):
         self.module = module
         self.groups = groups
         self.channel_of = channel_of
         self.offsets = offsets
         self.node_flops = node_flops
         self.example_inputs = example_inputs
+        self.param_channels: dict[tuple[str, int], torch.Tensor] = param_channels or {}
+        self.param_kinds: dict[tuple[str, int], str] = param_kinds or {}
+        self.costs: dict[str, list] = costs or {}
+        self.table = table
+        self.source_names: dict[int, str] = {}
+        self.capture: dict = {}
+        self.timings: dict[str, float] = {}
+        self.value_channel_sets: list[np.ndarray] | None = None  # filled on first use by the planner
+        self._modules: tuple | None = None
 
     @property
     def num_channels(self) -> int:
@@ -146,18 +171,12 @@ class ChannelGraph:
     def param(self, name: str) -> torch.Tensor:
         """The analysed module's parameter or buffer called ``name``."""
         mod_name, _, attr = name.rpartition(".")
-        cached = getattr(self, "_modules", None)
-        if cached is None or cached[0] is not self.module:
-            cached = self._modules = (self.module, dict(self.module.named_modules()))
-        return getattr(cached[1][mod_name], attr)
+        if self._modules is None or self._modules[0] is not self.module:
+            self._modules = (self.module, dict(self.module.named_modules()))
+        return getattr(self._modules[1][mod_name], attr)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable > 0]
-
-    def to_dot(self) -> str:
-        from .inspect import graph_to_dot  # local import: ir stays free of fxprune imports at load
-
-        return graph_to_dot(self)
 
     def __repr__(self) -> str:
         n = len(self.groups)

@@ -2,10 +2,10 @@
 
 For every channel ``j`` of every group ``g``, ``s(g, j)`` is the mean KL divergence,
 over a small proxy set, between the softmax output with channel ``j`` zeroed at
-*every* tensor of ``g`` and the unmasked softmax output (see ``METHODS.md`` section 2).
+*every* tensor of ``g`` and the unmasked softmax output (see ``docs/methods.md``).
 Zeroing at every tensor of the group is what lets CURL score the channels of a
 residual stream (which run through every block of a stage) as well as the channels
-inside a block. Masking is done by :class:`fxprune.masking.MaskedRunner`: many masks
+inside a block. Masking is done by :class:`fxprune.verify.masked.MaskedRunner`: many masks
 per forward pass (the proxy batch is replicated) and the graph is recomputed only from
 the first node that a mask touches.
 
@@ -48,16 +48,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fxprune.cost import CostModel
-from fxprune.data import batches
+from fxprune.io.data import batches
 from fxprune.errors import ConfigError, DataError
-from fxprune.masking import MaskedRunner
-from fxprune.plan import Plan, check_budget, ignored_groups, keep_mask, make_plan, plan_from_mask, smallest_meeting
+from fxprune.verify.masked import MaskedRunner
+from fxprune.plan import Budget, Plan, ignored_groups, keep_mask, make_plan, plan_from_mask, search
+from fxprune.plan.budget import checked_scores, ranked, ranked_steps
 
 KL_DIRECTIONS = ("code", "paper")
 
@@ -169,7 +168,7 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
     """CURL's selection: a global ranking of raw scores with a per-group floor, under one budget.
 
     Exactly one of ``ratio`` (fraction of each group removed), ``flops`` or ``params``
-    (fraction of the model kept; met by a binary search on the number of removals).
+    (fraction of the model kept; met by :func:`fxprune.plan.search` on the number of removals).
     ``protect`` and ``ignore`` name groups (or modules) left whole. ``floor`` /
     ``min_keep`` / ``round_to`` as :func:`fxprune.make_plan`.
     """
@@ -183,48 +182,28 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
                          meta=info)
     if ranking != "raw":
         raise ConfigError(f"ranking='{ranking}' must be 'raw' (CURL's global ranking) or 'normalized'")
-    check_budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor)
+    budget = Budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor, min_keep=min_keep)
     skipped = ignored_groups(graph, tuple(ignore) + tuple(protect))
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in skipped]
-    for g in groups:
-        s = scores.get(g.name)
-        if s is None or tuple(s.shape) != (g.size,) or not bool(torch.isfinite(s).all()):
-            raise ConfigError(f"no finite scores of shape ({g.size},) for group '{g.name}': pass curl.score's result")
-    order, kmin = {}, {}
-    for g in groups:
-        key = scores[g.name].double().clone()
-        key[g.pinned] = float("inf")
-        order[g.name] = np.array(sorted(range(g.size), key=lambda i: (float(key[i]), i)))
-        kmin[g.name] = max(curl_min_kept(g.size, min_keep_frac), min_keep, math.ceil(floor * g.size),
-                           int(g.pinned.sum()), 1)
+    checked_scores(groups, scores, ": pass curl.score's result")
+    order = {g.name: ranked(g, scores[g.name]) for g in groups}
+    kmin = {g.name: budget.min_kept(g, at_least=curl_min_kept(g.size, min_keep_frac)) for g in groups}
 
     def kept(g, removed):
-        n = max(g.size - removed, kmin[g.name])
-        return min(g.size, math.ceil(n / round_to) * round_to) if round_to else n
+        return budget.rounded(g, max(g.size - removed, kmin[g.name]))
 
-    if ratio is not None:
-        counts = {g.name: kept(g, int(round(ratio * g.size))) for g in groups}
-    else:
-        cands = sorted((float(scores[g.name][i]), g.name, r) for g in groups
-                       for r, i in enumerate(order[g.name][:g.size - kmin[g.name]]))
-        cost = CostModel(graph)
-        measure = cost.flops if flops is not None else cost.params
-        target = flops * cost.base_flops if flops is not None else params * cost.base_params
-
-        def counts_after(k):
-            removed = dict.fromkeys(order, 0)
-            for _, name, _ in cands[:k]:
-                removed[name] += 1
-            return {g.name: kept(g, removed[g.name]) for g in groups}
-
-        lo = smallest_meeting(lambda k: measure(keep_mask(graph, groups, order, counts_after(k))), len(cands), target)
-        if lo is None:
-            raise ConfigError(f"the budget cannot be met with min_keep_frac={min_keep_frac}: removing every allowed "
-                              "channel still exceeds it. Lower min_keep_frac or protect fewer groups.")
-        counts = counts_after(lo)
-        info["removals"] = lo
-    info.update({"ratio": ratio, "flops": flops, "params": params, "round_to": round_to, "floor": floor})
-    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, counts), info)
+    steps = []
+    if budget.ratio is None:
+        keys = {g.name: scores[g.name].double().numpy() for g in groups}
+        steps = ranked_steps(groups, keys, order, {g.name: g.size - kmin[g.name] for g in groups})
+    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept)
+    if not found.met:
+        raise ConfigError(f"the budget cannot be met with min_keep_frac={min_keep_frac}: removing every allowed "
+                          "channel still exceeds it. Lower min_keep_frac or protect fewer groups.")
+    if budget.ratio is None:
+        info["removals"] = found.steps
+    info.update(budget.info())
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), info)
 
 
 def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round_to=None, min_keep: int = 1,

@@ -1,4 +1,4 @@
-"""DWGL: directed-weighting group lasso (Zhan et al., BMVC 2019; METHODS.md section 1).
+"""DWGL: directed-weighting group lasso (Zhan et al., BMVC 2019; docs/methods.md).
 
 Residual adds force every layer writing a stream to keep the same channel indices,
 and a channel can be removed only when *every* such producer "votes" for it. Plain
@@ -45,9 +45,9 @@ import copy
 
 import torch
 
-from fxprune.cost import eval_mode
+from fxprune.utils import eval_mode
 from fxprune.errors import ConfigError, VerificationError
-from fxprune.verify import random_inputs
+from fxprune.verify.mask import random_inputs
 
 from .group_lasso import (GroupLasso, channel_sq_norms, graph_tensors, model_tensors, select_groups,
                           trainable_members, voters)

@@ -1,4 +1,4 @@
-"""GSM: global sparse momentum SGD (Ding et al., NeurIPS 2019; METHODS.md section 5).
+"""GSM: global sparse momentum SGD (Ding et al., NeurIPS 2019; docs/methods.md).
 
 :class:`GSM` is a ``torch.optim.SGD`` that, at every step, lets only the ``Q`` most
 important parameters follow the gradient; all the others receive only weight decay,

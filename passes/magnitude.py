@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.gcpause import paused_gc
+from fxprune.utils import paused_gc
 
 STATISTICS = ("running_mean", "running_var")
 

@@ -1,4 +1,4 @@
-"""OICSR: out-in-channel sparsity regularization (Li et al., CVPR 2019; METHODS.md section 4).
+"""OICSR: out-in-channel sparsity regularization (Li et al., CVPR 2019; docs/methods.md).
 
 Removing channel ``i`` of a group removes its producers' out-slices *and* its
 consumers' in-slices, so OICSR regularizes them as one block, the *out-in channel*
@@ -45,13 +45,12 @@ import warnings
 
 import torch
 
-from fxprune.api import analyze
 from fxprune.cost import count_flops
 from fxprune.errors import ConfigError
+from fxprune.pipeline import Pipeline
 from fxprune.plan import Plan, make_plan
-from fxprune.rewrite import rewrite
-from fxprune.trace import _as_tuple
-from fxprune.verify import check_mask, mask_equivalence, random_inputs
+from fxprune.utils import as_tuple
+from fxprune.view.report import report as fxprune_report
 
 from .group_lasso import (GroupLasso, channel_sq_norms, graph_tensors, residual_groups, select_groups,
                           trainable_members)
@@ -130,10 +129,11 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
         raise ConfigError(f"cap={cap} must be in (0, 1): the largest fraction of a group's channels removed")
     if retrain is not None and not callable(retrain):
         raise ConfigError("retrain must be a callable retrain(module) -> module or None")
-    example_inputs = _as_tuple(example_inputs)
+    example_inputs = as_tuple(example_inputs)
     base = count_flops(model, example_inputs)
-    current, rounds = model, []
-    first = analyze(model, example_inputs)
+    current, rounds, checks = model, [], []
+    origin = Pipeline(model, example_inputs, verify=verify, onnx=False)
+    first = origin.graph
     original = {g.name: torch.arange(g.size) for g in first.groups.values()}
     min_kept = {g.name: max(1, math.ceil((1 - cap) * g.size)) for g in first.groups.values()}
     frozen = set(ignore) | (set() if residual else set(residual_groups(first)))
@@ -142,7 +142,8 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
         now = count_flops(current, example_inputs) / base
         if now <= flops + 1e-9:
             break
-        graph = first if current is model else analyze(current, example_inputs)
+        step_pipe = origin if current is model else Pipeline(current, example_inputs, verify=verify, onnx=False)
+        graph = step_pipe.graph
         target = max(flops, now - step)
         at_cap = {n for n, g in graph.groups.items() if n in min_kept and g.size <= min_kept[n]}
         scores = score(graph)
@@ -159,21 +160,32 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
             break
         for name, kept in plan.keep.items():
             original[name] = original[name][torch.tensor(kept)]
-        current = rewrite(graph, plan)
-        if verify:
-            check_mask(mask_equivalence(graph, plan.mask(graph), current, random_inputs(example_inputs)))
+        current = step_pipe.build(plan, method="oicsr (round)")  # mask-equivalence checked with verify
+        checks.append(fxprune_report(current).mask)
         if retrain is not None:
             current = retrain(current) or current
         rounds.append(count_flops(current, example_inputs) / base)
         bar.update(1)
     bar.close()
-    if current is model:
-        current = rewrite(first, Plan({}, {}, {"method": "oicsr"}))
     sizes = {n: g.size for n, g in first.groups.items()}
     keep = {n: idx.tolist() for n, idx in original.items() if len(idx) < sizes[n]}
-    current.meta["fxprune_oicsr"] = {"plan": Plan(keep, {n: sizes[n] for n in keep}, {"method": "oicsr", "flops": flops}),
-                                     "rounds": rounds}
+    total = Plan(keep, {n: sizes[n] for n in keep}, {"method": "oicsr", "flops": flops})
+    if current is model:
+        current = origin.build(total, method="oicsr")
+    else:
+        current = origin.finish(current, total, method="oicsr", mask=_merged(checks))
+    current.meta["fxprune_oicsr"] = {"plan": total, "rounds": rounds}
     return current
+
+
+def _merged(checks: list) -> dict | None:
+    """The mask-equivalence figures of every round's cut, as one: the worst round's, with all nodes counted."""
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return None
+    worst = max(checks, key=lambda c: (not c["ok"], c["max_rel_diff"]))
+    return {**worst, "ok": all(c["ok"] for c in checks), "nodes_compared": sum(c["nodes_compared"] for c in checks),
+            "rounds": len(checks)}
 
 
 def _capped(graph, plan, scores, min_kept) -> Plan:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxprune.cost import eval_mode
-from fxprune.data import batches
+from fxprune.utils import eval_mode
+from fxprune.io.data import batches
 
 from .magnitude import STATISTICS, per_position
 

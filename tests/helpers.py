@@ -1,4 +1,4 @@
-"""Shared checks for the compiler tests: prune, then assert the invariants of DESIGN.md."""
+"""Shared checks for the compiler tests: prune, then assert the invariants of docs/design.md."""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ import torch
 from digits import SmallResNet, accuracy, load, train
 
 import fxprune
-import fxprune.finetune as ft
+import fxprune.train.finetune as ft
 from fxprune.cost import CostModel
 from fxprune.errors import ConfigError, DataError
 from fxprune.passes import catro

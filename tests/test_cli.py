@@ -16,7 +16,7 @@ import torch.nn as nn
 import fxprune
 from digits import SmallResNet
 from fxprune.cli import main
-from fxprune.inspect import group_rows
+from fxprune.view.inspect import group_rows
 
 MODEL = "digits:SmallResNet"
 SHAPE = ["--input-shape", "2,1,8,8"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from digits import SmallResNet, accuracy, load, train
 
 import fxprune
-import fxprune.finetune as ft
+import fxprune.train.finetune as ft
 from fxprune.cost import CostModel
 from fxprune.errors import ConfigError, DataError
 from fxprune.passes import curl

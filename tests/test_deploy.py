@@ -14,7 +14,7 @@ import torchvision
 import fxprune
 from digits import SmallResNet
 from fxprune.errors import ConfigError, PlanError
-from fxprune.latency import bisect_budget, history_table, search_latency
+from fxprune.cost.latency import bisect_budget, history_table, search_latency
 
 
 def small_resnet(c: int = 16):
@@ -260,11 +260,12 @@ def test_latency_search_returns_a_faster_plan():
     torch.manual_seed(0)
     model = Wide().eval()
     x = torch.randn(1, 3, 32, 32)
-    graph = fxprune.analyze(model, (x,))
-    scores = fxprune.passes.get("l2")(graph, data=None, seed=0)
+    pipe = fxprune.Pipeline(model, (x,))
+    planner = pipe.planner(fxprune.passes.get("l2"), "l2", round_to=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan, history = search_latency(model, graph, 0.5, scores=scores, steps=2, repeats=12, round_to=8)
+        plan, history = search_latency(model, pipe.graph, 0.5, planner=lambda f: planner(flops=f), steps=2,
+                                       repeats=12)
     assert [round(r["flops"], 3) for r in history][0] == 0.5 and len(history) == 2
     for r in history:
         assert r["ratio"] == pytest.approx(r["pruned_ms"] / r["original_ms"])
@@ -286,4 +287,4 @@ def test_latency_target_out_of_range():
     model = Wide().eval()
     graph = fxprune.analyze(model, (torch.randn(1, 3, 8, 8),))
     with pytest.raises(ConfigError, match="latency target"):
-        search_latency(model, graph, 1.5, scores={})
+        search_latency(model, graph, 1.5, planner=lambda f: None)

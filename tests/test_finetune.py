@@ -1,11 +1,11 @@
-"""fxprune.finetune: the KD+mixup loss, label refinement's update rule, the expanded set, the trainer."""
+"""fxprune.train.finetune: the KD+mixup loss, label refinement's update rule, the expanded set, the trainer."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fxprune.finetune as ft
+import fxprune.train.finetune as ft
 from fxprune.errors import ConfigError, DataError
 
 

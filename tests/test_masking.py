@@ -1,4 +1,4 @@
-"""fxprune.masking: zeroing channels at every tensor equals removing them; batching and caching are exact."""
+"""fxprune.verify.masked: zeroing channels at every tensor equals removing them; batching and caching are exact."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from digits import SmallResNet
 
 import fxprune
 from fxprune.errors import ConfigError
-from fxprune.masking import MaskedRunner, feature_nodes, pooled_features
+from fxprune.verify.masked import MaskedRunner, feature_nodes, pooled_features
 from fxprune.rewrite import rewrite
 
 

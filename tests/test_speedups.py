@@ -18,13 +18,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-import fxprune.coupling as coupling
-from fxprune.coupling import _UnionFind
+import fxprune.couple.analysis as coupling
+from fxprune.couple.analysis import UnionFind
 from fxprune.labels import collapse
 from fxprune.passes import magnitude
 from fxprune.rewrite import rewrite
-from fxprune.rules import meta_formula
-from fxprune.trace import ValueProp, meta_shapes, trace
+from fxprune.ops import FX_RULES
+from fxprune.capture import ValueProp, meta_shapes, trace
 
 
 def _naive_components(n, pairs):
@@ -46,7 +46,7 @@ def _naive_components(n, pairs):
 def test_vectorised_union_find_matches_a_plain_one(seed):
     rng = random.Random(seed)
     n = rng.randint(5, 300)
-    uf = _UnionFind()
+    uf = UnionFind()
     uf.new(n)
     pairs = []
     for _ in range(rng.randint(1, 6)):  # several batches of unions, chains and repeats included
@@ -135,16 +135,16 @@ def test_shape_formulas_equal_running_the_module(module, shape):
     x = torch.randn(shape)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         expected = module(x)
-    out, flops = meta_formula(module)(module, x.to("meta"))
+    out, flops = FX_RULES.meta_formula(module)(module, x.to("meta"))
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
     assert flops == counter.get_total_flops() > 0
 
 
 def test_shape_formulas_leave_calls_they_do_not_cover_to_a_real_run():
     conv = torch.nn.Conv2d(4, 6, 3)
-    assert meta_formula(conv)(conv, torch.empty(1, 5, 8, 8, device="meta")) is None  # wrong channels: torch raises
-    assert meta_formula(torch.nn.Linear(3, 2))(torch.nn.Linear(3, 2), torch.empty(3, device="meta")) is None
-    assert meta_formula(torch.nn.ConvTranspose2d(4, 4, 3)) is None
+    assert FX_RULES.meta_formula(conv)(conv, torch.empty(1, 5, 8, 8, device="meta")) is None  # wrong channels: torch raises
+    assert FX_RULES.meta_formula(torch.nn.Linear(3, 2))(torch.nn.Linear(3, 2), torch.empty(3, device="meta")) is None
+    assert FX_RULES.meta_formula(torch.nn.ConvTranspose2d(4, 4, 3)) is None
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v3_small", 64), ("shufflenet_v2_x0_5", 64),
@@ -181,7 +181,7 @@ def test_label_cache_changes_no_group(monkeypatch):
                 for name, g in graph.groups.items()}
 
     cached = summary(fxprune.analyze(model, (x,)))
-    monkeypatch.setattr(coupling._Analysis, "collapsed_roots",
+    monkeypatch.setattr(coupling.Analysis, "collapsed_roots",
                         lambda self, label: collapse(self.uf.roots(label)))
     assert summary(fxprune.analyze(model, (x,))) == cached
 

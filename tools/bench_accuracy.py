@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune.cost import count_flops, count_params
-from fxprune.datasets import fashion_mnist
+from fxprune.io.datasets import fashion_mnist
 
 OURS = ["l2", "bn", "taylor", "random", "dwgl", "oicsr", "gsm", "curl", "catro"]
 THEIRS = ["tp-l2", "tp-bn", "tp-taylor"]
@@ -183,7 +183,7 @@ def prune_theirs(method, base, target, train_data, cfg):
 
 
 def latency(model, x1):
-    from fxprune.latency import ort_latency
+    from fxprune.cost.latency import ort_latency
 
     return [ort_latency(model, (x1.expand(b, -1, -1, -1).contiguous(),), repeats=20, threads=2)["median_ms"]
             for b in (1, 64)]

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune.cost import count_flops
-from fxprune.latency import paired_medians, ort_session
-from fxprune.export import write_onnx
+from fxprune.cost.latency import paired_medians, ort_session
+from fxprune.io.onnx import write_onnx
 from fxprune.passes import magnitude
 from fxprune.rewrite import rewrite
 

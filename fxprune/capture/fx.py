@@ -1,0 +1,108 @@
+"""Capture a model as a ``torch.fx.GraphModule`` with shapes and concrete values in ``node.meta``.
+
+:func:`trace` runs ``torch.fx.symbolic_trace`` with the user's leaf modules and ``concrete_args``, then
+propagates the example inputs with :class:`ValueProp`, a ``ShapeProp`` that also keeps
+the concrete value of every non-tensor node (``x.size(1)``, ``c // 2``), which the
+coupling analysis needs to evaluate reshapes.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from fxprune.capture import trace
+    >>> gm = trace(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+    >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "output"]
+    [torch.Size([1, 1000])]
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
+
+from ..errors import TraceError
+from ..ops import FX_RULES, RuleTable
+from ..utils import as_tuple, eval_mode
+from .values import ValueProp, propagate_on_meta
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that honours user leaf modules and remembers where it is, for errors."""
+
+    def __init__(self, leaf_modules=()):
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.stack: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concrete_args=None,
+          table: RuleTable = FX_RULES) -> fx.GraphModule:
+    """Trace ``model`` and annotate every node with shapes and values.
+
+    The ``GraphModule`` shares ``model``'s submodules and parameters, as
+    ``symbolic_trace``'s does: nothing in fxprune writes to them (shapes come from a
+    run on the ``meta`` device, with the training flags restored afterwards), and the
+    rewrite copies what it keeps, so the user's model stays as it was.
+
+    ``leaf_modules`` lists module types or qualified names to keep as single nodes
+    (what to do with code fx cannot trace); ``concrete_args`` is passed to
+    ``symbolic_trace``. Raises :class:`~fxprune.errors.TraceError` naming the module
+    and the line that could not be traced.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    example_inputs = as_tuple(example_inputs)
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
+        raise TraceError(_explain(exc, tracer.failed_in)) from exc
+    # lazy: its Python code is generated on first call; the analysis only reads the graph
+    gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["fxprune_training"] = bool(model.training)  # the mode baked into the graph (docs/design.md)
+    # shapes never come from a train-mode run: it would update BN statistics
+    with eval_mode(gm), torch.no_grad():
+        try:
+            propagate_on_meta(gm, example_inputs, table)
+        except Exception:  # an op without a meta kernel, a tensor made on the CPU in forward, ...
+            try:
+                ValueProp(gm, table=table).propagate(*example_inputs)  # real tensors: every op runs
+            except Exception as exc:
+                raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
+                                 "Check that example_inputs match what model.forward expects.") from exc
+    return gm
+
+
+def _explain(exc: Exception, where: str | None) -> str:
+    where = where or "<root>"
+    frame = _user_frame(exc)
+    line = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else '?'})" if frame else ""
+    return (f"could not trace module '{where}'{line}: {type(exc).__name__}: {exc}. "
+            f"Fix: pass leaf_modules=['{where}'] (or its type) to keep it as one opaque node, "
+            "or concrete_args={...} to fix the Python values that steer its control flow.")
+
+
+def _user_frame(exc: Exception):
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
+              and os.sep + "fxprune" + os.sep not in f.filename]
+    return frames[-1] if frames else None

@@ -1,0 +1,174 @@
+"""ONNX Runtime CPU latency, and a plan search under a latency budget.
+
+:func:`ort_latency` exports a module to ONNX and times it in ONNX Runtime on the CPU:
+warm-up runs, then the median of ``repeats`` timed runs, in a loop of its own (torch
+and ORT calls interleaved in one loop slow each other 2-3×, see ``docs/design.md``).
+
+:func:`search_latency` finds the plan with the most FLOPs whose latency is at most
+``target`` times the original's: a bisection on the FLOPs budget, where each candidate
+is planned, rewritten, exported and timed. Every candidate's ratio is taken against the
+original timed in the same step, right before it, so drift on a shared machine cancels.
+Latency is not a smooth function of FLOPs: the search assumes it is monotone and reports
+every step in its history.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.cost.latency import ort_latency
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 8, 1)).eval()
+    >>> ms = ort_latency(net, (torch.randn(1, 3, 32, 32),), repeats=5)["median_ms"]
+    >>> ms > 0
+    True
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+from tabulate import tabulate
+
+from ..errors import ConfigError
+from ..io.onnx import write_onnx
+from ..rewrite import rewrite
+from ..verify.mask import random_inputs
+
+
+def ort_session(path: str, threads: int | None = None):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads
+    (default: torch's thread count, so both engines get the same cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def time_session(session, example_inputs, *, repeats: int = 30, warmup: int = 5) -> dict:
+    """Median (and 10th/90th percentile) wall time of ``session.run`` in milliseconds."""
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    times = sorted(_times(session, example_inputs, repeats, warmup))
+    return {"median_ms": statistics.median(times), "p10_ms": times[int(0.1 * (len(times) - 1))],
+            "p90_ms": times[int(0.9 * (len(times) - 1))], "repeats": repeats}
+
+
+def paired_medians(base, cand, example_inputs, *, repeats: int = 30, warmup: int = 5, rounds: int = 3):
+    """Median times (ms) of two sessions measured in alternating rounds, each round a loop of its own
+    per session (never interleaving the two within a loop); ``repeats`` timed runs per session in all."""
+    per = max(1, -(-repeats // rounds))
+    a, b = [], []
+    for _ in range(rounds):
+        a.extend(_times(base, example_inputs, per, warmup))
+        b.extend(_times(cand, example_inputs, per, warmup))
+    return statistics.median(a), statistics.median(b)
+
+
+def _times(session, example_inputs, repeats, warmup) -> list[float]:
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), random_inputs(example_inputs, seed=0))}
+    for _ in range(warmup):
+        session.run(None, feed)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def ort_latency(module: torch.nn.Module, example_inputs, *, repeats: int = 30, warmup: int = 5,
+                threads: int | None = None) -> dict:
+    """Export ``module`` to a temporary ONNX file and time it (see :func:`time_session`)."""
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        write_onnx(module, example_inputs, path, dynamic_batch=False)
+        return time_session(ort_session(path, threads), example_inputs, repeats=repeats, warmup=warmup)
+
+
+def search_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
+                   warmup: int = 5, rounds: int = 3, threads: int | None = None, progress: bool = False):
+    """The plan with the largest FLOPs budget whose ORT latency is at most ``target`` × the original's.
+
+    ``graph`` is the model's :class:`~fxprune.ir.ChannelGraph`; ``planner(flops) -> Plan`` plans
+    a FLOPs budget (:meth:`fxprune.pipeline.Pipeline.planner` makes one for any method).
+    Each candidate and the original are timed in ``rounds`` alternating loops of their own
+    (``repeats`` runs each in all). Returns ``(plan, history)``: ``history`` has one dict per
+    candidate (``flops`` budget, ``original_ms``, ``pruned_ms``, ``ratio``, ``ok``). When no
+    candidate meets the target, warns and returns the fastest one.
+    """
+    if not 0 < target <= 1:
+        raise ConfigError(f"latency target {target} is out of range: it is the fraction of the original's "
+                          "latency allowed, in (0, 1]")
+    if not callable(planner):
+        raise ConfigError("planner must be a callable flops -> Plan (see fxprune.pipeline.Pipeline.planner)")
+    plan_at = planner
+
+    def planner(flops):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unreachable FLOPs budget just yields the smallest plan
+            return plan_at(flops)
+
+    inputs = graph.example_inputs
+    history = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base_path = os.path.join(tmp, "original.onnx")
+        write_onnx(model, inputs, base_path, dynamic_batch=False)
+        base = ort_session(base_path, threads)
+
+        def trial(flops, i):
+            plan = planner(flops)
+            path = os.path.join(tmp, f"candidate{i}.onnx")
+            write_onnx(rewrite(graph, plan), inputs, path, dynamic_batch=False)
+            cand = ort_session(path, threads)
+            t_base, t_cand = paired_medians(base, cand, inputs, repeats=repeats, warmup=warmup, rounds=rounds)
+            del cand
+            row = {"flops": flops, "original_ms": t_base, "pruned_ms": t_cand, "ratio": t_cand / t_base,
+                   "ok": t_cand <= target * t_base, "plan": plan}
+            history.append(row)
+            if progress:
+                print(f"  flops budget {flops:.3f}: {t_cand:.2f} ms vs original {t_base:.2f} ms "
+                      f"(ratio {row['ratio']:.3f}) {'ok' if row['ok'] else 'too slow'}", flush=True)
+            return row
+
+        bisect_budget(lambda flops: trial(flops, len(history))["ok"], target, steps)
+    passing = [r for r in history if r["ok"]]
+    best = max(passing, key=lambda r: r["flops"]) if passing else None
+    if best is None:
+        best = min(history, key=lambda r: r["ratio"])
+        warnings.warn(f"the latency target {target} was not met: the fastest candidate (FLOPs budget "
+                      f"{best['flops']:.3f}) runs at {best['ratio']:.2f} × the original", stacklevel=2)
+    plan = best["plan"]
+    plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "flops_budget": best["flops"]})
+    return plan, history
+
+
+def bisect_budget(passes, target: float, steps: int) -> float | None:
+    """Bisect the FLOPs budget in (0, 1]: ``passes(flops) -> bool`` says whether a budget meets the
+    latency target. The first try is ``target`` itself (latency rarely falls faster than FLOPs).
+    Returns the largest budget that passed, or None."""
+    if steps < 1:
+        raise ConfigError(f"steps={steps} must be at least 1")
+    lo, hi, best = 0.0, 1.0, None      # lo: largest budget known to pass (0: none yet); hi: smallest known to fail
+    guess = target
+    for _ in range(steps):
+        if passes(guess):
+            lo, best = guess, guess
+        else:
+            hi = guess
+        guess = (lo + hi) / 2 if lo > 0 else hi / 2
+    return best
+
+
+def history_table(history: list[dict]) -> str:
+    """The steps of :func:`search_latency` as a table."""
+    rows = [(i + 1, f"{r['flops']:.3f}", f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"{r['ratio']:.3f}",
+             "ok" if r["ok"] else "too slow") for i, r in enumerate(history)]
+    return tabulate(rows, headers=["step", "FLOPs budget", "original ms", "pruned ms", "ratio", ""],
+                    tablefmt="github")

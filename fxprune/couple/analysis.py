@@ -1,0 +1,431 @@
+"""The coupling analysis: which channels of a traced model must be kept or removed together.
+
+:func:`couple` walks the graph once in order. Each node's rule (looked up in
+:class:`fxprune.ops.RuleTable` handed in) computes the channel label of its output from its inputs'
+labels (see :mod:`fxprune.labels`), allocates fresh channel ids where a conv or linear
+makes new channels, records the parameter slices that follow them (members), and
+*unifies* ids that must be removed together (a residual add, a shared parameter).
+A union-find over ids then yields the channel groups of :mod:`fxprune.ir`.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from fxprune.capture import trace
+    >>> from fxprune.couple import couple
+    >>> from fxprune.ops import FX_RULES
+    >>> net = torchvision.models.resnet18()
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> graph = couple(trace(net, (x,)), (x,), FX_RULES)
+    >>> g = graph.groups["conv1"]       # the stem conv writes the layer1 residual stream
+    >>> g.size, g.prunable
+    (64, 64)
+    >>> sorted(m.param for m in g.members if m.kind == "producer" and m.role == "weight")
+    ['conv1.weight', 'layer1.0.conv2.weight', 'layer1.1.conv2.weight']
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+from ..capture.values import meta_shapes
+from ..ir import ChannelGraph, ChannelGroup, Member, Pin
+from ..labels import FIXED, collapse_array
+from ..ops.schema import RuleTable, T, describe, pin_all
+
+
+class UnionFind:
+    """Union-find over channel ids, vectorised with numpy; a root is always the smallest id
+    of its set (so the result does not depend on the order of unions)."""
+
+    def __init__(self, n: int = 0):
+        self.parent = np.arange(max(n, 1024), dtype=np.int64)
+        self.size = n
+        self.version = 0  # counts the unions that merged something
+
+    def new(self, n: int) -> torch.Tensor:
+        start = self.size
+        if start + n > len(self.parent):
+            grown = np.arange(max(2 * len(self.parent), start + n), dtype=np.int64)
+            grown[:start] = self.parent[:start]
+            self.parent = grown
+        self.size = start + n
+        return torch.arange(start, start + n, dtype=torch.long)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """Roots of ``ids`` (all >= 0), compressing their paths."""
+        parent = self.parent
+        r = parent[ids]
+        while True:
+            up = parent[r]
+            if np.array_equal(up, r):
+                break
+            r = up
+        parent[ids] = r
+        return r
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Merge the sets of ``a[i]`` and ``b[i]`` for every i (all ids >= 0)."""
+        while a.size:
+            ra, rb = self.find(a), self.find(b)
+            apart = ra != rb
+            if not apart.any():
+                return
+            ra, rb = ra[apart], rb[apart]
+            self.version += 1
+            # hooking every larger root under the smallest root it meets keeps parent[i] <= i:
+            # no cycles, and the next round merges what one round could not
+            np.minimum.at(self.parent, np.maximum(ra, rb), np.minimum(ra, rb))
+            a, b = a[apart], b[apart]
+
+    def roots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Roots of a label (FIXED stays FIXED), same shape."""
+        return torch.from_numpy(self.roots_array(ids.numpy()))
+
+    def roots_array(self, ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, FIXED, dtype=np.int64)
+        live = ids >= 0
+        out[live] = self.find(ids[live])
+        return out
+
+    def all_roots(self) -> np.ndarray:
+        return self.find(np.arange(self.size, dtype=np.int64))
+
+
+class Context:
+    """What a rule may do while the analysis visits ``node``; see :mod:`fxprune.ops`."""
+
+    def __init__(self, analysis: "Analysis", node: fx.Node):
+        self._a = analysis
+        self.node = node
+        self.gm = analysis.gm
+
+    # -- facts about the node
+    def module(self) -> torch.nn.Module:
+        return self._a.modules[self.node.target]
+
+    @property
+    def out_shape(self):
+        """The output's shape (a list of shapes for a node with several outputs)."""
+        return meta_shapes(self.node)
+
+    def has_param(self, name: str) -> bool:
+        mod, _, attr = name.rpartition(".")
+        return getattr(self._a.modules[mod], attr, None) is not None
+
+    # -- actions
+    def fresh(self, n: int) -> torch.Tensor:
+        """New channel ids made by this node (a conv's or linear's output channels)."""
+        ids = self._a.uf.new(n)
+        self._a.blocks.append((self.node, ids))
+        return ids
+
+    def roots(self, label):
+        return None if label is None else self._a.uf.roots(label)
+
+    def canonical(self, label):
+        """``collapse(self.roots(label))``: the label in its smallest form, with current roots."""
+        return None if label is None else self._a.collapsed_roots(label)
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor, reason: str) -> torch.Tensor:
+        """Make the ids of ``a`` and ``b`` (broadcast together) the same channels.
+
+        Where one side is FIXED the other side's id is pinned with ``reason``. Returns
+        the combined label.
+        """
+        a, b = torch.broadcast_tensors(a, b)
+        x, y = a.reshape(-1).numpy(), b.reshape(-1).numpy()
+        both = (x >= 0) & (y >= 0)
+        self._a.uf.union(x[both], y[both])
+        one = (x >= 0) ^ (y >= 0)
+        if one.any():
+            self.pin(torch.from_numpy(np.maximum(x[one], y[one])), reason)
+        return torch.where(a >= 0, a, b)
+
+    def unify_within(self, ids: torch.Tensor, reason: str) -> None:
+        """Make all ids in ``ids`` one channel."""
+        flat = ids.flatten()
+        self.unify(flat[:1], flat, reason)
+
+    def pin(self, label, reason: str) -> None:
+        if label is None:
+            return
+        ids = torch.unique(label[label >= 0])
+        if ids.numel():
+            self._a.pins.append((ids, Pin(self.node.name, reason)))
+
+    def member(self, param: str, dim: int, ids: torch.Tensor, kind: str, role: str) -> None:
+        """Record that ``param``'s slices along ``dim`` follow ``ids`` (one per position)."""
+        self._a.members.append((param, dim, ids.flatten().clone(), kind, role, self.node.name))
+
+    def fix_param(self, param: str, reason: str) -> None:
+        """``param`` is used whole somewhere: every slice of it must stay."""
+        self._a.fixed_params.append((param, Pin(self.node.name, reason)))
+
+    def cost(self, *labels, share: float | None = None) -> None:
+        """Say whose kept fractions scale this node's FLOPs (default: its output label): the
+        count is multiplied by the kept fraction of each label. With ``share``, only that
+        share of the count scales so; calls with shares add up (attention: projections
+        scale with the width squared, ``q @ k^T`` with the width)."""
+        term = (1.0 if share is None else share, [lab.flatten().clone() for lab in labels if lab is not None])
+        if share is None:
+            self._a.costs[self.node.name] = [term]
+        else:
+            self._a.costs.setdefault(self.node.name, []).append(term)
+
+
+class Analysis:
+    def __init__(self, gm: fx.GraphModule, table: RuleTable):
+        self.table = table
+        self.gm = gm
+        self.uf = UnionFind()
+        self.blocks: list[tuple[fx.Node, torch.Tensor]] = []
+        self.pins: list[tuple[torch.Tensor, Pin]] = []
+        self.members: list[tuple] = []
+        self.fixed_params: list[tuple[str, Pin]] = []
+        self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
+        self.env: dict[fx.Node, object] = {}
+        self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
+        self.modules = dict(gm.named_modules())
+        self.params = dict(gm.named_parameters())
+        self.params.update(gm.named_buffers())
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.visit(node)
+
+    def visit(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self.as_t(node, None)
+        if node.op == "get_attr":
+            value = self.params.get(node.target)
+            if isinstance(value, torch.Tensor):
+                return T(None, tuple(value.shape), node.target)
+            return node.meta.get("value")
+        if meta_shapes(node) is None and node.op != "output":
+            return node.meta.get("value", _OPAQUE)  # sizes, ints: plain values, no channels
+        args = map_aggregate(node.args, self.lookup)
+        kwargs = map_aggregate(node.kwargs, self.lookup)
+        ctx = Context(self, node)
+        rule = self.table.rule_for(node, self.modules)
+        try:
+            label = rule.couple(ctx, args, kwargs)
+        except Exception as exc:  # a rule that cannot handle an odd call pins instead of crashing
+            label = pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({exc})")
+        if node.op == "output":
+            return None
+        return self.as_t(node, label)
+
+    def lookup(self, a):
+        return self.env[a] if isinstance(a, fx.Node) else a
+
+    def collapsed_roots(self, label: torch.Tensor) -> torch.Tensor | None:
+        """``collapse(self.uf.roots(label))``, collapsing first so that fewer ids are looked up.
+
+        A label this returned is returned as it is while no union has happened since
+        (most ops pass their input's label through)."""
+        seen = self._canonical.get(id(label))
+        if seen is not None and seen[0] is label and seen[1] == self.uf.version:
+            return label
+        small = collapse_array(label.numpy())
+        if small is None:
+            return None
+        small = collapse_array(self.uf.roots_array(small))
+        if small is None:
+            return None
+        out = torch.from_numpy(small)
+        self._canonical[id(out)] = (out, self.uf.version)
+        return out
+
+    def as_t(self, node: fx.Node, label):
+        shapes = meta_shapes(node)
+
+        def build(shape, lab):
+            if shape is None:
+                return None
+            lab = self.collapsed_roots(lab) if isinstance(lab, torch.Tensor) else None
+            if lab is not None and (lab.dim() != len(shape) or any(
+                    s != 1 and s != t for s, t in zip(lab.shape, shape))):
+                raise RuntimeError(f"fxprune internal error: label {tuple(lab.shape)} does not fit "
+                                   f"{shape} at node {node.name}")
+            return T(lab, shape)
+
+        if isinstance(shapes, list):
+            labels = label if isinstance(label, (tuple, list)) else [None] * len(shapes)
+            out = tuple(build(s, lab) for s, lab in zip(shapes, labels))
+            node.meta["fxprune"] = tuple(t.label if t is not None else None for t in out)
+            return out
+        out = build(shapes, label)
+        node.meta["fxprune"] = out.label if out is not None else None
+        return out
+
+
+_OPAQUE = object()
+
+
+def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable) -> ChannelGraph:
+    """Analyse a traced, shape-annotated module (see :func:`fxprune.capture.trace`)."""
+    a = Analysis(gm, table)
+    a.run()
+    _consolidate_members(a)
+    graph = _build_graph(a, example_inputs)
+    _mark_approximate(graph)
+    return graph
+
+
+def _mark_approximate(graph: ChannelGraph) -> None:
+    """Groups whose channels reach a channel-normalising op (rules set ``meta["fxprune_approx"]``)."""
+    starts = sorted((off, name) for name, off in graph.offsets.items())
+    bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
+    for node in graph.module.graph.nodes:
+        if node.meta.get("fxprune_approx") is None or not isinstance(node.meta.get("fxprune"), torch.Tensor):
+            continue
+        ch = torch.unique(node.meta["fxprune"])
+        ch = ch[ch >= 0]
+        for gi in torch.unique(torch.searchsorted(bounds, ch, right=True) - 1).tolist():
+            graph.groups[starts[gi][1]].approximate = True
+
+
+def _consolidate_members(a: Analysis) -> None:
+    """A parameter has one shape: every use of the same (param, dim) must agree on its ids."""
+    by_slot: dict[tuple[str, int], torch.Tensor] = {}
+    node_of = {n.name: n for n in a.gm.graph.nodes}
+    for param, dim, ids, kind, role, node in a.members:
+        key = (param, dim)
+        if key in by_slot:
+            Context(a, node_of[node]).unify(by_slot[key], ids, f"'{param}' is shared with a use whose channels are fixed")
+        else:
+            by_slot[key] = ids
+    for param, pin in a.fixed_params:
+        for (p, _), ids in by_slot.items():
+            if p == param:
+                a.pins.append((torch.unique(ids[ids >= 0]), pin))
+
+
+def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
+    n_ids = a.uf.size
+    root = a.uf.all_roots()
+
+    # Blocks (fresh allocations) that share a channel belong to one group: link each block
+    # to the first block that holds each of its roots; a group's top is its first block.
+    n_blocks = len(a.blocks)
+    block_of_id = np.concatenate([np.full(ids.numel(), b, dtype=np.int64) for b, (_, ids) in enumerate(a.blocks)]
+                                 or [np.zeros(0, dtype=np.int64)])
+    roots_in_blocks = root[np.concatenate([ids.numpy() for _, ids in a.blocks] or [np.zeros(0, dtype=np.int64)])]
+    first_block = np.full(n_ids, n_blocks, dtype=np.int64)
+    np.minimum.at(first_block, roots_in_blocks, block_of_id)
+    blocks_uf = UnionFind(n_blocks)
+    blocks_uf.union(block_of_id, first_block[roots_in_blocks])
+    top = blocks_uf.find(np.arange(n_blocks, dtype=np.int64))
+
+    # Name each group after its first producer; number channels group by group, in the
+    # order their roots first appear among the group's blocks.
+    groups: dict[str, ChannelGroup] = {}
+    name_of_top: dict[int, str] = {}
+    for (node, _), t in zip(a.blocks, top.tolist()):
+        if t not in name_of_top:
+            name_of_top[t] = _unique_name(_producer_name(node), groups)
+            groups[name_of_top[t]] = ChannelGroup(name=name_of_top[t], size=0)
+    rank_of_top = np.zeros(max(n_blocks, 1), dtype=np.int64)
+    rank_of_top[list(name_of_top)] = np.arange(len(name_of_top))
+    order = np.argsort(rank_of_top[top[block_of_id]], kind="stable")
+    uniq, first_seen = np.unique(roots_in_blocks[order], return_index=True)
+    by_appearance = np.argsort(first_seen)
+    channel_of_root = np.full(n_ids, FIXED, dtype=np.int64)
+    channel_of_root[uniq[by_appearance]] = np.arange(len(uniq))
+    group_of_channel_np = rank_of_top[top[block_of_id[order][np.sort(first_seen)]]]
+    sizes = np.bincount(group_of_channel_np, minlength=len(groups))
+    offsets: dict[str, int] = {}
+    next_channel = 0
+    for name, size in zip(groups, sizes.tolist()):
+        offsets[name] = next_channel
+        groups[name].size = size
+        next_channel += size
+    channel_of = torch.from_numpy(channel_of_root[root])
+    group_of_channel = torch.from_numpy(group_of_channel_np)
+    names = list(groups)
+
+    pinned = torch.zeros(next_channel, dtype=torch.bool)
+    pins_of: dict[str, list[Pin]] = {name: [] for name in groups}
+    for ids, pin in a.pins:
+        ch = channel_of[ids]
+        ch = ch[ch >= 0]
+        if not ch.numel():
+            continue
+        pinned[ch] = True
+        for gi in torch.unique(group_of_channel[ch]).tolist():
+            if pin not in pins_of[names[gi]]:
+                pins_of[names[gi]].append(pin)
+
+    # every member's ids -> global channels -> owning group, in one pass over all members
+    param_channels: dict[tuple[str, int], torch.Tensor] = {}
+    param_kinds: dict[tuple[str, int], str] = {}
+    channel_np = channel_of.numpy()
+    if a.members:
+        ids = np.concatenate([m[2].numpy() for m in a.members] + [np.full(1, FIXED)])  # a sentinel:
+        # reduceat needs every start inside the array
+        starts = np.cumsum([0] + [m[2].numel() for m in a.members])
+        ch_all = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
+        owner_all = np.where(ch_all >= 0, group_of_channel_np[np.maximum(ch_all, 0)], -1)
+        offset_of_group = np.array([offsets[n] for n in names] or [0], dtype=np.int64)
+        index_all = np.where(owner_all >= 0, ch_all - offset_of_group[np.maximum(owner_all, 0)], FIXED)
+        lo = np.minimum.reduceat(np.where(owner_all >= 0, owner_all, np.iinfo(np.int64).max), starts[:-1])
+        hi = np.maximum.reduceat(owner_all, starts[:-1])
+        hi[starts[1:] == starts[:-1]] = -1  # reduceat gives an empty member its neighbour's value
+    for i, (param, dim, _, kind, role, node) in enumerate(a.members):
+        s, e = starts[i], starts[i + 1]
+        param_channels.setdefault((param, dim), torch.from_numpy(ch_all[s:e]))
+        param_kinds.setdefault((param, dim), kind)
+        if hi[i] < 0:  # no position of this member is a channel
+            continue
+        owner, index = owner_all[s:e], index_all[s:e]
+        for gi in ([int(hi[i])] if lo[i] == hi[i] else np.unique(owner[owner >= 0]).tolist()):
+            mine = index if lo[i] == hi[i] else np.where(owner == gi, index, FIXED)
+            groups[names[gi]].members.append(Member(param, dim, torch.from_numpy(mine), kind, node, role))
+    for name, g in groups.items():
+        off = offsets[name]
+        g.pinned = pinned[off:off + g.size].clone()
+        g.pins = pins_of[name]
+
+    labeled = [n for n in a.gm.graph.nodes if "fxprune" in n.meta]
+    relabel = _Relabel(channel_np, [n.meta["fxprune"] for n in labeled] + list(a.costs.values()))
+    for node in labeled:
+        node.meta["fxprune"] = relabel(node.meta["fxprune"])
+    costs = {k: [(share, [relabel(v) for v in vs]) for share, vs in terms] for k, terms in a.costs.items()}
+    node_flops = {n.name: n.meta["flops"] for n in a.gm.graph.nodes if n.meta.get("flops")}
+    return ChannelGraph(a.gm, groups, channel_of, offsets, node_flops, example_inputs,
+                        param_channels=param_channels, param_kinds=param_kinds, costs=costs, table=a.table)
+
+
+class _Relabel:
+    """Maps every label tensor inside some nested values from union-find ids to global
+    channels, all in one numpy lookup (there are hundreds of small labels); calling it on
+    one of those values returns it with its labels replaced, same structure."""
+
+    def __init__(self, channel_of: np.ndarray, values: list):
+        labels: list[torch.Tensor] = []
+        map_aggregate(values, lambda v: labels.append(v) if isinstance(v, torch.Tensor) else None)
+        self.mapped: dict[int, torch.Tensor] = {}
+        if labels:
+            ids = np.concatenate([lab.numpy().reshape(-1) for lab in labels])
+            channels = np.where(ids >= 0, channel_of[np.maximum(ids, 0)], FIXED)
+            ends = np.cumsum([lab.numel() for lab in labels]).tolist()
+            for lab, start, end in zip(labels, [0] + ends, ends):
+                self.mapped[id(lab)] = torch.from_numpy(channels[start:end].reshape(lab.shape))
+        self._labels = labels  # keeps the ids above from being reused while ``mapped`` is keyed on them
+
+    def __call__(self, value):
+        return map_aggregate(value, lambda v: self.mapped[id(v)] if isinstance(v, torch.Tensor) else v)
+
+
+def _producer_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _unique_name(name: str, taken) -> str:
+    out, i = name, 1
+    while out in taken:
+        i += 1
+        out = f"{name}#{i}"
+    return out

@@ -1,0 +1,161 @@
+"""Save and load a pruned model without pickled code: the plan and the weights, rebuilt from the architecture.
+
+:func:`save` writes one ``torch.save`` file holding plain data only: the
+:class:`~fxprune.plan.Plan` (JSON), the pruned ``state_dict``, the example input shapes,
+the training mode the graph was traced in, and a *structure* (one line per node of the
+pruned graph, with the ``repr`` of its module), so it loads with ``weights_only=True``.
+:func:`load` calls ``model_factory()`` for the original architecture, re-applies the plan
+(:func:`fxprune.apply`), checks that the rebuilt graph and every weight's name and shape
+are the ones saved, and loads the weights. Any difference raises
+:class:`~fxprune.errors.PlanError` naming it: never a silently wrong model.
+
+Example::
+
+    >>> import torch, tempfile, os, fxprune
+    >>> def make():
+    ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> small = fxprune.compile(make(), (x,), ratio=0.5, onnx=False)
+    >>> path = os.path.join(tempfile.mkdtemp(), "small.pt")
+    >>> fxprune.save(small, path)
+    >>> again = fxprune.load(path, make, (x,))
+    >>> torch.equal(again(x), small(x))
+    True
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.fx as fx
+
+from ..errors import ConfigError, PlanError
+from ..pipeline import Pipeline
+from ..plan import Plan
+from ..view.report import report
+
+FORMAT = "fxprune.saved/1"
+
+
+def structure(gm: fx.GraphModule) -> list[str]:
+    """One line per node of ``gm``: the node as fx prints it, and the ``repr`` of the module it calls.
+
+    Two graphs with the same lines compute the same function of their weights.
+    """
+    lines = []
+    for node in gm.graph.nodes:
+        line = node.format_node() or node.name
+        if node.op == "call_module":
+            line += "  # " + " ".join(repr(gm.get_submodule(node.target)).split())
+        lines.append(line)
+    return lines
+
+
+def save(pruned: fx.GraphModule, path) -> None:
+    """Write ``pruned`` (a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`) to ``path``."""
+    rep = report(pruned)  # ConfigError if this is not fxprune's output
+    shapes, dtypes = [], []
+    for node in pruned.graph.nodes:
+        if node.op == "placeholder":
+            meta = node.meta.get("tensor_meta")
+            shapes.append(list(meta.shape) if meta is not None else None)
+            dtypes.append(str(meta.dtype) if meta is not None else None)
+    payload = {
+        "format": FORMAT,
+        "plan": rep.plan.to_json(),
+        "traced_training": bool(pruned.meta.get("fxprune_training", pruned.training)),
+        "training": bool(pruned.training),
+        "input_shapes": shapes,
+        "input_dtypes": dtypes,
+        "structure": structure(pruned),
+        "torch_version": str(torch.__version__),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in pruned.state_dict().items()},
+    }
+    torch.save(payload, path)
+
+
+def load(path, model_factory, example_inputs, *, verify: bool = False, leaf_modules=(),
+         concrete_args=None) -> fx.GraphModule:
+    """Rebuild the pruned model saved at ``path`` from ``model_factory()`` and load its weights.
+
+    ``model_factory`` is a callable returning the original architecture (its weights do
+    not matter), or such a module itself (it is copied, not changed). ``example_inputs``
+    must have the shapes the model was pruned with (the batch size may differ). With
+    ``verify`` the rebuilt structure is also checked by mask-equivalence before the
+    weights are loaded. Raises :class:`PlanError` when the file does not match.
+    """
+    data = _read(path)
+    if isinstance(model_factory, torch.nn.Module):
+        model = copy.deepcopy(model_factory)
+    elif callable(model_factory):
+        model = model_factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model_factory returned a {type(model).__name__}, not a torch.nn.Module")
+    else:
+        raise ConfigError("model_factory must be a callable returning the original nn.Module (or that module)")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    _check_inputs(data, example_inputs)
+    model.train(data["traced_training"])  # trace the branches the saved graph was traced with
+    plan = Plan.from_json(data["plan"])
+    pruned = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                      verify=verify, onnx=False).apply(plan)
+    _check_structure(data, pruned)
+    _check_weights(data["state_dict"], pruned)
+    pruned.load_state_dict(data["state_dict"], strict=True)
+    pruned.train(data["training"])
+    return pruned
+
+
+def _read(path) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"no such file: '{path}'")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PlanError(f"'{path}' is not an fxprune save file (or is damaged): {type(exc).__name__}: "
+                        f"{str(exc)[:300]}. Write one with fxprune.save(pruned, path).") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise PlanError(f"'{path}' is not an fxprune save file (format {found!r}, expected {FORMAT!r}). "
+                        "Write one with fxprune.save(pruned, path).")
+    return data
+
+
+def _check_inputs(data, example_inputs) -> None:
+    shapes = data["input_shapes"]
+    if len(shapes) != len(example_inputs):
+        raise PlanError(f"the model was saved with {len(shapes)} inputs, {len(example_inputs)} given")
+    for i, (saved, x) in enumerate(zip(shapes, example_inputs)):
+        if saved is None or not isinstance(x, torch.Tensor):
+            continue
+        if len(saved) != x.dim() or list(x.shape[1:]) != saved[1:]:
+            raise PlanError(f"input {i} has shape {tuple(x.shape)} but the model was pruned with "
+                            f"{tuple(saved)}: pass example inputs of that shape (any batch size)")
+
+
+def _check_structure(data, pruned) -> None:
+    saved, now = data["structure"], structure(pruned)
+    if saved == now:
+        return
+    for i, (a, b) in enumerate(zip(saved, now)):
+        if a != b:
+            where = f"node {i}: saved `{a[:200]}`, rebuilt `{b[:200]}`"
+            break
+    else:
+        where = f"the saved graph has {len(saved)} nodes, the rebuilt one {len(now)}"
+    raise PlanError("the model from model_factory is not the architecture that was saved: " + where +
+                    f". Pass the factory of the original model (saved with torch {data.get('torch_version')}).")
+
+
+def _check_weights(state, pruned) -> None:
+    expected = pruned.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise PlanError(f"the saved weights do not fit the rebuilt model: missing {missing[:5]}, "
+                        f"unexpected {extra[:5]}. Was the file saved from this architecture?")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
+            raise PlanError(f"weight '{k}' is {tuple(state[k].shape)} {state[k].dtype} in the file but "
+                            f"{tuple(v.shape)} {v.dtype} in the rebuilt model. Was the file saved from this architecture?")

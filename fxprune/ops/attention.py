@@ -1,0 +1,210 @@
+"""Rules of transformer ops: contractions (matmul, einsum), multi-head attention
+(``nn.MultiheadAttention``, torchvision Swin's wrapped attention), Swin's patch merging.
+
+Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from ..labels import along, varying
+from .schema import arg, describe, pin_all
+
+
+def _contract(ctx, operands, out_letters):
+    """Shared by matmul and einsum: ``operands`` is a list of (T, letters), one letter per dim.
+
+    A letter's channels must agree in every operand that has it (they are unified); a
+    letter summed over (absent from the output) that carries channels makes the node a
+    contraction over channels (exact under pruning when both sides drop the same ones).
+    """
+    ids_of: dict[str, list] = {}
+    for t, letters in operands:
+        if t.param is not None:
+            return pin_all(ctx, [t for t, _ in operands], {}, f"{describe(ctx.node, ctx.gm)} multiplies by a parameter")
+        vary = varying(t.label)
+        if len(vary) > 1:
+            return pin_all(ctx, [t for t, _ in operands], {},
+                           f"{describe(ctx.node, ctx.gm)} sees channels spread over several dims")
+        for d, letter in enumerate(letters):
+            ids_of.setdefault(letter, []).append((along(t.label, d, t.shape[d]) if d in vary else None, t.shape[d]))
+    result: dict[str, torch.Tensor] = {}
+    for letter, found in ids_of.items():
+        carried = [i for i, _ in found if i is not None]
+        if not carried:
+            continue
+        ids = carried[0]
+        for other in carried[1:]:
+            ids = ctx.unify(ids, other, f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
+        if any(i is None and size > 1 for i, size in found):
+            ctx.pin(ids, f"{describe(ctx.node, ctx.gm)} combines them with an operand whose channels are fixed")
+        result[letter] = ids
+    summed = [letter for letter in result if letter not in out_letters]
+    kept_out = [letter for letter in out_letters if letter in result]
+    if summed:
+        ctx.node.meta["fxprune_contract"] = True
+    if len(kept_out) > 1:
+        for letter in kept_out:
+            ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims")
+        return None
+    ctx.cost(*[result[letter] for letter in summed + kept_out])
+    if not kept_out:
+        return None
+    d = out_letters.index(kept_out[0])
+    shape = [1] * len(out_letters)
+    shape[d] = -1
+    return result[kept_out[0]].view(shape)
+
+
+def matmul_rule(ctx, args, kwargs):
+    """``a @ b`` (matmul, bmm): contraction over a's last and b's second-to-last dim."""
+    a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "other", arg(args, kwargs, 1, "mat2"))
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} on a vector is not supported")
+    nd = len(ctx.out_shape)
+    batch = "abcdefgh"[:nd - 2]
+    la = batch[len(batch) - (len(a.shape) - 2):] + "ik"
+    lb = batch[len(batch) - (len(b.shape) - 2):] + "kj"
+    return _contract(ctx, [(a, la), (b, lb)], batch + "ij")
+
+
+def einsum_rule(ctx, args, kwargs):
+    equation = args[0].replace(" ", "")
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
+    if "..." in equation or "->" not in equation:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: only explicit einsum equations are supported")
+    ins, out = equation.split("->")
+    ins = ins.split(",")
+    if len(ins) != len(operands) or any(len(s) != len(t.shape) for s, t in zip(ins, operands)):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: equation does not fit its operands")
+    return _contract(ctx, list(zip(operands, ins)), out)
+
+
+def patch_merging_pad_rule(ctx, args, kwargs):
+    """Swin's ``_patch_merging_pad``: pad H, W, then cat four strided views along channels (dim -1)."""
+    x = args[0]
+    label = x.label
+    if label is None:
+        return None
+    nd = len(x.shape)
+    if varying(label) != [nd - 1]:
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
+        return None
+    ids = along(label, nd - 1, x.shape[-1])
+    return torch.cat([ids] * 4).view((1,) * (nd - 1) + (-1,))
+
+
+def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
+    """Self-attention whose inner width must equal its input width (``nn.MultiheadAttention``,
+    Swin's ``shifted_window_attention``): ``qkv = x @ W^T`` packs q, k, v, each split into
+    ``heads`` heads of ``width // heads`` channels; ``proj`` maps back to the stream.
+
+    Inner channel ``j`` of q, k and v is tied to stream channel ``j`` (the module forces
+    equal widths), and channel ``j`` of every head is tied across heads, so each head keeps
+    the same ``head_dim``. The q/k/v rows are recorded as consumer-kind members: the masked
+    reference zeroes the removed ones, as the pruned model drops them from ``q @ k^T``.
+    """
+    nd = len(x.shape)
+    if x.label is None:
+        return None
+    if varying(x.label) != [nd - 1]:
+        return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)} sees channels off its feature dim")
+    width = x.shape[-1]
+    if width % heads:
+        return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)}: width {width} is not a multiple of {heads} heads")
+    ids = along(x.label, nd - 1, width)
+    per_head = ids.view(heads, width // heads)
+    ctx.unify(per_head[:1], per_head, f"{describe(ctx.node, ctx.gm)} keeps every head the same width")
+    ids = ctx.roots(ids)
+    ctx.member(qkv_weight, 1, ids, "consumer", "weight")
+    ctx.member(qkv_weight, 0, torch.cat([ids] * 3), "consumer", "weight")
+    if qkv_bias is not None:
+        ctx.member(qkv_bias, 0, torch.cat([ids] * 3), "consumer", "bias")
+    ctx.member(proj_weight, 1, ids, "consumer", "weight")
+    ctx.member(proj_weight, 0, ids, "producer", "weight")
+    if proj_bias is not None:
+        ctx.member(proj_bias, 0, ids, "producer", "bias")
+    # the qkv and output projections (8 * rows * width^2 FLOPs) scale with the kept width
+    # squared; the rest (q @ k^T and attention @ v, per head) with the kept head_dim
+    rows = math.prod(x.shape) // width
+    total = ctx.node.meta.get("flops") or 0
+    projections = min(1.0, 8 * rows * width * width / total) if total else 1.0
+    ctx.cost(ids, ids, share=projections)
+    if projections < 1.0:
+        ctx.cost(ids, share=1.0 - projections)
+    return ids.view((1,) * (nd - 1) + (width,))
+
+
+def _fold_query_scale(weight: torch.Tensor, bias, old_head_dim: int, new_head_dim: int) -> None:
+    """Attention scales q @ k^T by 1/sqrt(head_dim); after head_dim shrinks, scale the q rows
+    by sqrt(new/old) so that the pruned model keeps the original scale exactly."""
+    if old_head_dim == new_head_dim:
+        return
+    factor = (new_head_dim / old_head_dim) ** 0.5
+    width = weight.shape[0] // 3
+    with torch.no_grad():
+        weight[:width] *= factor
+        if bias is not None:
+            bias[:width] *= factor
+
+
+def mha_module(ctx, args, kwargs):
+    """``nn.MultiheadAttention`` (self-attention, packed in-projection, batch first)."""
+    m, name = ctx.module(), ctx.node.target
+    q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    if not (q is k is v) or not m._qkv_same_embed_dim or not m.batch_first or m.bias_k is not None \
+            or m.add_zero_attn or arg(args, kwargs, 4, "need_weights", True):
+        pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: only batch-first self-attention "
+                                   "with need_weights=False is pruned")
+        return None
+    bias = m.in_proj_bias is not None
+    label = _attention(ctx, q, m.num_heads, f"{name}.in_proj_weight", f"{name}.in_proj_bias" if bias else None,
+                       f"{name}.out_proj.weight", f"{name}.out_proj.bias" if m.out_proj.bias is not None else None)
+    return (label, None)
+
+
+def resize_mha(m, node, rw):
+    width = m.in_proj_weight.shape[1]
+    _fold_query_scale(m.in_proj_weight.data, None if m.in_proj_bias is None else m.in_proj_bias.data,
+                      m.head_dim, width // m.num_heads)
+    m.embed_dim = m.kdim = m.vdim = width
+    m.head_dim = width // m.num_heads
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+
+
+def swin_attention_rule(ctx, args, kwargs):
+    """torchvision's ``shifted_window_attention`` (Swin v1 and v2), wrapped as one node."""
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads")
+    x, qkv_w, proj_w, bias_table, _, heads = (arg(args, kwargs, i, n) for i, n in enumerate(names))
+    qkv_b, proj_b = arg(args, kwargs, 9, "qkv_bias"), arg(args, kwargs, 10, "proj_bias")
+    logit_scale = arg(args, kwargs, 11, "logit_scale")
+    if any(t is not None and getattr(t, "param", None) is None for t in (qkv_w, proj_w, qkv_b, proj_b)):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    if logit_scale is not None and getattr(logit_scale, "label", None) is not None:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: logit scale carries channels")
+    return _attention(ctx, x, heads, qkv_w.param, qkv_b.param if qkv_b is not None else None,
+                      proj_w.param, proj_b.param if proj_b is not None else None)
+
+
+def fix_swin_attention(node, rw):
+    x = node.args[0]
+    old, new = rw.old_shape(x)[-1], rw.new_shape(x)[-1]
+    heads = arg(node.args, node.kwargs, 5, "num_heads")
+    if old == new or arg(node.args, node.kwargs, 11, "logit_scale") is not None:
+        return  # Swin v2's cosine attention has no 1/sqrt(head_dim)
+    gm = node.graph.owning_module
+    w, b = arg(node.args, node.kwargs, 1, "qkv_weight"), arg(node.args, node.kwargs, 9, "qkv_bias")
+    weight = gm.get_parameter(w.target) if isinstance(w, fx.Node) else None
+    bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) else None
+    if weight is not None:
+        _fold_query_scale(weight.data, None if bias is None else bias.data, old // heads, new // heads)
+
+
+def relative_position_bias_rule(ctx, args, kwargs):
+    """Swin's ``_get_relative_position_bias``: one bias per attention head. Heads stay whole
+    (the attention rules prune ``head_dim`` instead), so the table's head dim is kept."""
+    return pin_all(ctx, args, kwargs, "the relative-position bias has one entry per attention head, and heads are "
+                                      "kept whole (head_dim is pruned instead)")

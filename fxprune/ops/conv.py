@@ -1,0 +1,110 @@
+"""Rules of the ops that make new channels: convolutions (plain, grouped, depthwise,
+transposed) and linear layers, as modules and as functions.
+
+Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..labels import along, varying
+from .schema import arg, describe, pin_all
+
+
+def _conv(ctx, x, weight, bias, groups, transposed=False):
+    nd = len(ctx.out_shape)
+    label, c_in, c_out = x.label, x.shape[1], ctx.out_shape[1]
+    if label is not None and any(d != 1 for d in varying(label)):
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
+        label = None
+    ins = along(label, 1, c_in)
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if groups == 1:
+        out = ctx.fresh(c_out)
+        ctx.member(weight, in_dim, ins, "consumer", "weight")
+        ctx.cost(out, ins)
+    elif transposed:
+        ctx.pin(label, f"grouped transposed {describe(ctx.node, ctx.gm)} is not supported")
+        return None
+    else:
+        # A grouped conv can lose whole groups: tie each group's input channels together
+        # and to its output channels (a depthwise conv is the case of one channel per group).
+        blocks = ins.view(groups, c_in // groups)
+        if blocks.shape[1] > 1:
+            ctx.unify(blocks[:, :1], blocks, f"grouped {describe(ctx.node, ctx.gm)} keeps whole groups")
+        out = ctx.roots(blocks[:, 0]).repeat_interleave(c_out // groups)
+        ctx.cost(out)
+    ctx.member(weight, out_dim, out, "producer", "weight")
+    if bias is not None:
+        ctx.member(bias, 0, out, "producer", "bias")
+    return out.view((1, c_out) + (1,) * (nd - 2))
+
+
+def conv_module(ctx, args, kwargs):
+    m, name = ctx.module(), ctx.node.target
+    bias = f"{name}.bias" if m.bias is not None else None
+    return _conv(ctx, args[0], f"{name}.weight", bias, m.groups, transposed=isinstance(m, nn.modules.conv._ConvTransposeNd))
+
+
+def conv_function(ctx, args, kwargs):
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    groups = arg(args, kwargs, 6, "groups", 1)
+    if w.param is None or (b is not None and b.param is None):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    return _conv(ctx, x, w.param, b.param if b is not None else None, groups)
+
+
+def resize_conv(m, node, rw):
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    old_out = m.out_channels
+    m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
+    if m.groups > 1:
+        m.groups = m.out_channels // (old_out // m.groups)
+    m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
+
+
+def fix_conv_function(node, rw):
+    groups = arg(node.args, node.kwargs, 6, "groups", 1)
+    if groups > 1:
+        old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
+        rw.set_arg(node, 6, "groups", new // (old // groups))
+
+
+def _linear(ctx, x, weight, bias):
+    nd = len(x.shape)
+    label, c_in, c_out = x.label, x.shape[-1], ctx.out_shape[-1]
+    vary = varying(label)
+    if label is not None and c_in == 1 and not vary:
+        vary = [nd - 1]  # a single input feature: the label's only id is that feature
+    if nd - 1 in vary and len(vary) > 1:
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} reads channels spread over several dims")
+        label, vary = None, []
+    if label is not None and nd - 1 not in vary:
+        # The linear acts along a dim that carries no channels (a width, a token dim):
+        # channels ride along the other dims; its own output features stay fixed.
+        ctx.cost(label)
+        return label
+    ins = along(label, nd - 1, c_in)
+    out = ctx.fresh(c_out)
+    ctx.member(weight, 1, ins, "consumer", "weight")
+    ctx.member(weight, 0, out, "producer", "weight")
+    if bias is not None:
+        ctx.member(bias, 0, out, "producer", "bias")
+    ctx.cost(out, ins)
+    return out.view((1,) * (nd - 1) + (c_out,))
+
+
+def linear_module(ctx, args, kwargs):
+    m, name = ctx.module(), ctx.node.target
+    return _linear(ctx, args[0], f"{name}.weight", f"{name}.bias" if m.bias is not None else None)
+
+
+def linear_function(ctx, args, kwargs):
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if w.param is None or (b is not None and b.param is None):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    return _linear(ctx, x, w.param, b.param if b is not None else None)
+
+
+def resize_linear(m, node, rw):
+    m.out_features, m.in_features = m.weight.shape

@@ -1,0 +1,52 @@
+"""Shape and FLOPs formulas of modules on the ``meta`` device (a rule's ``on_meta``): what
+shape propagation uses instead of running the module.
+
+Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.flop_counter import conv_flop_count, flop_registry
+
+
+def same_shape(module, x):
+    """A module whose output is shaped like its input, at no FLOPs (norms, activations, dropout)."""
+    return _empty(x.shape, x), 0
+
+
+def _empty(shape, like):
+    # not empty_like/new_empty: on the meta device they run Python decompositions (10x slower)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def conv_on_meta(module, x):
+    """``nn.Conv1d/2d/3d``: torch's output-size formula and ``flop_counter``'s count."""
+    nd = len(module.kernel_size)
+    if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != module.in_channels:
+        return None  # the real call raises its own error
+    spatial = tuple(x.shape[-nd:])
+    if module.padding == "same":
+        out_spatial = spatial
+    else:
+        pad = (0,) * nd if module.padding == "valid" else module.padding
+        out_spatial = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(
+            spatial, pad, module.dilation, module.kernel_size, module.stride))
+    if min(out_spatial) <= 0:
+        return None
+    batch = tuple(x.shape[:-nd - 1])
+    out = _empty(batch + (module.out_channels,) + out_spatial, x)
+    n = batch or (1,)
+    flops = conv_flop_count(n + (module.in_channels,) + spatial, tuple(module.weight.shape),
+                            n + (module.out_channels,) + out_spatial)
+    return out, flops
+
+
+def linear_on_meta(module, x):
+    """``nn.Linear`` on an input of 2 or more dims (``F.linear`` runs one matrix product)."""
+    if x.dim() < 2 or x.shape[-1] != module.in_features:
+        return None
+    rows = math.prod(x.shape[:-1])
+    flops = flop_registry[torch.ops.aten.mm]((rows, module.in_features), (module.in_features, module.out_features))
+    return _empty(tuple(x.shape[:-1]) + (module.out_features,), x), flops

@@ -1,0 +1,132 @@
+"""Rules of normalisations and per-channel parameters: batch and instance norm (exact),
+PReLU, GroupNorm (pins), LayerNorm over channels (approximate: see below).
+
+Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
+"""
+from __future__ import annotations
+
+from ..labels import along, varying
+from .schema import arg, describe, pin_all
+
+
+def _channel_norm(ctx, x, params):
+    """Per-channel norms along dim 1 (BatchNorm, InstanceNorm): exact under pruning."""
+    label = x.label
+    vary = varying(label)
+    if label is None:
+        return None
+    if 1 in vary:
+        if len(vary) > 1 and "InstanceNorm" in describe(ctx.node, ctx.gm):
+            ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
+            return None
+        ids = along(label, 1, x.shape[1]) if len(vary) == 1 else None
+        if ids is None:
+            ctx.pin(label, f"{describe(ctx.node, ctx.gm)} sees channels spread over several dims")
+            return None
+        for role, name in params.items():
+            if name is not None:
+                ctx.member(name, 0, ids, "producer", role)
+    return label
+
+
+def norm_module(ctx, args, kwargs):
+    m, name = ctx.module(), ctx.node.target
+    params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
+              for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"),
+                                 ("running_mean", "running_mean"), ("running_var", "running_var"))}
+    return _channel_norm(ctx, args[0], params)
+
+
+def batch_norm_function(ctx, args, kwargs):
+    x = args[0]
+    slots = (("running_mean", 1), ("running_var", 2), ("norm_weight", 3), ("norm_bias", 4))
+    params = {}
+    for role, i in slots:
+        t = arg(args, kwargs, i, role.replace("norm_", ""))
+        if t is not None and getattr(t, "param", None) is None:
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes statistics computed at run time")
+        params[role] = t.param if t is not None else None
+    return _channel_norm(ctx, x, params)
+
+
+def resize_norm(m, node, rw):
+    for attr in ("weight", "running_mean"):
+        t = getattr(m, attr, None)
+        if t is not None:
+            m.num_features = t.shape[0]
+            return
+    m.num_features = rw.new_shape(node)[1]
+
+
+def prelu_module(ctx, args, kwargs):
+    m = ctx.module()
+    if m.num_parameters == 1:
+        return args[0].label
+    return _channel_norm(ctx, args[0], {"scale": f"{ctx.node.target}.weight"})
+
+
+def resize_prelu(m, node, rw):
+    m.num_parameters = m.weight.shape[0]
+
+
+def normalizes_channels(ctx, args, kwargs):
+    """GroupNorm: statistics over groups of channels."""
+    x = args[0]
+    if 1 in varying(x.label):
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} normalises over the channels (approximate; not pruned)")
+        return None
+    return x.label
+
+
+# ----------------------------------------------------------------------------- transformers
+# --- transformers: attention, layer norm, contractions (matmul, einsum), Swin's wrapped helpers.
+#
+# Two facts these rules leave in ``node.meta`` for the verifier (:mod:`fxprune.verify.mask`):
+# ``node.meta["fxprune_approx"] = dim``: a LayerNorm normalises over channels along ``dim``;
+#   removing channels changes the statistics, so its groups are *approximate* (the
+#   masked reference renormalises over the kept channels there);
+# ``node.meta["fxprune_contract"] = True``: the op sums over a channel dim (q @ k^T), so
+#   the masked reference zeroes the removed positions of its inputs first.
+
+def layer_norm_rule(ctx, args, kwargs):
+    """LayerNorm over trailing dims that carry channels: pass them, approximately.
+
+    The affine weight and bias follow the channels. The group is marked approximate: a
+    pruned LayerNorm normalises over the kept channels only.
+    """
+    x = args[0]
+    if ctx.node.op == "call_module":
+        m, name = ctx.module(), ctx.node.target
+        k = len(m.normalized_shape)
+        weight = f"{name}.weight" if getattr(m, "weight", None) is not None else None
+        bias = f"{name}.bias" if getattr(m, "bias", None) is not None else None
+    else:
+        k = len(arg(args, kwargs, 1, "normalized_shape"))
+        w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+        if any(t is not None and getattr(t, "param", None) is None for t in (w, b)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes affine parameters computed at run time")
+        weight, bias = (t.param if t is not None else None for t in (w, b))
+    label, nd = x.label, len(x.shape)
+    inside = [d for d in varying(label) if d >= nd - k]
+    if not inside:
+        return label
+    if len(varying(label)) > 1:
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over channels spread over several dims")
+        return None
+    d = inside[0]
+    ids = along(label, d, x.shape[d])
+    for role, p in (("norm_weight", weight), ("norm_bias", bias)):
+        if p is not None:
+            ctx.member(p, d - (nd - k), ids, "producer", role)
+    ctx.node.meta["fxprune_approx"] = d
+    return label
+
+
+def resize_layer_norm(m, node, rw):
+    k = len(m.normalized_shape)
+    m.normalized_shape = tuple(rw.new_shape(node)[-k:])
+
+
+def fix_layer_norm(node, rw):
+    k = len(arg(node.args, node.kwargs, 1, "normalized_shape"))
+    rw.set_arg(node, 1, "normalized_shape", list(rw.new_shape(node)[-k:]))

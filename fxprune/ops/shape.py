@@ -1,0 +1,193 @@
+"""Rules of the ops that move channel positions: view/reshape/flatten/permute/shuffles, indexing,
+split/chunk and concatenation, with the fixes of their literal sizes at rewrite time.
+
+Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..labels import FIXED, along, expand_to, varying
+from .schema import T, arg, one_axis, pin_all
+
+
+def shape_op(fn):
+    """Ops that only move positions: apply the same op to the label."""
+
+    def shape_op_rule(ctx, args, kwargs):
+        x = args[0]
+        if x.label is None:
+            return None
+        full = expand_to(x.label, x.shape)
+        rest = [a.label if hasattr(a, "label") else a for a in args[1:]]
+        out = fn(full, *rest, **kwargs)
+        if isinstance(out, (tuple, list)):
+            return tuple(one_axis(ctx, o) for o in out)
+        return one_axis(ctx, out)
+
+    return shape_op_rule
+
+
+def method(name):
+    return lambda t, *a, **k: getattr(t, name)(*a, **k)
+
+
+def fix_shape_args(first: int = 1):
+    """view/reshape/expand: literal sizes of dims that carry channels follow the pruning."""
+
+    def fix(node, rw):
+        sizes = list(node.args[first:])
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+        if packed:
+            sizes = list(sizes[0])
+        new = rw.new_shape(node)
+        for d in rw.varying_dims(node):
+            if d < len(sizes) and not (isinstance(sizes[d], int) and sizes[d] == -1):
+                sizes[d] = new[d]
+        node.args = tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes))
+        if "shape" in node.kwargs or "size" in node.kwargs:
+            key = "shape" if "shape" in node.kwargs else "size"
+            kw = dict(node.kwargs)
+            kw[key] = tuple(new[d] if d in rw.varying_dims(node) else s for d, s in enumerate(kw[key]))
+            node.kwargs = kw
+
+    return fix
+
+
+def fix_unflatten(node, rw):
+    dim = arg(node.args, node.kwargs, 1, "dim")
+    sizes = list(arg(node.args, node.kwargs, 2, "sizes"))
+    dim = dim % len(rw.old_shape(node.args[0]))
+    new = rw.new_shape(node)
+    for i in range(len(sizes)):
+        if dim + i in rw.varying_dims(node) and sizes[i] != -1:
+            sizes[i] = new[dim + i]
+    rw.set_arg(node, 2, "sizes", tuple(sizes))
+
+
+def getitem_rule(ctx, args, kwargs):
+    x, index = args
+
+    if not isinstance(x, T):  # a tuple from a multi-output node
+        item = x[index]
+        return item.label if isinstance(item, T) else None
+    if x.label is None:
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    vary = varying(x.label)
+    for d, item in _index_dims(index, len(x.shape)):
+        if d in vary and not (isinstance(item, slice) and item.step in (None, 1)):
+            ctx.pin(x.label, f"indexing at '{ctx.node.name}' picks single channels")
+            return None
+    if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in index):
+        ctx.pin(x.label, f"advanced indexing at '{ctx.node.name}'")
+        return None
+    return one_axis(ctx, expand_to(x.label, x.shape)[index])
+
+
+def _index_dims(index, ndim):
+    """(input dim, index item) for each item of a basic index."""
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for item in index:
+        if item is Ellipsis:
+            d += ndim - n_real
+        elif item is None:
+            continue
+        else:
+            out.append((d, item))
+            d += 1
+    return out
+
+
+def fix_getitem(node, rw):
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or not isinstance(src.meta.get("fxprune"), torch.Tensor):
+        return
+    index = node.args[1]
+    packed = isinstance(index, tuple)
+    items = list(index if packed else (index,))
+    shape = rw.old_shape(src)
+    positions = [i for i, it in enumerate(items) if it is not None and it is not Ellipsis]
+    for (d, item), pos in zip(_index_dims(tuple(items), len(shape)), positions):
+        if d in rw.varying_dims(src) and isinstance(item, slice):
+            kept = rw.kept_along(src, d)
+            start, stop, _ = item.indices(shape[d])
+            items[pos] = slice(int(kept[:start].sum()), int(kept[:stop].sum()), None)
+    node.args = (src, tuple(items) if packed else items[0])
+
+
+def cat_rule(ctx, args, kwargs):
+    """cat/stack: along the channel dim, offsets are tracked; along another dim, channels coincide."""
+
+    xs = list(arg(args, kwargs, 0, "tensors"))
+    nd = len(ctx.out_shape)
+    dim = arg(args, kwargs, 1, "dim", 0) % nd
+    if ctx.node.target is torch.stack:
+        xs = [T(None if t.label is None else t.label.unsqueeze(dim), t.shape[:dim] + (1,) + t.shape[dim:], t.param)
+              for t in xs]
+    labels = [None if t.param is not None else t.label for t in xs]
+    vary = {d for lab in labels for d in varying(lab)}
+    if vary <= {dim}:  # DenseNet, Inception, chunk -> cat: offsets
+        parts = [along(lab, dim, t.shape[dim]) for t, lab in zip(xs, labels)]
+        return torch.cat(parts).view([1] * dim + [-1] + [1] * (nd - dim - 1))
+    if dim not in vary:  # e.g. a class token joined along the token dim: channels coincide
+        result, joined = None, []
+        sources = list(arg(ctx.node.args, ctx.node.kwargs, 0, "tensors"))
+        for t, lab, src in zip(xs, labels, sources):
+            if lab is None:
+                param = param_behind(ctx, src, t, vary)
+                if param is not None:  # a learned token: its entries follow the channels
+                    joined.append((param, t))
+                    continue
+                lab = torch.full([t.shape[d] if d in vary else 1 for d in range(nd)], FIXED, dtype=torch.long)
+            result = lab if result is None else ctx.unify(result, lab, f"'{ctx.node.name}' joins them with fixed channels")
+        for param, t in joined:
+            (d,) = vary
+            shape = ctx.gm.get_parameter(param).shape
+            ctx.member(param, d - (nd - len(shape)), along(result, d, t.shape[d]), "producer", "scale")
+        return result.narrow(dim, 0, 1)
+    return pin_all(ctx, args, kwargs, f"'{ctx.node.name}' concatenates channels along two dims at once")
+
+
+def fix_split(node, rw):
+    """split/chunk: piece sizes follow the pruning; chunk becomes split with explicit sizes."""
+    dim = arg(node.args, node.kwargs, 2, "dim", 0)
+    x = node.args[0]
+    dim = dim % len(rw.old_shape(x))
+    if dim not in rw.varying_dims(x):
+        return
+    sizes = [s[dim] for s in rw.new_shape(node)]
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args = (x, sizes, dim)
+    node.kwargs = {}
+
+
+def module_shape_op(ctx, args, kwargs):
+    return shape_op(ctx.module())(ctx, args, kwargs)
+
+
+def resize_unflatten(m, node, rw):
+    new = rw.new_shape(node)
+    start = m.dim % len(rw.old_shape(node.args[0]))
+    m.unflattened_size = tuple(new[start:start + len(m.unflattened_size)])
+
+
+def param_behind(ctx, node, t, vary):
+    """The parameter that ``node`` broadcasts (``class_token.expand(n, -1, -1)``), when its
+    entries line up with the channel dim ``vary`` of the value; else None."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "contiguous", "clone"):
+        node = node.args[0]
+    if len(vary) != 1 or not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        shape = ctx.gm.get_parameter(node.target).shape
+    except AttributeError:
+        return None
+    (d,) = vary
+    pd = d - (len(t.shape) - len(shape))
+    return node.target if 0 <= pd < len(shape) and shape[pd] == t.shape[d] else None

@@ -1,0 +1,196 @@
+"""The one orchestrator: every route to a pruned model runs the same stages and ends in the same report.
+
+    capture → couple → score → plan → rewrite → verify → report
+
+:class:`Pipeline` holds one model and its example inputs. :meth:`~Pipeline.analyze`
+captures and couples it (once); :meth:`~Pipeline.planner` turns a method into a function
+from a budget to a :class:`~fxprune.plan.Plan` (a criterion's scores planned by
+:func:`~fxprune.plan.make_plan`, or a method that plans itself, such as CURL and CATRO);
+:meth:`~Pipeline.build` rewrites, verifies and attaches the :class:`~fxprune.view.report.Report`;
+:meth:`~Pipeline.finish` attaches the report to a module made elsewhere (OICSR's greedy
+loop retrains between its cuts). :func:`fxprune.compile`, :func:`fxprune.apply`, the
+latency search, OICSR's loop, CATRO's sub-task mode, ``fxprune.load`` and the CLI all go
+through it, so every result is counted the same way and accepted by
+:func:`fxprune.report` and :func:`fxprune.save`.
+
+Stage contracts:
+
+=========  ====================================================  ==========================================
+stage      requires                                              ensures
+=========  ====================================================  ==========================================
+capture    an ``nn.Module`` and inputs it runs on                a ``GraphModule`` sharing the model's
+                                                                 parameters, ``tensor_meta``/``value``/
+                                                                 ``flops`` on every node; the model unchanged
+couple     a captured graph and its rule table                   a ``ChannelGraph``: every parameter slice
+                                                                 in at most one group per dim, pins with reasons
+plan       a ``ChannelGraph``, scores or a planner, one budget    a ``Plan`` that keeps every pinned channel
+                                                                 and at least one channel of every value
+rewrite    a ``ChannelGraph`` and a ``Plan`` made for it           a new ``GraphModule``; the analysed module
+                                                                 and the user's model unchanged
+verify     the original, the plan, the pruned module              mask-equivalence node by node (and ONNX
+                                                                 Runtime agreement), else ``VerificationError``
+=========  ====================================================  ==========================================
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.passes import magnitude
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> pipe = Pipeline(net, (torch.randn(1, 3, 8, 8),), onnx=False)
+    >>> plan = pipe.planner(magnitude.l2, "l2")(ratio=0.5)
+    >>> small = pipe.build(plan, method="l2")
+    >>> fxprune.report(small).params_after, small.get_submodule("0").out_channels
+    (132, 4)
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+
+from .capture import trace
+from .cost import CostModel, count_params, graph_flops
+from .couple import couple
+from .errors import ConfigError
+from .io.onnx import export_onnx
+from .ir import ChannelGraph
+from .ops import FX_RULES
+from .plan import Plan, make_plan
+from .rewrite import rewrite
+from .utils import as_tuple, paused_gc
+from .verify import check_mask, mask_equivalence, random_inputs
+from .view.report import Report
+
+
+class Pipeline:
+    """The stages of fxprune over one model; see the module docstring.
+
+    ``leaf_modules`` and ``concrete_args`` go to the capture; ``verify`` runs
+    mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
+    """
+
+    def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
+                 verify: bool = True, onnx: bool = True):
+        self.model = model
+        self.example_inputs = as_tuple(example_inputs)
+        self.leaf_modules = leaf_modules
+        self.concrete_args = concrete_args
+        self.verify = verify
+        self.onnx = onnx
+        self.table = FX_RULES
+        self._graph: ChannelGraph | None = None
+
+    # -- capture and couple
+    @property
+    def graph(self) -> ChannelGraph:
+        """The model's :class:`~fxprune.ir.ChannelGraph` (analysed on first use)."""
+        if self._graph is None:
+            self._graph = self.analyze()
+        return self._graph
+
+    @paused_gc
+    def analyze(self) -> ChannelGraph:
+        """Capture a copy-free graph of the model and find its channel groups."""
+        t0 = time.perf_counter()
+        gm = trace(self.model, self.example_inputs, leaf_modules=self.leaf_modules,
+                   concrete_args=self.concrete_args, table=self.table)
+        t1 = time.perf_counter()
+        graph = couple(gm, self.example_inputs, self.table)
+        graph.source_names = {id(m): name for name, m in self.model.named_modules()}
+        graph.capture = {"tracer": "fx"}
+        graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
+        self._graph = graph
+        return graph
+
+    # -- score and plan
+    def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
+                ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None):
+        """A function ``(ratio=, flops=, params=) -> Plan`` for ``criterion`` on this model.
+
+        A criterion with a ``plan`` attribute chooses its own channels under the budget
+        (CURL, CATRO): ``criterion.plan(graph, data=, seed=, ratio=, flops=, params=, round_to=,
+        min_keep=, floor=, ignore=, meta=, **method_options)``. Any other criterion is called
+        once, ``criterion(graph, data=, seed=, **method_options)``, and its scores are planned
+        by :func:`~fxprune.plan.make_plan` for every budget asked.
+        """
+        if not callable(criterion):
+            raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
+        name = name or getattr(criterion, "__name__", "custom")
+        meta = {"method": name, **(meta or {})}
+        options = dict(method_options or {})
+        graph = self.graph
+        common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
+        own = getattr(criterion, "plan", None)
+        if callable(own):
+            def plan(ratio=None, flops=None, params=None) -> Plan:
+                t0 = time.perf_counter()
+                result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common, **options)
+                graph.timings["score + plan"] = time.perf_counter() - t0
+                return result
+            return plan
+        scores = None
+
+        def plan(ratio=None, flops=None, params=None) -> Plan:
+            nonlocal scores
+            t0 = time.perf_counter()
+            if scores is None:
+                scores = criterion(graph, data=data, seed=seed, **options)
+                graph.timings["score"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, **common)
+            graph.timings["plan"] = time.perf_counter() - t1
+            return result
+        return plan
+
+    # -- rewrite, verify, report
+    def build(self, plan: Plan, *, method: str | None = None, search=None) -> fx.GraphModule:
+        """The pruned ``GraphModule`` of ``plan`` on this model, verified, with its report attached."""
+        graph = self.graph
+        keep = plan.mask(graph)
+        t0 = time.perf_counter()
+        pruned = rewrite(graph, plan)
+        rewrite_s = time.perf_counter() - t0
+        mask_result = None
+        if self.verify:
+            t0 = time.perf_counter()
+            mask_result = mask_equivalence(graph, keep, pruned, random_inputs(self.example_inputs, seed=0))
+            graph.timings["verify: mask"] = time.perf_counter() - t0
+            check_mask(mask_result)
+        return self.finish(pruned, plan, method=method, mask=mask_result, keep=keep, search=search,
+                           timings={"rewrite": rewrite_s})
+
+    def apply(self, plan: Plan) -> fx.GraphModule:
+        """:meth:`build` for a plan made earlier (its method is read from the plan)."""
+        return self.build(plan, method=plan.meta.get("method", "plan"))
+
+    def finish(self, pruned: fx.GraphModule, plan: Plan, *, method: str | None = None, mask: dict | None = None,
+               keep: torch.Tensor | None = None, search=None, timings=None) -> fx.GraphModule:
+        """Check ``pruned`` in ONNX Runtime (with ``verify`` and ``onnx``) and attach its :class:`Report`.
+
+        ``plan`` is on this pipeline's model; ``mask`` the mask-equivalence figures, when
+        they were taken (a module retrained after its cut has none against the original).
+        """
+        graph = self.graph
+        keep = plan.mask(graph) if keep is None else keep
+        times = {k: v for k, v in graph.timings.items() if not k.startswith("verify")}
+        times.update(timings or {})
+        if mask is not None and "verify: mask" in graph.timings:
+            times["verify: mask"] = graph.timings["verify: mask"]
+        onnx_result = None
+        if self.verify and self.onnx:
+            t0 = time.perf_counter()
+            onnx_result = export_onnx(pruned, self.example_inputs)
+            times["verify: onnx"] = time.perf_counter() - t0
+        cost = CostModel(graph)
+        groups = list(graph.groups.values())
+        pinned = [g for g in groups if g.prunable == 0]
+        first_pin = next((str(g.pins[0]) for g in pinned if g.pins), None)
+        pruned.meta["fxprune_report"] = Report(
+            method=method or plan.meta.get("method", "plan"), plan=plan, params_before=count_params(self.model),
+            params_after=count_params(pruned), flops_before=int(cost.base_flops),
+            flops_after=graph_flops(pruned, self.example_inputs), flops_predicted=cost.flops(keep.numpy()),
+            groups=len(groups), prunable_groups=len(groups) - len(pinned), pinned_groups=len(pinned),
+            first_pin=first_pin, mask=mask, onnx=onnx_result, timings=times, capture=dict(graph.capture),
+            search=search)
+        return pruned

@@ -1,0 +1,290 @@
+"""The one budget search: from a removal order to kept counts per group under a budget.
+
+Every planner in fxprune ends here — :func:`make_plan` (a global ranking of normalised
+scores), CURL (a global ranking of raw scores) and CATRO (a greedy order) — so budgets,
+floors and rounding mean the same everywhere:
+
+* :class:`Budget` holds the user's budget and its options, checked once: ``ratio=r``
+  removes ``round(r * size)`` channels of every prunable group (as Torch-Pruning's
+  ``pruning_ratio``); ``flops=f`` / ``params=p`` keep that fraction of the model's FLOPs /
+  parameters; ``round_to`` rounds each group's kept count up to a multiple; ``floor`` and
+  ``min_keep`` bound it from below (:meth:`Budget.min_kept`, the floor written once);
+* :func:`search` takes a removal order (one group name per step: "remove that group's next
+  channel") and finds the fewest steps that meet the budget, by binary search on a cost
+  measure of the global keep-mask (:func:`budget_measure`: :class:`fxprune.cost.CostModel`'s
+  FLOPs or parameters);
+* :func:`keep_mask` turns kept counts into the global keep-mask and makes sure no value
+  of the graph loses all of its channels; :func:`plan_from_mask` writes the :class:`Plan`.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    >>> scores = {name: torch.arange(g.size, dtype=torch.float) for name, g in graph.groups.items()}
+    >>> make_plan(graph, scores, ratio=0.5).keep
+    {'0': [4, 5, 6, 7]}
+    >>> make_plan(graph, scores, flops=0.5).keep     # both convs scale with the kept share of group 0
+    {'0': [4, 5, 6, 7]}
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..cost import CostModel
+from ..errors import ConfigError
+from ..utils import paused_gc
+from .plan import Plan
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget (exactly one of ``ratio``, ``flops``, ``params``) and the options every planner shares."""
+
+    ratio: float | None = None
+    flops: float | None = None
+    params: float | None = None
+    round_to: int | None = None
+    floor: float = 0.0
+    min_keep: int = 1
+
+    def __post_init__(self):
+        if sum(b is not None for b in (self.ratio, self.flops, self.params)) != 1:
+            raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
+                              "flops= or params= (fraction of the model kept)")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ConfigError(f"ratio={self.ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
+        for name, b in (("flops", self.flops), ("params", self.params)):
+            if b is not None and not 0 < b <= 1:
+                raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ConfigError(f"round_to={self.round_to} must be a positive integer")
+        if not 0 <= self.floor < 1:
+            raise ConfigError(f"floor={self.floor} must be in [0, 1): the fraction of each group always kept")
+
+    def min_kept(self, g, at_least: int = 0) -> int:
+        """The fewest channels group ``g`` keeps: its floor, its pinned channels, ``at_least``, and one."""
+        return min(g.size, max(1, self.min_keep, math.ceil(self.floor * g.size), int(g.pinned.sum()), at_least))
+
+    def rounded(self, g, n: int) -> int:
+        """``n`` kept channels of ``g`` rounded up to a multiple of ``round_to`` (at most the group's size)."""
+        return min(g.size, math.ceil(n / self.round_to) * self.round_to) if self.round_to else n
+
+    def info(self) -> dict:
+        return {"ratio": self.ratio, "flops": self.flops, "params": self.params, "round_to": self.round_to,
+                "floor": self.floor}
+
+
+def check_budget(*, ratio=None, flops=None, params=None, round_to=None, floor: float = 0.0) -> Budget:
+    """Raise :class:`ConfigError` unless exactly one budget is given and every value is in range."""
+    return Budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor)
+
+
+def budget_measure(graph, budget: Budget):
+    """``(measure, target, base)``: the cost of a global keep-mask, the most it may be, and the unpruned cost."""
+    cost = CostModel(graph)
+    if budget.flops is not None:
+        return cost.flops, budget.flops * cost.base_flops, cost.base_flops
+    if budget.params is not None:
+        return cost.params, budget.params * cost.base_params, cost.base_params
+    raise ConfigError("a ratio budget needs no search")
+
+
+def smallest_meeting(cost_after, n: int, target: float) -> int | None:
+    """The smallest ``k`` in ``0..n`` with ``cost_after(k) <= target`` (``cost_after`` must not
+    increase with ``k``), or None when even ``n`` misses the target. A binary search."""
+    if cost_after(n) > target:
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost_after(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass
+class SearchResult:
+    counts: dict[str, int]  # kept channels per group
+    steps: int  # removal steps taken
+    met: bool  # whether the budget was met (else: every step taken)
+    cost: float  # the measure at the result, as a fraction of the unpruned model's
+
+
+def search(graph, groups, steps: list[str], mask_of, budget: Budget, kept_count) -> SearchResult:
+    """The fewest of ``steps`` that meet ``budget``.
+
+    ``steps`` names one group per removal, in the order channels go; ``kept_count(g, removed)``
+    is a group's kept count after ``removed`` of its steps (floors and rounding applied);
+    ``mask_of(counts)`` the global keep-mask of kept counts. A ratio budget takes no steps:
+    every group loses ``round(ratio * size)`` channels.
+    """
+    if budget.ratio is not None:
+        counts = {g.name: kept_count(g, min(g.prunable, int(round(budget.ratio * g.size)))) for g in groups}
+        return SearchResult(counts, 0, True, float("nan"))
+    measure, target, base = budget_measure(graph, budget)
+
+    def counts_after(k):
+        removed = dict.fromkeys((g.name for g in groups), 0)
+        for name in steps[:k]:
+            removed[name] += 1
+        return {g.name: kept_count(g, removed[g.name]) for g in groups}
+
+    def cost_after(k):
+        return measure(mask_of(counts_after(k)))
+
+    k = smallest_meeting(cost_after, len(steps), target)
+    met = k is not None
+    k = len(steps) if k is None else k
+    counts = counts_after(k)
+    return SearchResult(counts, k, met, measure(mask_of(counts)) / base if base else 1.0)
+
+
+def ranked_steps(groups, keys: dict[str, np.ndarray], order: dict[str, np.ndarray], removable: dict[str, int]):
+    """One global ranking: each group's first ``removable[g]`` channels of ``order[g]``, sorted by
+    ``keys[g]`` of the channel (ties by group name, then by rank in the group), as removal steps."""
+    cands = [(float(keys[g.name][i]), g.name, rank) for g in groups
+             for rank, i in enumerate(order[g.name][:max(0, removable[g.name])])]
+    cands.sort()
+    return [name for _, name, _ in cands]
+
+
+def normalized(scores: torch.Tensor, prunable: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their mean over the prunable channels (see :func:`make_plan`)."""
+    s = scores.double()
+    mean = s[prunable].mean() if bool(prunable.any()) else s.mean()
+    return s / (mean.abs() + 1e-12)
+
+
+def checked_scores(groups, scores: dict, hint: str = "") -> None:
+    """Raise :class:`ConfigError` unless every group has finite scores of its size."""
+    for g in groups:
+        s = scores.get(g.name)
+        if s is None or tuple(s.shape) != (g.size,):
+            raise ConfigError(f"the criterion gave no scores of shape ({g.size},) for group '{g.name}'{hint}")
+        if not bool(torch.isfinite(s).all()):
+            raise ConfigError(f"the criterion gave non-finite scores for group '{g.name}'{hint}")
+
+
+def ranked(g, s: torch.Tensor) -> np.ndarray:
+    """Channel indices of ``g`` from least to most important; pinned channels last (always kept)."""
+    key = s.double().clone()
+    key[g.pinned] = float("inf")
+    return np.lexsort((np.arange(g.size), key.numpy()))
+
+
+@paused_gc
+def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None,
+              round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None) -> Plan:
+    """Choose the channels to keep under exactly one budget, from per-group scores.
+
+    ``scores`` maps each prunable group's name to a tensor of its size (higher means
+    more important). ``ignore`` lists group names, module names or modules whose
+    groups stay whole. A ``flops`` or ``params`` budget ranks every removable channel
+    globally by its *normalised* score (divided by the mean over its group's prunable
+    channels, so that groups whose raw scores live on different scales compete fairly)
+    and meets the budget with :func:`search`; when even every removable channel is not
+    enough it warns and returns the smallest plan.
+    """
+    budget = Budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor, min_keep=min_keep)
+    ignored = ignored_groups(graph, ignore)
+    groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
+    checked_scores(groups, scores)
+    floors = {g.name: budget.min_kept(g) for g in groups}
+    order = {g.name: ranked(g, scores[g.name]) for g in groups}
+
+    def kept_count(g, removed):
+        return budget.rounded(g, max(g.size - removed, floors[g.name]))
+
+    steps = []
+    if budget.ratio is None:
+        keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
+        steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
+    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count)
+    if not found.met:
+        warnings.warn(f"the budget cannot be met: with every prunable channel removed the model keeps "
+                      f"{found.cost:.1%}", stacklevel=2)
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**budget.info(), **(meta or {})})
+
+
+def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:
+    """The :class:`Plan` that keeps the channels of ``groups`` set in the global ``mask``."""
+    keep = {}
+    for g in groups:
+        local = np.nonzero(mask[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
+        if len(local) < g.size:
+            keep[g.name] = local.tolist()
+    return Plan(keep, {k: graph.groups[k].size for k in keep}, meta)
+
+
+def keep_mask(graph, groups, order, counts) -> np.ndarray:
+    """Keep the top ``counts[g]`` channels of each group, then make sure no tensor is left empty.
+
+    A value can hold a slice of a group (a ``chunk`` of a shuffled stream): the group
+    keeps its floor, yet that slice could lose every channel. Such a slice gets back its
+    best-ranked channel.
+    """
+    keep = np.ones(graph.num_channels, dtype=bool)
+    rank = np.zeros(graph.num_channels)
+    for g in groups:
+        off = graph.offsets[g.name]
+        keep[off + order[g.name][:g.size - counts[g.name]]] = False
+        rank[off + order[g.name]] = np.arange(g.size)
+    for channels in value_channel_sets(graph):
+        if not keep[channels].any():
+            keep[channels[np.argmax(rank[channels])]] = True
+    return keep
+
+
+def value_channel_sets(graph) -> list[np.ndarray]:
+    """The distinct channel sets of every value whose positions are all prunable channels."""
+    if graph.value_channel_sets is not None:
+        return graph.value_channel_sets
+    seen, out = set(), []
+    for node in graph.module.graph.nodes:
+        labels = node.meta.get("fxprune")
+        for lab in labels if isinstance(labels, tuple) else (labels,):
+            if isinstance(lab, torch.Tensor) and lab.numel():
+                channels = lab.numpy()
+                if channels.min() < 0:
+                    continue
+                channels = np.sort(channels, axis=None)  # np.unique's hashing is slow on small arrays
+                channels = channels[np.concatenate(([True], channels[1:] != channels[:-1]))]
+                key = channels.tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(channels)
+    graph.value_channel_sets = out
+    return out
+
+
+def ignored_groups(graph, ignore) -> set[str]:
+    """Names of the groups that ``ignore`` (group names, module names or modules) leaves whole."""
+    names = set()
+    prefixes = []
+    for item in ignore or ():
+        if isinstance(item, torch.nn.Module):
+            found = graph.source_names.get(id(item))
+            prefixes.append(found)
+            if found is None:
+                raise ConfigError(f"ignore= lists a {type(item).__name__} that is not part of the model; "
+                                  "give module names (e.g. 'layer4.1.conv2') or group names")
+        elif isinstance(item, str):
+            if item in graph.groups:
+                names.add(item)
+            else:
+                prefixes.append(item)
+        else:
+            raise ConfigError(f"ignore= takes group names, module names or modules, not {type(item).__name__}")
+    for g in graph.groups.values():
+        for m in g.members:
+            if any(m.param == p or m.param.startswith(p + ".") for p in prefixes):
+                names.add(g.name)
+    return names

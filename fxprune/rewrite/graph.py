@@ -1,0 +1,194 @@
+"""The rewrite: a new, physically smaller ``GraphModule`` from a graph and a plan.
+
+:func:`rewrite` deep-copies the analysed module, slices every parameter and buffer
+that is a member of a pruned group, lets each rule update its module's attributes
+(``in_channels``, ``num_features``, ``groups``, ...) and its node's literal arguments
+(``view(-1, 512 * 7 * 7)``, ``split([32, 32])``), and recompiles. The analysed module
+and the user's model are left as they were.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.rewrite import rewrite
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    >>> small = rewrite(graph, fxprune.Plan({"0": [0, 2, 5]}, {"0": 8}))
+    >>> small.get_submodule("0").out_channels, small.get_submodule("2").in_channels
+    (3, 3)
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..capture.values import meta_shapes
+from ..labels import kept_along, varying
+from ..utils import paused_gc
+
+
+class Resizer:
+    """What ``fix`` and ``resize`` rules may ask about a node at rewrite time."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def old_shape(self, node: fx.Node):
+        return meta_shapes(node)
+
+    def varying_dims(self, node: fx.Node) -> list[int]:
+        label = node.meta.get("fxprune")
+        return varying(label) if isinstance(label, torch.Tensor) else []
+
+    def kept_along(self, node: fx.Node, dim: int) -> torch.Tensor:
+        label = node.meta.get("fxprune")
+        return kept_along(label, dim, self.old_shape(node)[dim], self.keep)
+
+    def new_shape(self, node: fx.Node):
+        """The shape of ``node``'s output in the pruned model (a list for multi-output nodes)."""
+        shapes, labels = meta_shapes(node), node.meta.get("fxprune")
+        if isinstance(shapes, list):
+            return [self._shape(s, lab) if s is not None else None for s, lab in zip(shapes, labels)]
+        return self._shape(shapes, labels)
+
+    def _shape(self, shape, label):
+        out = list(shape)
+        for d in varying(label) if isinstance(label, torch.Tensor) else []:
+            out[d] = int(kept_along(label, d, shape[d], self.keep).sum())
+        return tuple(out)
+
+    @staticmethod
+    def set_arg(node: fx.Node, index: int, name: str, value) -> None:
+        if len(node.args) > index:
+            args = list(node.args)
+            args[index] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: value}
+
+
+def kept_positions(param_channels: dict, keep: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """``{param: {dim: positions}}``: the positions that survive (fixed ones and kept
+    channels) of every parameter dimension in ``param_channels`` that loses some; a
+    parameter that loses nothing is left out. One vectorised pass over all of them."""
+    items = list(param_channels.items())
+    if not items:
+        return {}
+    ch = np.concatenate([c.numpy() for _, c in items])
+    survives = (ch < 0) | keep.numpy()[np.maximum(ch, 0)]
+    lengths = np.array([len(c) for _, c in items])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    losing = ~np.logical_and.reduceat(np.append(survives, True), starts[:-1]) & (lengths > 0)
+    positions = np.flatnonzero(survives)
+    bounds = np.searchsorted(positions, starts)
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for i in np.flatnonzero(losing).tolist():
+        (param, dim), start = items[i][0], starts[i]
+        out.setdefault(param, {})[dim] = torch.from_numpy(positions[bounds[i]:bounds[i + 1]] - start)
+    return out
+
+
+_ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device, torch.Size, range,
+           type(len), type(lambda: 0))
+
+
+def copy_modules(root: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy(root, memo)``, faster: a new object per module, a copy of every
+    tensor (or its replacement in ``memo``, keyed by ``id``), and plain attributes
+    (numbers, strings, tuples of them, empty hook dicts) copied without recursion.
+
+    Anything else in a module's ``__dict__`` goes through ``copy.deepcopy`` with the same
+    memo, so tensors held outside ``_parameters``/``_buffers`` (a list of weights) are
+    still the new ones. Shared submodules and tensors stay shared in the copy.
+    """
+    def tensor(t):
+        new = memo.get(id(t))
+        if new is None:
+            new = copy.deepcopy(t, memo)  # Parameter keeps its type and requires_grad
+        return new
+
+    def module(m):
+        new = memo.get(id(m))
+        if new is not None:
+            return new
+        new = m.__class__.__new__(m.__class__)
+        memo[id(m)] = new
+        state = {}
+        for key, value in m.__dict__.items():
+            if key == "_modules":
+                value = {k: None if v is None else module(v) for k, v in value.items()}
+            elif key in ("_parameters", "_buffers"):
+                value = {k: None if v is None else tensor(v) for k, v in value.items()}
+            elif isinstance(value, _ATOMIC) or (type(value) is tuple and all(isinstance(v, _ATOMIC) for v in value)):
+                pass
+            elif isinstance(value, dict) and not value:
+                value = type(value)()
+            else:
+                value = copy.deepcopy(value, memo)
+            state[key] = value
+        new.__dict__.update(state)
+        return new
+
+    return module(root)
+
+
+def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` keeping positions ``index_of_dim[d]`` along each dim ``d`` (dim 0 first:
+    whole rows, the cheapest copy, and it shrinks what the next dims gather)."""
+    for dim, index in sorted(index_of_dim.items()):
+        tensor = tensor.index_select(dim, index)
+    return tensor
+
+
+def _holder(gm: fx.GraphModule) -> torch.nn.Module:
+    """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
+    (what the graph's targets name), without its graph and generated code."""
+    holder = torch.nn.Module()
+    holder.training = gm.training
+    for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        holder.__dict__[key] = gm.__dict__[key]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            top = node.target.split(".")[0]
+            value = gm.__dict__.get(top)
+            if isinstance(value, torch.Tensor):
+                holder.__dict__[top] = value
+    return holder
+
+
+@paused_gc
+def rewrite(graph, plan) -> fx.GraphModule:
+    """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
+    keep = plan.mask(graph)
+    # Slice first, then deep-copy with the sliced tensors standing in for the originals:
+    # only what is kept is copied, once.
+    kept = kept_positions(graph.param_channels, keep)
+    sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
+    memo = {}
+    for name, new in sliced.items():
+        old = graph.param(name)
+        memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
+            old, torch.nn.Parameter) else new
+    root = copy_modules(_holder(graph.module), memo)
+    new_graph = fx.Graph(owning_module=root)
+    new_graph.output(new_graph.graph_copy(graph.module.graph, {}))
+    rw = Resizer(keep)
+    resized = set()
+    modules = dict(root.named_modules())
+    for node in new_graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = graph.table.rule_for(node, modules)
+        if rule.resize is not None and node.target not in resized:
+            rule.resize(modules[node.target], node, rw)
+            resized.add(node.target)
+        if rule.fix is not None:
+            rule.fix(node, rw)
+    if any(not n.users for n in new_graph.nodes if n.op not in ("output", "placeholder")):
+        new_graph.eliminate_dead_code()  # a size that fed a now-literal argument; the pass is costly, so only then
+    gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
+    gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
+    return gm
+

@@ -1,0 +1,1 @@
+"""Training helpers for pruned models: limited-data fine-tuning (:mod:`.finetune`)."""

@@ -1,0 +1,61 @@
+"""Small helpers every stage uses: :func:`paused_gc`, :func:`eval_mode`, :func:`as_tuple`.
+
+:func:`paused_gc` pauses Python's cyclic garbage collector while fxprune works. The analysis makes many short-lived Python objects (graph nodes, small label
+arrays); reference counting frees them. In a process that holds a large model,
+each full collection the allocations trigger walks every object of the process: on
+a ResNet-50 one such pass costs 0.2 s, as much as the whole analysis. Collection is
+re-enabled afterwards, so cycles left behind are still collected later.
+
+Example::
+
+    >>> import gc
+    >>> from fxprune.utils import paused_gc
+    >>> @paused_gc
+    ... def work():
+    ...     return gc.isenabled()
+    >>> work(), gc.isenabled()
+    (False, True)
+"""
+from __future__ import annotations
+
+import functools
+import gc
+from contextlib import contextmanager
+
+import torch
+
+
+def paused_gc(fn):
+    """Decorate ``fn`` to run with the cyclic collector off (nested calls are fine)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run ``module`` in eval mode, then restore every submodule's ``training`` flag."""
+    training = [m for m in module.modules() if m.training]  # usually none: the model came in eval mode
+    if training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+
+
+def as_tuple(example_inputs) -> tuple:
+    """``example_inputs`` as a tuple: a lone tensor becomes a 1-tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)

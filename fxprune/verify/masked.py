@@ -1,0 +1,330 @@
+"""Run the analysed graph with chosen channels zeroed at *every* tensor that carries them.
+
+Data-driven criteria (CURL, CATRO) ask "what does the network compute when these
+channels are gone?". Zeroing a channel at every value whose channel label (see
+:mod:`fxprune.labels`) holds it (the conv output, the BN output after its bias, the
+ReLU, the residual add, the flattened features a linear reads, ...) is what removing
+it does, so :class:`MaskedRunner` answers the question exactly, for any model the
+analysis understands (residual streams, concatenations, splits, flatten into linear).
+
+It is built for many masks:
+
+* **batched masks**: ``masks_per_forward`` masks share one forward pass; the proxy
+  batch is replicated that many times, and the value at each masked node is viewed as
+  ``[masks, batch, ...]`` and multiplied by a per-mask channel multiplier;
+* **cached prefix**: masks are run in the order of the first node they touch; the
+  unmasked values before that node are computed once and kept (only the live ones),
+  and each masked pass recomputes the graph from that node onward.
+
+The runner never changes the model; it runs the analysed copy (``graph.module``) in
+eval mode under ``torch.no_grad()``.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> from fxprune.verify.masked import MaskedRunner
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 36, 3))
+    >>> x = torch.randn(5, 1, 8, 8)
+    >>> graph = fxprune.analyze(net, (x[:1],))
+    >>> runner = MaskedRunner(graph, (x,), masks_per_forward=2)
+    >>> c = graph.offsets["0"]                      # global index of the conv's channel 0
+    >>> outs = runner.run([[c], [c + 1, c + 2]])    # two masks, one forward pass
+    >>> outs.shape                                  # [masks, batch, classes]
+    torch.Size([2, 5, 3])
+    >>> w = net[3].weight.detach().view(3, 4, 36).clone(); w[:, 0] = 0   # channel 0 removed by hand
+    >>> manual = torch.relu(net[0](x)).flatten(1) @ w.view(3, -1).T + net[3].bias
+    >>> torch.allclose(outs[0], manual, atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+
+from ..errors import ConfigError, DataError
+from ..labels import varying
+from ..utils import eval_mode
+
+
+def _labels(node: fx.Node):
+    lab = node.meta.get("fxprune")
+    if isinstance(lab, torch.Tensor):
+        return lab
+    if isinstance(lab, (tuple, list)):
+        return tuple(x if isinstance(x, torch.Tensor) else None for x in lab)
+    return None
+
+
+def _channels_of(lab) -> torch.Tensor:
+    if lab is None:
+        return torch.empty(0, dtype=torch.long)
+    if isinstance(lab, tuple):
+        parts = [_channels_of(x) for x in lab]
+        return torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
+    u = torch.unique(lab)
+    return u[u >= 0]
+
+
+class MaskedRunner:
+    """Run ``graph.module`` on fixed ``inputs`` with sets of global channels zeroed.
+
+    ``inputs`` is the tuple of model inputs (one batch of ``N`` samples, batch first).
+    ``masks_per_forward`` masks run in one pass on a batch of ``masks_per_forward * N``.
+    ``base_drop`` (a bool tensor over ``graph.num_channels``, or None) is zeroed in every
+    run, the reference included: the network "with those channels already pruned".
+    """
+
+    def __init__(self, graph, inputs: tuple, masks_per_forward: int = 1, base_drop: torch.Tensor | None = None):
+        if not isinstance(inputs, tuple) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise DataError("MaskedRunner needs a tuple of input tensors (batch first)")
+        if masks_per_forward < 1:
+            raise ConfigError(f"masks_per_forward={masks_per_forward} must be at least 1")
+        self.graph = graph
+        self.gm = graph.module
+        self.inputs = inputs
+        self.batch = int(inputs[0].shape[0])
+        self.m = int(masks_per_forward)
+        self.device = inputs[0].device
+        self.num_channels = graph.num_channels
+        self.base_drop = (torch.zeros(self.num_channels, dtype=torch.bool) if base_drop is None
+                          else base_drop.to(torch.bool).clone())
+        self.nodes = list(self.gm.graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.labels = [_labels(n) for n in self.nodes]
+        # first node position carrying each global channel
+        channels = [_channels_of(lab) for lab in self.labels]
+        first = torch.full((self.num_channels,), len(self.nodes), dtype=torch.long)
+        for i in reversed(range(len(self.nodes))):
+            if channels[i].numel():
+                first[channels[i]] = i
+        self.first = first
+        self.node_channels = [ch.numpy() for ch in channels]
+        last_use = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        self.last_use = last_use
+        flops = [float(graph.node_flops.get(n.name, 0)) for n in self.nodes]
+        total = sum(flops) or 1.0
+        self._cum = [0.0]
+        for f in flops:
+            self._cum.append(self._cum[-1] + f / total)
+        #: forward-equivalents spent, FLOPs-weighted: one pass of the whole graph over the N samples counts 1
+        self.forwards = 0.0
+        self._interp = fx.Interpreter(self.gm)
+
+    # -- public -------------------------------------------------------------------------------
+    def first_node(self, channels) -> int:
+        """Position (in graph order) of the first node carrying any of ``channels``."""
+        ch = torch.as_tensor(channels, dtype=torch.long).flatten()
+        return int(self.first[ch].min()) if ch.numel() else len(self.nodes)
+
+    def reference(self):
+        """The model's (first) output tensor with only ``base_drop`` zeroed, at batch ``N``."""
+        return self.run_one([])
+
+    def run_one(self, drop):
+        """The model's (first) output tensor with the channels ``drop`` (global indices) zeroed, at batch ``N``."""
+        out = self.run([drop], masks_per_forward=1, capture=())
+        return out[0]
+
+    def run(self, drops: Sequence, masks_per_forward: int | None = None, capture=()):
+        """Outputs for each mask in ``drops`` (each a list of global channel indices to zero).
+
+        Returns the model's first output tensor stacked as ``[len(drops), N, ...]``;
+        with ``capture`` (node names), returns ``{name: [len(drops), N, ...]}`` of those
+        nodes' values instead, and stops after the last of them.
+        """
+        results = []
+        for _, vals in self.each(drops, masks_per_forward=masks_per_forward, capture=capture):
+            results.append(vals)
+        if capture:
+            return {k: torch.cat([r[k] for r in results]) for k in capture}
+        return torch.cat(results)
+
+    def each(self, drops: Sequence, masks_per_forward: int | None = None, capture=(), progress=None):
+        """Yield ``(indices, values)`` per forward pass, masks sorted by their first node.
+
+        ``indices`` are positions in ``drops``; ``values`` are as in :meth:`run` for them.
+        ``progress`` is a ``tqdm`` bar (or None) advanced by the number of masks done.
+        """
+        m = masks_per_forward or self.m
+        drops = [torch.as_tensor(d, dtype=torch.long).flatten() for d in drops]
+        for d in drops:
+            if d.numel() and (int(d.min()) < 0 or int(d.max()) >= self.num_channels):
+                raise ConfigError(f"a mask names channels outside 0..{self.num_channels - 1}")
+        if not drops:
+            return
+        starts = [self.first_node(d) for d in drops]
+        order = sorted(range(len(drops)), key=lambda i: (starts[i], i))
+        capture_pos = [self.pos[self._node(c)] for c in capture]
+        end = max(capture_pos) if capture_pos else len(self.nodes) - 1
+        latest = min(capture_pos) if capture_pos else end  # every pass runs at least from here
+        with eval_mode(self.gm), torch.no_grad():
+            env, done = self._start_env(m), 0
+            for k in range(0, len(order), m):
+                chunk = order[k:k + m]
+                start = min(min(starts[i] for i in chunk), latest)
+                done = self._advance(env, done, start)
+                values = self._masked_pass(env, start, end, [drops[i] for i in chunk], m, capture)
+                yield chunk, values
+                if progress is not None:
+                    progress.update(len(chunk))
+
+    # -- internals ------------------------------------------------------------------------------
+    def _node(self, name):
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"no node named '{name}' in the analysed graph")
+
+    def _start_env(self, m):
+        reps = tuple(x.repeat((m,) + (1,) * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim() else x
+                     for x in self.inputs)
+        return {"__inputs": reps, "__m": m}
+
+    def _advance(self, env, done, start):
+        """Run the unmasked (base-masked) prefix up to ``start`` (exclusive), keeping live values only."""
+        interp = self._interp
+        interp.args_iter = iter(env["__inputs"])
+        keep, touched = self._keep_rows([], env["__m"])
+        for i in range(done, start):
+            n = self.nodes[i]
+            interp.env = env
+            val = interp.run_node(n)
+            if touched[self.node_channels[i]].any():
+                val = self._apply(val, self.labels[i], keep, env["__m"])
+            env[n] = val
+            self._free(env, i)
+        if start > done:
+            self.forwards += env["__m"] * (self._cum[start] - self._cum[done])
+        return max(done, start)
+
+    def _free(self, env, i):
+        for a in self.nodes[i].all_input_nodes:
+            if self.last_use.get(a, -1) <= i and a in env:
+                del env[a]
+
+    def _keep_rows(self, drops, m):
+        """Float multipliers [m, num_channels] (0 where a mask or base_drop drops a channel), and the
+        bool array of every channel dropped by any of them."""
+        keep = torch.ones(m, self.num_channels)
+        keep[:, self.base_drop] = 0.0
+        for r, d in enumerate(drops):
+            keep[r, d] = 0.0
+        touched = (keep == 0).any(0).numpy()
+        return keep.to(self.device), touched
+
+    def _apply(self, val, lab, keep, m):
+        if lab is None:
+            return val
+        if isinstance(lab, tuple):
+            if not isinstance(val, (tuple, list)):
+                return val
+            out = [self._apply(v, lb, keep, m) for v, lb in zip(val, lab)]
+            out += list(val[len(out):])
+            return type(val)(out) if isinstance(val, tuple) else out
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            return val
+        lab = lab.to(keep.device)
+        rows = keep[:, lab.clamp(min=0).flatten()].view((m,) + tuple(lab.shape))
+        rows = torch.where((lab < 0).unsqueeze(0), torch.ones((), device=keep.device), rows)
+        if lab.dim() != val.dim() or lab.shape[0] != 1 or val.shape[0] % m:
+            if m == 1 and lab.dim() == val.dim():
+                return val * rows[0].to(val.dtype)
+            raise ConfigError("batched masking needs tensors whose first dimension is the batch "
+                              f"(got a value of shape {tuple(val.shape)}); use masks_per_forward=1")
+        v = val.reshape((m, val.shape[0] // m) + tuple(val.shape[1:]))
+        return (v * rows.to(val.dtype)).reshape(val.shape)
+
+    def _masked_pass(self, env, start, end, drops, m, capture):
+        interp = self._interp
+        keep, touched = self._keep_rows(drops, m)
+        local = {}
+        for a, v in env.items():  # a fresh copy of the live prefix: in-place ops must not touch the cache
+            local[a] = v.clone() if isinstance(v, torch.Tensor) else v
+        interp.args_iter = iter(env["__inputs"])
+        captured = {}
+        out = None
+        for i in range(start, end + 1):
+            n = self.nodes[i]
+            interp.env = local
+            if n.op == "output":
+                out = interp.run_node(n)
+                break
+            val = interp.run_node(n)
+            if touched[self.node_channels[i]].any():
+                val = self._apply(val, self.labels[i], keep, m)
+            local[n] = val
+            if n.name in capture:
+                captured[n.name] = val
+            self._free(local, i)
+        self.forwards += m * (self._cum[end + 1] - self._cum[start])
+        used = len(drops)
+        if capture:
+            return {k: _split(captured[k], m)[:used] for k in capture}
+        first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return _split(first, m)[:used]
+
+
+def _split(val, m):
+    return val.reshape((m, val.shape[0] // m) + tuple(val.shape[1:]))
+
+
+def feature_nodes(graph, group) -> list[str]:
+    """Names of the values a group's consumers read (deduplicated, in graph order).
+
+    For a residual stream this is every block output of the stage (each feeds the next
+    block and, at the stage's end, the downsample); for a bottleneck's inner group, the
+    activation its next conv reads. A group without consumers gives the values its
+    producers write.
+    """
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    off, size = graph.offsets[group.name], group.size
+    wanted = [m.node for m in group.members if m.kind == "consumer"] or \
+             [m.node for m in group.members if m.kind == "producer"]
+    out = []
+    for name in dict.fromkeys(wanted):
+        node = nodes.get(name)
+        if node is None:
+            continue
+        cands = node.all_input_nodes if any(m.kind == "consumer" for m in group.members) else [node]
+        for a in cands:
+            lab = _labels(a)
+            if isinstance(lab, torch.Tensor) and bool(((lab >= off) & (lab < off + size)).any()):
+                out.append(a.name)
+    order = {n.name: i for i, n in enumerate(graph.module.graph.nodes)}
+    return sorted(dict.fromkeys(out), key=order.get)
+
+
+def pooled_features(graph, group, name: str, value: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """Per-channel features ``[N, group.size, p]`` of node ``name``'s ``value``.
+
+    With ``pool=1`` a channel's feature is the mean of every position that carries it
+    (global average pooling for a conv map; the mean over its block of a flattened
+    vector). With ``pool=s > 1`` a 4-D value whose channels run along dim 1 is pooled to
+    ``s x s`` by ``adaptive_avg_pool2d`` (``p = s*s``); other values fall back to ``p = 1``.
+    Channels the value does not carry get zeros.
+    """
+    lab = _labels(next(n for n in graph.module.graph.nodes if n.name == name))
+    off, size, n = graph.offsets[group.name], group.size, value.shape[0]
+    if pool > 1 and value.dim() == 4 and varying(lab) == [1]:
+        ids = lab.flatten() - off
+        pooled = F.adaptive_avg_pool2d(value, pool).flatten(2)  # [N, C, p]
+        out = value.new_zeros(n, size, pool * pool)
+        sel = (ids >= 0) & (ids < size)
+        out[:, ids[sel]] = pooled[:, sel]
+        return out
+    ids = lab.expand(value.shape[1:] if lab.dim() == value.dim() - 1 else (1,) + tuple(value.shape[1:]))
+    ids = ids.reshape(-1) - off
+    flat = value.reshape(n, -1)
+    sel = (ids >= 0) & (ids < size)
+    ids, flat = ids[sel], flat[:, sel]
+    sums = flat.new_zeros(n, size).index_add_(1, ids, flat)
+    counts = torch.zeros(size, dtype=flat.dtype).index_add_(0, ids, torch.ones_like(ids, dtype=flat.dtype))
+    return (sums / counts.clamp(min=1)).unsqueeze(2)

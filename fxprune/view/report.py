@@ -1,0 +1,90 @@
+"""The report attached to every pruned module: costs, plan, verification figures, timings.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False)
+    >>> rep = fxprune.report(small)
+    >>> rep.params_before, rep.params_after
+    (260, 132)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from ..errors import ConfigError
+from ..plan import Plan
+
+
+@dataclass
+class Report:
+    method: str
+    plan: Plan
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    flops_predicted: float
+    groups: int
+    prunable_groups: int
+    pinned_groups: int
+    first_pin: str | None
+    mask: dict | None = None
+    onnx: dict | None = None
+    timings: dict = field(default_factory=dict)
+    capture: dict = field(default_factory=dict)  # how the model was captured: {"tracer": "fx", ...}
+    search: list | None = None  # the steps of a latency search (fxprune.cost.latency.search_latency)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.mask and self.mask["ok"] and self.onnx and self.onnx["ok"])
+
+    def rows(self):
+        def pct(a, b):
+            return f"{a / b:.1%}" if b else "-"
+
+        rows = [
+            ("method", self.method, "", ""),
+            ("captured by", self.capture.get("tracer", "-"), self.capture.get("why", ""), ""),
+            ("params", f"{self.params_before:,}", f"{self.params_after:,}", pct(self.params_after, self.params_before)),
+            ("FLOPs", f"{self.flops_before:,}", f"{self.flops_after:,}", pct(self.flops_after, self.flops_before)),
+            ("FLOPs predicted by the plan", "", f"{self.flops_predicted:,.0f}", pct(self.flops_predicted, self.flops_before)),
+            ("channel groups (prunable / pinned)", f"{self.groups}", f"{self.prunable_groups} / {self.pinned_groups}", ""),
+            ("channels removed", "", f"{self.plan.removed:,}", ""),
+        ]
+        if self.mask:
+            rows.append(("mask-equivalence", f"{self.mask['nodes_compared']} tensors",
+                         f"max rel diff {self.mask['max_rel_diff']:.1e}", "ok" if self.mask["ok"] else "FAILED"))
+        else:
+            rows.append(("mask-equivalence", "not run", "", ""))
+        if self.onnx:
+            rows.append(("ONNX Runtime vs torch", f"batches {self.onnx['batches']}",
+                         f"max abs diff {self.onnx['max_abs_diff']:.1e}", "ok" if self.onnx["ok"] else "FAILED"))
+        else:
+            rows.append(("ONNX Runtime vs torch", "not run", "", ""))
+        for stage, seconds in self.timings.items():
+            rows.append((f"time: {stage}", f"{seconds:.3f} s", "", ""))
+        return rows
+
+    def __str__(self) -> str:
+        return tabulate(self.rows(), headers=["", "before", "after", "kept"], tablefmt="github")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "params_before": self.params_before, "params_after": self.params_after,
+                "flops_before": self.flops_before, "flops_after": self.flops_after,
+                "flops_predicted": self.flops_predicted, "groups": self.groups,
+                "prunable_groups": self.prunable_groups, "pinned_groups": self.pinned_groups,
+                "first_pin": self.first_pin, "mask": self.mask, "capture": self.capture,
+                "onnx": {k: v for k, v in (self.onnx or {}).items()}, "timings": self.timings,
+                "plan": {"keep": self.plan.keep, "sizes": self.plan.sizes}}
+
+
+def report(pruned) -> Report:
+    """The :class:`Report` of a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`."""
+    rep = getattr(pruned, "meta", {}).get("fxprune_report")
+    if rep is None:
+        raise ConfigError("this module carries no fxprune report: pass a module returned by fxprune.compile or apply")
+    return rep

@@ -1,0 +1,64 @@
+"""CATRO's outer stage: keep counts per group, spent by the one budget search.
+
+Part of :mod:`fxprune.passes.catro`.
+"""
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from fxprune.errors import ConfigError
+from fxprune.plan import Budget, search
+from fxprune.plan.budget import budget_measure
+
+# --- outer stage --------------------------------------------------------------------------------
+
+def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = "flops"):
+    """Keep counts per group: the greedy energy-per-FLOP removal order, cut where ``budget`` is met.
+
+    ``curves[g]`` is :func:`~.trace_ratio.energy_curve`; ``kmin[g]`` the least each group keeps;
+    ``sets(g, k)`` gives the chosen ``k``-set (for exact FLOPs of non-nested sets). The order
+    goes to the one budget search (:func:`fxprune.plan.search`).
+    """
+    measure, _, _ = budget_measure(graph, budget)
+    full = np.ones(graph.num_channels, dtype=bool)
+    base = measure(full)
+    delta = {}
+    for g in groups:
+        one = full.copy()
+        one[graph.offsets[g.name]] = False
+        delta[g.name] = max(base - measure(one), 1e-9)
+    k = {g.name: g.size for g in groups}
+    sizes = dict(k)
+    heap = []
+
+    def push(name):
+        if k[name] > kmin[name]:
+            loss = curves[name][k[name]] - curves[name][k[name] - 1]
+            key = {"flops": loss / delta[name], "energy": loss, "uniform": -k[name] / sizes[name]}[price]
+            heapq.heappush(heap, (key, name))
+
+    for g in groups:
+        push(g.name)
+    steps = []
+    while heap:
+        _, name = heapq.heappop(heap)
+        k[name] -= 1
+        steps.append(name)
+        push(name)
+
+    def mask(counts):
+        keep = np.ones(graph.num_channels, dtype=bool)
+        for g in groups:
+            if counts[g.name] < g.size:
+                local = np.zeros(g.size, dtype=bool)
+                local[sets(g, counts[g.name]).numpy()] = True
+                keep[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
+        return keep
+
+    found = search(graph, groups, steps, mask, budget, lambda g, removed: g.size - removed)
+    if not found.met:
+        raise ConfigError("the budget cannot be met: every group at its floor still exceeds it. "
+                          "Lower floor= / min_keep= or ignore fewer groups.")
+    return found.counts

@@ -1,0 +1,97 @@
+"""One orchestrator: every route to a pruned model carries the same report, counted the same way,
+and ``fxprune.report`` / ``fxprune.save`` / ``fxprune.load`` accept each result."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.cost import graph_flops
+from fxprune.passes import catro, oicsr
+from fxprune.verify import random_inputs
+from digits import SmallResNet
+
+X = torch.randn(1, 1, 8, 8)
+
+
+def model():
+    torch.manual_seed(0)
+    return SmallResNet(8).eval()
+
+
+def routes():
+    """(route name, pruned module) for every way fxprune makes one."""
+    net = model()
+    data = (torch.randn(60, 1, 8, 8), torch.arange(60) % 10)
+    out = {"compile": fxprune.compile(net, (X,), method="l2", flops=0.6, onnx=False)}
+    out["apply"] = fxprune.apply(net, (X,), fxprune.report(out["compile"]).plan, onnx=False)
+    out["catro"] = fxprune.compile(net, (X,), method="catro", data=data, ratio=0.5, onnx=False,
+                                   method_options={"progress": False})
+    out["catro sub-task"] = catro.subtask(net, (X,), [1, 3, 5], data, ratio=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["oicsr greedy"] = oicsr.prune(net, (X,), flops=0.6, step=0.2, cap=0.5, residual=True,
+                                          retrain=lambda m: None)
+        out["latency search"] = fxprune.compile(net, (X,), method="l2", latency=0.9, onnx=False,
+                                                latency_options={"steps": 1, "repeats": 4, "warmup": 1, "rounds": 1})
+    return net, out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return routes()
+
+
+@pytest.mark.parametrize("route", ["compile", "apply", "catro", "catro sub-task", "oicsr greedy", "latency search"])
+def test_every_route_reports_and_saves_alike(results, route, tmp_path):
+    net, out = results
+    pruned = out[route]
+    rep = fxprune.report(pruned)
+    base = fxprune.report(out["compile"])
+    # counted the same way: the original's figures agree, the pruned model's FLOPs are graph_flops of it
+    assert (rep.params_before, rep.flops_before) == (base.params_before, base.flops_before)
+    assert rep.flops_after == graph_flops(pruned, (X,)) < rep.flops_before
+    assert rep.params_after == sum(p.numel() for p in pruned.parameters()) < rep.params_before
+    assert rep.capture["tracer"] == "fx" and rep.mask is not None and rep.mask["ok"]
+    assert rep.plan.removed > 0
+    path = str(tmp_path / "p.pt")
+    fxprune.save(pruned, path)
+    if route == "catro sub-task":  # the sub-task plan shrinks the pinned classifier: rebuilt by subtask only
+        return
+    loaded = fxprune.load(path, model, (X,))
+    x = random_inputs((X,), seed=3)[0]
+    torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_the_latency_search_is_recorded_in_the_report(results):
+    rep = fxprune.report(results[1]["latency search"])
+    assert len(rep.search) == 1 and rep.search[0]["flops"] == pytest.approx(0.9)
+    assert rep.plan.meta["latency"] == 0.9 and "latency_ratio" in rep.plan.meta
+
+
+def test_oicsr_report_merges_the_rounds(results):
+    rep = fxprune.report(results[1]["oicsr greedy"])
+    assert rep.mask["rounds"] >= 1 and rep.method == "oicsr"
+    assert rep.flops_after <= 0.6 * rep.flops_before + 1e-6 * rep.flops_before
+
+
+def test_one_budget_search_serves_every_planner():
+    """make_plan, CURL's raw ranking and CATRO's greedy order all meet a FLOPs budget through plan.search."""
+    net = model()
+    graph = fxprune.analyze(net, (X,))
+    from fxprune.passes import curl, magnitude
+    from fxprune.plan import Budget
+    from fxprune.cost import CostModel
+
+    cost = CostModel(graph)
+    scores = magnitude.l2(graph)
+    for plan in (fxprune.make_plan(graph, scores, flops=0.5),
+                 curl.select(graph, scores, flops=0.5, min_keep_frac=0.1)):
+        assert cost.flops(plan.mask(graph).numpy()) <= 0.5 * cost.base_flops
+    # the floor is written once: a group keeps ceil(floor * size) channels, its pins, and at least one
+    g = next(g for g in graph.prunable_groups())
+    assert Budget(flops=0.5, floor=0.4).min_kept(g) == max(1, -(-4 * g.size // 10), int(g.pinned.sum()))
+    with pytest.raises(fxprune.ConfigError, match="exactly one budget"):
+        Budget(flops=0.5, ratio=0.5)
