@@ -417,3 +417,35 @@ def test_model_output_is_pinned():
     out = graph.groups["out"]
     assert out.prunable == 0 and out.pins[0].reason == "model output"
     assert graph.groups["conv"].prunable == 16
+
+
+class SizeReadFromTheStream(nn.Module):
+    """``n, c, h, w = x.shape`` ... ``a.reshape(n, h * w, c)``: ``a``'s own channels are fixed (a
+    softmax over them), so the stream's channel count, read into ``c``, must not change."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+        self.inner = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv1(torch.relu(self.conv0(x)))
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        a = self.inner(t).softmax(-1).transpose(1, 2).reshape(n, h * w, c)
+        return self.out(a).mean(1)
+
+
+def test_a_size_read_from_one_tensor_shaping_another_pins_not_crashes():
+    torch.manual_seed(0)
+    model = SizeReadFromTheStream().eval()
+    x = torch.randn(1, 3, 4, 4)
+    pruned = fxprune.compile(model, (x,), method="l1", ratio=0.5)
+    rep = fxprune.report(pruned)
+    assert rep.verified and rep.plan.keep.keys() == {"conv0"}
+    graph = fxprune.analyze(model, (x,))
+    reasons = [p.reason for p in graph.groups["conv1"].pins]
+    assert any("uses a size read from dim 1 of 'conv1'" in r for r in reasons), reasons
+    assert pruned(x).shape == (1, 4)

@@ -24,6 +24,8 @@ Example::
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -31,7 +33,7 @@ from torch.fx.node import map_aggregate
 
 from ..capture.values import meta_shapes
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
-from ..labels import FIXED, collapse_array
+from ..labels import FIXED, along, collapse_array, varying
 from ..ops.schema import RuleTable, T, describe, pin_all
 
 
@@ -190,6 +192,7 @@ class Analysis:
         self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters())
         self.params.update(gm.named_buffers())
+        self.sources: dict[fx.Node, object] = {}
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -215,7 +218,65 @@ class Analysis:
             label = pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({exc})")
         if node.op == "output":
             return None
-        return self.as_t(node, label)
+        out = self.as_t(node, label)
+        self.pin_sizes_read_from_channels(ctx, node, out)
+        return out
+
+    def size_sources(self, n: fx.Node):
+        """Where a plain value of the graph was read from: ``("shape", t)`` for the shape of tensor node
+        ``t``, else a set of ``(t, dim)`` (``x.size(1)``, ``c // 2``, ``h * w`` from ``n, c, h, w = x.shape``)."""
+        if n in self.sources:
+            return self.sources[n]
+        found: object = set()
+        tensor_arg = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        is_tensor = tensor_arg is not None and meta_shapes(tensor_arg) is not None
+        if n.op == "call_function" and n.target is getattr and is_tensor and n.args[1] == "shape":
+            found = ("shape", tensor_arg)
+        elif n.op == "call_method" and n.target == "size" and is_tensor:
+            found = ("shape", tensor_arg) if len(n.args) == 1 else {(tensor_arg, n.args[1])}
+        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "sym_size.int" and is_tensor:
+            found = {(tensor_arg, n.args[1])}
+        elif n.op == "call_function" and n.target is operator.getitem and tensor_arg is not None \
+                and isinstance(self.size_sources(tensor_arg), tuple) and isinstance(n.args[1], int):
+            found = {(self.size_sources(tensor_arg)[1], n.args[1])}
+        else:
+            for a in n.all_input_nodes:
+                if meta_shapes(a) is None:
+                    src = self.size_sources(a)
+                    found |= set((src[1], d) for d in range(len(meta_shapes(src[1]) or ()))) \
+                        if isinstance(src, tuple) else src
+        if not isinstance(found, tuple):
+            found = {(t, d % max(len(meta_shapes(t) or ()), 1)) for t, d in found if isinstance(d, int)}
+        self.sources[n] = found
+        return found
+
+    def pin_sizes_read_from_channels(self, ctx: "Context", node: fx.Node, out) -> None:
+        """A size read from a dim that carries channels, used by another op, ties that op to the channel
+        count: where the rewrite does not recompute the size (view/reshape/expand recompute it on dims whose
+        output carries channels), those channels are pinned."""
+        if node.op not in ("call_function", "call_method"):
+            return
+        recomputed = set()
+        if node.target in ("view", "reshape", "expand") or node.target is torch.reshape:
+            sizes = list(node.args[1:])
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = list(sizes[0])
+            label = out.label if isinstance(out, T) else None
+            vary = varying(label) if label is not None else []
+            recomputed = {id(a) for d, a in enumerate(sizes) if d in vary}
+        plain = []
+        map_aggregate((node.args, node.kwargs), lambda a: plain.append(a) if isinstance(a, fx.Node)
+                      and meta_shapes(a) is None and a.op != "get_attr" else None)
+        for a in plain:
+            if id(a) in recomputed:
+                continue
+            src = self.size_sources(a)
+            pairs = [(src[1], d) for d in range(len(meta_shapes(src[1]) or ()))] if isinstance(src, tuple) else src
+            for t, d in pairs:
+                tt = self.env.get(t)
+                if isinstance(tt, T) and tt.label is not None and d in varying(tt.label):
+                    ctx.pin(along(tt.label, d, tt.shape[d]), f"{describe(node, self.gm)} uses a size read from dim "
+                                                              f"{d} of '{t.name}', which carries these channels")
 
     def lookup(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a
