@@ -27,9 +27,12 @@ Example::
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fxprune.errors import ConfigError
+from fxprune.plan import make_plan
 
 
 def trainable_members(graph, group, kinds=("producer", "consumer")) -> list:
@@ -117,15 +120,29 @@ class GroupLasso:
     model to get the loss term; :meth:`prox` is the proximal alternative.
     """
 
-    def __init__(self, graph, lam: float, terms, eps: float = 1e-8):
+    def __init__(self, graph, lam: float, terms, eps: float = 1e-8, growing=None):
         if not lam >= 0:
             raise ConfigError(f"lam={lam} must be a non-negative number (the regularization strength)")
         self.graph, self.lam, self.eps = graph, float(lam), eps
+        self.growing = growing
         self.terms = [(g, list(ms), torch.as_tensor(c, dtype=torch.float32)) for g, ms, c in terms if ms]
         for g, _, c in self.terms:
             if tuple(c.shape) != (g.size,):
                 raise ConfigError(f"a coefficient vector for group '{g.name}' has shape {tuple(c.shape)}, not ({g.size},)")
-        self._needed = sorted({m.param for _, ms, _ in self.terms for m in ms})
+        needed = {m.param for _, ms, _ in self.terms for m in ms}
+        if growing is not None:
+            needed |= {m.param for ms in growing.members.values() for m in ms}
+        self._needed = sorted(needed)
+
+    @property
+    def scheduled(self) -> dict[str, torch.Tensor]:
+        """Per group, the channels the budget schedule is driving to zero (empty without ``flops=``)."""
+        return dict(self.growing.scheduled) if self.growing is not None else {}
+
+    @property
+    def strength(self) -> float:
+        """The growing penalty's current factor (0 without ``flops=``)."""
+        return self.growing.strength if self.growing is not None else 0.0
 
     def norms(self, model) -> list[torch.Tensor]:
         """The per-channel norm of each term on ``model`` (differentiable)."""
@@ -138,10 +155,11 @@ class GroupLasso:
 
     def __call__(self, model) -> torch.Tensor:
         norms = self.norms(model)
-        if not norms:
-            return torch.zeros(())
-        total = sum(self.weighted(n, c) for n, (_, _, c) in zip(norms, self.terms))
-        return self.lam * total
+        total = self.lam * sum(self.weighted(n, c) for n, (_, _, c) in zip(norms, self.terms)) if norms \
+            else torch.zeros(())
+        if self.growing is not None:
+            total = total + self.growing(model_tensors(model, self._needed))
+        return total
 
     @torch.no_grad()
     def prox(self, model, lr: float) -> None:
@@ -162,7 +180,112 @@ class GroupLasso:
                 shape = [1] * t.dim()
                 shape[m.dim] = -1
                 t.mul_(per_pos.view(shape))
+        if self.growing is not None:
+            self.growing.prox(tensors, lr)
 
     def coefficients(self, norms: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """The per-channel coefficient of one term; subclasses may make it depend on the norms (GrOWL)."""
         return coef
+
+
+class Growing:
+    """A penalty that grows on the channels a budget removes (growing regularisation, Wang et al., ICLR 2021).
+
+    An interpretation for short training budgets, shared by the regularizers (the papers
+    keep a constant strength). Every ``every`` training steps (calls with gradients
+    enabled) the channels to remove are chosen again: ``criterion(tensors)`` scores the
+    groups in ``groups`` on the current weights and :func:`fxprune.make_plan` picks the
+    lowest under ``flops`` (the other prunable groups are left whole). The penalty is
+
+        rho(t) * sum over scheduled channels i of ||every trainable slice of channel i||^2
+
+    with ``rho(t) = min(ceiling, grow * t)``: producer rows, norm affine (BN gamma and
+    beta, so that no constant output is left) and consumer columns all decay to zero,
+    and the cut of those channels is then nearly free.
+
+        >>> import torch, fxprune
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1, bias=False), torch.nn.Conv2d(4, 1, 1, bias=False))
+        >>> graph = fxprune.analyze(net, (torch.randn(1, 1, 2, 2),))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1))
+        ...     _ = net[1].weight.fill_(1.0)
+        >>> g = graph.groups["0"]
+        >>> energy = lambda t: {"0": channel_sq_norms(t, g, trainable_members(graph, g)).detach()}
+        >>> grow = Growing(graph, [g], energy, flops=0.5, every=10, grow=0.5, ceiling=1.0)
+        >>> penalty = grow(dict(net.named_parameters()))     # step 1: half of the FLOPs is channels 0 and 1
+        >>> grow.scheduled["0"].tolist(), grow.strength, float(penalty.detach())   # 0.5 * ((1 + 1) + (4 + 1))
+        ([True, True, False, False], 0.5, 3.5)
+    """
+
+    def __init__(self, graph, groups, criterion, *, flops: float, every: int = 10, grow: float = 1.0,
+                 ceiling: float = 1.0):
+        if not 0 < flops <= 1:
+            raise ConfigError(f"flops={flops} is out of range: it is the fraction of the model's FLOPs kept, in (0, 1]")
+        if not (isinstance(every, int) and every >= 1):
+            raise ConfigError(f"every={every} must be a positive integer (training steps between two schedules)")
+        if not (grow >= 0 and ceiling >= 0):
+            raise ConfigError(f"grow={grow} and ceiling={ceiling} must be non-negative (the penalty's rise and cap)")
+        self.graph, self.criterion, self.flops = graph, criterion, float(flops)
+        self.every, self.grow, self.ceiling = every, float(grow), float(ceiling)
+        self.members = {g.name: trainable_members(graph, g) for g in groups}
+        self.ignore = sorted(g.name for g in graph.prunable_groups() if g.name not in self.members)
+        self.steps = 0
+        self.scheduled: dict[str, torch.Tensor] = {}
+
+    @property
+    def strength(self) -> float:
+        """``rho`` at the current step."""
+        return min(self.ceiling, self.grow * self.steps)
+
+    @torch.no_grad()
+    def schedule(self, tensors) -> dict[str, torch.Tensor]:
+        """Choose the channels to remove on the current weights (stored in ``self.scheduled``)."""
+        scores = {n: torch.as_tensor(s).detach().float().cpu() for n, s in self.criterion(tensors).items()
+                  if n in self.members}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the budget cannot be met")
+            plan = make_plan(self.graph, scores, flops=self.flops, ignore=self.ignore, meta={"method": "schedule"})
+        self.scheduled = {}
+        for name, kept in plan.keep.items():
+            if name in self.members:
+                mask = torch.ones(self.graph.groups[name].size, dtype=torch.bool)
+                mask[torch.tensor(kept, dtype=torch.long)] = False
+                self.scheduled[name] = mask
+        return self.scheduled
+
+    def tick(self, tensors) -> None:
+        """Count one training step; schedule again every ``every`` steps."""
+        if self.steps % self.every == 0:
+            self.schedule(tensors)
+        self.steps += 1
+
+    def __call__(self, tensors) -> torch.Tensor:
+        if torch.is_grad_enabled():              # a training step (not a logging call under no_grad)
+            self.tick(tensors)
+        rho = self.strength
+        total = 0.0
+        for name, mask in self.scheduled.items():
+            if rho == 0:
+                break
+            sq = channel_sq_norms(tensors, self.graph.groups[name], self.members[name])
+            total = total + sq[mask.to(sq.device)].sum()
+        return rho * total if torch.is_tensor(total) else torch.zeros(())
+
+    @torch.no_grad()
+    def prox(self, tensors, lr: float) -> None:
+        """Count a step, then the penalty's proximal step: scale scheduled channels by ``1 / (1 + 2 * lr * rho)``."""
+        self.tick(tensors)
+        rho = self.strength
+        if rho == 0:
+            return
+        for name, mask in self.scheduled.items():
+            for m in self.members[name]:
+                t = tensors[m.param]
+                per_pos = torch.ones(t.shape[m.dim], dtype=t.dtype, device=t.device)
+                inside = m.index >= 0
+                hit = torch.zeros_like(inside)
+                hit[inside] = mask[m.index[inside]]
+                per_pos[hit.to(t.device)] = 1.0 / (1.0 + 2.0 * lr * rho)
+                shape = [1] * t.dim()
+                shape[m.dim] = -1
+                t.mul_(per_pos.view(shape))

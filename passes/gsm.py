@@ -21,7 +21,17 @@ which the (high) momentum turns into a steady drift to zero:
   in *every* member (conv rows and columns, biases, BN affine), so the whole channel
   decays and can be removed losslessly; ``fxprune.compile(model, x, method="gsm",
   flops=...)`` then removes it (:func:`score` is the L2 norm of the channel's
-  parameters).
+  parameters). The budget is ``keep`` (fraction of channels active) or ``flops``
+  (fraction of the FLOPs kept, the budget ``compile`` is given): every ``every`` steps
+  the saliency summed since the last choice goes to :func:`fxprune.make_plan`, and the
+  channels it removes are passive until the next choice.
+
+**Passive shrink** (structured mode, an interpretation for short budgets): with the
+paper's rule a passive unit only decays by ``lr * weight_decay`` through the momentum,
+far from zero after a few epochs. After each step the passive entries (and their
+momentum) are also multiplied by ``1 - min(ceiling, grow * step)`` (default ``grow=0.05``,
+``ceiling=0.2``), so that they reach ~0 and the final cut is free. ``grow=0`` is the
+paper's rule (the default in unstructured mode).
 
 Masks are computed from the gradients present at ``step()``; under DDP those are
 already averaged over ranks, so every rank computes the same mask. Give parameters with
@@ -42,10 +52,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
 from fxprune.errors import ConfigError
+from fxprune.plan import make_plan
 
 from .group_lasso import channel_sq_norms, graph_tensors, trainable_members
 
@@ -57,25 +69,45 @@ class GSM(torch.optim.SGD):
     ``graph`` switches to structured mode; ``saliency`` is ``"taylor"`` (``|sum w*g|`` per
     unit, the paper) or ``"abs"`` (``sum |w*g|``); ``kernels_only`` (unstructured) restricts
     the competition to tensors of 2+ dims; ``passive_weight_decay`` (default
-    ``weight_decay``) is the decay of passive units, a knob for short runs. The masks of
-    the last step are in ``self.masks`` (parameter name -> bool tensor) and, in structured
-    mode, ``self.active`` (group name -> bool tensor).
+    ``weight_decay``) is the decay of passive units, a knob for short runs. ``flops``
+    (structured mode) is a FLOPs budget instead of ``keep``; ``every`` the steps between
+    two choices of the active set in that mode; ``grow`` and ``ceiling`` the passive
+    shrink (``grow=0``: the paper). The masks of the last step are in ``self.masks``
+    (parameter name -> bool tensor) and, in structured mode, ``self.active`` (group name
+    -> bool tensor).
     """
 
     def __init__(self, params, lr: float = 5e-3, momentum: float = 0.98, weight_decay: float = 1e-4, *,
-                 keep: float | None = None, compression: float | None = None, graph=None, model=None,
-                 saliency: str = "taylor", kernels_only: bool = True, passive_weight_decay: float | None = None,
-                 nesterov: bool = False):
-        if (keep is None) == (compression is None):
-            raise ConfigError("give exactly one of keep= (fraction of weights kept) or compression= (1 / keep)")
-        keep = 1.0 / compression if compression is not None else keep
-        if not 0 < keep <= 1:
-            raise ConfigError(f"keep={keep} is out of range: the fraction of units that stay, in (0, 1]")
+                 keep: float | None = None, compression: float | None = None, flops: float | None = None, graph=None,
+                 model=None, saliency: str = "taylor", kernels_only: bool = True,
+                 passive_weight_decay: float | None = None, nesterov: bool = False, every: int = 10,
+                 grow: float | None = None, ceiling: float = 0.2):
+        if sum(b is not None for b in (keep, compression, flops)) != 1:
+            raise ConfigError("give exactly one of keep= (fraction of weights kept), compression= (1 / keep) "
+                              "or flops= (fraction of the FLOPs kept, with graph=)")
+        if flops is not None:
+            if graph is None:
+                raise ConfigError("flops= needs graph= (structured GSM): the FLOPs budget is over channel groups")
+            if not 0 < flops <= 1:
+                raise ConfigError(f"flops={flops} is out of range: the fraction of the model's FLOPs kept, in (0, 1]")
+        else:
+            keep = 1.0 / compression if compression is not None else keep
+            if not 0 < keep <= 1:
+                raise ConfigError(f"keep={keep} is out of range: the fraction of units that stay, in (0, 1]")
         if saliency not in ("taylor", "abs"):
             raise ConfigError(f"saliency='{saliency}' is unknown: choose 'taylor' (|sum w*g|) or 'abs' (sum |w*g|)")
+        if not (isinstance(every, int) and every >= 1):
+            raise ConfigError(f"every={every} must be a positive integer (steps between two choices of the active set)")
+        grow = (0.05 if graph is not None else 0.0) if grow is None else grow
+        if not (grow >= 0 and 0 <= ceiling < 1):
+            raise ConfigError(f"grow={grow} must be >= 0 and ceiling={ceiling} in [0, 1): the passive shrink's "
+                              "rise per step and its cap")
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-        self.keep, self.graph, self.saliency, self.kernels_only = keep, graph, saliency, kernels_only
+        self.keep, self.flops, self.graph, self.saliency, self.kernels_only = keep, flops, graph, saliency, kernels_only
         self.passive_weight_decay = passive_weight_decay
+        self.every, self.grow, self.ceiling = every, float(grow), float(ceiling)
+        self.steps = 0
+        self._acc: dict[str, torch.Tensor] = {}
         self.named = self._names(model)
         self.masks: dict[str, torch.Tensor] = {}
         self.active: dict[str, torch.Tensor] = {}
@@ -140,10 +172,13 @@ class GSM(torch.optim.SGD):
                 s += g.reduce(per_pos.double().cpu(), m)
             sal[name] = s.abs()
             unpinned.append(sal[name][~g.pinned])
-        flat = torch.cat(unpinned)
-        q = max(1, int(flat.numel() * self.keep))
-        threshold = torch.topk(flat, q, sorted=False).values.min()
-        self.active = {n: (s >= threshold) | self.graph.groups[n].pinned for n, s in sal.items()}
+        if self.flops is not None:
+            self._schedule(sal)
+        else:
+            flat = torch.cat(unpinned)
+            q = max(1, int(flat.numel() * self.keep))
+            threshold = torch.topk(flat, q, sorted=False).values.min()
+            self.active = {n: (s >= threshold) | self.graph.groups[n].pinned for n, s in sal.items()}
         masks = {}
         for name, members in self._members.items():
             act = self.active[name]
@@ -157,6 +192,31 @@ class GSM(torch.optim.SGD):
                 prev = masks.get(m.param, torch.ones(p.shape, dtype=torch.bool))
                 masks[m.param] = prev & along.view(shape).to(prev.device)
         return masks
+
+    def _schedule(self, sal):
+        """FLOPs mode: every ``every`` steps, the saliency summed since the last choice goes to
+        :func:`fxprune.make_plan`; the channels it removes are passive until the next choice."""
+        for name, s in sal.items():
+            self._acc[name] = self._acc[name] + s if name in self._acc else s.clone()
+        if self.active and self.steps % self.every != 0:
+            return
+        scores = {n: s.float() for n, s in self._acc.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the budget cannot be met")
+            plan = make_plan(self.graph, scores, flops=self.flops, meta={"method": "gsm"})
+        self.active = {}
+        for name in sal:
+            act = torch.ones(self.graph.groups[name].size, dtype=torch.bool)
+            if name in plan.keep:
+                act[:] = False
+                act[torch.tensor(plan.keep[name], dtype=torch.long)] = True
+            self.active[name] = act
+        self._acc = {}
+
+    @property
+    def shrink(self) -> float:
+        """The passive shrink factor of the current step: ``min(ceiling, grow * step)``."""
+        return min(self.ceiling, self.grow * self.steps)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -176,6 +236,16 @@ class GSM(torch.optim.SGD):
                 extra = self.passive_weight_decay - wd_of[id(p)]
                 p.grad.add_(p.detach() * (~mask) * extra)
         super().step()
+        self.steps += 1
+        shrink = self.shrink
+        if shrink > 0:        # the passive units' faster decay (an interpretation, see the module docstring)
+            for name, mask in masks.items():
+                p = self.named[name]
+                factor = torch.where(mask.to(p.device), 1.0, 1.0 - shrink).to(p.dtype)
+                p.mul_(factor)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is not None:
+                    buf.mul_(factor)
         return loss
 
 

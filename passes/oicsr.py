@@ -8,6 +8,14 @@ consumer columns; running statistics are buffers and are left out).
 * :class:`Regularizer`: ``lam * sum_groups sum_i ||G_i||_2`` (group lasso), or with
   ``penalty="growl"`` the GrOWL form ``sum_i theta_i ||G_[i]||_2`` with the group's
   channels sorted by descending norm and ``theta_i = lam + lam2 * (n - i)``.
+* ``flops=`` (an interpretation for short training budgets; the paper's constant
+  strength is ``flops=None``): the regularizer is told the budget and, every ``every``
+  training steps, schedules the out-in channels to remove with
+  :func:`fxprune.make_plan` on their energy (within the regularized groups), and adds a
+  growing penalty ``rho(t) * ||G_i||^2`` on exactly those, ``rho(t) = min(ceiling, grow
+  * t)`` (growing regularisation, Wang et al., ICLR 2021). Their conv rows, BN gamma
+  and beta and consumer columns reach ~0 within a few epochs, so the one-shot cut
+  ``compile(method="oicsr", flops=...)`` takes exactly them at no cost.
 * :func:`score` (``compile(method="oicsr")``): the out-in energy ``E_i = ||G_i||^2`` read
   from the trained weights. ``make_plan`` divides each group's scores by their mean
   before the global ranking, which is the cross-group normalisation ``E_i / mean_j E_j``.
@@ -37,6 +45,11 @@ Example::
     tensor(3., grad_fn=<MulBackward0>)
     >>> oicsr.score(graph)["0"]                     # energies 3**2 + 4**2 and 0**2 + 1**2
     tensor([25.,  1.])
+    >>> reg = oicsr.Regularizer(graph, lam=0.5, flops=0.6)     # told the budget
+    >>> float(reg(net).detach())                    # 3 + rho * E_1 on the scheduled channel 1
+    4.0
+    >>> reg.scheduled["0"].tolist()
+    [False, True]
 """
 from __future__ import annotations
 
@@ -52,7 +65,7 @@ from fxprune.plan import Plan, make_plan
 from fxprune.utils import as_tuple
 from fxprune.view.report import report as fxprune_report
 
-from .group_lasso import (GroupLasso, channel_sq_norms, graph_tensors, residual_groups, select_groups,
+from .group_lasso import (GroupLasso, Growing, channel_sq_norms, graph_tensors, residual_groups, select_groups,
                           trainable_members)
 
 __all__ = ["Regularizer", "score", "prune", "residual_groups"]
@@ -63,11 +76,14 @@ class Regularizer(GroupLasso):
 
     ``residual`` includes residual-stream groups; ``groups`` restricts it to some group
     names; ``penalty`` is ``"gl"`` (group lasso) or ``"growl"`` (with ``lam2``).
-    Pinned channels get coefficient 0.
+    Pinned channels get coefficient 0. ``flops`` (fraction of the FLOPs kept) adds the
+    budget schedule of the module docstring (``every``, ``grow``, ``ceiling``);
+    ``reg.scheduled`` holds the channels it drives to zero.
     """
 
     def __init__(self, graph, lam: float = 1e-4, *, penalty: str = "gl", lam2: float = 0.0, residual: bool = False,
-                 groups=None, eps: float = 1e-8):
+                 groups=None, eps: float = 1e-8, flops: float | None = None, every: int = 10, grow: float = 1.0,
+                 ceiling: float = 1.0):
         if penalty not in ("gl", "growl"):
             raise ConfigError(f"penalty='{penalty}' is unknown: choose 'gl' (group lasso) or 'growl'")
         if penalty == "growl" and not lam2 >= 0:
@@ -75,7 +91,11 @@ class Regularizer(GroupLasso):
         self.penalty, self.lam2 = penalty, float(lam2)
         selected = select_groups(graph, groups, skip=() if residual else residual_groups(graph))
         terms = [(g, trainable_members(graph, g), (~g.pinned).float()) for g in selected]
-        super().__init__(graph, lam, terms, eps)
+        growing = None
+        if flops is not None:
+            growing = Growing(graph, selected, lambda t: {g.name: energy(graph, g, t) for g in selected},
+                              flops=flops, every=every, grow=grow, ceiling=ceiling)
+        super().__init__(graph, lam, terms, eps, growing)
 
     def coefficients(self, norms: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         if self.penalty == "gl":

@@ -49,8 +49,8 @@ def run(world: int = 1, rank: int = 0) -> dict:
     (xtr, ytr), _ = load()
     model = TinyRes()
     graph = fxprune.analyze(model, (xtr[:1],))
-    reg = dwgl.Regularizer(graph, lam=1e-2)
-    opt = gsm.GSM(model.named_parameters(), graph=graph, keep=0.6, lr=0.05, momentum=0.98, weight_decay=1e-3)
+    reg = dwgl.Regularizer(graph, lam=1e-2, flops=0.5, every=2)          # told the budget, as in the README
+    opt = gsm.GSM(model.named_parameters(), graph=graph, flops=0.6, every=2, lr=0.05, momentum=0.98, weight_decay=1e-3)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     masks = []
     for step in range(STEPS):
@@ -63,7 +63,8 @@ def run(world: int = 1, rank: int = 0) -> dict:
     trained = fxprune.analyze(model.eval(), (xtr[:1],))
     plan = fxprune.make_plan(trained, dwgl.score(trained), flops=0.5)
     return {"masks": masks, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "plan": plan.keep, "votes": {k: v.clone() for k, v in reg.removable(model, tau=0.5).items()}}
+            "plan": plan.keep, "votes": {k: v.clone() for k, v in reg.removable(model, tau=0.5).items()},
+            "scheduled": reg.scheduled}
 
 
 def main(out_dir: str) -> None:

@@ -39,6 +39,8 @@ def test_ranks_agree_on_masks_weights_and_plan(ranks):
         assert torch.equal(a["state"][k], b["state"][k]), k        # DDP keeps replicas bit-identical
     assert a["plan"] == b["plan"] and a["plan"]                    # the same, non-empty plan
     assert all(torch.equal(a["votes"][k], b["votes"][k]) for k in a["votes"])
+    assert a["scheduled"].keys() == b["scheduled"].keys() and a["scheduled"]   # the budget schedule agrees
+    assert all(torch.equal(a["scheduled"][k], b["scheduled"][k]) for k in a["scheduled"])
 
 
 def test_ddp_equals_single_process(ranks, single):

@@ -144,10 +144,16 @@ def _train_prox(model, reg, x, y, epochs, lr=0.05, batch=64):
 
 
 @pytest.fixture(scope="module")
-def digits_run():
+def digits_base(one_thread):
     (xtr, ytr), (xte, yte) = load()
     torch.manual_seed(0)
     base = train(SmallResNet(), xtr, ytr, epochs=8)
+    return ((xtr, ytr), (xte, yte)), base
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits_base):
+    ((xtr, ytr), (xte, yte)), base = digits_base
     graph = fxprune.analyze(base, (xtr[:1],))
     out = {"data": ((xtr, ytr), (xte, yte)), "base": base, "base_acc": accuracy(base, xte, yte)}
     for schedule in ("linear", "none"):
@@ -179,3 +185,59 @@ def test_prune_half_the_flops(digits_run):
     train(pruned, xtr, ytr, epochs=2, lr=0.02)
     tuned = accuracy(pruned, xte, yte)
     assert tuned >= digits_run["base_acc"] - 0.06, tuned   # base 0.99
+
+
+def test_told_the_budget_the_cut_is_free(digits_base):
+    """The README recipe: 3 epochs with ``Regularizer(graph, lam=1e-4, flops=0.5)`` in the loss, then
+    ``compile(method="dwgl", flops=0.5)``: accuracy right after the cut equals accuracy before it."""
+    ((xtr, ytr), (xte, yte)), base = digits_base
+    x1 = xtr[:1]
+    graph = fxprune.analyze(base, (x1,))
+    snapshot = copy.deepcopy(base.state_dict())
+    reg = dwgl.Regularizer(graph, lam=1e-4, flops=0.5)
+    model = train(copy.deepcopy(base), xtr, ytr, epochs=3, extra_loss=reg)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in snapshot.items())   # the base is untouched
+    before = accuracy(model, xte, yte)
+    pruned = fxprune.compile(model, (x1,), method="dwgl", flops=0.5, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.flops_after <= 0.5 * rep.flops_before and rep.mask["ok"]
+    after = accuracy(pruned, xte, yte)
+    # measured (1 thread): 0.975 before and after; the paper's constant strength: 0.99 before, 0.33 after
+    assert after >= before - 0.01 and before >= 0.9, (before, after)
+    # the score ranks the scheduled channels lowest, and the cut takes nothing else
+    scores = dwgl.score(fxprune.analyze(model, (x1,)))
+    assert reg.scheduled and reg.strength > 0
+    for name, sched in reg.scheduled.items():
+        g = graph.groups[name]
+        low, high = float(scores[name][sched].max()), float(scores[name][~sched & ~g.pinned].min())
+        assert low < 0.05 and low < 0.1 * high, (name, low, high)          # measured: 0.024 against >= 0.3
+        assert set(rep.plan.keep[name]) >= set(torch.nonzero(~sched).flatten().tolist()), name
+    for bn in ("stage1.0.bn1", "stage2.bn1"):                  # BN gamma and beta of the scheduled channels ~0
+        sched = reg.scheduled[bn.replace("bn1", "conv1")]
+        gamma, beta = model.get_submodule(bn).weight.detach(), model.get_submodule(bn).bias.detach()
+        scale = float(gamma[~sched].abs().mean())             # measured: 0.024 against 1.0
+        assert float(gamma[sched].abs().max()) < 0.05 * scale and float(beta[sched].abs().max()) < 0.05 * scale
+
+    # the paper's setting is one option away (no budget: the constant-strength directed group lasso)
+    paper = dwgl.Regularizer(graph, lam=1e-4)
+    assert paper.scheduled == {} and paper.strength == 0.0
+    plain = train(copy.deepcopy(base), xtr, ytr, epochs=3, extra_loss=paper)
+    cut = accuracy(fxprune.compile(plain, (x1,), method="dwgl", flops=0.5, onnx=False), xte, yte)
+    assert cut < after - 0.2, (cut, after)
+
+
+def test_budget_options_checked():
+    net, graph = _residual()
+    with pytest.raises(ConfigError, match="flops"):
+        dwgl.Regularizer(graph, flops=1.5)
+    with pytest.raises(ConfigError, match="every"):
+        dwgl.Regularizer(graph, flops=0.5, every=0)
+    reg = dwgl.Regularizer(graph, lam=0.0, flops=0.5, grow=0.25, ceiling=0.5)
+    with torch.no_grad():
+        reg(net)                                       # a call without gradients is not a training step
+    assert reg.strength == 0.0 and reg.scheduled == {}
+    strengths = []
+    for _ in range(3):
+        reg(net)
+        strengths.append(reg.strength)
+    assert strengths == [0.25, 0.5, 0.5]               # rho(t) = min(ceiling, grow * t)

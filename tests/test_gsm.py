@@ -74,7 +74,7 @@ def test_structured_masks_whole_channels():
 
 
 @pytest.fixture(scope="module")
-def digits_data():
+def digits_data(one_thread):
     (xtr, ytr), (xte, yte) = load()
     torch.manual_seed(0)
     base = train(SmallResNet(), xtr, ytr, epochs=8)
@@ -82,11 +82,12 @@ def digits_data():
 
 
 def test_structured_gsm_then_compile(digits_data):
+    """The paper's rule (``grow=0``: passive channels get only weight decay) over a channel count."""
     (xtr, ytr), (xte, yte), base = digits_data
     x1 = xtr[:1]
     graph = fxprune.analyze(base, (x1,))
     model = copy.deepcopy(base)
-    opt = gsm.GSM(model.named_parameters(), graph=graph, keep=0.6, lr=5e-3, momentum=0.98, weight_decay=1e-4)
+    opt = gsm.GSM(model.named_parameters(), graph=graph, keep=0.6, lr=5e-3, momentum=0.98, weight_decay=1e-4, grow=0)
     train(model, xtr, ytr, epochs=4, optimizer=opt)
     trained = accuracy(model, xte, yte)
     assert trained >= accuracy(base, xte, yte) - 0.02                  # the active 60 % carry the task
@@ -99,6 +100,43 @@ def test_structured_gsm_then_compile(digits_data):
     assert accuracy(pruned, xte, yte) >= rand + 0.05                   # measured right after the cut: 0.24 vs 0.11
     train(pruned, xtr, ytr, epochs=1, lr=0.02)
     assert accuracy(pruned, xte, yte) >= accuracy(base, xte, yte) - 0.04   # measured: 0.98 vs 0.99
+
+
+def test_flops_budget_makes_the_cut_free(digits_data):
+    """The README recipe: 3 epochs with ``GSM(..., graph=graph, flops=0.5)``, then ``compile(method="gsm",
+    flops=0.5)``: accuracy right after the cut equals accuracy before it."""
+    (xtr, ytr), (xte, yte), base = digits_data
+    x1 = xtr[:1]
+    graph = fxprune.analyze(base, (x1,))
+    model = copy.deepcopy(base)
+    opt = gsm.GSM(model.named_parameters(), graph=graph, flops=0.5, lr=5e-3, momentum=0.98)
+    train(model, xtr, ytr, epochs=3, optimizer=opt)
+    assert opt.shrink == pytest.approx(0.2)
+    before = accuracy(model, xte, yte)
+    pruned = fxprune.compile(model, (x1,), method="gsm", flops=0.5, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.flops_after <= 0.5 * rep.flops_before and rep.mask["ok"]
+    after = accuracy(pruned, xte, yte)
+    # measured (1 thread): 0.972 before and after; the paper's rule (grow=0, keep=0.5): 0.99 before, 0.11 after
+    assert after >= before - 0.01 and before >= 0.9, (before, after)
+    scores = gsm.score(fxprune.analyze(model, (x1,)))
+    passive = {n: ~a for n, a in opt.active.items() if bool((~a).any())}
+    assert passive and set(rep.plan.keep) == set(passive)   # the last passive set is exactly what is cut
+    for name, p in passive.items():
+        assert sorted(rep.plan.keep[name]) == torch.nonzero(~p).flatten().tolist(), name
+        low, high = float(scores[name][p].max()), scores[name][~p]
+        assert low < float(high.min()) and low < 1e-3 * float(high.median()), (name, low)   # ranked lowest, ~0
+    bn = model.stage2.bn1                                     # BN gamma and beta of passive channels are ~0
+    assert float(bn.weight.detach()[passive["stage2.conv1"]].abs().max()) < 1e-4
+    assert float(bn.bias.detach()[passive["stage2.conv1"]].abs().max()) < 1e-4
+
+    paper = copy.deepcopy(base)                               # the paper's rule: one option away
+    opt = gsm.GSM(paper.named_parameters(), graph=graph, flops=0.5, lr=5e-3, momentum=0.98, grow=0)
+    train(paper, xtr, ytr, epochs=3, optimizer=opt)
+    cut = accuracy(fxprune.compile(paper, (x1,), method="gsm", flops=0.5, onnx=False), xte, yte)
+    assert cut < after - 0.2, (cut, after)
+    with pytest.raises(ConfigError, match="graph"):
+        gsm.GSM(model.named_parameters(), flops=0.5)
 
 
 def test_unstructured_gsm_beats_magnitude_at_ten_percent(digits_data):

@@ -130,21 +130,22 @@ def prune_ours(method, base, target, train_data, cfg):
     model, pre = copy.deepcopy(base), 0
     if method in TRAINING_TIME:
         pre = cfg.budget // 2
-        model = train_time(method, model, x1, train_data, cfg, pre)
+        model = train_time(method, model, x1, train_data, cfg, pre, target)
     pruned = fxprune.compile(model, (x1,), method=method, flops=target, onnx=False,
                              data=calib if method in ("taylor", "curl", "catro") else None)
     return pruned, pre
 
 
-def train_time(method, model, x1, train_data, cfg, epochs):
+def train_time(method, model, x1, train_data, cfg, epochs, target):
+    """The README's recipe: the regularizer / optimizer is told the FLOPs target."""
     from fxprune.passes import dwgl, gsm, oicsr
 
     graph = fxprune.analyze(model, (x1,))
     if method == "gsm":
-        opt = gsm.GSM(model.parameters(), graph=graph, model=model, keep=0.5, lr=cfg.lr, momentum=0.98)
+        opt = gsm.GSM(model.parameters(), graph=graph, model=model, flops=target, lr=cfg.lr, momentum=0.98)
         return train(model, train_data, epochs=epochs, lr=cfg.lr, samples=cfg.samples, seed=cfg.seed,
                      device=cfg.device, optimizer=opt, desc=method)
-    reg = (dwgl.Regularizer if method == "dwgl" else oicsr.Regularizer)(graph, lam=cfg.lam)
+    reg = (dwgl.Regularizer if method == "dwgl" else oicsr.Regularizer)(graph, lam=cfg.lam, flops=target)
     return train(model, train_data, epochs=epochs, lr=cfg.lr, samples=cfg.samples, seed=cfg.seed,
                  device=cfg.device, extra_loss=reg, desc=method)
 

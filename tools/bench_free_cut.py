@@ -1,0 +1,93 @@
+"""Is the cut of the training-time methods free? Accuracy right before and right after the cut, on digits.
+
+scikit-learn's digits and the small residual CNN of ``tests/digits.py`` (trained 8 epochs), one
+seed per base model. Each training-time method runs as the README's recipe says, for ``--epochs``
+epochs (SGD lr 0.05, momentum 0.9 for the regularizers; GSM lr 5e-3, momentum 0.98), then
+``fxprune.compile(method=..., flops=target)``; "before" is the trained model, "after" the cut one,
+no fine-tuning. Rows marked "paper" use the papers' settings (regularizers without ``flops=``, GSM
+with ``keep=target`` and ``grow=0``). For reference: ``random`` and ``l2`` cuts of the base, and
+``l2`` fine-tuned for the same number of epochs after its cut (the budget a baseline gets).
+
+    python tools/bench_free_cut.py                     # 3 seeds, 50 % and 25 % of the FLOPs, ~3 min
+    python tools/bench_free_cut.py --seeds 0 --targets 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import fxprune  # noqa: E402
+from fxprune.passes import dwgl, gsm, oicsr  # noqa: E402
+from digits import SmallResNet, accuracy, load, train  # noqa: E402
+
+
+def run(method, base, graph, target, data, epochs, seed):
+    """(accuracy before the cut, accuracy right after it, FLOPs kept) for one method."""
+    (xtr, ytr), (xte, yte) = data
+    x1 = xtr[:1]
+    model = copy.deepcopy(base)
+    name, _, setting = method.partition(" ")
+    paper = setting == "(paper)"
+    if name in ("dwgl", "oicsr"):
+        cls = dwgl.Regularizer if name == "dwgl" else oicsr.Regularizer
+        reg = cls(graph, lam=1e-4) if paper else cls(graph, lam=1e-4, flops=target)
+        train(model, xtr, ytr, epochs=epochs, extra_loss=reg, seed=seed)
+    elif name == "gsm":
+        budget = {"keep": target, "grow": 0} if paper else {"flops": target}
+        opt = gsm.GSM(model.named_parameters(), graph=graph, lr=5e-3, momentum=0.98, **budget)
+        train(model, xtr, ytr, epochs=epochs, optimizer=opt, seed=seed)
+    before = accuracy(model, xte, yte)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.compile(model, (x1,), method=name, flops=target, onnx=False, seed=seed)
+    after = accuracy(pruned, xte, yte)
+    if setting == "+ fine-tune":
+        train(pruned, xtr, ytr, epochs=epochs, seed=seed)
+        after = accuracy(pruned, xte, yte)
+    rep = fxprune.report(pruned)
+    return before, after, rep.flops_after / rep.flops_before
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--targets", default="0.5,0.25")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--methods", default="random,l2,l2 + fine-tune,dwgl,dwgl (paper),oicsr,oicsr (paper),gsm,gsm (paper)")
+    cfg = p.parse_args(argv)
+    torch.set_num_threads(1)
+    data = load()
+    (xtr, ytr), (xte, yte) = data
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    bases = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        bases[seed] = train(SmallResNet(), xtr, ytr, epochs=8, seed=seed)
+    graph = fxprune.analyze(bases[seeds[0]], (xtr[:1],))
+    base_acc = [accuracy(b, xte, yte) for b in bases.values()]
+
+    def ms(v):
+        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    print(f"base accuracy {ms(base_acc)} over seeds {seeds}; {cfg.epochs} epochs of training or fine-tuning\n")
+    print("| FLOPs kept | method | before the cut | right after the cut | gap (max over seeds) |")
+    print("|---|---|---|---|---|")
+    for target in (float(t) for t in cfg.targets.split(",")):
+        for method in cfg.methods.split(","):
+            res = [run(method, bases[s], graph, target, data, cfg.epochs, s) for s in seeds]
+            before = [r[0] for r in res] if method.split()[0] in ("dwgl", "oicsr", "gsm") else base_acc
+            after = [r[1] for r in res]
+            gap = max(b - a for b, a in zip(before, after))
+            print(f"| {max(r[2] for r in res):.3f} | {method} | {ms(before)} | {ms(after)} | {gap:+.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
