@@ -144,8 +144,9 @@ class Pipeline:
         return plan
 
     # -- rewrite, verify, report
-    def build(self, plan: Plan, *, method: str | None = None, search=None) -> fx.GraphModule:
-        """The pruned ``GraphModule`` of ``plan`` on this model, verified, with its report attached."""
+    def build(self, plan: Plan, *, method: str | None = None, search=None, onnx: bool | None = None) -> fx.GraphModule:
+        """The pruned ``GraphModule`` of ``plan`` on this model, verified, with its report attached
+        (``onnx`` overrides the pipeline's ONNX Runtime check for this result)."""
         graph = self.graph
         keep = plan.mask(graph)
         t0 = time.perf_counter()
@@ -158,14 +159,14 @@ class Pipeline:
             graph.timings["verify: mask"] = time.perf_counter() - t0
             check_mask(mask_result)
         return self.finish(pruned, plan, method=method, mask=mask_result, keep=keep, search=search,
-                           timings={"rewrite": rewrite_s})
+                           timings={"rewrite": rewrite_s}, onnx=onnx)
 
     def apply(self, plan: Plan) -> fx.GraphModule:
         """:meth:`build` for a plan made earlier (its method is read from the plan)."""
         return self.build(plan, method=plan.meta.get("method", "plan"))
 
     def finish(self, pruned: fx.GraphModule, plan: Plan, *, method: str | None = None, mask: dict | None = None,
-               keep: torch.Tensor | None = None, search=None, timings=None) -> fx.GraphModule:
+               keep: torch.Tensor | None = None, search=None, timings=None, onnx: bool | None = None) -> fx.GraphModule:
         """Check ``pruned`` in ONNX Runtime (with ``verify`` and ``onnx``) and attach its :class:`Report`.
 
         ``plan`` is on this pipeline's model; ``mask`` the mask-equivalence figures, when
@@ -178,7 +179,7 @@ class Pipeline:
         if mask is not None and "verify: mask" in graph.timings:
             times["verify: mask"] = graph.timings["verify: mask"]
         onnx_result = None
-        if self.verify and self.onnx:
+        if self.verify and (self.onnx if onnx is None else onnx):
             t0 = time.perf_counter()
             onnx_result = export_onnx(pruned, self.example_inputs)
             times["verify: onnx"] = time.perf_counter() - t0

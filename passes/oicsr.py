@@ -121,7 +121,8 @@ def score(graph, data=None, seed=0):
 
 
 def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: float = 0.5, retrain=None,
-          residual: bool = False, ignore=(), max_rounds: int = 50, verify: bool = True, progress: bool = False):
+          residual: bool = False, ignore=(), max_rounds: int = 50, verify: bool = True, onnx: bool = True,
+          progress: bool = False):
     """The global greedy loop; returns the pruned ``GraphModule``. ``model`` is not changed.
 
     Each round: analyse the current model, score by energy, and call
@@ -130,7 +131,8 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     no group cut beyond that cap; :func:`fxprune.rewrite.rewrite` cuts; then
     ``retrain(module)`` (your training loop with the OICSR term, for a few epochs; it may
     return a new module or train in place). Stops at the target or when nothing more can
-    go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`).
+    go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`) and, with
+    ``onnx``, the result in ONNX Runtime.
     ``result.meta["fxprune_oicsr"]`` holds ``"plan"`` (the kept original channels, a
     :class:`fxprune.Plan` on ``model``) and ``"rounds"`` (FLOPs fraction after each).
 
@@ -152,7 +154,7 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     example_inputs = as_tuple(example_inputs)
     base = count_flops(model, example_inputs)
     current, rounds, checks = model, [], []
-    origin = Pipeline(model, example_inputs, verify=verify, onnx=False)
+    origin = Pipeline(model, example_inputs, verify=verify, onnx=onnx)  # the result is checked in ONNX Runtime
     first = origin.graph
     original = {g.name: torch.arange(g.size) for g in first.groups.values()}
     min_kept = {g.name: max(1, math.ceil((1 - cap) * g.size)) for g in first.groups.values()}
@@ -180,7 +182,7 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
             break
         for name, kept in plan.keep.items():
             original[name] = original[name][torch.tensor(kept)]
-        current = step_pipe.build(plan, method="oicsr (round)")  # mask-equivalence checked with verify
+        current = step_pipe.build(plan, method="oicsr (round)", onnx=False)  # mask-equivalence checked with verify
         checks.append(fxprune_report(current).mask)
         if retrain is not None:
             current = retrain(current) or current

@@ -56,6 +56,8 @@ def test_every_route_reports_and_saves_alike(results, route, tmp_path):
     assert rep.params_after == sum(p.numel() for p in pruned.parameters()) < rep.params_before
     assert rep.capture["tracer"] == "fx" and rep.mask is not None and rep.mask["ok"]
     assert rep.plan.removed > 0
+    if route in ("catro sub-task", "oicsr greedy"):  # their own entry points check ONNX Runtime by default
+        assert rep.onnx["ok"] and rep.verified
     path = str(tmp_path / "p.pt")
     fxprune.save(pruned, path)
     if route == "catro sub-task":  # the sub-task plan shrinks the pinned classifier: rebuilt by subtask only

@@ -12,10 +12,12 @@ from fxprune.plan import Plan
 
 from .method import plan
 
+
 def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, params=None, verify: bool = True,
-            **options):
+            onnx: bool = True, **options):
     """Prune ``model`` for the classes ``classes`` only; the classifier's outputs shrink to them (in that order
-    of ascending class index). Returns the pruned ``GraphModule``; its report's plan records the classes.
+    of ascending class index). Returns the pruned ``GraphModule``; its report's plan records the classes
+    (checked by mask-equivalence with ``verify``, and in ONNX Runtime with ``onnx`` too).
 
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -25,7 +27,7 @@ def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, par
         >>> small(x[:2]).shape
         torch.Size([2, 2])
     """
-    pipe = Pipeline(model, example_inputs, verify=verify, onnx=False)
+    pipe = Pipeline(model, example_inputs, verify=verify, onnx=onnx)
     classes = sorted({int(c) for c in classes})
     graph = pipe.graph
     out_groups = [g for g in graph.groups.values() if any("output" in p.reason for p in g.pins)]
