@@ -309,9 +309,10 @@ def _limit_memory(mb: int):
     return apply
 
 
-def run_one(tool: str, name: str, *, timeout: int, mem_mb: int, threads: int, onnx: bool) -> dict:
-    """Run one model in a fresh subprocess under the limits; a kill becomes a status."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, name, "--threads", str(threads)]
+def run_one(tool: str, name: str, *, timeout: int, mem_mb: int, threads: int, onnx: bool, script: str | None = None) -> dict:
+    """Run one model in a fresh subprocess under the limits; a kill becomes a status. ``script`` is the
+    sweep whose ``--worker TOOL MODEL`` prints the row (default: this file; ``zoo_families.py`` reuses it)."""
+    cmd = [sys.executable, script or os.path.abspath(__file__), "--worker", tool, name, "--threads", str(threads)]
     if not onnx:
         cmd.append("--no-onnx")
     t0 = time.perf_counter()
@@ -347,7 +348,8 @@ def save_cache(rows: dict, path=CACHE) -> None:
             f.write(json.dumps(rows[key]) + "\n")
 
 
-def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: int = 1, tp_timeout=None) -> dict:
+def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: int = 1, tp_timeout=None,
+          script: str | None = None) -> dict:
     """Run every (tool, model) in its own subprocess, ``jobs`` at a time; the cache is saved after each."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -356,7 +358,7 @@ def sweep(names, tools, *, timeout, mem_mb, threads, onnx, cache=CACHE, jobs: in
     rows = load_cache(cache)
     work = [(tool, n) for n in names for tool in tools]
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(work), unit="run") as bar:
-        futures = {pool.submit(run_one, tool, name, mem_mb=mem_mb, threads=threads, onnx=onnx,
+        futures = {pool.submit(run_one, tool, name, mem_mb=mem_mb, threads=threads, onnx=onnx, script=script,
                                timeout=tp_timeout if tool == "torch-pruning" and tp_timeout else timeout):
                    (tool, name) for tool, name in work}
         for fut in as_completed(futures):
