@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from . import passes
 from .cost.latency import search_latency
+from .cost.latency_table import LatencyModel
 from .errors import ConfigError
 from .ir import ChannelGraph
 from .pipeline import Pipeline
@@ -38,15 +39,20 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
             latency=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
-            method_options: dict | None = None, latency_options: dict | None = None) -> fx.GraphModule:
+            method_options: dict | None = None, latency_options: dict | None = None,
+            latency_model=None) -> fx.GraphModule:
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
 
     ``method`` names a criterion of :data:`fxprune.passes.REGISTRY` (or is a callable
     ``score(graph, data=..., seed=...)``; see :meth:`fxprune.pipeline.Pipeline.planner`).
     Give one budget: ``ratio`` (fraction of each group removed), ``flops`` or ``params``
     (fraction of the model kept), or ``latency`` (fraction of the original's ONNX Runtime
-    CPU latency allowed: the largest FLOPs budget that meets it, measured; options of
-    :func:`fxprune.cost.latency.search_latency` in ``latency_options``). ``data`` feeds
+    CPU latency allowed). With ``latency_model`` (a :class:`~fxprune.cost.latency_table.LatencyModel`,
+    or True to build one) the plan spends the latency that model predicts, ranking channels by
+    importance per millisecond; without it, the largest FLOPs budget whose exported model meets
+    the target, measured (options of :func:`fxprune.cost.latency.search_latency` in
+    ``latency_options``). ``round_to="fast"`` rounds every group to a count ONNX Runtime runs
+    well (from a latency model). ``data`` feeds
     data-driven criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`.
@@ -59,10 +65,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
                     onnx=onnx)
+    if latency_model is True:
+        latency_model = LatencyModel(pipe.graph)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                           min_keep=min_keep, floor=floor, round_to=round_to)
-    if latency is None:
-        return pipe.build(planner(ratio=ratio, flops=flops, params=params), method=name)
+                           min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model)
+    if latency is None or latency_model is not None:
+        return pipe.build(planner(ratio=ratio, flops=flops, params=params, latency=latency), method=name)
     if any(b is not None for b in (ratio, flops, params)):
         raise ConfigError("give exactly one budget: latency= cannot be combined with ratio=, flops= or params=")
     plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),

@@ -105,14 +105,15 @@ class Pipeline:
 
     # -- score and plan
     def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
-                ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None):
-        """A function ``(ratio=, flops=, params=) -> Plan`` for ``criterion`` on this model.
+                ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None):
+        """A function ``(ratio=, flops=, params=, latency=) -> Plan`` for ``criterion`` on this model.
 
         A criterion with a ``plan`` attribute chooses its own channels under the budget
         (CURL, CATRO): ``criterion.plan(graph, data=, seed=, ratio=, flops=, params=, round_to=,
         min_keep=, floor=, ignore=, meta=, **method_options)``. Any other criterion is called
         once, ``criterion(graph, data=, seed=, **method_options)``, and its scores are planned
-        by :func:`~fxprune.plan.make_plan` for every budget asked.
+        by :func:`~fxprune.plan.make_plan` for every budget asked (``latency=`` and
+        ``round_to="fast"`` with ``latency_model``, a :class:`~fxprune.cost.latency_table.LatencyModel`).
         """
         if not callable(criterion):
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
@@ -123,7 +124,10 @@ class Pipeline:
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
         own = getattr(criterion, "plan", None)
         if callable(own):
-            def plan(ratio=None, flops=None, params=None) -> Plan:
+            def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
+                if latency is not None or round_to == "fast":
+                    raise ConfigError(f"method '{name}' chooses its own channels: it takes no latency= budget or "
+                                      'round_to="fast"; use flops= with an integer round_to=')
                 t0 = time.perf_counter()
                 result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common, **options)
                 graph.timings["score + plan"] = time.perf_counter() - t0
@@ -131,14 +135,15 @@ class Pipeline:
             return plan
         scores = None
 
-        def plan(ratio=None, flops=None, params=None) -> Plan:
+        def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
             nonlocal scores
             t0 = time.perf_counter()
             if scores is None:
                 scores = criterion(graph, data=data, seed=seed, **options)
                 graph.timings["score"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, **common)
+            result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, latency=latency,
+                               latency_model=latency_model, **common)
             graph.timings["plan"] = time.perf_counter() - t1
             return result
         return plan

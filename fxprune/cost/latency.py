@@ -54,7 +54,7 @@ def time_session(session, example_inputs, *, repeats: int = 30, warmup: int = 5)
     """Median (and 10th/90th percentile) wall time of ``session.run`` in milliseconds."""
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    times = sorted(_times(session, example_inputs, repeats, warmup))
+    times = sorted(run_times(session, example_inputs, repeats, warmup))
     return {"median_ms": statistics.median(times), "p10_ms": times[int(0.1 * (len(times) - 1))],
             "p90_ms": times[int(0.9 * (len(times) - 1))], "repeats": repeats}
 
@@ -65,12 +65,12 @@ def paired_medians(base, cand, example_inputs, *, repeats: int = 30, warmup: int
     per = max(1, -(-repeats // rounds))
     a, b = [], []
     for _ in range(rounds):
-        a.extend(_times(base, example_inputs, per, warmup))
-        b.extend(_times(cand, example_inputs, per, warmup))
+        a.extend(run_times(base, example_inputs, per, warmup))
+        b.extend(run_times(cand, example_inputs, per, warmup))
     return statistics.median(a), statistics.median(b)
 
 
-def _times(session, example_inputs, repeats, warmup) -> list[float]:
+def run_times(session, example_inputs, repeats, warmup) -> list[float]:
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), random_inputs(example_inputs, seed=0))}
     for _ in range(warmup):
         session.run(None, feed)

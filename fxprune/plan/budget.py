@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..cost import CostModel
+from ..cost.latency_table import LatencyModel
 from ..errors import ConfigError
 from ..utils import paused_gc
 from .plan import Plan
@@ -49,21 +50,24 @@ class Budget:
     ratio: float | None = None
     flops: float | None = None
     params: float | None = None
-    round_to: int | None = None
+    latency: float | None = None  # fraction of the predicted ONNX Runtime latency kept (a LatencyModel)
+    round_to: object = None  # a multiple, "fast" (counts ONNX Runtime runs well) or (group name, n) -> n
     floor: float = 0.0
     min_keep: int = 1
 
     def __post_init__(self):
-        if sum(b is not None for b in (self.ratio, self.flops, self.params)) != 1:
+        if sum(b is not None for b in (self.ratio, self.flops, self.params, self.latency)) != 1:
             raise ConfigError("give exactly one budget: ratio= (fraction of each group removed), "
-                              "flops= or params= (fraction of the model kept)")
+                              "flops=, params= or latency= (fraction of the model kept)")
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise ConfigError(f"ratio={self.ratio} is out of range: it is the fraction of each group removed, in [0, 1)")
-        for name, b in (("flops", self.flops), ("params", self.params)):
+        for name, b in (("flops", self.flops), ("params", self.params), ("latency", self.latency)):
             if b is not None and not 0 < b <= 1:
                 raise ConfigError(f"{name}={b} is out of range: it is the fraction of the model kept, in (0, 1]")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ConfigError(f"round_to={self.round_to} must be a positive integer")
+        if self.round_to is not None and self.round_to != "fast" and not callable(self.round_to) and (
+                not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ConfigError(f"round_to={self.round_to!r} must be a positive integer, \"fast\" or a function "
+                              "(group name, count) -> count")
         if not 0 <= self.floor < 1:
             raise ConfigError(f"floor={self.floor} must be in [0, 1): the fraction of each group always kept")
 
@@ -72,21 +76,38 @@ class Budget:
         return min(g.size, max(1, self.min_keep, math.ceil(self.floor * g.size), int(g.pinned.sum()), at_least))
 
     def rounded(self, g, n: int) -> int:
-        """``n`` kept channels of ``g`` rounded up to a multiple of ``round_to`` (at most the group's size)."""
-        return min(g.size, math.ceil(n / self.round_to) * self.round_to) if self.round_to else n
+        """``n`` kept channels of ``g`` rounded up by ``round_to`` (at most the group's size): to a multiple,
+        or by a function ``(group name, n) -> count`` (``"fast"`` is resolved to one by :func:`make_plan`)."""
+        if self.round_to is None:
+            return n
+        if callable(self.round_to):
+            return min(g.size, int(self.round_to(g.name, n)))
+        if self.round_to == "fast":
+            raise ConfigError('round_to="fast" needs a latency model: plan with make_plan(..., round_to="fast")')
+        return min(g.size, math.ceil(n / self.round_to) * self.round_to)
 
     def info(self) -> dict:
-        return {"ratio": self.ratio, "flops": self.flops, "params": self.params, "round_to": self.round_to,
+        round_to = self.round_to if not callable(self.round_to) else getattr(self.round_to, "__name__", "custom")
+        info = {"ratio": self.ratio, "flops": self.flops, "params": self.params, "round_to": round_to,
                 "floor": self.floor}
+        if self.latency is not None:
+            info["latency"] = self.latency
+        return info
 
 
-def check_budget(*, ratio=None, flops=None, params=None, round_to=None, floor: float = 0.0) -> Budget:
+def check_budget(*, ratio=None, flops=None, params=None, latency=None, round_to=None, floor: float = 0.0) -> Budget:
     """Raise :class:`ConfigError` unless exactly one budget is given and every value is in range."""
-    return Budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor)
+    return Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor)
 
 
-def budget_measure(graph, budget: Budget):
-    """``(measure, target, base)``: the cost of a global keep-mask, the most it may be, and the unpruned cost."""
+def budget_measure(graph, budget: Budget, latency_model=None):
+    """``(measure, target, base)``: the cost of a global keep-mask, the most it may be, and the unpruned cost:
+    FLOPs or parameters (:class:`~fxprune.cost.CostModel`), or the latency ``latency_model`` predicts
+    (:class:`~fxprune.cost.latency_table.LatencyModel`)."""
+    if budget.latency is not None:
+        if latency_model is None:
+            raise ConfigError("a latency= budget needs a latency model (fxprune.cost.latency_table.LatencyModel)")
+        return latency_model.latency, budget.latency * latency_model.base, latency_model.base
     cost = CostModel(graph)
     if budget.flops is not None:
         return cost.flops, budget.flops * cost.base_flops, cost.base_flops
@@ -118,18 +139,18 @@ class SearchResult:
     cost: float  # the measure at the result, as a fraction of the unpruned model's
 
 
-def search(graph, groups, steps: list[str], mask_of, budget: Budget, kept_count) -> SearchResult:
+def search(graph, groups, steps: list[str], mask_of, budget: Budget, kept_count, latency_model=None) -> SearchResult:
     """The fewest of ``steps`` that meet ``budget``.
 
     ``steps`` names one group per removal, in the order channels go; ``kept_count(g, removed)``
     is a group's kept count after ``removed`` of its steps (floors and rounding applied);
     ``mask_of(counts)`` the global keep-mask of kept counts. A ratio budget takes no steps:
-    every group loses ``round(ratio * size)`` channels.
+    every group loses ``round(ratio * size)`` channels. A latency budget measures with ``latency_model``.
     """
     if budget.ratio is not None:
         counts = {g.name: kept_count(g, min(g.prunable, int(round(budget.ratio * g.size)))) for g in groups}
         return SearchResult(counts, 0, True, float("nan"))
-    measure, target, base = budget_measure(graph, budget)
+    measure, target, base = budget_measure(graph, budget, latency_model)
 
     def counts_after(k):
         removed = dict.fromkeys((g.name for g in groups), 0)
@@ -181,8 +202,8 @@ def ranked(g, s: torch.Tensor) -> np.ndarray:
 
 
 @paused_gc
-def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None,
-              round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None) -> Plan:
+def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None, latency=None,
+              round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None, latency_model=None) -> Plan:
     """Choose the channels to keep under exactly one budget, from per-group scores.
 
     ``scores`` maps each prunable group's name to a tensor of its size (higher means
@@ -192,8 +213,21 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     channels, so that groups whose raw scores live on different scales compete fairly)
     and meets the budget with :func:`search`; when even every removable channel is not
     enough it warns and returns the smallest plan.
+
+    ``latency=`` keeps that fraction of the ONNX Runtime latency predicted by ``latency_model``
+    (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given);
+    its ranking is importance per millisecond saved. ``round_to="fast"`` rounds each group up
+    to a count ONNX Runtime runs well (:meth:`~fxprune.cost.latency_table.LatencyModel.fast_count`).
     """
-    budget = Budget(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor, min_keep=min_keep)
+    budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
+                    min_keep=min_keep)
+    if latency_model is None and (latency is not None or round_to == "fast"):
+        latency_model = LatencyModel(graph)
+    if latency_model is not None and latency_model.graph.num_channels != graph.num_channels:
+        raise ConfigError("latency_model was built for another model (its channel graph differs): build it "
+                          "with LatencyModel(fxprune.analyze(model, example_inputs))")
+    if round_to == "fast":
+        budget = replace(budget, round_to=latency_model.fast_count)
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     checked_scores(groups, scores)
@@ -206,12 +240,33 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     steps = []
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
+        if budget.latency is not None:  # importance per millisecond saved
+            per_ms = ms_per_channel(graph, groups, latency_model)
+            keys = {name: k / per_ms[name] for name, k in keys.items()}
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
-    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count)
+    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count,
+                   latency_model)
     if not found.met:
         warnings.warn(f"the budget cannot be met: with every prunable channel removed the model keeps "
                       f"{found.cost:.1%}", stacklevel=2)
-    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**budget.info(), **(meta or {})})
+    info = budget.info()
+    if round_to == "fast":
+        info["round_to"] = "fast"
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**info, **(meta or {})})
+
+
+def ms_per_channel(graph, groups, latency_model) -> dict[str, float]:
+    """Each group's predicted latency saved per channel when half of it goes (the rest kept)."""
+    full = np.ones(graph.num_channels, dtype=bool)
+    out = {}
+    for g in groups:
+        keep = full.copy()
+        off = graph.offsets[g.name]
+        half = max(1, g.size // 2)
+        keep[off + half:off + g.size] = False
+        saved = latency_model.base - latency_model.latency(keep)
+        out[g.name] = max(saved / max(1, g.size - half), 1e-6 * latency_model.base / max(1, g.size))
+    return out
 
 
 def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:

@@ -1,0 +1,822 @@
+"""A measured latency model of ONNX Runtime (CPU), per operator signature.
+
+Three layers:
+
+* :class:`Sig` names one operator instance: a convolution (grouped and depthwise
+  included), a Gemm (a linear layer), or a per-element op (SiLU, SE scale, pooling,
+  concat). :func:`build_onnx` makes a one-node ONNX model of it with ``onnx.helper``.
+* :class:`LatencyTable` times signatures in an ORT ``InferenceSession`` (``threads``
+  intra-op threads, all graph optimisations) and caches the results on disk, one JSON file
+  per ORT version, CPU and thread count (``$FXPRUNE_CACHE_DIR``, default
+  ``~/.cache/fxprune``). A signature's time is the median *kernel* time of its operator
+  from ORT's profiler: the layout reorders ORT adds around a blocked (NCHWc) conv are
+  recorded apart (in a whole model they sit only where the blocked chain breaks).
+* :class:`LatencyModel` is the analogue of :class:`fxprune.cost.CostModel`: it predicts
+  the latency (ms) of a plan from a global keep-mask over a ChannelGraph's channels, as a
+  sum of per-node curves over kept channel counts, so evaluating a mask is cheap.
+
+How counts behave is measured, not assumed: :func:`probe` sweeps a 1x1 conv's input and
+output channels and a depthwise conv's channels over ``1..64`` and finds the counts
+where the curve steps (the right ends of its plateaus), their period, and how much slower
+each residue off a step runs. ORT 1.32 on AVX-512 pads output channels to blocks of 16
+and falls back to a plain (im2col) conv when the input channels are not a multiple of
+4; on another machine the probe finds another period. :meth:`LatencyModel.steps` gives
+a group's fast counts and :meth:`LatencyModel.fast_count` rounds a count onto one.
+
+Example (a fixed fake table: a conv costs its MACs, channels padded to blocks of 4)::
+
+    >>> import torch, fxprune
+    >>> from fxprune.cost.latency_table import LatencyModel, FunctionTable
+    >>> def fake(sig):
+    ...     pad = lambda c: -(-c // 4) * 4
+    ...     if sig.kind == "conv":
+    ...         return 1e-6 * pad(sig.cin) * pad(sig.cout) * sig.h * sig.w * sig.kh * sig.kw / sig.groups
+    ...     if sig.kind == "chain":      # the probe: c channels between two 1x1 convs
+    ...         return 2e-6 * sig.cin * pad(sig.cout) * sig.h * sig.w
+    ...     return 0.0
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+    ...                           torch.nn.Conv2d(16, 8, 1)).eval()
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    >>> lm = LatencyModel(graph, table=FunctionTable(fake))
+    >>> round(lm.base, 4)            # (4*16*64*9 + 16*8*64) MACs, times 1e-6 ms
+    0.0451
+    >>> lm.steps("0")                # the group of conv 0's 16 outputs: blocks of 4
+    [4, 8, 12, 16]
+    >>> lm.fast_count("0", 9)
+    12
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import platform
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, FxPruneError
+
+CACHE_ENV = "FXPRUNE_CACHE_DIR"
+PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
+PAD_TOL = 0.1           # a count within 10 % of the next multiple's latency is padded to it
+
+
+class LatencyError(FxPruneError):
+    """A signature could not be built or timed in ONNX Runtime, or a cache file is unreadable."""
+
+
+@dataclass(frozen=True)
+class Sig:
+    """One operator instance. ``kind``: ``"conv"``, ``"gemm"`` (``h`` rows of ``cin`` -> ``cout``),
+    or a per-element op ``"silu"``, ``"sigmoid"``, ``"mul_se"`` (``x * s[N, C, 1, 1]``),
+    ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (two halves).
+    Shapes are NCHW; ``h, w`` are the input's spatial size."""
+
+    kind: str
+    n: int = 1
+    cin: int = 1
+    cout: int = 1
+    h: int = 1
+    w: int = 1
+    kh: int = 1
+    kw: int = 1
+    sh: int = 1
+    sw: int = 1
+    ph: int = 0
+    pw: int = 0
+    dh: int = 1
+    dw: int = 1
+    groups: int = 1
+
+    @property
+    def key(self) -> str:
+        return "|".join(str(v) for v in asdict(self).values())
+
+    @classmethod
+    def from_key(cls, key: str) -> "Sig":
+        kind, *rest = key.split("|")
+        return cls(kind, *(int(v) for v in rest))
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if self.kind in ("conv", "maxpool", "avgpool"):
+            return ((self.h + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1,
+                    (self.w + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1)
+        if self.kind == "gap":
+            return (1, 1)
+        return (self.h, self.w)
+
+
+ELEMENTWISE = ("silu", "sigmoid", "mul_se", "maxpool", "avgpool", "gap", "concat")
+
+
+def build_onnx(sig: Sig, seed: int = 0) -> bytes:
+    """A one-node ONNX model (serialized) of ``sig``, with random weights.
+
+    >>> import onnx
+    >>> m = onnx.load_from_string(build_onnx(Sig("conv", cin=8, cout=16, h=14, w=14, kh=3, kw=3, ph=1, pw=1)))
+    >>> [n.op_type for n in m.graph.node], [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    (['Conv'], [1, 16, 14, 14])
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    f32 = TensorProto.FLOAT
+    inits, inputs, nodes = [], [], []
+
+    def weight(name, shape):
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(shape)).astype(np.float32), name))
+
+    ho, wo = sig.out_hw
+    if sig.kind == "conv":
+        if sig.cin % sig.groups or sig.cout % sig.groups:
+            raise LatencyError(f"{sig}: channels are not divisible by groups")
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, sig.cin, sig.h, sig.w]))
+        weight("W", (sig.cout, sig.cin // sig.groups, sig.kh, sig.kw))
+        weight("B", (sig.cout,))
+        nodes.append(helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[sig.kh, sig.kw],
+                                      strides=[sig.sh, sig.sw], pads=[sig.ph, sig.pw, sig.ph, sig.pw],
+                                      dilations=[sig.dh, sig.dw], group=sig.groups))
+        out = [sig.n, sig.cout, ho, wo]
+    elif sig.kind == "gemm":
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n * sig.h, sig.cin]))
+        weight("W", (sig.cout, sig.cin))
+        weight("B", (sig.cout,))
+        nodes.append(helper.make_node("Gemm", ["X", "W", "B"], ["Y"], transB=1))
+        out = [sig.n * sig.h, sig.cout]
+    elif sig.kind in ("chain", "dwchain"):
+        # 1x1 conv cin -> cout [-> depthwise 3x3 on cout] -> 1x1 conv cout -> cin: a count in context
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, sig.cin, sig.h, sig.w]))
+        weight("W1", (sig.cout, sig.cin, 1, 1))
+        weight("W3", (sig.cin, sig.cout, 1, 1))
+        nodes.append(helper.make_node("Conv", ["X", "W1"], ["A"], kernel_shape=[1, 1]))
+        nodes.append(helper.make_node("Relu", ["A"], ["B"]))
+        mid = "B"
+        if sig.kind == "dwchain":
+            weight("W2", (sig.cout, 1, 3, 3))
+            nodes.append(helper.make_node("Conv", ["B", "W2"], ["C"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                          group=sig.cout))
+            nodes.append(helper.make_node("Relu", ["C"], ["D"]))
+            mid = "D"
+        nodes.append(helper.make_node("Conv", [mid, "W3"], ["Y"], kernel_shape=[1, 1]))
+        out = [sig.n, sig.cin, sig.h, sig.w]
+    elif sig.kind in ELEMENTWISE:
+        c = sig.cin
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, c, sig.h, sig.w]))
+        out = [sig.n, c, ho, wo]
+        if sig.kind == "silu":
+            nodes += [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])]
+        elif sig.kind == "sigmoid":
+            nodes.append(helper.make_node("Sigmoid", ["X"], ["Y"]))
+        elif sig.kind == "mul_se":
+            inputs.append(helper.make_tensor_value_info("S", f32, [sig.n, c, 1, 1]))
+            nodes.append(helper.make_node("Mul", ["X", "S"], ["Y"]))
+        elif sig.kind in ("maxpool", "avgpool"):
+            nodes.append(helper.make_node("MaxPool" if sig.kind == "maxpool" else "AveragePool", ["X"], ["Y"],
+                                          kernel_shape=[sig.kh, sig.kw], strides=[sig.sh, sig.sw],
+                                          pads=[sig.ph, sig.pw, sig.ph, sig.pw]))
+        elif sig.kind == "gap":
+            nodes.append(helper.make_node("ReduceMean", ["X"], ["Y"], axes=[2, 3], keepdims=1))
+        elif sig.kind == "concat":
+            a = max(1, c // 2)
+            inputs[0] = helper.make_tensor_value_info("X", f32, [sig.n, a, sig.h, sig.w])
+            inputs.append(helper.make_tensor_value_info("X2", f32, [sig.n, max(1, c - a), sig.h, sig.w]))
+            nodes.append(helper.make_node("Concat", ["X", "X2"], ["Y"], axis=1))
+            out = [sig.n, a + max(1, c - a), sig.h, sig.w]
+    else:
+        raise LatencyError(f"no ONNX model for signature kind '{sig.kind}'")
+    graph = helper.make_graph(nodes, "sig", inputs, [helper.make_tensor_value_info("Y", f32, out)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def cpu_fingerprint() -> str:
+    """A short hash of the CPU model and its feature flags."""
+    text = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+        text = "\n".join(dict.fromkeys(lines)) or text
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def cache_path(threads: int) -> str:
+    """``$FXPRUNE_CACHE_DIR/ort-latency-<ort version>-<cpu hash>-<threads>t.json`` (default dir ``~/.cache/fxprune``)."""
+    import onnxruntime as ort
+
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fxprune")
+    return os.path.join(root, f"ort-latency-{ort.__version__}-{cpu_fingerprint()}-{threads}t.json")
+
+
+class FunctionTable:
+    """A table from a function ``fn(sig) -> ms`` (kernel time; no reorders): for tests and doctests."""
+
+    def __init__(self, fn, ms_per_byte: float = 0.0):
+        self.fn = fn
+        self.ms_per_byte = ms_per_byte
+
+    def get_many(self, sigs) -> list[float]:
+        return [float(self.fn(s)) for s in sigs]
+
+
+class LatencyTable:
+    """Measured ORT kernel times per :class:`Sig`, cached on disk (see the module docstring).
+
+    ``get_many(sigs)`` times the signatures not cached yet (a tqdm bar when ``progress``),
+    saves, and returns their times in ms. ``warmup`` runs, then the median of ``repeats``.
+
+    >>> import os, tempfile
+    >>> os.environ["FXPRUNE_CACHE_DIR"] = tempfile.mkdtemp()
+    >>> t = LatencyTable(progress=False)
+    >>> t.entries["conv|1|8|8|4|4|1|1|1|1|0|0|1|1|1"] = {"ms": 0.01, "reorder_ms": 0.0}
+    >>> t.save(); LatencyTable(progress=False).get_many([Sig("conv", cin=8, cout=8, h=4, w=4)])
+    [0.01]
+    >>> del os.environ["FXPRUNE_CACHE_DIR"]
+    """
+
+    def __init__(self, threads: int = 2, *, path: str | None = None, repeats: int = 10, warmup: int = 3,
+                 passes: int = 3, progress: bool = True):
+        if not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads} must be a positive integer")
+        if repeats < 1 or warmup < 0:
+            raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+        if passes < 1:
+            raise ConfigError(f"passes={passes} must be >= 1")
+        self.threads, self.repeats, self.warmup, self.progress = threads, repeats, warmup, progress
+        self.passes = passes
+        self.path = path or cache_path(threads)
+        self.entries: dict[str, dict] = self._read()
+
+    def _read(self) -> dict:
+        if not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("format") != "fxprune.ort-latency/1":
+                raise ValueError(f"format {data.get('format')!r}")
+            return dict(data["entries"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LatencyError(f"the latency cache {self.path} is unreadable ({exc}); delete it to re-measure") from exc
+
+    def save(self) -> None:
+        """Merge with what is on disk (another process may have measured too), write atomically."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            merged = {**self._read(), **self.entries}
+        except LatencyError:
+            merged = dict(self.entries)
+        self.entries = merged
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": "fxprune.ort-latency/1", "threads": self.threads, "entries": merged}, f)
+        os.replace(tmp, self.path)
+
+    def get_many(self, sigs) -> list[float]:
+        sigs = list(sigs)
+        missing = list(dict.fromkeys(s for s in sigs if s.key not in self.entries))
+        if missing:
+            self.measure(missing)
+        return [self.entries[s.key]["ms"] for s in sigs]
+
+    def measure(self, sigs) -> None:
+        """Time every signature (no cache lookup) in ``passes`` passes over the whole list, keeping each
+        one's fastest pass (contention on a shared machine comes in bursts longer than one pass of
+        one signature), then save."""
+        from tqdm import tqdm
+
+        sigs = list(sigs)
+        best: dict[str, dict] = {}
+        bar = tqdm(total=len(sigs) * self.passes, desc="ORT latency table", unit="op", disable=not self.progress,
+                   leave=False)
+        try:
+            for _ in range(self.passes):
+                for s in sigs:
+                    e = self._time(s)
+                    old = best.get(s.key)
+                    if old is None or e["ms"] + e["reorder_ms"] < old["ms"] + old["reorder_ms"]:
+                        best[s.key] = e
+                    bar.update()
+            self.entries.update(best)
+        finally:
+            bar.close()
+            self.save()
+
+    def _time(self, sig: Sig) -> dict:
+        try:
+            per_node = profile_session(build_onnx(sig), self.threads, self.repeats, self.warmup)
+        except LatencyError as exc:
+            raise LatencyError(f"{sig}: {exc}") from exc
+        ms = sum(v for (op, _), v in per_node.items() if not op.startswith("Reorder"))
+        reorder = sum(v for (op, _), v in per_node.items() if op.startswith("Reorder"))
+        return {"ms": ms, "reorder_ms": reorder}
+
+
+def profile_session(model, threads: int = 2, repeats: int = 20, warmup: int = 5) -> dict:
+    """Run ``model`` (a path or serialized ONNX bytes) in ORT with its profiler on and return
+    ``{(op type, node name): ms}``: each node's fastest kernel time over ``repeats`` runs after
+    ``warmup`` (other processes on shared cores only ever add time). Summed, it estimates the
+    model's latency on a quiet machine."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "prof")
+        try:
+            sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types
+            raise LatencyError(f"ONNX Runtime cannot load the model: {exc}") from exc
+        rng = np.random.default_rng(0)
+        feed = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+                for i in sess.get_inputs()}
+        for _ in range(warmup + repeats):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    per_node: dict[tuple, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            key = (e.get("args", {}).get("op_name", ""), e["name"][:-len("_kernel_time")])
+            per_node.setdefault(key, []).append(e["dur"] / 1e3)
+    out = {}
+    for key, durs in per_node.items():
+        timed = durs[len(durs) * warmup // (warmup + repeats):] or durs
+        out[key] = min(timed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# probes: where latency steps along channel counts
+
+
+@dataclass
+class Steps:
+    """How one op family's latency behaves along a channel count: ``period`` between fast steps,
+    the step residues mod ``period`` and ``slow[r]``: a count ``c`` with ``c % period == r`` costs
+    ``slow[r]`` times the next step above it."""
+
+    period: int
+    residues: tuple
+    slow: tuple
+
+    def up(self, c: int) -> int:
+        """The smallest step >= c."""
+        p = self.period
+        base = (c // p) * p
+        for r in sorted(self.residues):
+            if base + r >= c and base + r > 0:
+                return base + r
+        return base + p + min(self.residues)
+
+    def is_step(self, c: int) -> bool:
+        return c % self.period in self.residues
+
+    def factor(self, c: int) -> float:
+        return self.slow[c % self.period]
+
+
+FLAT = Steps(1, (0,), (1.0,))
+
+PROBES = {  # family -> signature of count c: c channels between two convs; a depthwise conv of c channels
+    "conv": lambda c: Sig("chain", cin=128, cout=c, h=56, w=56),
+    "dw": lambda c: Sig("conv", cin=c, cout=c, h=56, w=56, kh=3, kw=3, ph=1, pw=1, groups=c),
+}
+
+
+def edges(curve, tol: float = 0.03) -> list[int]:
+    """Counts ``c`` (1-based) after which a latency curve jumps: ``curve[c] - curve[c - 1]`` is more than
+    three times the typical (median) step and more than ``tol`` of the typical latency (noise).
+
+    >>> edges([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
+    [4, 8]
+    """
+    f = np.asarray(curve, dtype=float)
+    d = np.diff(f)
+    if d.size == 0:
+        return []
+    thr = max(3 * float(np.median(np.abs(d))), tol * float(np.median(f)), 1e-12)
+    return [c + 1 for c in range(len(d)) if d[c] > thr]
+
+
+def find_steps(curve, tol: float = 0.03) -> Steps:
+    """The period of a latency curve over counts ``1..len(curve)`` and how much slower, or faster,
+    each residue runs than the next multiple of it (``slow``). The period is the finest power of two
+    whose multiples are (75 %) counts after which the curve jumps (:func:`edges`), doubled while the
+    multiples in between cost as much as the next multiple of the double (the kernel pads to it):
+    ORT's depthwise conv falls back to a slow kernel off multiples of 4 and pads to blocks of 16.
+
+    >>> find_steps([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]).period   # plateaus of 4
+    4
+    >>> find_steps([2, 2, 2, 1, 3, 3, 3, 2, 4, 4, 4, 3])           # off multiples of 4: 3/2, 4/3 slower
+    Steps(period=4, residues=(0,), slow=(1.0, 1.417, 1.417, 1.417))
+    """
+    f = np.asarray(curve, dtype=float)
+    n = len(f)
+    jumps = set(edges(f, tol))
+    period = 1
+    for p in (2 ** k for k in range(1, int(math.log2(n)))):   # the finest block whose multiples jump
+        mult = list(range(p, n, p))
+        if len(mult) >= 2 and sum(m in jumps for m in mult) >= 0.75 * len(mult):
+            period = p
+            break
+    while period > 1 and 2 * period < n:   # coarser while the counts in between cost the next multiple (padding)
+        mids = list(range(period, n - period + 1, 2 * period))
+        if not all(f[m - 1] >= (1 - PAD_TOL) * f[m + period - 1] for m in mids):
+            break
+        period *= 2
+    slow = []
+    for r in range(period):
+        ups = [(c, -(-c // period) * period) for c in range(period + 1, n + 1) if c % period == r]
+        ratios = [f[c - 1] / f[u - 1] for c, u in ups if u <= n]
+        slow.append(1.0 if r == 0 or not ratios else float(statistics.median(ratios)))
+    return Steps(period, (0,), tuple(round(v, 3) for v in slow))
+
+
+def probe(table) -> dict[str, Steps]:
+    """Sweep :data:`PROBES` over counts ``1..PROBE_MAX`` in ``table`` and find each family's :class:`Steps`.
+    A :class:`FunctionTable` gets them from its function the same way."""
+    cached = getattr(table, "_steps", None)
+    if cached is not None:
+        return cached
+    owner = table
+    if isinstance(table, LatencyTable) and table.threads != 1:
+        # the kernels' block structure does not depend on the thread count, and one thread times it
+        # cleanly on a shared machine (two threads need both cores free at once)
+        table = LatencyTable(threads=1, progress=table.progress, repeats=table.repeats, warmup=table.warmup,
+                             passes=table.passes)
+    sigs = {fam: [make(c) for c in range(1, PROBE_MAX + 1)] for fam, make in PROBES.items()}
+    times = table.get_many([s for ss in sigs.values() for s in ss])
+    entries = getattr(table, "entries", None)
+    out, i = {}, 0
+    for fam, ss in sigs.items():
+        if entries is not None:   # kernels and reorders: a count off a block pays for the reorders around it
+            curve = [entries[s.key]["ms"] + entries[s.key].get("reorder_ms", 0.0) for s in ss]
+        else:
+            curve = times[i:i + len(ss)]
+        out[fam] = find_steps(curve)
+        i += len(ss)
+    owner._steps = out
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+def _channels_along(node, dim: int, shape) -> np.ndarray:
+    """Global channel ids of ``node``'s value along ``dim`` (-1 = fixed)."""
+    lab = node.meta.get("fxprune") if hasattr(node, "meta") else None
+    size = shape[dim]
+    if not isinstance(lab, torch.Tensor) or lab.dim() == 0:
+        return np.full(size, -1, dtype=np.int64)
+    lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape)).expand(tuple(shape))
+    idx = [0] * len(shape)
+    idx[dim] = slice(None)
+    return lab[tuple(idx)].numpy().astype(np.int64)
+
+
+class _Count:
+    """Kept positions of a channel-id vector under a keep mask."""
+
+    __slots__ = ("fixed", "ids", "size")
+
+    def __init__(self, ids: np.ndarray):
+        self.size = len(ids)
+        self.fixed = int((ids < 0).sum())
+        self.ids = ids[ids >= 0]
+
+    def __call__(self, keep) -> int:
+        return self.fixed + (int(np.count_nonzero(keep[self.ids])) if self.ids.size else 0)
+
+    @property
+    def free(self) -> bool:
+        return self.ids.size > 0
+
+
+def _grid(size: int, steps: Steps, k: int) -> list[int]:
+    """``k`` counts from the first step to the step at or above ``size``, all on steps (or ``[size]``)."""
+    top = steps.up(size)
+    lo = steps.up(1)
+    pts = {int(v) for v in np.linspace(lo, top, k)}
+    return sorted({steps.up(p) if p < top else top for p in pts})
+
+
+def _interp(x: float, xs: list[int]) -> tuple[int, int, float]:
+    if len(xs) == 1:
+        return 0, 0, 0.0
+    j = int(np.clip(np.searchsorted(xs, x), 1, len(xs) - 1))
+    return j - 1, j, (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+
+
+class _Term:
+    """One node's latency as a function of its kept input/output counts."""
+
+    def __init__(self, name, kind, cin: _Count, cout: _Count, make, steps_in: Steps, steps_out: Steps,
+                 grid: int, weights_per_pair: float = 0.0):
+        self.name, self.kind, self.cin, self.cout, self.make = name, kind, cin, cout, make
+        self.sin = steps_in if cin.free else FLAT
+        self.sout = steps_out if cout.free else FLAT
+        self.xs = _grid(cin.size, self.sin, grid) if cin.free else [cin.size]
+        self.ys = _grid(cout.size, self.sout, grid) if cout.free else [cout.size]
+        self.weights_per_pair = weights_per_pair   # weight bytes per (input, output) count pair
+        self.ms_per_byte = 0.0
+        self.values = None
+
+    def sigs(self):
+        return [self.make(x, y) for x in self.xs for y in self.ys]
+
+    def fill(self, times, ms_per_byte: float = 0.0):
+        v = np.asarray(times, dtype=float).reshape(len(self.xs), len(self.ys))
+        # latency does not fall as counts grow along a grid of steps, and contention only adds time:
+        # each point is the fastest of itself and every point with more channels
+        v = np.minimum.accumulate(np.minimum.accumulate(v[::-1, ::-1], axis=0), axis=1)[::-1, ::-1]
+        self.values = v
+        self.ms_per_byte = ms_per_byte
+
+    def at(self, ci: int, co: int) -> float:
+        x = self.sin.up(ci) if self.cin.free else ci
+        y = self.sout.up(co) if self.cout.free else co
+        i0, i1, a = _interp(x, self.xs)
+        j0, j1, b = _interp(y, self.ys)
+        v = self.values
+        base = ((1 - a) * ((1 - b) * v[i0, j0] + b * v[i0, j1]) + a * ((1 - b) * v[i1, j0] + b * v[i1, j1]))
+        # linear extrapolation below the first grid point (fewer channels than the smallest step)
+        slow = max(self.sin.factor(ci) if self.cin.free else 1.0, self.sout.factor(co) if self.cout.free else 1.0)
+        # the table times an op with its weights hot in cache; in a model they stream from memory
+        stream = self.ms_per_byte * self.weights_per_pair * max(ci, 1) * max(co, 1)
+        return max(base, 0.0) * slow + stream
+
+    def __call__(self, keep) -> float:
+        return self.at(self.cin(keep), self.cout(keep))
+
+
+STREAM_SIG = Sig("gemm", cin=4096, cout=4096)   # 64 MiB of weights: read from memory on every run
+
+
+def ms_per_weight_byte(table) -> float:
+    """Time to stream one byte of weights from memory: a matrix-vector product over 64 MiB of
+    weights, larger than the caches (a :class:`FunctionTable` sets ``ms_per_byte``, default 0)."""
+    if not isinstance(table, LatencyTable):
+        return float(getattr(table, "ms_per_byte", 0.0))
+    (ms,) = table.get_many([STREAM_SIG])
+    return ms / (4 * STREAM_SIG.cin * STREAM_SIG.cout)
+
+
+class LatencyModel:
+    """Predict the ORT CPU latency (ms) of a pruned model from a global keep-mask.
+
+    The analogue of :class:`fxprune.cost.CostModel`. For each conv / linear node it reads the
+    channel ids of its input and output (``node.meta["fxprune"]``), measures the node's
+    signature on a grid of kept counts on the table's fast steps (``grid`` points per free
+    dimension, all in one batch up front), and interpolates; a count off a step costs the
+    probe's slow-down (or speed-up) for its residue. Weights stream from memory in a model but
+    sit in cache when one op is timed alone: each conv / linear adds its kept weight bytes times
+    :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
+    measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
+    residual adds into the convs: they cost nothing here. ``latency(keep)`` sums the node curves.
+    """
+
+    def __init__(self, graph, *, batch: int = 1, threads: int = 2, table=None, grid: int = 5,
+                 progress: bool = True):
+        if grid < 2:
+            raise ConfigError(f"grid={grid} must be at least 2")
+        self.table = table if table is not None else LatencyTable(threads=threads, progress=progress)
+        self.graph = graph
+        self.batch = batch
+        steps = probe(self.table)
+        self.family_steps = steps
+        mods = dict(graph.module.named_modules())
+        self._dw_ids = self._depthwise_channels(graph, mods)
+        terms = []
+        for node in graph.module.graph.nodes:
+            term = self._term(node, mods, steps, grid)
+            if term is not None:
+                terms.append(term)
+        sigs = [s for t in terms for s in t.sigs()]
+        times = self.table.get_many(sigs)
+        self.ms_per_byte = ms_per_weight_byte(self.table)
+        i = 0
+        for t in terms:
+            n = len(t.xs) * len(t.ys)
+            t.fill(times[i:i + n], self.ms_per_byte)
+            i += n
+        self.terms = terms
+        self.base = self.latency(np.ones(graph.num_channels, dtype=bool))
+
+    # -- building ------------------------------------------------------------------------------
+    def _term(self, node, mods, steps, grid):
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(getattr(meta, "shape", ()) or ())
+        n = self.batch
+        if node.op == "call_module":
+            mod = mods.get(node.target)
+            inp = node.args[0] if node.args else None
+            in_shape = tuple(getattr(getattr(inp, "meta", {}).get("tensor_meta"), "shape", ()) or ())
+            if isinstance(mod, torch.nn.Conv2d) and len(in_shape) == 4 and len(shape) == 4:
+                return self._conv(node, mod, inp, in_shape, shape, steps, grid)
+            if isinstance(mod, torch.nn.Linear) and len(in_shape) >= 2:
+                rows = int(np.prod(in_shape[:-1])) // max(1, in_shape[0])
+                cin = _Count(_channels_along(inp, len(in_shape) - 1, in_shape))
+                cout = _Count(_channels_along(node, len(shape) - 1, shape))
+                return _Term(node.name, "gemm", cin, cout, lambda x, y: Sig("gemm", n=n, cin=x, cout=y, h=rows),
+                             FLAT, FLAT, grid, 4.0)
+            kind = self._elementwise_module(mod, shape)
+        elif node.op == "call_function":
+            kind = self._elementwise_function(node, shape)
+        else:
+            kind = None
+        if kind is None or len(shape) != 4:
+            return None
+        src = node.args[0] if kind in ("maxpool", "avgpool", "gap") else node
+        src_shape = tuple(src.meta["tensor_meta"].shape) if kind in ("maxpool", "avgpool", "gap") else shape
+        c = _Count(_channels_along(src, 1, src_shape))
+        h, w = src_shape[2], src_shape[3]
+        extra = {}
+        if kind in ("maxpool", "avgpool"):
+            mod = mods.get(node.target)
+            k, s, p = (_pair(getattr(mod, a)) for a in ("kernel_size", "stride", "padding"))
+            extra = dict(kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0], pw=p[1])
+        none = _Fixed(0)
+        half = max(1, c.size // 2)
+        term = _Term(node.name, kind, c, none, lambda x, y: Sig(kind, n=n, cin=x, h=h, w=w, **extra), FLAT, FLAT, grid)
+        term.xs = sorted({half, c.size}) if c.free else [c.size]
+        term.sin = FLAT
+        return term
+
+    def _conv(self, node, mod, inp, in_shape, shape, steps, grid):
+        n = self.batch
+        cin = _Count(_channels_along(inp, 1, in_shape))
+        cout = _Count(_channels_along(node, 1, shape))
+        g = mod.groups
+        kh, kw = mod.kernel_size
+        sh, sw = mod.stride
+        ph, pw = mod.padding if isinstance(mod.padding, tuple) else (0, 0)
+        dh, dw = mod.dilation
+        h, w = in_shape[2], in_shape[3]
+        geo = dict(n=n, h=h, w=w, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
+        if g == 1:
+            # a depthwise conv's channels off its block make ORT's convs around it fall back too
+            # (measured in whole models): they take the depthwise probe's slow-downs
+            s_in = steps["dw"] if np.isin(cin.ids, self._dw_ids).any() else steps["conv"]
+            s_out = steps["dw"] if np.isin(cout.ids, self._dw_ids).any() else steps["conv"]
+            return _Term(node.name, "conv", cin, cout, lambda x, y: Sig("conv", cin=x, cout=y, **geo),
+                         s_in, s_out, grid, 4.0 * kh * kw)
+        if g == cin.size == cout.size:   # depthwise: one count
+            return _Term(node.name, "dw", _Fixed(0), cout, lambda x, y: Sig("conv", cin=y, cout=y, groups=y, **geo),
+                         FLAT, steps["dw"], grid, 4.0 * kh * kw)
+        # grouped: whole groups go (the coupling ties a group's width together); count groups
+        win, wout = cin.size // g, cout.size // g
+        src = cout if cout.free else cin
+        groups = _GroupCount(src, max(1, src.size // g))
+        term = _Term(node.name, "grouped", _Fixed(0), groups,
+                     lambda x, y: Sig("conv", cin=win * y, cout=wout * y, groups=y, **geo), FLAT, FLAT, grid,
+                     4.0 * kh * kw * win * wout)
+        if groups.free:
+            term.ys = sorted({max(1, int(round(v))) for v in np.linspace(1, g, grid)})
+        return term
+
+    @staticmethod
+    def _depthwise_channels(graph, mods) -> np.ndarray:
+        ids = []
+        for node in graph.module.graph.nodes:
+            mod = mods.get(node.target) if node.op == "call_module" else None
+            meta = node.meta.get("tensor_meta")
+            if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+                ch = _channels_along(node, 1, tuple(meta.shape))
+                ids.append(ch[ch >= 0])
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _elementwise_module(mod, shape):
+        if isinstance(mod, torch.nn.SiLU):
+            return "silu"
+        if isinstance(mod, torch.nn.Sigmoid) and len(shape) == 4 and shape[2] * shape[3] > 1:
+            return "sigmoid"
+        if isinstance(mod, torch.nn.MaxPool2d):
+            return "maxpool"
+        if isinstance(mod, torch.nn.AvgPool2d):
+            return "avgpool"
+        if isinstance(mod, torch.nn.AdaptiveAvgPool2d) and len(shape) == 4 and shape[2] == shape[3] == 1:
+            return "gap"
+        return None
+
+    @staticmethod
+    def _elementwise_function(node, shape):
+        import torch.nn.functional as F
+
+        t = node.target
+        if t in (F.silu,):
+            return "silu"
+        if t in (torch.sigmoid,) and len(shape) == 4 and shape[2] * shape[3] > 1:
+            return "sigmoid"
+        if t in (F.adaptive_avg_pool2d,) and len(shape) == 4 and shape[2] == shape[3] == 1:
+            return "gap"
+        if t in (torch.cat, torch.concat):
+            return "concat"
+        if t in (operator.mul, torch.mul) and len(shape) == 4:
+            others = [a for a in node.args if hasattr(a, "meta") and "tensor_meta" in a.meta]
+            if any(tuple(a.meta["tensor_meta"].shape)[2:] == (1, 1) for a in others) and shape[2] * shape[3] > 1:
+                return "mul_se"
+        return None
+
+    # -- evaluating ----------------------------------------------------------------------------
+    def latency(self, keep) -> float:
+        """Predicted latency (ms) of the model that keeps the channels set in ``keep``."""
+        keep = np.asarray(keep, dtype=bool)
+        return float(sum(t(keep) for t in self.terms))
+
+    def node_latency(self, keep) -> dict[str, float]:
+        keep = np.asarray(keep, dtype=bool)
+        return {t.name: t(keep) for t in self.terms}
+
+    def group_curve(self, group: str, keep=None) -> np.ndarray:
+        """Latency (ms) with ``n = 1..size`` channels of ``group`` kept (its first n), the rest as ``keep``."""
+        g = self.graph.groups.get(group)
+        if g is None:
+            raise ConfigError(f"no group '{group}' in this model")
+        keep = np.ones(self.graph.num_channels, dtype=bool) if keep is None else np.array(keep, dtype=bool)
+        off = self.graph.offsets[group]
+        touching = self._touching(group)
+        out = np.zeros(g.size)
+        for n in range(1, g.size + 1):
+            keep[off:off + g.size] = False
+            keep[off:off + n] = True
+            out[n - 1] = sum(t(keep) for t in touching)
+        return out
+
+    def _touching(self, group: str) -> list:
+        g = self.graph.groups.get(group)
+        if g is None:
+            raise ConfigError(f"no group '{group}' in this model")
+        off = self.graph.offsets[group]
+        ids = np.arange(off, off + g.size)
+        return [t for t in self.terms if any(c.free and np.isin(c.ids, ids).any() for c in (t.cin, t.cout))]
+
+    def steps(self, group: str, keep=None) -> list[int]:
+        """Fast counts of ``group``: those after which its latency curve jumps (:func:`edges`), and its size;
+        every count when the curve has no jumps."""
+        cached = self.__dict__.setdefault("_steps", {})
+        if keep is None and group in cached:
+            return cached[group]
+        f = self.group_curve(group, keep)
+        period = max([t.sin.period for t in self._touching(group) if t.cin.free] +
+                     [t.sout.period for t in self._touching(group) if t.cout.free] + [1])
+        # jumps of the curve on the measured block (a jump inside a block is a fallback kernel
+        # winning in the probe's isolated chain, not something to aim for in a deep network)
+        out = [c for c in edges(f, tol=0.0) if c < len(f) and c % period == 0] + [len(f)]
+        if len(out) == 1:   # a smooth curve: every multiple of the block runs as well as any other
+            out = sorted({c for c in range(period, len(f) + 1, period)} | {len(f)})
+        if keep is None:
+            cached[group] = out
+        return out
+
+    def fast_count(self, group: str, n: int, *, down: float = 0.0) -> int:
+        """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at
+        least ``(1 - down) * n`` channels."""
+        st = self.steps(group)
+        below = [s for s in st if s <= n]
+        if below and below[-1] >= (1 - down) * n:
+            return below[-1]
+        above = [s for s in st if s >= n]
+        return above[0] if above else st[-1]
+
+
+class _Fixed(_Count):
+    """A count that no plan changes."""
+
+    def __init__(self, size: int):
+        self.size, self.fixed, self.ids = size, size, np.zeros(0, dtype=np.int64)
+
+    def __call__(self, keep) -> int:
+        return self.size
+
+
+class _GroupCount(_Count):
+    """Kept conv groups: kept positions of a grouped conv's channels divided by the group width."""
+
+    __slots__ = ("per",)
+
+    def __init__(self, count: _Count, per: int):
+        self.size, self.fixed, self.ids, self.per = count.size // per, count.fixed, count.ids, per
+
+    def __call__(self, keep) -> int:
+        return max(1, _Count.__call__(self, keep) // self.per)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

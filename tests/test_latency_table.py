@@ -1,0 +1,276 @@
+"""The measured ORT latency model: the table's cache, step finding, predictions from a fixed fake
+table, fast counts, and the planner spending latency. No wall-clock assertions: every number
+here comes from a fake table (one test times a tiny signature and checks only that it was stored)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.errors import ConfigError, FxPruneError
+from fxprune.cost.latency_table import (FunctionTable, LatencyError, LatencyModel, LatencyTable, Sig, build_onnx,
+                                   cache_path, edges, find_steps, probe)
+from fxprune.plan import make_plan
+
+
+def pad(c, b=4):
+    return -(-c // b) * b
+
+
+def fake(sig):
+    """A conv costs its MACs (1e-6 ms each) with channels padded to blocks of 4; a per-element op 1e-6 ms
+    per input element; the probe chain pads its middle count to 4."""
+    if sig.kind == "conv":
+        return 1e-6 * pad(sig.cin) * pad(sig.cout) * sig.h * sig.w * sig.kh * sig.kw / sig.groups
+    if sig.kind == "chain":
+        return 2e-6 * sig.cin * pad(sig.cout) * sig.h * sig.w
+    if sig.kind == "gemm":
+        return 1e-6 * sig.cin * sig.cout * sig.h
+    return 1e-6 * sig.cin * sig.h * sig.w
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def net2():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+
+
+X8 = torch.randn(1, 3, 8, 8)
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+def test_cache_path_names_ort_version_cpu_and_threads(cache_dir):
+    import onnxruntime as ort
+
+    path = cache_path(3)
+    assert os.path.dirname(path) == str(cache_dir)
+    name = os.path.basename(path)
+    assert name.startswith(f"ort-latency-{ort.__version__}-") and name.endswith("-3t.json")
+
+
+def test_cache_round_trips_and_is_not_measured_again(cache_dir, monkeypatch):
+    t = LatencyTable(progress=False)
+    sigs = [Sig("conv", cin=8, cout=16, h=4, w=4), Sig("gemm", cin=32, cout=10)]
+    t.entries[sigs[0].key] = {"ms": 0.25, "reorder_ms": 0.01}
+    t.entries[sigs[1].key] = {"ms": 0.5, "reorder_ms": 0.0}
+    t.save()
+    with open(t.path) as f:
+        assert json.load(f)["format"] == "fxprune.ort-latency/1"
+    again = LatencyTable(progress=False)
+    monkeypatch.setattr(again, "_time", lambda s: pytest.fail(f"measured {s} again"))
+    assert again.get_many(sigs) == [0.25, 0.5]
+    assert Sig.from_key(sigs[0].key) == sigs[0]
+
+
+def test_save_merges_with_another_process(cache_dir):
+    a, b = LatencyTable(progress=False), LatencyTable(progress=False)
+    a.entries["gemm|1|1|1|1|1|1|1|1|1|0|0|1|1|1"] = {"ms": 1.0, "reorder_ms": 0.0}
+    a.save()
+    b.entries["gemm|1|2|2|1|1|1|1|1|1|0|0|1|1|1"] = {"ms": 2.0, "reorder_ms": 0.0}
+    b.save()
+    assert len(LatencyTable(progress=False).entries) == 2
+
+
+def test_unreadable_cache_is_a_clear_error(cache_dir):
+    path = cache_path(2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(LatencyError, match="delete it"):
+        LatencyTable(progress=False)
+    assert issubclass(LatencyError, FxPruneError)
+
+
+def test_measuring_a_signature_stores_it(cache_dir):
+    t = LatencyTable(progress=False, repeats=2, warmup=1, passes=1)
+    s = Sig("conv", cin=4, cout=8, h=4, w=4)
+    (ms,) = t.get_many([s])
+    assert ms > 0 and s.key in LatencyTable(progress=False).entries
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError):
+        LatencyTable(threads=0)
+    with pytest.raises(ConfigError):
+        LatencyTable(passes=0)
+    with pytest.raises(LatencyError):
+        build_onnx(Sig("conv", cin=6, cout=8, groups=4))
+    with pytest.raises(LatencyError):
+        build_onnx(Sig("softmax"))
+
+
+@pytest.mark.parametrize("sig, out", [
+    (Sig("conv", cin=8, cout=16, h=14, w=14, kh=3, kw=3, sh=2, sw=2, ph=1, pw=1), [1, 16, 7, 7]),
+    (Sig("conv", cin=8, cout=8, h=14, w=14, kh=3, kw=3, ph=1, pw=1, groups=8), [1, 8, 14, 14]),
+    (Sig("gemm", n=2, cin=32, cout=10, h=3), [6, 10]),
+    (Sig("silu", cin=5, h=4, w=4), [1, 5, 4, 4]),
+    (Sig("mul_se", cin=5, h=4, w=4), [1, 5, 4, 4]),
+    (Sig("maxpool", cin=5, h=8, w=8, kh=3, kw=3, sh=2, sw=2, ph=1, pw=1), [1, 5, 4, 4]),
+    (Sig("gap", cin=5, h=4, w=4), [1, 5, 1, 1]),
+    (Sig("concat", cin=5, h=4, w=4), [1, 5, 4, 4]),
+    (Sig("chain", cin=8, cout=3, h=4, w=4), [1, 8, 4, 4]),
+])
+def test_one_node_models_are_valid(sig, out):
+    model = onnx.load_from_string(build_onnx(sig))
+    onnx.checker.check_model(model)
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == out
+
+
+# -- steps -----------------------------------------------------------------------------------------
+
+def test_edges_and_period_of_plateaus():
+    curve = [pad(c, 16) for c in range(1, 65)]
+    assert edges(curve) == [16, 32, 48]
+    st = find_steps(curve)
+    assert st.period == 16 and st.up(17) == 32 and st.up(32) == 32 and st.is_step(48)
+    assert st.slow == (1.0,) * 16
+
+
+def test_period_of_a_fallback_off_multiples_of_4():
+    # multiples of 4 run in proportion; other counts fall back to a kernel 3x slower
+    curve = [c if c % 4 == 0 else 3 * pad(c) for c in range(1, 65)]
+    st = find_steps(curve)
+    assert st.period == 4
+    assert st.slow[1] == st.slow[2] == st.slow[3] == 3.0
+
+
+def test_period_of_a_fallback_inside_padded_blocks():
+    # ORT's depthwise conv: a slow kernel off multiples of 4, multiples of 4 padded to blocks of 16
+    curve = [pad(c, 16) if c % 4 == 0 else 3 * c for c in range(1, 65)]
+    st = find_steps(curve)
+    assert st.period == 16
+    assert st.slow[4] == st.slow[8] == st.slow[12] == 1.0
+    assert st.slow[1] == 2.062                                 # median of 3*17/32, 3*33/48, 3*49/64
+
+
+def test_no_structure_means_period_one():
+    assert find_steps([float(c) for c in range(1, 65)]).period == 1
+
+
+def test_probe_of_a_fake_table():
+    steps = probe(FunctionTable(fake))
+    assert steps["conv"].period == 4 and steps["dw"].period == 4
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def test_prediction_of_a_fixed_fake_table():
+    graph = fxprune.analyze(net2(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    full = 1e-6 * (4 * 16 * 64 * 9 + 16 * 8 * 64)
+    assert lm.base == pytest.approx(full)
+    keep = np.ones(graph.num_channels, dtype=bool)
+    off = graph.offsets["0"]
+    keep[off + 12:off + 16] = False         # 12 of the 16 channels kept: a step
+    assert lm.latency(keep) == pytest.approx(1e-6 * (4 * 12 * 64 * 9 + 12 * 8 * 64))
+    keep[off + 10:off + 12] = False         # 10 kept: costs the step above it (the fake pads to 4)
+    assert lm.latency(keep) == pytest.approx(1e-6 * (4 * 12 * 64 * 9 + 12 * 8 * 64))
+    assert sum(lm.node_latency(keep).values()) == pytest.approx(lm.latency(keep))
+
+
+def test_steps_and_fast_count():
+    graph = fxprune.analyze(net2(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    assert lm.steps("0") == [4, 8, 12, 16]
+    assert lm.fast_count("0", 9) == 12
+    assert lm.fast_count("0", 12) == 12
+    assert lm.fast_count("0", 13, down=0.1) == 12     # 12 >= 0.9 * 13: round down
+    assert lm.fast_count("0", 13) == 16
+    with pytest.raises(ConfigError):
+        lm.steps("nope")
+
+
+def test_depthwise_grouped_and_elementwise_nodes():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(3, 16, 1)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.gc = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.act = nn.SiLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = self.act(self.dw(self.pw(x)))
+            y = self.gc(y)
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    graph = fxprune.analyze(Net().eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    kinds = {t.name: t.kind for t in lm.terms}
+    assert kinds == {"pw": "conv", "dw": "dw", "gc": "grouped", "act": "silu", "pool": "gap", "fc": "gemm"}
+    per = lm.node_latency(np.ones(graph.num_channels, dtype=bool))
+    assert per["dw"] == pytest.approx(1e-6 * 16 * 16 * 64 * 9 / 16)
+    assert per["gc"] == pytest.approx(1e-6 * 16 * 16 * 64 * 9 / 4)
+    assert per["act"] == pytest.approx(1e-6 * 16 * 64)
+    assert per["fc"] == pytest.approx(1e-6 * 16 * 10)
+
+
+def test_model_is_not_mutated_and_rejects_bad_grid():
+    net = net2()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    graph = fxprune.analyze(net, (X8,))
+    LatencyModel(graph, table=FunctionTable(fake))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ConfigError):
+        LatencyModel(graph, table=FunctionTable(fake), grid=1)
+
+
+# -- the planner -----------------------------------------------------------------------------------
+
+def wide_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 8, 1)).eval()
+
+
+def test_fast_rounding_keeps_counts_on_steps():
+    graph = fxprune.analyze(wide_net(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
+    plan = make_plan(graph, scores, ratio=0.55, round_to="fast", latency_model=lm)
+    assert {len(v) for v in plan.keep.values()} == {16}      # 32 - 18 = 14 kept, rounded up to a step
+    plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+    assert all(len(v) % 4 == 0 for v in plan.keep.values())
+    assert plan.meta["round_to"] == "fast"
+
+
+def test_latency_budget():
+    graph = fxprune.analyze(wide_net(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
+    plan = make_plan(graph, scores, latency=0.5, latency_model=lm)
+    assert lm.latency(plan.mask(graph).numpy()) <= 0.5 * lm.base
+    assert plan.meta["latency"] == 0.5
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        make_plan(graph, scores, latency=0.5, flops=0.5, latency_model=lm)
+    with pytest.raises(ConfigError, match="latency"):
+        make_plan(graph, scores, latency=1.5, latency_model=lm)
+    other = fxprune.analyze(net2(), (X8,))
+    with pytest.raises(ConfigError, match="another model"):
+        make_plan(graph, scores, latency=0.5, latency_model=LatencyModel(other, table=FunctionTable(fake)))
+
+
+def test_compile_with_a_latency_budget():
+    net = wide_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    pruned = fxprune.compile(net, (X8,), latency=0.5, round_to="fast", latency_model=lm, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.plan.meta["latency"] == 0.5
+    assert all(len(v) % 4 == 0 for v in rep.plan.keep.values())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ConfigError, match="chooses its own channels"):
+        fxprune.compile(net, (X8,), method="curl", latency=0.5, latency_model=lm, onnx=False)

@@ -1,0 +1,149 @@
+"""ONNX Runtime latency of pruned models: the measured latency model's error, and plans that run fast.
+
+    python tools/bench_latency.py --check             # predicted vs measured latency, unpruned and flops=0.5
+    python tools/bench_latency.py                     # latency ratio table: defaults, round_to=8, fast counts, latency=0.5
+
+Latency is ORT CPU, batch 1, ``--threads`` intra-op threads (default 2). Two figures per model:
+``wall`` is the median wall time of ``session.run``; ``kernel`` sums each node's fastest kernel time
+from ORT's profiler (what the latency table measures per op: on a shared machine, other processes
+only ever add time, so the minimum is the quiet machine's figure). Ratios pair each candidate with
+the original in alternating rounds (``--rounds``), each round a loop of its own per session; the
+table gives the median ratio over rounds and its spread (min-max).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import fxprune  # noqa: E402
+from fxprune import passes  # noqa: E402
+from fxprune.io.onnx import write_onnx  # noqa: E402
+from fxprune.cost.latency import ort_session, run_times as _times  # noqa: E402
+from fxprune.cost.latency_table import LatencyModel, profile_session  # noqa: E402
+from fxprune.plan import make_plan  # noqa: E402
+from fxprune.rewrite import rewrite  # noqa: E402
+
+MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "densenet121"]
+
+
+def load(name):
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def kernel_ms(path, threads, repeats=20):
+    return sum(profile_session(path, threads, repeats=repeats, warmup=5).values())
+
+
+def check(args):
+    rows, errs = [], []
+    x = torch.randn(1, 3, 224, 224)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = load(name)
+            graph = fxprune.analyze(model, (x,))
+            t0 = time.perf_counter()
+            lm = LatencyModel(graph, threads=args.threads)
+            build = time.perf_counter() - t0
+            scores = passes.get("l2")(graph, data=None, seed=0)
+            for label, plan in (("original", None), ("flops=0.5", make_plan(graph, scores, flops=0.5)),
+                                ("flops=0.5 fast", make_plan(graph, scores, flops=0.5, round_to="fast",
+                                                             latency_model=lm))):
+                keep = np.ones(graph.num_channels, bool) if plan is None else plan.mask(graph).numpy()
+                pred = lm.latency(keep)
+                module = model if plan is None else rewrite(graph, plan)
+                path = os.path.join(tmp, f"{name}.onnx")
+                write_onnx(module, (x,), path, dynamic_batch=False)
+                kern = kernel_ms(path, args.threads)
+                sess = ort_session(path, args.threads)
+                wall = statistics.median(_times(sess, (x,), args.repeats, 5))
+                del sess
+                err = pred / kern - 1
+                errs.append(abs(err))
+                rows.append((name, label, f"{build:.0f}", f"{pred:.2f}", f"{kern:.2f}", f"{100 * err:+.1f}%",
+                             f"{wall:.2f}", f"{100 * (pred / wall - 1):+.1f}%"))
+                print(rows[-1], flush=True)
+    print(tabulate(rows, headers=["model", "plan", "model build s", "predicted ms", "kernel ms", "error",
+                                  "wall ms", "vs wall"], tablefmt="github"))
+    print(f"mean |error| vs kernel sum: {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%")
+
+
+def configs(graph, scores, lm):
+    return {
+        "defaults": lambda: make_plan(graph, scores, flops=0.5),
+        "round_to=8": lambda: make_plan(graph, scores, flops=0.5, round_to=8),
+        "fast counts": lambda: make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm),
+        "latency=0.5": lambda: make_plan(graph, scores, latency=0.5, round_to="fast", latency_model=lm),
+    }
+
+
+def ratios(args):
+    x = torch.randn(1, 3, 224, 224)
+    rows, per_cfg = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = load(name)
+            graph = fxprune.analyze(model, (x,))
+            lm = LatencyModel(graph, threads=args.threads)
+            cost = fxprune.cost.CostModel(graph)
+            scores = passes.get("l2")(graph, data=None, seed=0)
+            base_path = os.path.join(tmp, f"{name}.onnx")
+            write_onnx(model, (x,), base_path, dynamic_batch=False)
+            base = ort_session(base_path, args.threads)
+            for cfg, planner in configs(graph, scores, lm).items():
+                if args.configs and cfg not in args.configs:
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    plan = planner()
+                keep = plan.mask(graph).numpy()
+                path = os.path.join(tmp, f"{name}-{cfg}.onnx")
+                write_onnx(rewrite(graph, plan), (x,), path, dynamic_batch=False)
+                cand = ort_session(path, args.threads)
+                rs, ks = [], []
+                for _ in range(args.rounds):   # alternating rounds, each a loop of its own per session
+                    a = statistics.median(_times(base, (x,), args.repeats, 3))
+                    b = statistics.median(_times(cand, (x,), args.repeats, 3))
+                    rs.append(b / a)
+                for _ in range(max(1, args.rounds // 2)):   # kernel sums, alternating too
+                    ks.append(kernel_ms(path, args.threads, 10) / kernel_ms(base_path, args.threads, 10))
+                del cand
+                kr = statistics.median(ks)
+                med = statistics.median(rs)
+                per_cfg.setdefault(cfg, []).append(med)
+                rows.append((name, cfg, f"{cost.flops(keep) / cost.base_flops:.3f}", f"{med:.3f}",
+                             f"{min(rs):.3f}-{max(rs):.3f}", f"{kr:.3f}", f"{lm.latency(keep) / lm.base:.3f}"))
+                print(rows[-1], flush=True)
+            del base
+    print(tabulate(rows, headers=["model", "plan", "FLOPs kept", "ORT ratio (median)", "spread (min-max)",
+                                  "kernel-sum ratio", "predicted ratio"], tablefmt="github"))
+    for cfg, rs in per_cfg.items():
+        print(f"{cfg}: geometric mean ratio {float(np.exp(np.mean(np.log(rs)))):.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="predicted vs measured latency")
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--configs", nargs="*", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    check(args) if args.check else ratios(args)
+
+
+if __name__ == "__main__":
+    main()
