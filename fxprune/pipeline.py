@@ -49,7 +49,7 @@ import time
 import torch
 import torch.fx as fx
 
-from .capture import trace
+from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
 from .couple import couple
 from .errors import ConfigError
@@ -66,19 +66,22 @@ from .view.report import Report
 class Pipeline:
     """The stages of fxprune over one model; see the module docstring.
 
-    ``leaf_modules`` and ``concrete_args`` go to the capture; ``verify`` runs
+    ``capture`` picks the tracer (``"auto"``: ``symbolic_trace``, else ``torch.export``; ``"fx"``;
+    ``"export"``; see :func:`fxprune.capture.capture_model`); ``leaf_modules`` and
+    ``concrete_args`` go to ``symbolic_trace``; ``verify`` runs
     mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-                 verify: bool = True, onnx: bool = True):
+                 verify: bool = True, onnx: bool = True, capture: str = "auto"):
         self.model = model
         self.example_inputs = as_tuple(example_inputs)
         self.leaf_modules = leaf_modules
         self.concrete_args = concrete_args
         self.verify = verify
         self.onnx = onnx
-        self.table = FX_RULES
+        self.capture = capture
+        self.table = FX_RULES  # the capture replaces it with its dialect's table
         self._graph: ChannelGraph | None = None
 
     # -- capture and couple
@@ -93,12 +96,12 @@ class Pipeline:
     def analyze(self) -> ChannelGraph:
         """Capture a copy-free graph of the model and find its channel groups."""
         t0 = time.perf_counter()
-        gm = trace(self.model, self.example_inputs, leaf_modules=self.leaf_modules,
-                   concrete_args=self.concrete_args, table=self.table)
+        gm, self.table, info = capture_model(self.model, self.example_inputs, self.capture,
+                                             leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
         t1 = time.perf_counter()
         graph = couple(gm, self.example_inputs, self.table)
         graph.source_names = {id(m): name for name, m in self.model.named_modules()}
-        graph.capture = {"tracer": "fx"}
+        graph.capture = info
         graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
         self._graph = graph
         return graph

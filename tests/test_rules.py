@@ -375,12 +375,12 @@ def test_untraceable_model_names_module_line_and_fix():
             return self.c2f(self.stem(x))
 
     with pytest.raises(fxprune.TraceError) as err:
-        fxprune.analyze(Outer(), (X,))
+        fxprune.analyze(Outer(), (X,), capture="fx")  # "auto" would fall back to torch.export
     msg = str(err.value)
     assert "'c2f'" in msg and "test_rules.py" in msg and "list(self.cv1(x).chunk(2, 1))" in msg
     assert "leaf_modules=['c2f']" in msg
     # the suggested fix works: c2f becomes one opaque node, its channels pinned, the stem still analysed
-    graph = fxprune.analyze(Outer(), (X,), leaf_modules=["c2f"])
+    graph = fxprune.analyze(Outer(), (X,), leaf_modules=["c2f"], capture="fx")
     assert graph.groups["stem.0"].prunable == 0
     assert any("c2f" in p.reason for p in graph.groups["stem.0"].pins)
 

@@ -25,7 +25,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from ..errors import TraceError
 from ..ops import FX_RULES, RuleTable
 from ..utils import as_tuple, eval_mode
-from .values import ValueProp, propagate_on_meta
+from .values import annotate
 
 
 class _Tracer(fx.Tracer):
@@ -82,13 +82,10 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     # shapes never come from a train-mode run: it would update BN statistics
     with eval_mode(gm), torch.no_grad():
         try:
-            propagate_on_meta(gm, example_inputs, table)
-        except Exception:  # an op without a meta kernel, a tensor made on the CPU in forward, ...
-            try:
-                ValueProp(gm, table=table).propagate(*example_inputs)  # real tensors: every op runs
-            except Exception as exc:
-                raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
-                                 "Check that example_inputs match what model.forward expects.") from exc
+            annotate(gm, example_inputs, table)  # on meta, else (no meta kernel, ...) with real tensors
+        except Exception as exc:
+            raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
+                             "Check that example_inputs match what model.forward expects.") from exc
     return gm
 
 

@@ -211,11 +211,11 @@ class Analysis:
         rule = self.table.rule_for(node, self.modules)
         try:
             label = rule.couple(ctx, args, kwargs)
-        except Exception as exc:  # a rule that cannot handle an odd call pins instead of crashing
-            label = pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({exc})")
-        if node.op == "output":
-            return None
-        return self.as_t(node, label)
+            return None if node.op == "output" else self.as_t(node, label)
+        except Exception as exc:  # a rule that cannot handle an odd call (or returns a label that does not
+            # fit the value) pins what the node touches instead of crashing
+            pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({type(exc).__name__}: {exc})")
+            return None if node.op == "output" else self.as_t(node, None)
 
     def lookup(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a
@@ -376,7 +376,8 @@ def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
     for i, (param, dim, _, kind, role, node) in enumerate(a.members):
         s, e = starts[i], starts[i + 1]
         param_channels.setdefault((param, dim), torch.from_numpy(ch_all[s:e]))
-        param_kinds.setdefault((param, dim), kind)
+        if kind == "consumer" or (param, dim) not in param_kinds:  # a tied table that is read too: the masked
+            param_kinds[(param, dim)] = kind  # reference zeroes its removed slices (what the pruned model lacks)
         if hi[i] < 0:  # no position of this member is a channel
             continue
         owner, index = owner_all[s:e], index_all[s:e]
@@ -420,7 +421,18 @@ class _Relabel:
 
 
 def _producer_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+    """The module that makes a group's channels: the called module, or (an ATen graph) the module
+    whose own parameter the op reads (``nn_module_stack``); else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        depth = path.count(".") + 1
+        if path and any(a.op == "get_attr" and str(a.target).startswith(path + ".") and str(a.target).count(".") == depth
+                        for a in node.all_input_nodes):
+            return path
+    return node.name
 
 
 def _unique_name(name: str, taken) -> str:

@@ -95,7 +95,7 @@ def reduce(ctx, args, kwargs):
     keepdim = arg(args, kwargs, 2, "keepdim", False)
     if x.label is None:
         return None
-    if dims is None:
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # ATen's amax(x, []) reduces over all
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over every dim")
         return None
     dims = sorted({d % len(x.shape) for d in ((dims,) if isinstance(dims, int) else dims)}, reverse=True)
@@ -108,3 +108,10 @@ def reduce(ctx, args, kwargs):
         if not keepdim:
             out = out.squeeze(d)
     return out
+
+
+def first_input(ctx, args, kwargs):
+    """Ops whose output is their first input in another dtype or memory layout (``type_as``,
+    ``to``): the other tensor arguments lend only their dtype."""
+    x = args[0]
+    return getattr(x, "label", None) if getattr(x, "param", None) is None else None

@@ -1,0 +1,159 @@
+"""The capture stage's tracers: ``symbolic_trace``, and ``torch.export`` where it fails (``capture="auto"``),
+with the ATen rule table; what the report says about them; real models fx cannot trace."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from fxprune.ops import ATEN_RULES, FX_RULES
+from torch.utils._pytree import tree_leaves
+
+from digits import SmallResNet
+from helpers import assert_state_equal, prune_and_check, state_copy
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def conv_bn(cin, cout, k=3, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.SiLU(inplace=True))
+
+
+class ShapeBranch(nn.Module):
+    """fx cannot trace ``if x.shape[-1] % 2`` (a Proxy in control flow); export takes the branch the
+    example takes. The rest touches the ATen rules: a split list, a slice of channels, a residual,
+    a grouped conv, a view with literal sizes into a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 1)
+        self.m = conv_bn(8, 8)
+        self.dw = conv_bn(16, 16, 3, groups=4)
+        self.mix = conv_bn(24, 16, 1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if x.shape[-1] % 2 == 0:
+            y = y * 2.0
+        a, b = list(y.chunk(2, 1))  # YOLO's C2f: fx's Proxy cannot be iterated
+        b = self.m(b) + b
+        z = self.mix(torch.cat([a, b, self.dw(y)[:, :8]], 1))
+        z = F.max_pool2d(z, 2)
+        return self.fc(z.reshape(z.shape[0], -1))
+
+
+def test_auto_falls_back_to_export_prunes_and_verifies():
+    net = ShapeBranch().eval()
+    pruned, rep = prune_and_check(net, (X,), method="l2", ratio=0.5, must_shrink=["stem.0", "mix.0"])
+    assert rep.capture["tracer"] == "export"
+    assert rep.capture["why"].startswith("symbolic_trace failed:") and "\n" not in rep.capture["why"]
+    assert "captured by" in str(rep) and "export" in str(rep)
+    assert rep.plan.removed > 0 and rep.params_after < rep.params_before
+    assert rep.mask["ok"] and rep.onnx["ok"]
+    assert torch.allclose(net(X), net(X))  # the model still runs, unchanged
+    assert fxprune.analyze(net, (X,)).table is ATEN_RULES
+    # the same plan again, from the original
+    again = fxprune.apply(net, (X,), rep.plan, onnx=False)
+    assert torch.equal(again(X), pruned(X))
+
+
+def test_fx_alone_raises_trace_error():
+    with pytest.raises(fxprune.TraceError, match="could not trace") as err:
+        fxprune.compile(ShapeBranch().eval(), (X,), ratio=0.5, capture="fx")
+    assert "test_capture.py" in str(err.value)
+    with pytest.raises(fxprune.ConfigError, match="capture must be one of"):
+        fxprune.analyze(ShapeBranch(), (X,), capture="dynamo")
+
+
+def test_export_matches_fx_on_a_plain_cnn():
+    torch.manual_seed(0)
+    net = SmallResNet(8).eval()
+    x = torch.randn(1, 1, 8, 8)
+    reps = {}
+    for how in ("fx", "export"):
+        pruned = fxprune.compile(net, (x,), method="l2", flops=0.6, capture=how, onnx=False)
+        reps[how] = fxprune.report(pruned)
+        assert torch.allclose(pruned(x), fxprune.apply(net, (x,), reps[how].plan, onnx=False)(x))
+    fx, ex = reps["fx"], reps["export"]
+    assert fx.capture == {"tracer": "fx"} and ex.capture["tracer"] == "export"
+    assert fxprune.analyze(net, (x,), capture="export").table is ATEN_RULES
+    assert fxprune.analyze(net, (x,)).table is FX_RULES
+    assert (ex.groups, ex.prunable_groups, ex.pinned_groups) == (fx.groups, fx.prunable_groups, fx.pinned_groups)
+    assert ex.plan.keep == fx.plan.keep  # groups named after the same modules, the same channels kept
+    assert (ex.params_before, ex.params_after) == (fx.params_before, fx.params_after)
+    assert (ex.flops_before, ex.flops_after) == (fx.flops_before, fx.flops_after)
+    assert ex.flops_predicted == pytest.approx(fx.flops_predicted)
+    assert ex.mask["ok"] and fx.mask["ok"]
+
+
+class Heads(nn.Module):
+    """Attention as HF writes it: per-head views with literal sizes, SDPA, a LayerNorm, GELU MLP."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.norm = nn.LayerNorm(width)
+        self.up, self.down = nn.Linear(width, 32), nn.Linear(32, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if n % 2 == 0:  # shape-dependent Python: fx cannot trace it
+            x = x * 1.0
+        split = [t(x).view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (self.q, self.k, self.v)]
+        y = F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, c)
+        x = self.norm(x + self.o(y))
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.head(x[:, 0])
+
+
+def test_attention_through_export():
+    torch.manual_seed(0)
+    net = Heads().eval()
+    x = torch.randn(1, 6, 16)
+    pruned, rep = prune_and_check(net, (x,), method="l2", ratio=0.5, onnx=False)
+    assert rep.capture["tracer"] == "export"
+    assert {"q", "v", "up"} <= set(rep.plan.keep), rep.plan.keep  # head_dim of q/k, of v, MLP width
+    sdpa = [n for n in pruned.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert sdpa and sdpa[0].kwargs["scale"] == pytest.approx(8 ** -0.5)  # the original 1/sqrt(head_dim)
+
+
+def prune_structured(net, inputs, **kw):
+    """``prune_and_check`` for models whose outputs are nested (YOLO's tuple, HF's ModelOutput)."""
+    before = state_copy(net)
+    pruned = fxprune.compile(net, inputs, method="l2", onnx=False, **kw)
+    assert_state_equal(net, before)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.mask["nodes_compared"] > 0, rep.mask
+    with torch.no_grad():
+        ref, out = net(*inputs), pruned(*inputs)
+    assert type(ref) is type(out)  # the output structure survives (torch.export's pytree spec)
+    assert [t.shape for t in tree_leaves(ref)] == [t.shape for t in tree_leaves(out)]
+    return pruned, rep
+
+
+def test_yolov8n_detection_model():
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    torch.manual_seed(0)
+    net = tasks.DetectionModel("yolov8n.yaml", verbose=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruned, rep = prune_structured(net, (x,), ratio=0.3)
+    assert rep.capture["tracer"] == "export"
+    assert rep.prunable_groups > 20 and rep.flops_after < 0.8 * rep.flops_before
+
+
+def test_tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    net = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    pruned, rep = prune_structured(net, (ids,), ratio=0.5)
+    assert rep.capture["tracer"] == "export"
+    assert rep.plan.removed > 0 and rep.mask["ok"]
