@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.ops import ATEN_RULES, FX_RULES
+from fxprune.passes import magnitude
 from torch.utils._pytree import tree_leaves
 
 from digits import SmallResNet
@@ -73,15 +74,15 @@ def test_export_matches_fx_on_a_plain_cnn():
     torch.manual_seed(0)
     net = SmallResNet(8).eval()
     x = torch.randn(1, 1, 8, 8)
-    reps = {}
-    for how in ("fx", "export"):
-        pruned = fxprune.compile(net, (x,), method="l2", flops=0.6, capture=how, onnx=False)
-        reps[how] = fxprune.report(pruned)
-        assert torch.allclose(pruned(x), fxprune.apply(net, (x,), reps[how].plan, onnx=False)(x))
+    reps, outs = {}, {}
+    for how, table in (("fx", FX_RULES), ("export", ATEN_RULES)):
+        pipe = fxprune.Pipeline(net, (x,), capture=how, onnx=False)
+        pruned = pipe.build(pipe.planner(magnitude.l2, "l2")(flops=0.6))
+        assert pipe.graph.table is table
+        reps[how], outs[how] = fxprune.report(pruned), pruned(x)
     fx, ex = reps["fx"], reps["export"]
-    assert fx.capture == {"tracer": "fx"} and ex.capture["tracer"] == "export"
-    assert fxprune.analyze(net, (x,), capture="export").table is ATEN_RULES
-    assert fxprune.analyze(net, (x,)).table is FX_RULES
+    assert fx.capture == {"tracer": "fx"} and ex.capture["tracer"] == "export" and ex.capture["batch"] == "dynamic"
+    assert torch.allclose(outs["fx"], outs["export"], atol=1e-6)
     assert (ex.groups, ex.prunable_groups, ex.pinned_groups) == (fx.groups, fx.prunable_groups, fx.pinned_groups)
     assert ex.plan.keep == fx.plan.keep  # groups named after the same modules, the same channels kept
     assert (ex.params_before, ex.params_after) == (fx.params_before, fx.params_after)
@@ -141,7 +142,7 @@ def test_yolov8n_detection_model():
     tasks = pytest.importorskip("ultralytics.nn.tasks")
     torch.manual_seed(0)
     net = tasks.DetectionModel("yolov8n.yaml", verbose=False).eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     pruned, rep = prune_structured(net, (x,), ratio=0.3)
     assert rep.capture["tracer"] == "export"
     assert rep.prunable_groups > 20 and rep.flops_after < 0.8 * rep.flops_before
@@ -157,3 +158,37 @@ def test_tiny_gpt2():
     pruned, rep = prune_structured(net, (ids,), ratio=0.5)
     assert rep.capture["tracer"] == "export"
     assert rep.plan.removed > 0 and rep.mask["ok"]
+
+
+def test_fx_iterates_a_chunk_with_a_literal_count():
+    class C2f(nn.Module):  # ultralytics' C2f: list(cv1(x).chunk(2, 1)), then appends to the list
+        def __init__(self):
+            super().__init__()
+            self.cv1, self.m, self.cv2 = conv_bn(3, 16, 1), conv_bn(8, 8), conv_bn(24, 8, 1)
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            y.extend(m(y[-1]) for m in [self.m])
+            return self.cv2(torch.cat(y, 1))
+
+    pruned, rep = prune_and_check(C2f(), (X,), method="l2", ratio=0.5, onnx=False, must_shrink=["cv1.0", "m.0"])
+    assert rep.capture == {"tracer": "fx"}
+
+
+def test_aten_rows_read_aten_argument_order():
+    """aten.batch_norm puts weight and bias before the running statistics (F.batch_norm after):
+    each member must carry its own role, which the `bn` criterion scores."""
+    torch.manual_seed(0)
+    net = SmallResNet(8).eval()
+    graph = fxprune.analyze(net, (torch.randn(1, 1, 8, 8),), capture="export")
+    expected = {"weight": "norm_weight", "bias": "norm_bias", "running_mean": "running_mean", "running_var": "running_var"}
+    norms = [(m.param, m.role) for g in graph.groups.values() for m in g.members if m.role in expected.values()]
+    assert len(norms) == 4 * 8  # eight BatchNorms
+    assert all(role == expected[param.rsplit(".", 1)[1]] for param, role in norms), norms
+    aten = torch.ops.aten
+    assert ATEN_RULES[aten.conv2d.default].couple.__name__ == "conv_function"
+    assert ATEN_RULES[aten.linear.default].couple.__name__ == "linear_function"
+    assert ATEN_RULES[aten.layer_norm.default].couple.__name__ == "layer_norm_rule"
+    assert ATEN_RULES[aten.relu_.default].couple.__name__ == "elementwise"
+    assert ATEN_RULES[aten.view.default].fix is not None and ATEN_RULES[aten.split_with_sizes.default].fix is not None
+    assert aten.conv2d.default not in FX_RULES  # the fx table is unchanged

@@ -2,7 +2,8 @@
 
 :func:`capture_model` returns the annotated ``GraphModule``, the rule table of its dialect
 (:data:`~fxprune.ops.FX_RULES` or :data:`~fxprune.ops.ATEN_RULES`) and what happened
-(``{"tracer": "export", "why": "symbolic_trace failed: ..."}``), which the report shows.
+(``{"tracer": "export", "why": "symbolic_trace failed: ...", "batch": "dynamic"}``; ``batch`` says
+whether the exported graph takes any batch size or only the example's), which the report shows.
 
 Example::
 
@@ -42,7 +43,8 @@ def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), 
     if how not in TRACERS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, TRACERS))}, not {how!r}")
     if how == "export":
-        return export(model, example_inputs, ATEN_RULES), ATEN_RULES, {"tracer": "export", "why": "capture='export'"}
+        gm = export(model, example_inputs, ATEN_RULES)
+        return gm, ATEN_RULES, {"tracer": "export", "why": "capture='export'", "batch": gm.meta["fxprune_batch"]}
     try:
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, table=FX_RULES)
         return gm, FX_RULES, {"tracer": "fx"}
@@ -55,7 +57,7 @@ def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), 
         gm = export(model, example_inputs, ATEN_RULES)
     except TraceError as exc:
         raise TraceError(f"{why}\nand then {exc}") from exc
-    return gm, ATEN_RULES, {"tracer": "export", "why": why}
+    return gm, ATEN_RULES, {"tracer": "export", "why": why, "batch": gm.meta["fxprune_batch"]}
 
 
 def _short(message: str, limit: int = 240) -> str:

@@ -38,6 +38,8 @@ import warnings
 import torch
 import torch.fx as fx
 
+from torch.utils._pytree import tree_leaves
+
 from ..errors import TraceError
 from ..ops import ATEN_RULES, RuleTable
 from ..utils import as_tuple, eval_mode
@@ -53,32 +55,31 @@ def export(model: torch.nn.Module, example_inputs: tuple, table: RuleTable = ATE
            attempts: int = 2) -> fx.GraphModule:
     """``model`` captured by ``torch.export`` (non-strict, eval mode) as an annotated ``GraphModule``.
 
+    The batch dim is kept symbolic where the model allows it (exported at batch 2 with
+    ``Dim.AUTO``, then checked to give the model's own outputs on the example): data-driven
+    criteria run other batch sizes, and the ONNX file gets a dynamic batch. Otherwise the graph
+    is exported at the example's shapes (``gm.meta["fxprune_batch"]`` says which).
     ``attempts``: a first export sometimes fails where a second succeeds (a warm-up effect,
-    seen on YOLOv8), so it is tried that many times. Raises :class:`~fxprune.errors.TraceError`
-    with export's own first line when it cannot capture the model.
+    seen on YOLOv8), so the fixed-shape export is tried that many times. Raises
+    :class:`~fxprune.errors.TraceError` with export's own first line when it cannot capture the model.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = as_tuple(example_inputs)
-    error = None
-    for _ in range(max(1, attempts)):
-        try:
-            with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), \
-                    contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                program = torch.export.export(model, example_inputs, strict=False)
-            break
-        except Exception as exc:  # export raises many kinds: UserError, GuardOnDataDependentSymNode, ...
-            error = exc
-    else:
-        raise TraceError(f"torch.export could not capture the model: {type(error).__name__}: "
-                         f"{first_line(error)}. Fix: make the shape-dependent Python in forward independent of "
-                         "tensor values, or prune the submodules that export separately.") from error
-    exported = program.module()
-    _drop_checks(exported)
-    _inline_wrappers(exported)
-    # a plain GraphModule (ep.module()'s class refuses eval() and train()) holding the same tensors
-    gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
+    gm = _batch_generic(model, example_inputs)
+    if gm is None:
+        error = None
+        for _ in range(max(1, attempts)):
+            try:
+                gm = _export(model, example_inputs)
+                break
+            except Exception as exc:  # export raises many kinds: UserError, GuardOnDataDependentSymNode, ...
+                error = exc
+        else:
+            raise TraceError(f"torch.export could not capture the model: {type(error).__name__}: "
+                             f"{first_line(error)}. Fix: make the shape-dependent Python in forward independent of "
+                             "tensor values, or prune the submodules that export separately.") from error
+        gm.meta["fxprune_batch"] = "fixed"
     gm.meta["fxprune_training"] = False  # exported in eval mode: BN uses its running statistics, dropout is off
     with eval_mode(gm), torch.no_grad():
         try:
@@ -87,6 +88,46 @@ def export(model: torch.nn.Module, example_inputs: tuple, table: RuleTable = ATE
             raise TraceError(f"the exported model failed on the example inputs: {type(exc).__name__}: "
                              f"{first_line(exc)}") from exc
     return gm
+
+
+def _export(model, inputs, dynamic_shapes=None) -> fx.GraphModule:
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    exported = program.module()
+    _drop_checks(exported)
+    _inline_wrappers(exported)
+    # a plain GraphModule (ep.module()'s class refuses eval() and train()) holding the same tensors
+    return fx.GraphModule(exported, exported.graph, type(model).__name__)
+
+
+def _batch_generic(model, example_inputs) -> fx.GraphModule | None:
+    """The model exported with a symbolic batch dim, or None where it cannot be (inputs that are not
+    batched tensors, code that fixes the batch) or the graph disagrees with the model on the example."""
+    if not example_inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
+        return None
+    # at batch 1 export would specialise the batch (0/1 specialisation): trace at batch 2
+    wide = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+    try:
+        gm = _export(model, wide, tuple({0: torch.export.Dim.AUTO} for _ in wide))
+        with eval_mode(model), eval_mode(gm), torch.no_grad():
+            want, got = tree_leaves(model(*example_inputs)), tree_leaves(gm(*example_inputs))
+    except Exception:
+        return None
+    if len(want) != len(got) or not all(_same(a, b) for a, b in zip(want, got)):
+        return None
+    gm.meta["fxprune_batch"] = "dynamic"
+    return gm
+
+
+def _same(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return type(a) is type(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    return bool(((a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-5).item()) if a.numel() else True
 
 
 def _drop_checks(gm: fx.GraphModule) -> None:

@@ -43,6 +43,10 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _piece_count(node)
+        return _Pieces(node, self, count) if count is not None else super().proxy(node)
+
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
@@ -52,6 +56,46 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+class _Pieces(fx.Proxy):
+    """The result of ``chunk``/``split``/``tensor_split`` with a literal count: it can be iterated
+    (``list(x.chunk(2, 1))`` in YOLO's C2f), each piece a ``getitem`` node."""
+
+    def __init__(self, node: fx.Node, tracer, count: int):
+        super().__init__(node, tracer)
+        self.count = count
+
+    def __iter__(self):
+        return iter([self[i] for i in range(self.count)])
+
+    def __len__(self) -> int:
+        return self.count
+
+
+_SPLITTERS = {"chunk": ("chunks", "chunk"), "split": ("split_size_or_sections", "split_size"),
+              "tensor_split": ("indices_or_sections", "sections")}
+
+
+def _piece_count(node: fx.Node) -> int | None:
+    """How many pieces a chunk/split node makes, when its arguments say so without the tensor's
+    size: ``chunk(n)`` (torch returns fewer for a short dim: then the example run fails and the
+    capture says so), ``split([sizes])``, ``tensor_split(n)``; else None."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and node.target in (torch.chunk, torch.split, torch.tensor_split):
+        name = node.target.__name__
+    else:
+        return None
+    if name not in _SPLITTERS:
+        return None
+    how = node.args[1] if len(node.args) > 1 else next((node.kwargs[k] for k in _SPLITTERS[name] if k in node.kwargs),
+                                                       None)
+    if name in ("chunk", "tensor_split") and isinstance(how, int) and not isinstance(how, bool):
+        return how
+    if name in ("split", "tensor_split") and isinstance(how, (list, tuple)) and all(isinstance(v, int) for v in how):
+        return len(how) + (name == "tensor_split")
+    return None
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concrete_args=None,
