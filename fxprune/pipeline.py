@@ -52,7 +52,7 @@ import torch.fx as fx
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
 from .couple import couple
-from .errors import ConfigError
+from .errors import ConfigError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
@@ -99,7 +99,13 @@ class Pipeline:
         gm, self.table, info = capture_model(self.model, self.example_inputs, self.capture,
                                              leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
         t1 = time.perf_counter()
-        graph = couple(gm, self.example_inputs, self.table)
+        try:
+            graph = couple(gm, self.example_inputs, self.table)
+        except FxPruneError:
+            raise
+        except Exception as exc:  # the rules' own failures become pins; this is the analysis itself
+            raise FxPruneError(f"the coupling analysis failed: {type(exc).__name__}: {exc}. This is a bug in fxprune: "
+                               "please report it with the model.") from exc
         graph.source_names = {id(m): name for name, m in self.model.named_modules()}
         graph.capture = info
         graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
@@ -157,7 +163,13 @@ class Pipeline:
         mask_result = None
         if self.verify:
             t0 = time.perf_counter()
-            mask_result = mask_equivalence(graph, keep, pruned, random_inputs(self.example_inputs, seed=0))
+            try:
+                mask_result = mask_equivalence(graph, keep, pruned, random_inputs(self.example_inputs, seed=0))
+            except FxPruneError:
+                raise
+            except Exception as exc:
+                raise VerificationError(f"mask-equivalence could not compare the pruned model with the original: "
+                                        f"{type(exc).__name__}: {exc}") from exc
             graph.timings["verify: mask"] = time.perf_counter() - t0
             check_mask(mask_result)
         return self.finish(pruned, plan, method=method, mask=mask_result, keep=keep, search=search,
@@ -183,7 +195,13 @@ class Pipeline:
         onnx_result = None
         if self.verify and self.onnx:
             t0 = time.perf_counter()
-            onnx_result = export_onnx(pruned, self.example_inputs)
+            try:
+                onnx_result = export_onnx(pruned, self.example_inputs)
+            except FxPruneError:
+                raise
+            except Exception as exc:  # the checker or ONNX Runtime rejecting the file
+                raise VerificationError(f"the ONNX file of the pruned model failed to load or check: "
+                                        f"{type(exc).__name__}: {str(exc)[:500]}") from exc
             times["verify: onnx"] = time.perf_counter() - t0
         cost = CostModel(graph)
         groups = list(graph.groups.values())

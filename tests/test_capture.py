@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.ops import ATEN_RULES, FX_RULES
+from fxprune.couple import couple
+from fxprune.errors import RewriteError
+from fxprune.ops import ATEN_RULES, FX_RULES, Rule
 from fxprune.passes import magnitude
 from torch.utils._pytree import tree_leaves
 
@@ -192,3 +194,21 @@ def test_aten_rows_read_aten_argument_order():
     assert ATEN_RULES[aten.relu_.default].couple.__name__ == "elementwise"
     assert ATEN_RULES[aten.view.default].fix is not None and ATEN_RULES[aten.split_with_sizes.default].fix is not None
     assert aten.conv2d.default not in FX_RULES  # the fx table is unchanged
+
+
+def test_failures_inside_rules_become_pins_or_named_errors():
+    net = ShapeBranch().eval()
+    # a rule that returns a label that does not fit its value: the node's channels are pinned, with the reason
+    table = ATEN_RULES.extended("odd")
+    table.register(Rule(lambda ctx, args, kwargs: torch.zeros(5, 5, dtype=torch.long)), torch.ops.aten.max_pool2d.default)
+    pipe = fxprune.Pipeline(net, (X,), capture="export", onnx=False)
+    graph = couple(pipe.graph.module, (X,), table)
+    pins = [str(p) for g in graph.groups.values() for p in g.pins]
+    assert any("could not be analysed" in p and "max_pool2d" in p for p in pins), pins
+    # a fix that fails at rewrite time: a RewriteError naming the node, not a raw exception
+    broken = ATEN_RULES.extended("broken")
+    broken.register(Rule(ATEN_RULES[torch.ops.aten.view.default].couple, fix=lambda node, rw: 1 / 0),
+                    torch.ops.aten.reshape.default)
+    pipe.graph.table = broken
+    with pytest.raises(RewriteError, match="reshape"):
+        pipe.build(pipe.planner(magnitude.l2, "l2")(ratio=0.5))

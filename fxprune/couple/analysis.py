@@ -421,17 +421,14 @@ class _Relabel:
 
 
 def _producer_name(node: fx.Node) -> str:
-    """The module that makes a group's channels: the called module, or (an ATen graph) the module
-    whose own parameter the op reads (``nn_module_stack``); else the node's name."""
+    """The module that makes a group's channels: the called module, or (an exported ATen graph, whose
+    nodes carry ``nn_module_stack``) the module that owns the parameter the op reads; else the node's name."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = str(list(stack.values())[-1][0])
-        depth = path.count(".") + 1
-        if path and any(a.op == "get_attr" and str(a.target).startswith(path + ".") and str(a.target).count(".") == depth
-                        for a in node.all_input_nodes):
-            return path
+    if node.meta.get("nn_module_stack"):  # the module that owns the weight the op reads
+        owner = next((str(a.target).rpartition(".")[0] for a in node.all_input_nodes if a.op == "get_attr"), "")
+        if owner:
+            return owner
     return node.name
 
 

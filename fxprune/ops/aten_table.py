@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_function, conv_transpose_function, embedding_function, fix_groups,
                    linear_function)
-from .elementwise import elementwise, first_input, normalize_over, pad, reduce, spatial
+from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
 from .fx_table import FX_RULES
 from .norm import aten_batch_norm, fix_layer_norm, layer_norm_rule, normalizes_channels
 from .schema import Rule
@@ -65,6 +65,8 @@ register(Rule(elementwise), *with_inplace(
     # copies, aliases, layout
     "clone", "contiguous", "detach", "alias", "lift_fresh_copy"))
 register(Rule(first_input), *overloads("to.dtype", "to.dtype_layout", "to.device", "to.other", "type_as", "_to_copy"))
+register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like",
+                                         "full_like", "empty_like"))
 register(Rule(normalize_over(1)), *overloads("softmax.int", "log_softmax.int", "_softmax", "_log_softmax"))
 
 register(Rule(conv_function, fix=fix_groups(6)), *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding",
@@ -99,7 +101,7 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("squeeze.dims", torch.squeeze), ("movedim.int", torch.movedim), ("t", torch.t),
                    ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
                    ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
-                   ("unbind.int", torch.unbind)):
+                   ("unbind.int", torch.unbind), ("roll", torch.roll)):
     register(Rule(shape_op(_fn)), *overloads(_name))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
 register(Rule(shape_op(torch.chunk), fix=fix_split_aten), *overloads("chunk"))

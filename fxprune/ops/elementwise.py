@@ -77,12 +77,14 @@ def spatial(ctx, args, kwargs):
 
 
 def pad(ctx, args, kwargs):
+    """F.pad and the padding modules: (left, right) pairs from the last dim backwards; a dim padded by
+    zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels."""
     x = args[0]
-    if ctx.node.op == "call_module":
-        padded = len(ctx.module().padding) // 2
-    else:
-        padded = len(arg(args, kwargs, 1, "pad")) // 2
-    if any(d >= len(x.shape) - padded for d in varying(x.label)):
+    amounts = ctx.module().padding if ctx.node.op == "call_module" else arg(args, kwargs, 1, "pad")
+    amounts = tuple(amounts) if isinstance(amounts, (tuple, list)) else (amounts,)
+    nd = len(x.shape)
+    padded = {nd - 1 - i // 2 for i, p in enumerate(amounts) if not (isinstance(p, int) and p == 0)}
+    if any(d in padded for d in varying(x.label)):
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} pads a dim that carries channels")
         return None
     return x.label
@@ -115,3 +117,9 @@ def first_input(ctx, args, kwargs):
     ``to``): the other tensor arguments lend only their dtype."""
     x = args[0]
     return getattr(x, "label", None) if getattr(x, "param", None) is None else None
+
+
+def constant_like(ctx, args, kwargs):
+    """``new_zeros``, ``zeros_like``, ...: a new tensor of constants; its input lends only a shape or
+    dtype, so its channels are not read (the result carries none: it pins what it meets)."""
+    return None

@@ -237,10 +237,15 @@ def resize_unflatten(m, node, rw):
     m.unflattened_size = tuple(new[start:start + len(m.unflattened_size)])
 
 
+BROADCASTS = (torch.ops.aten.expand.default, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default,
+              torch.ops.aten.alias.default)  # ATen spellings of what param_behind looks through
+
+
 def param_behind(ctx, node, t, vary):
     """The parameter that ``node`` broadcasts (``class_token.expand(n, -1, -1)``), when its
     entries line up with the channel dim ``vary`` of the value; else None."""
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "contiguous", "clone"):
+    while isinstance(node, fx.Node) and (node.op == "call_method" and node.target in ("expand", "contiguous", "clone")
+                                         or node.op == "call_function" and node.target in BROADCASTS):
         node = node.args[0]
     if len(vary) != 1 or not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
