@@ -37,7 +37,6 @@ import warnings
 
 import torch
 import torch.fx as fx
-
 from torch.utils._pytree import tree_leaves
 
 from ..errors import TraceError
