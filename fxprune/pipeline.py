@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
@@ -52,7 +53,7 @@ import torch.fx as fx
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
 from .couple import couple
-from .errors import ConfigError, FxPruneError, VerificationError
+from .errors import ConfigError, DataError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
@@ -134,7 +135,9 @@ class Pipeline:
         if callable(own):
             def plan(ratio=None, flops=None, params=None) -> Plan:
                 t0 = time.perf_counter()
-                result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common, **options)
+                with _method_errors(name, graph, data):
+                    result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common,
+                                 **options)
                 graph.timings["score + plan"] = time.perf_counter() - t0
                 return result
             return plan
@@ -144,7 +147,8 @@ class Pipeline:
             nonlocal scores
             t0 = time.perf_counter()
             if scores is None:
-                scores = criterion(graph, data=data, seed=seed, **options)
+                with _method_errors(name, graph, data):
+                    scores = criterion(graph, data=data, seed=seed, **options)
                 graph.timings["score"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, **common)
@@ -215,3 +219,20 @@ class Pipeline:
             first_pin=first_pin, mask=mask, onnx=onnx_result, timings=times, capture=dict(graph.capture),
             search=search)
         return pruned
+
+
+@contextmanager
+def _method_errors(name: str, graph: ChannelGraph, data):
+    """A criterion's own failure as a :class:`~fxprune.errors.DataError` that says what to check."""
+    try:
+        yield
+    except FxPruneError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if data is not None and graph.capture.get("batch") == "fixed":
+            hint = (" The model was captured by torch.export at the example's batch size only (it could not keep "
+                    "the batch symbolic), and data-driven methods run other batch sizes: use a data-free method "
+                    "(l1, l2, bn, random), or make the model's forward batch-independent.")
+        raise DataError(f"method '{name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}."
+                        f"{hint}") from exc

@@ -212,3 +212,22 @@ def test_failures_inside_rules_become_pins_or_named_errors():
     pipe.graph.table = broken
     with pytest.raises(RewriteError, match="reshape"):
         pipe.build(pipe.planner(magnitude.l2, "l2")(ratio=0.5))
+
+
+def test_a_fixed_batch_export_says_why_data_driven_methods_fail():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 36, 4)
+
+        def forward(self, x):
+            if x.shape[-1] % 2 == 0:
+                x = x * 2.0
+            return self.fc(torch.relu(self.conv(x)).view(1, -1))  # a literal batch of 1
+
+    net = FixedBatch().eval()
+    pruned, rep = prune_and_check(net, (X,), method="l2", ratio=0.5, onnx=False, must_shrink=["conv"])
+    assert rep.capture["tracer"] == "export" and rep.capture["batch"] == "fixed"
+    data = (torch.randn(6, 3, 8, 8), torch.arange(6) % 4)
+    with pytest.raises(fxprune.DataError, match="example's batch size only"):
+        fxprune.compile(net, (X,), method="taylor", data=data, ratio=0.5, onnx=False)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import operator
 import warnings
 
@@ -89,8 +90,27 @@ def export(model: torch.nn.Module, example_inputs: tuple, table: RuleTable = ATE
     return gm
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch.export's own logging (a failed attempt logs its traceback; a fallback follows)."""
+    loggers = [logging.getLogger(name) for name in QUIET]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+QUIET = ("torch._subclasses.fake_tensor", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes",
+         "torch._dynamo", "torch.utils._sympy")
+
+
 def _export(model, inputs, dynamic_shapes=None) -> fx.GraphModule:
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            _quiet():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     exported = program.module()
