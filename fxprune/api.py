@@ -31,16 +31,18 @@ from .pipeline import Pipeline
 from .plan import Plan
 
 
-def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None) -> ChannelGraph:
+def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
+            capture: str = "auto") -> ChannelGraph:
     """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`)."""
-    return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args).analyze()
+    return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                    capture=capture).analyze()
 
 
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
             latency=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
             method_options: dict | None = None, latency_options: dict | None = None,
-            latency_model=None) -> fx.GraphModule:
+            latency_model=None, capture: str = "auto") -> fx.GraphModule:
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
 
     ``method`` names a criterion of :data:`fxprune.passes.REGISTRY` (or is a callable
@@ -55,7 +57,9 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     well (from a latency model). ``data`` feeds
     data-driven criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
-    :class:`~fxprune.errors.VerificationError`.
+    :class:`~fxprune.errors.VerificationError`. ``capture`` picks the tracer: ``"auto"`` (the
+    default: ``torch.fx.symbolic_trace``, and ``torch.export`` when that fails), ``"fx"`` or
+    ``"export"``; the report says which captured the model and why.
     """
     if isinstance(method, str):
         criterion, name = passes.get(method), method
@@ -64,7 +68,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx)
+                    onnx=onnx, capture=capture)
     if latency_model is True:
         latency_model = LatencyModel(pipe.graph)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
@@ -79,11 +83,11 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
 
 def apply(model: torch.nn.Module, example_inputs, plan, *, verify: bool = True, onnx: bool = True,
-          leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+          leaf_modules=(), concrete_args=None, capture: str = "auto") -> fx.GraphModule:
     """Re-create a pruned model from the original and a :class:`Plan` (or its JSON, or a path to it)."""
     if isinstance(plan, str):
         plan = Plan.from_json(plan) if plan.lstrip().startswith("{") else Plan.load(plan)
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan, its JSON text or a path to it, not {type(plan).__name__}")
     return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx).apply(plan)
+                    onnx=onnx, capture=capture).apply(plan)

@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from .api import analyze, apply, compile
+from .capture import TRACERS
 from .cost.latency import history_table
 from .errors import FxPruneError
 from .io.onnx import export_onnx, figures_table
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, default=None, help="keep channel counts a multiple of this")
     prune.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     prune.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
+    prune.add_argument("--capture", choices=TRACERS, default="auto",
+                       help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
     prune.add_argument("--out", default=None, help="write the pruned model as ONNX to this path")
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
     inspect.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     inspect.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
+    inspect.add_argument("--capture", choices=TRACERS, default="auto",
+                       help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--graph", default=None, metavar="PATH",
                          help="draw the graph, coloured by channel group, to PATH (.svg, .png, .pdf or .dot)")
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .onnx file to write")
     export.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     export.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
+    export.add_argument("--capture", choices=TRACERS, default="auto", help="tracer (with --plan)")
     export.add_argument("--no-verify", action="store_true", help="do not fail when ONNX Runtime disagrees")
     return parser
 
@@ -175,7 +181,7 @@ def _prune(args) -> int:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
-                         verify=not args.no_verify, onnx=False)
+                         verify=not args.no_verify, onnx=False, capture=args.capture)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
@@ -201,7 +207,7 @@ def _prune(args) -> int:
 
 
 def _inspect(args) -> int:
-    graph = analyze(_model(args), _inputs(args))
+    graph = analyze(_model(args), _inputs(args), capture=args.capture)
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:
@@ -219,7 +225,7 @@ def _export(args) -> int:
     if args.load:
         module = load(args.load, lambda: load_model(args.model), inputs)
     elif args.plan:
-        module = apply(_model(args), inputs, args.plan, verify=not args.no_verify, onnx=False)
+        module = apply(_model(args), inputs, args.plan, verify=not args.no_verify, onnx=False, capture=args.capture)
     else:
         module = _model(args)
     result = export_onnx(module, inputs, args.out, check=not args.no_verify)

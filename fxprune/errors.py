@@ -24,5 +24,9 @@ class DataError(FxPruneError):
     """Data passed to a data-driven criterion is missing or malformed."""
 
 
+class RewriteError(FxPruneError):
+    """A rule could not resize a module or fix a node's arguments for a plan."""
+
+
 class VerificationError(FxPruneError):
     """The pruned model disagrees with the masked original or with ONNX Runtime."""

@@ -45,14 +45,15 @@ Example::
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 
-from .capture import trace
+from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
 from .couple import couple
-from .errors import ConfigError
+from .errors import ConfigError, DataError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
@@ -66,19 +67,22 @@ from .view.report import Report
 class Pipeline:
     """The stages of fxprune over one model; see the module docstring.
 
-    ``leaf_modules`` and ``concrete_args`` go to the capture; ``verify`` runs
+    ``capture`` picks the tracer (``"auto"``: ``symbolic_trace``, else ``torch.export``; ``"fx"``;
+    ``"export"``; see :func:`fxprune.capture.capture_model`); ``leaf_modules`` and
+    ``concrete_args`` go to ``symbolic_trace``; ``verify`` runs
     mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-                 verify: bool = True, onnx: bool = True):
+                 verify: bool = True, onnx: bool = True, capture: str = "auto"):
         self.model = model
         self.example_inputs = as_tuple(example_inputs)
         self.leaf_modules = leaf_modules
         self.concrete_args = concrete_args
         self.verify = verify
         self.onnx = onnx
-        self.table = FX_RULES
+        self.capture = capture
+        self.table = FX_RULES  # the capture replaces it with its dialect's table
         self._graph: ChannelGraph | None = None
 
     # -- capture and couple
@@ -93,12 +97,18 @@ class Pipeline:
     def analyze(self) -> ChannelGraph:
         """Capture a copy-free graph of the model and find its channel groups."""
         t0 = time.perf_counter()
-        gm = trace(self.model, self.example_inputs, leaf_modules=self.leaf_modules,
-                   concrete_args=self.concrete_args, table=self.table)
+        gm, self.table, info = capture_model(self.model, self.example_inputs, self.capture,
+                                             leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
         t1 = time.perf_counter()
-        graph = couple(gm, self.example_inputs, self.table)
+        try:
+            graph = couple(gm, self.example_inputs, self.table)
+        except FxPruneError:
+            raise
+        except Exception as exc:  # the rules' own failures become pins; this is the analysis itself
+            raise FxPruneError(f"the coupling analysis failed: {type(exc).__name__}: {exc}. This is a bug in fxprune: "
+                               "please report it with the model.") from exc
         graph.source_names = {id(m): name for name, m in self.model.named_modules()}
-        graph.capture = {"tracer": "fx"}
+        graph.capture = info
         graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
         self._graph = graph
         return graph
@@ -129,7 +139,9 @@ class Pipeline:
                     raise ConfigError(f"method '{name}' chooses its own channels: it takes no latency= budget or "
                                       'round_to="fast"; use flops= with an integer round_to=')
                 t0 = time.perf_counter()
-                result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common, **options)
+                with _method_errors(name, graph, data):
+                    result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common,
+                                 **options)
                 graph.timings["score + plan"] = time.perf_counter() - t0
                 return result
             return plan
@@ -139,7 +151,8 @@ class Pipeline:
             nonlocal scores
             t0 = time.perf_counter()
             if scores is None:
-                scores = criterion(graph, data=data, seed=seed, **options)
+                with _method_errors(name, graph, data):
+                    scores = criterion(graph, data=data, seed=seed, **options)
                 graph.timings["score"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, latency=latency,
@@ -160,7 +173,13 @@ class Pipeline:
         mask_result = None
         if self.verify:
             t0 = time.perf_counter()
-            mask_result = mask_equivalence(graph, keep, pruned, random_inputs(self.example_inputs, seed=0))
+            try:
+                mask_result = mask_equivalence(graph, keep, pruned, random_inputs(self.example_inputs, seed=0))
+            except FxPruneError:
+                raise
+            except Exception as exc:
+                raise VerificationError(f"mask-equivalence could not compare the pruned model with the original: "
+                                        f"{type(exc).__name__}: {exc}") from exc
             graph.timings["verify: mask"] = time.perf_counter() - t0
             check_mask(mask_result)
         return self.finish(pruned, plan, method=method, mask=mask_result, keep=keep, search=search,
@@ -186,7 +205,13 @@ class Pipeline:
         onnx_result = None
         if self.verify and (self.onnx if onnx is None else onnx):
             t0 = time.perf_counter()
-            onnx_result = export_onnx(pruned, self.example_inputs)
+            try:
+                onnx_result = export_onnx(pruned, self.example_inputs)
+            except FxPruneError:
+                raise
+            except Exception as exc:  # the checker or ONNX Runtime rejecting the file
+                raise VerificationError(f"the ONNX file of the pruned model failed to load or check: "
+                                        f"{type(exc).__name__}: {str(exc)[:500]}") from exc
             times["verify: onnx"] = time.perf_counter() - t0
         cost = CostModel(graph)
         groups = list(graph.groups.values())
@@ -200,3 +225,20 @@ class Pipeline:
             first_pin=first_pin, mask=mask, onnx=onnx_result, timings=times, capture=dict(graph.capture),
             search=search)
         return pruned
+
+
+@contextmanager
+def _method_errors(name: str, graph: ChannelGraph, data):
+    """A criterion's own failure as a :class:`~fxprune.errors.DataError` that says what to check."""
+    try:
+        yield
+    except FxPruneError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if data is not None and graph.capture.get("batch") == "fixed":
+            hint = (" The model was captured by torch.export at the example's batch size only (it could not keep "
+                    "the batch symbolic), and data-driven methods run other batch sizes: use a data-free method "
+                    "(l1, l2, bn, random), or make the model's forward batch-independent.")
+        raise DataError(f"method '{name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}."
+                        f"{hint}") from exc

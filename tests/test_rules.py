@@ -356,13 +356,15 @@ def test_chunk_branch_cat_c2f():
 
 
 def test_untraceable_model_names_module_line_and_fix():
-    class Listy(nn.Module):  # YOLO's C2f writes list(x.chunk(2, 1)): fx cannot iterate a proxy
+    class Listy(nn.Module):  # YOLO's Detect branches on shapes: fx cannot use a proxy in control flow
         def __init__(self):
             super().__init__()
             self.cv1 = conv_bn(3, 16, 1)
 
         def forward(self, x):
-            y = list(self.cv1(x).chunk(2, 1))
+            y = list(self.cv1(x).chunk(2, 1))  # fx iterates this (a literal count of pieces)
+            if y[0].shape[-1] % 2:
+                y = y[::-1]
             return torch.cat(y, 1)
 
     class Outer(nn.Module):
@@ -375,12 +377,12 @@ def test_untraceable_model_names_module_line_and_fix():
             return self.c2f(self.stem(x))
 
     with pytest.raises(fxprune.TraceError) as err:
-        fxprune.analyze(Outer(), (X,))
+        fxprune.analyze(Outer(), (X,), capture="fx")  # "auto" would fall back to torch.export
     msg = str(err.value)
-    assert "'c2f'" in msg and "test_rules.py" in msg and "list(self.cv1(x).chunk(2, 1))" in msg
+    assert "'c2f'" in msg and "test_rules.py" in msg and "if y[0].shape[-1] % 2:" in msg
     assert "leaf_modules=['c2f']" in msg
     # the suggested fix works: c2f becomes one opaque node, its channels pinned, the stem still analysed
-    graph = fxprune.analyze(Outer(), (X,), leaf_modules=["c2f"])
+    graph = fxprune.analyze(Outer(), (X,), leaf_modules=["c2f"], capture="fx")
     assert graph.groups["stem.0"].prunable == 0
     assert any("c2f" in p.reason for p in graph.groups["stem.0"].pins)
 

@@ -25,7 +25,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from ..errors import TraceError
 from ..ops import FX_RULES, RuleTable
 from ..utils import as_tuple, eval_mode
-from .values import ValueProp, propagate_on_meta
+from .values import annotate
 
 
 class _Tracer(fx.Tracer):
@@ -43,6 +43,10 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _piece_count(node)
+        return _Pieces(node, self, count) if count is not None else super().proxy(node)
+
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
@@ -52,6 +56,46 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+class _Pieces(fx.Proxy):
+    """The result of ``chunk``/``split``/``tensor_split`` with a literal count: it can be iterated
+    (``list(x.chunk(2, 1))`` in YOLO's C2f), each piece a ``getitem`` node."""
+
+    def __init__(self, node: fx.Node, tracer, count: int):
+        super().__init__(node, tracer)
+        self.count = count
+
+    def __iter__(self):
+        return iter([self[i] for i in range(self.count)])
+
+    def __len__(self) -> int:
+        return self.count
+
+
+_SPLITTERS = {"chunk": ("chunks", "chunk"), "split": ("split_size_or_sections", "split_size"),
+              "tensor_split": ("indices_or_sections", "sections")}
+
+
+def _piece_count(node: fx.Node) -> int | None:
+    """How many pieces a chunk/split node makes, when its arguments say so without the tensor's
+    size: ``chunk(n)`` (torch returns fewer for a short dim: then the example run fails and the
+    capture says so), ``split([sizes])``, ``tensor_split(n)``; else None."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and node.target in (torch.chunk, torch.split, torch.tensor_split):
+        name = node.target.__name__
+    else:
+        return None
+    if name not in _SPLITTERS:
+        return None
+    how = node.args[1] if len(node.args) > 1 else next((node.kwargs[k] for k in _SPLITTERS[name] if k in node.kwargs),
+                                                       None)
+    if name in ("chunk", "tensor_split") and isinstance(how, int) and not isinstance(how, bool):
+        return how
+    if name in ("split", "tensor_split") and isinstance(how, (list, tuple)) and all(isinstance(v, int) for v in how):
+        return len(how) + (name == "tensor_split")
+    return None
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concrete_args=None,
@@ -82,13 +126,10 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     # shapes never come from a train-mode run: it would update BN statistics
     with eval_mode(gm), torch.no_grad():
         try:
-            propagate_on_meta(gm, example_inputs, table)
-        except Exception:  # an op without a meta kernel, a tensor made on the CPU in forward, ...
-            try:
-                ValueProp(gm, table=table).propagate(*example_inputs)  # real tensors: every op runs
-            except Exception as exc:
-                raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
-                                 "Check that example_inputs match what model.forward expects.") from exc
+            annotate(gm, example_inputs, table)  # on meta, else (no meta kernel, ...) with real tensors
+        except Exception as exc:
+            raise TraceError(f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
+                             "Check that example_inputs match what model.forward expects.") from exc
     return gm
 
 

@@ -61,6 +61,7 @@ class ValueProp:
 
     def propagate(self, *args):
         env: dict[fx.Node, object] = {}
+        args = self.gm.graph.process_inputs(*args)  # a pytree-flattening graph (torch.export's) flattens them
         inputs = iter(self._meta(a) for a in args)
         with self.flops:
             for node in self.gm.graph.nodes:
@@ -197,6 +198,15 @@ def propagate_on_meta(gm: fx.GraphModule, example_inputs: tuple, table: RuleTabl
     anything: about 10x faster than a real forward pass on a 224x224 ResNet-50.
     """
     ValueProp(gm, on_meta=True, table=table).propagate(*example_inputs)
+
+
+def annotate(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable = FX_RULES) -> None:
+    """Shapes, values and FLOPs of every node: on the ``meta`` device, or with real tensors where
+    an op has no meta kernel or the model makes a CPU tensor in forward. The caller sets eval mode."""
+    try:
+        propagate_on_meta(gm, example_inputs, table)
+    except Exception:
+        ValueProp(gm, table=table).propagate(*example_inputs)  # real tensors: every op runs
 
 
 def meta_shapes(node: fx.Node):

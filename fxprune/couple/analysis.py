@@ -214,12 +214,13 @@ class Analysis:
         rule = self.table.rule_for(node, self.modules)
         try:
             label = rule.couple(ctx, args, kwargs)
-        except Exception as exc:  # a rule that cannot handle an odd call pins instead of crashing
-            label = pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({exc})")
-        if node.op == "output":
-            return None
-        out = self.as_t(node, label)
-        self.pin_sizes_read_from_channels(ctx, node, out)
+            out = None if node.op == "output" else self.as_t(node, label)
+        except Exception as exc:  # a rule that cannot handle an odd call (or returns a label that does not
+            # fit the value) pins what the node touches instead of crashing
+            pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({type(exc).__name__}: {exc})")
+            out = None if node.op == "output" else self.as_t(node, None)
+        if out is not None:
+            self.pin_sizes_read_from_channels(ctx, node, out)
         return out
 
     def size_sources(self, n: fx.Node):
@@ -257,7 +258,8 @@ class Analysis:
         if node.op not in ("call_function", "call_method"):
             return
         recomputed = set()
-        if node.target in ("view", "reshape", "expand") or node.target is torch.reshape:
+        if node.target in ("view", "reshape", "expand") or node.target is torch.reshape or getattr(
+                node.target, "__name__", "") in ("view.default", "reshape.default", "expand.default", "_unsafe_view.default"):
             sizes = list(node.args[1:])
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
                 sizes = list(sizes[0])
@@ -437,7 +439,8 @@ def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
     for i, (param, dim, _, kind, role, node) in enumerate(a.members):
         s, e = starts[i], starts[i + 1]
         param_channels.setdefault((param, dim), torch.from_numpy(ch_all[s:e]))
-        param_kinds.setdefault((param, dim), kind)
+        if kind == "consumer" or (param, dim) not in param_kinds:  # a tied table that is read too: the masked
+            param_kinds[(param, dim)] = kind  # reference zeroes its removed slices (what the pruned model lacks)
         if hi[i] < 0:  # no position of this member is a channel
             continue
         owner, index = owner_all[s:e], index_all[s:e]
@@ -481,7 +484,15 @@ class _Relabel:
 
 
 def _producer_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+    """The module that makes a group's channels: the called module, or (an exported ATen graph, whose
+    nodes carry ``nn_module_stack``) the module that owns the parameter the op reads; else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.meta.get("nn_module_stack"):  # the module that owns the weight the op reads
+        owner = next((str(a.target).rpartition(".")[0] for a in node.all_input_nodes if a.op == "get_attr"), "")
+        if owner:
+            return owner
+    return node.name
 
 
 def _unique_name(name: str, taken) -> str:

@@ -65,6 +65,7 @@ def save(pruned: fx.GraphModule, path) -> None:
         "format": FORMAT,
         "plan": rep.plan.to_json(),
         "traced_training": bool(pruned.meta.get("fxprune_training", pruned.training)),
+        "tracer": rep.capture.get("tracer", "fx"),
         "training": bool(pruned.training),
         "input_shapes": shapes,
         "input_dtypes": dtypes,
@@ -99,7 +100,7 @@ def load(path, model_factory, example_inputs, *, verify: bool = False, leaf_modu
     model.train(data["traced_training"])  # trace the branches the saved graph was traced with
     plan = Plan.from_json(data["plan"])
     pruned = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                      verify=verify, onnx=False).apply(plan)
+                      verify=verify, onnx=False, capture=data.get("tracer", "auto")).apply(plan)  # the same tracer
     _check_structure(data, pruned)
     _check_weights(data["state_dict"], pruned)
     pruned.load_state_dict(data["state_dict"], strict=True)

@@ -208,3 +208,41 @@ def relative_position_bias_rule(ctx, args, kwargs):
     (the attention rules prune ``head_dim`` instead), so the table's head dim is kept."""
     return pin_all(ctx, args, kwargs, "the relative-position bias has one entry per attention head, and heads are "
                                       "kept whole (head_dim is pruned instead)")
+
+
+def sdpa_rule(ctx, args, kwargs):
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, *, scale)``:
+    ``softmax(q @ k^T * scale) @ v`` over the last two dims.
+
+    q's and k's channels along their last dim are summed over (unified: a contraction, see
+    ``fxprune_contract``); v's last dim passes to the output. The token dims must carry none.
+    The default scale is ``1 / sqrt(q.shape[-1])``: :func:`fix_sdpa` keeps the original one.
+    """
+    q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = arg(args, kwargs, 3, "attn_mask")
+    nd = len(q.shape)
+    for t in (q, k, v):
+        if t.param is not None or any(d != nd - 1 for d in varying(t.label)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} sees channels off its feature dim")
+    if getattr(mask, "label", None) is not None:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} has a mask that carries channels")
+    if q.label is None and k.label is None and v.label is None:
+        return None
+    qk = ctx.unify(along(q.label, nd - 1, q.shape[-1]), along(k.label, nd - 1, k.shape[-1]),
+                   f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
+    out = along(v.label, nd - 1, v.shape[-1])
+    ctx.node.meta["fxprune_contract"] = True
+    share = q.shape[-1] / (q.shape[-1] + v.shape[-1])
+    ctx.cost(qk, share=share)
+    ctx.cost(out, share=1.0 - share)
+    return ctx.canonical(out.view((1,) * (nd - 1) + (-1,)))
+
+
+def fix_sdpa(node, rw):
+    """After q/k lose channels, pass the original ``1 / sqrt(head_dim)`` as ``scale``."""
+    q = arg(node.args, node.kwargs, 0, "query")
+    if arg(node.args, node.kwargs, 6, "scale") is not None or not isinstance(q, fx.Node):
+        return
+    old, new = rw.old_shape(q)[-1], rw.new_shape(q)[-1]
+    if old != new:
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old)}

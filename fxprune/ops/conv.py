@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..labels import along, varying
-from .schema import arg, describe, pin_all
+from .schema import T, arg, describe, pin_all
 
 
 def _conv(ctx, x, weight, bias, groups, transposed=False):
@@ -54,6 +54,38 @@ def conv_function(ctx, args, kwargs):
     return _conv(ctx, x, w.param, b.param if b is not None else None, groups)
 
 
+def aten_convolution(ctx, args, kwargs):
+    """``aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)``."""
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    transposed, groups = arg(args, kwargs, 6, "transposed", False), arg(args, kwargs, 8, "groups", 1)
+    if w.param is None or (b is not None and b.param is None):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=bool(transposed))
+
+
+def conv_transpose_function(ctx, args, kwargs):
+    """``conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)``."""
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if w.param is None or (b is not None and b.param is None):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    return _conv(ctx, x, w.param, b.param if b is not None else None, arg(args, kwargs, 6, "groups", 1),
+                 transposed=True)
+
+
+def embedding_function(ctx, args, kwargs):
+    """``aten.embedding(weight, indices, ...)``: each row's entries are new channels (the columns
+    of the table), which ride along with the table's dim 1."""
+    w, indices = args[0], args[1]
+    if not isinstance(w, T) or w.param is None:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes a table computed at run time")
+    if isinstance(indices, T) and indices.label is not None:
+        ctx.pin(indices.label, f"{describe(ctx.node, ctx.gm)} looks up indices that carry channels")
+    nd, width = len(ctx.out_shape), ctx.out_shape[-1]
+    out = ctx.fresh(width)
+    ctx.member(w.param, 1, out, "producer", "weight")
+    return out.view((1,) * (nd - 1) + (width,))
+
+
 def resize_conv(m, node, rw):
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     old_out = m.out_channels
@@ -63,14 +95,22 @@ def resize_conv(m, node, rw):
     m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
 
 
-def fix_conv_function(node, rw):
-    groups = arg(node.args, node.kwargs, 6, "groups", 1)
-    if groups > 1:
-        old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
-        rw.set_arg(node, 6, "groups", new // (old // groups))
+def fix_groups(index: int = 6):
+    """A grouped conv call's ``groups`` argument (at position ``index``) follows its pruned output channels."""
+
+    def fix_conv_function(node, rw):
+        groups = arg(node.args, node.kwargs, index, "groups", 1)
+        if groups > 1:
+            old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
+            rw.set_arg(node, index, "groups", new // (old // groups))
+
+    return fix_conv_function
 
 
-def _linear(ctx, x, weight, bias):
+fix_conv_function = fix_groups(6)
+
+
+def _linear(ctx, x, weight, bias, w_in=1, w_out=0):
     nd = len(x.shape)
     label, c_in, c_out = x.label, x.shape[-1], ctx.out_shape[-1]
     vary = varying(label)
@@ -86,8 +126,8 @@ def _linear(ctx, x, weight, bias):
         return label
     ins = along(label, nd - 1, c_in)
     out = ctx.fresh(c_out)
-    ctx.member(weight, 1, ins, "consumer", "weight")
-    ctx.member(weight, 0, out, "producer", "weight")
+    ctx.member(weight, w_in, ins, "consumer", "weight")
+    ctx.member(weight, w_out, out, "producer", "weight")
     if bias is not None:
         ctx.member(bias, 0, out, "producer", "bias")
     ctx.cost(out, ins)
@@ -104,6 +144,14 @@ def linear_function(ctx, args, kwargs):
     if w.param is None or (b is not None and b.param is None):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
     return _linear(ctx, x, w.param, b.param if b is not None else None)
+
+
+def addmm_function(ctx, args, kwargs):
+    """``addmm(bias, x, weight)`` with ``weight`` stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    b, x, w = arg(args, kwargs, 0, "self"), arg(args, kwargs, 1, "mat1"), arg(args, kwargs, 2, "mat2")
+    if not all(isinstance(t, T) for t in (b, x, w)) or w.param is None or b.param is None or len(b.shape) != 1:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} is not a bias plus a product with a parameter")
+    return _linear(ctx, x, w.param, b.param, w_in=0, w_out=1)
 
 
 def resize_linear(m, node, rw):

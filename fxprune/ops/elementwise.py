@@ -77,12 +77,14 @@ def spatial(ctx, args, kwargs):
 
 
 def pad(ctx, args, kwargs):
+    """F.pad and the padding modules: (left, right) pairs from the last dim backwards; a dim padded by
+    zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels."""
     x = args[0]
-    if ctx.node.op == "call_module":
-        padded = len(ctx.module().padding) // 2
-    else:
-        padded = len(arg(args, kwargs, 1, "pad")) // 2
-    if any(d >= len(x.shape) - padded for d in varying(x.label)):
+    amounts = ctx.module().padding if ctx.node.op == "call_module" else arg(args, kwargs, 1, "pad")
+    amounts = tuple(amounts) if isinstance(amounts, (tuple, list)) else (amounts,)
+    nd = len(x.shape)
+    padded = {nd - 1 - i // 2 for i, p in enumerate(amounts) if not (isinstance(p, int) and p == 0)}
+    if any(d in padded for d in varying(x.label)):
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} pads a dim that carries channels")
         return None
     return x.label
@@ -95,7 +97,7 @@ def reduce(ctx, args, kwargs):
     keepdim = arg(args, kwargs, 2, "keepdim", False)
     if x.label is None:
         return None
-    if dims is None:
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # ATen's amax(x, []) reduces over all
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over every dim")
         return None
     dims = sorted({d % len(x.shape) for d in ((dims,) if isinstance(dims, int) else dims)}, reverse=True)
@@ -108,3 +110,16 @@ def reduce(ctx, args, kwargs):
         if not keepdim:
             out = out.squeeze(d)
     return out
+
+
+def first_input(ctx, args, kwargs):
+    """Ops whose output is their first input in another dtype or memory layout (``type_as``,
+    ``to``): the other tensor arguments lend only their dtype."""
+    x = args[0]
+    return getattr(x, "label", None) if getattr(x, "param", None) is None else None
+
+
+def constant_like(ctx, args, kwargs):
+    """``new_zeros``, ``zeros_like``, ...: a new tensor of constants; its input lends only a shape or
+    dtype, so its channels are not read (the result carries none: it pins what it meets)."""
+    return None

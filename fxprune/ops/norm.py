@@ -38,8 +38,19 @@ def norm_module(ctx, args, kwargs):
 
 
 def batch_norm_function(ctx, args, kwargs):
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, ...)``."""
+    return _batch_norm_call(ctx, args, kwargs, (("running_mean", 1), ("running_var", 2), ("norm_weight", 3),
+                                                ("norm_bias", 4)))
+
+
+def aten_batch_norm(ctx, args, kwargs):
+    """``aten.batch_norm(input, weight, bias, running_mean, running_var, training, ...)``: ATen's order."""
+    return _batch_norm_call(ctx, args, kwargs, (("norm_weight", 1), ("norm_bias", 2), ("running_mean", 3),
+                                                ("running_var", 4)))
+
+
+def _batch_norm_call(ctx, args, kwargs, slots):
     x = args[0]
-    slots = (("running_mean", 1), ("running_var", 2), ("norm_weight", 3), ("norm_bias", 4))
     params = {}
     for role, i in slots:
         t = arg(args, kwargs, i, role.replace("norm_", ""))

@@ -118,13 +118,16 @@ def fix_getitem(node, rw):
     node.args = (src, tuple(items) if packed else items[0])
 
 
+STACKS = (torch.stack, torch.ops.aten.stack.default)  # the spellings of stack (cat_rule serves both)
+
+
 def cat_rule(ctx, args, kwargs):
     """cat/stack: along the channel dim, offsets are tracked; along another dim, channels coincide."""
 
     xs = list(arg(args, kwargs, 0, "tensors"))
     nd = len(ctx.out_shape)
     dim = arg(args, kwargs, 1, "dim", 0) % nd
-    if ctx.node.target is torch.stack:
+    if ctx.node.target in STACKS:
         xs = [T(None if t.label is None else t.label.unsqueeze(dim), t.shape[:dim] + (1,) + t.shape[dim:], t.param)
               for t in xs]
     labels = [None if t.param is not None else t.label for t in xs]
@@ -167,6 +170,63 @@ def fix_split(node, rw):
     node.kwargs = {}
 
 
+def fix_split_aten(node, rw):
+    """ATen's split_with_sizes/split.Tensor/chunk (dim at 2): piece sizes follow the pruning, as
+    ``aten.split_with_sizes`` with explicit sizes."""
+    dim = arg(node.args, node.kwargs, 2, "dim", 0)
+    x = node.args[0]
+    dim = dim % len(rw.old_shape(x))
+    if dim not in rw.varying_dims(x):
+        return
+    node.target = torch.ops.aten.split_with_sizes.default
+    node.args = (x, [s[dim] for s in rw.new_shape(node)], dim)
+    node.kwargs = {}
+
+
+def slice_rule(ctx, args, kwargs):
+    """``aten.slice.Tensor(x, dim, start, end, step)``, which ``x[:, a:b]`` becomes in ATen graphs."""
+    x = args[0]
+    if x.label is None:
+        return None
+    dim = arg(args, kwargs, 1, "dim", 0) % len(x.shape)
+    step = arg(args, kwargs, 4, "step", 1)
+    if dim in varying(x.label) and step != 1:
+        ctx.pin(x.label, f"slicing at '{ctx.node.name}' picks every {step}th channel")
+        return None
+    full = expand_to(x.label, x.shape)
+    return one_axis(ctx, full[(slice(None),) * dim + (slice(arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "end"),
+                                                             step),)])
+
+
+def fix_slice(node, rw):
+    """A slice along a dim that carries channels: its bounds count the kept positions only."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or not isinstance(src.meta.get("fxprune"), torch.Tensor):
+        return
+    shape = rw.old_shape(src)
+    dim = arg(node.args, node.kwargs, 1, "dim", 0) % len(shape)
+    if dim not in rw.varying_dims(src):
+        return
+    kept = rw.kept_along(src, dim)
+    start, stop, _ = slice(arg(node.args, node.kwargs, 2, "start"), arg(node.args, node.kwargs, 3, "end")).indices(
+        shape[dim])
+    rw.set_arg(node, 1, "dim", dim)
+    rw.set_arg(node, 2, "start", int(kept[:start].sum()))
+    rw.set_arg(node, 3, "end", int(kept[:max(stop, start)].sum()))
+
+
+def select_rule(ctx, args, kwargs):
+    """``aten.select.int(x, dim, index)`` (``x[:, 0]``): one position of a dim that carries no channels."""
+    x = args[0]
+    if x.label is None:
+        return None
+    dim = arg(args, kwargs, 1, "dim") % len(x.shape)
+    if dim in varying(x.label):
+        ctx.pin(x.label, f"indexing at '{ctx.node.name}' picks single channels")
+        return None
+    return ctx.canonical(x.label.select(dim, 0))
+
+
 def module_shape_op(ctx, args, kwargs):
     return shape_op(ctx.module())(ctx, args, kwargs)
 
@@ -177,10 +237,15 @@ def resize_unflatten(m, node, rw):
     m.unflattened_size = tuple(new[start:start + len(m.unflattened_size)])
 
 
+BROADCASTS = (torch.ops.aten.expand.default, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default,
+              torch.ops.aten.alias.default)  # ATen spellings of what param_behind looks through
+
+
 def param_behind(ctx, node, t, vary):
     """The parameter that ``node`` broadcasts (``class_token.expand(n, -1, -1)``), when its
     entries line up with the channel dim ``vary`` of the value; else None."""
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("expand", "contiguous", "clone"):
+    while isinstance(node, fx.Node) and (node.op == "call_method" and node.target in ("expand", "contiguous", "clone")
+                                         or node.op == "call_function" and node.target in BROADCASTS):
         node = node.args[0]
     if len(vary) != 1 or not isinstance(node, fx.Node) or node.op != "get_attr":
         return None

@@ -25,7 +25,9 @@ import torch
 import torch.fx as fx
 
 from ..capture.values import meta_shapes
+from ..errors import RewriteError
 from ..labels import kept_along, varying
+from ..ops.schema import describe
 from ..utils import paused_gc
 
 
@@ -173,6 +175,7 @@ def rewrite(graph, plan) -> fx.GraphModule:
             old, torch.nn.Parameter) else new
     root = copy_modules(_holder(graph.module), memo)
     new_graph = fx.Graph(owning_module=root)
+    new_graph.set_codegen(copy.copy(graph.module.graph._codegen))  # torch.export's flattens pytree inputs/outputs
     new_graph.output(new_graph.graph_copy(graph.module.graph, {}))
     rw = Resizer(keep)
     resized = set()
@@ -181,14 +184,22 @@ def rewrite(graph, plan) -> fx.GraphModule:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         rule = graph.table.rule_for(node, modules)
-        if rule.resize is not None and node.target not in resized:
-            rule.resize(modules[node.target], node, rw)
-            resized.add(node.target)
-        if rule.fix is not None:
-            rule.fix(node, rw)
+        try:
+            if rule.resize is not None and node.target not in resized:
+                rule.resize(modules[node.target], node, rw)
+                resized.add(node.target)
+            if rule.fix is not None:
+                rule.fix(node, rw)
+        except Exception as exc:
+            raise RewriteError(f"could not rewrite {describe(node, root)} for this plan: {type(exc).__name__}: {exc}. "
+                               f"This is a bug in fxprune: please report it with the model; meanwhile pass ignore=[...] "
+                               f"with the groups of the channels that reach node '{node.name}'.") from exc
     if any(not n.users for n in new_graph.nodes if n.op not in ("output", "placeholder")):
         new_graph.eliminate_dead_code()  # a size that fed a now-literal argument; the pass is costly, so only then
-    gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
+    try:
+        gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
+    except Exception as exc:
+        raise RewriteError(f"the rewritten graph does not compile: {type(exc).__name__}: {exc}") from exc
     gm.meta = {k: v for k, v in graph.module.meta.items() if k != "fxprune_report"} if hasattr(graph.module, "meta") else {}
     return gm
 

@@ -146,10 +146,10 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
     masked = copy_modules(graph.module, memo).eval()
     with torch.no_grad():
         ref = _Reference(masked, keep)
-        ref.run(*inputs)
+        _run(ref, inputs, "the masked original")
     with torch.no_grad(), eval_mode(pruned):
         got = _Capture(pruned)
-        got.run(*inputs)
+        _run(got, inputs, "the pruned model")
     pruned_eval = pruned
     labels = {n.name: n.meta.get("fxprune") for n in graph.module.graph.nodes}
     params = set()  # parameters, and values computed from them alone: sliced as members, not labelled
@@ -185,6 +185,19 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
                       and not bool(keep[graph.offsets[name]:graph.offsets[name] + g.size].all()))
     return {"ok": ok, "nodes_compared": compared, "approximate_groups": approximate, "max_rel_diff": rel, "worst_node": node,
             "output_max_abs_diff": out_err, "rtol": MASK_RTOL, "atol": MASK_ATOL}
+
+
+def _run(interpreter: _Capture, inputs: tuple, what: str) -> None:
+    """Run a model node by node; a failure is a :class:`VerificationError` naming the node."""
+    try:
+        interpreter.run(*inputs)
+    except Exception as exc:
+        done = set(interpreter.values)
+        node = next((n.name for n in interpreter.module.graph.nodes
+                     if n.op in ("call_module", "call_function", "call_method") and n.name not in done), "?")
+        raise VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                                "This is a bug in fxprune: please report it with the model; meanwhile pass "
+                                f"ignore=[...] with the groups of the channels that reach node '{node}'.") from exc
 
 
 def _output(gm, capture):

@@ -1,0 +1,114 @@
+"""The rule table of ``torch.export`` graphs: :data:`FX_RULES`' rows plus the ATen overloads
+that export's default (training) IR keeps (``aten.conv2d.default``, ``aten.view.default``, ...).
+
+An ATen row is one more spelling of an existing rule; where ATen's argument order differs
+from ``torch.nn.functional``'s the rule says so (:func:`~.norm.aten_batch_norm`,
+:func:`~.conv.aten_convolution`), and where a literal argument names channel counts the
+row's ``fix`` recomputes it (``aten.view(x, [1, 768, 196])``, ``split_with_sizes``, slices).
+An overload with no row pins the channels it touches, as in :data:`FX_RULES`.
+
+Example::
+
+    >>> import torch
+    >>> from fxprune.ops import ATEN_RULES
+    >>> ATEN_RULES[torch.ops.aten.conv2d.default].couple.__name__
+    'conv_function'
+    >>> ATEN_RULES[torch.ops.aten.view.default].fix is not None, len(ATEN_RULES) > 300
+    (True, True)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
+from .conv import (addmm_function, aten_convolution, conv_function, conv_transpose_function, embedding_function, fix_groups,
+                   linear_function)
+from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
+from .fx_table import FX_RULES
+from .norm import aten_batch_norm, fix_layer_norm, layer_norm_rule, normalizes_channels
+from .schema import Rule
+from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, select_rule,
+                    shape_op, slice_rule)
+
+ATEN_RULES = FX_RULES.extended("aten")
+register = ATEN_RULES.register
+
+
+def overloads(*names):
+    """The ATen overloads ``"relu.default"``, ``"add.Tensor"``, ... that this torch has."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.append(op)
+    return out
+
+
+def with_inplace(*names):
+    """Each ``"op.overload"`` and its in-place ``"op_.overload"``."""
+    return overloads(*names, *(f"{n.split('.')[0]}_.{n.partition('.')[2] or 'default'}" for n in names))
+
+
+register(Rule(elementwise), *with_inplace(
+    # activations
+    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "sigmoid", "tanh",
+    "hardswish", "hardsigmoid", "hardtanh", "softplus", "log_sigmoid", "threshold",
+    # arithmetic
+    "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
+    "div.Scalar", "div.Tensor_mode", "rsub.Tensor", "rsub.Scalar", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
+    "reciprocal", "erf", "sin", "cos", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
+    "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "where.self", "floor", "ceil", "round", "sign",
+    # dropout (eval mode: identity)
+    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+    # copies, aliases, layout
+    "clone", "contiguous", "detach", "alias", "lift_fresh_copy"))
+register(Rule(first_input), *overloads("to.dtype", "to.dtype_layout", "to.device", "to.other", "type_as", "_to_copy"))
+register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like",
+                                         "full_like", "empty_like"))
+register(Rule(normalize_over(1)), *overloads("softmax.int", "log_softmax.int", "_softmax", "_log_softmax"))
+
+register(Rule(conv_function, fix=fix_groups(6)), *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding",
+                                                             "conv2d.padding", "conv3d.padding"))
+register(Rule(aten_convolution, fix=fix_groups(8)), *overloads("convolution", "_convolution"))
+register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_transpose2d.input",
+                                                   "conv_transpose3d.input"))
+register(Rule(linear_function), *overloads("linear"))
+register(Rule(addmm_function), *overloads("addmm"))
+register(Rule(embedding_function), *overloads("embedding"))
+register(Rule(aten_batch_norm), *overloads("batch_norm"))
+register(Rule(normalizes_channels), *overloads("group_norm"))
+register(Rule(layer_norm_rule, fix=fix_layer_norm), *overloads("layer_norm"))  # F.layer_norm's order
+
+register(Rule(spatial), *overloads(
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+    "upsample_linear1d.vec", "upsample_bilinear2d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec",
+    "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d"))
+register(Rule(pad), *overloads("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
+                               "replication_pad1d", "replication_pad2d"))
+register(Rule(reduce), *overloads("mean.dim", "sum.dim_IntList", "amax", "amin"))
+
+FIX_SHAPE = fix_shape_args()
+register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), *overloads("view", "reshape", "_unsafe_view"))
+register(Rule(shape_op(lambda t, size, **k: t.expand(size)), fix=FIX_SHAPE), *overloads("expand"))
+register(Rule(shape_op(torch.unflatten), fix=fix_unflatten), *overloads("unflatten.int"))
+for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose), ("flatten.using_ints", torch.flatten),
+                   ("unsqueeze", torch.unsqueeze), ("squeeze", torch.squeeze), ("squeeze.dim", torch.squeeze),
+                   ("squeeze.dims", torch.squeeze), ("movedim.int", torch.movedim), ("t", torch.t),
+                   ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
+                   ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
+                   ("unbind.int", torch.unbind), ("roll", torch.roll)):
+    register(Rule(shape_op(_fn)), *overloads(_name))
+register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
+register(Rule(shape_op(torch.chunk), fix=fix_split_aten), *overloads("chunk"))
+register(Rule(slice_rule, fix=fix_slice), *overloads("slice.Tensor"))
+register(Rule(select_rule), *overloads("select.int"))
+register(Rule(cat_rule), *overloads("cat", "stack"))
+
+register(Rule(matmul_rule), *overloads("matmul", "bmm", "mm"))
+register(Rule(einsum_rule), *overloads("einsum"))
+register(Rule(sdpa_rule, fix=fix_sdpa), *overloads("scaled_dot_product_attention"))
