@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from . import passes
 from .cost.latency import search_latency
@@ -38,8 +37,14 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
             latency=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
-            method_options: dict | None = None, latency_options: dict | None = None) -> fx.GraphModule:
+            method_options: dict | None = None, latency_options: dict | None = None,
+            output: str = "graph") -> torch.nn.Module:
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
+
+    With ``output="module"`` it returns a pruned deep copy of ``model`` instead, of the same
+    class, running the model's own ``forward`` (:mod:`fxprune.rewrite.module`): channels that
+    literals in that code count (``x.view(n, 512 * 7 * 7)``) are then kept, each pin naming
+    the line, and the copy is checked against the pruned ``GraphModule`` module by module.
 
     ``method`` names a criterion of :data:`fxprune.passes.REGISTRY` (or is a callable
     ``score(graph, data=..., seed=...)``; see :meth:`fxprune.pipeline.Pipeline.planner`).
@@ -58,7 +63,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx)
+                    onnx=onnx, output=output)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
                            min_keep=min_keep, floor=floor, round_to=round_to)
     if latency is None:
@@ -71,11 +76,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
 
 def apply(model: torch.nn.Module, example_inputs, plan, *, verify: bool = True, onnx: bool = True,
-          leaf_modules=(), concrete_args=None) -> fx.GraphModule:
-    """Re-create a pruned model from the original and a :class:`Plan` (or its JSON, or a path to it)."""
+          leaf_modules=(), concrete_args=None, output: str = "graph") -> torch.nn.Module:
+    """Re-create a pruned model from the original and a :class:`Plan` (or its JSON, or a path to it);
+    ``output`` as in :func:`compile`."""
     if isinstance(plan, str):
         plan = Plan.from_json(plan) if plan.lstrip().startswith("{") else Plan.load(plan)
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan, its JSON text or a path to it, not {type(plan).__name__}")
     return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx).apply(plan)
+                    onnx=onnx, output=output).apply(plan)

@@ -10,6 +10,7 @@ Example::
 
     $ fxprune prune torchvision:resnet18 --method l2 --flops 0.5 --out resnet18_pruned.onnx --save r18.pt
     $ fxprune prune torchvision:resnet18 --latency 0.5 --round-to 8 --out resnet18_fast.onnx
+    $ fxprune prune torchvision:resnet18 --flops 0.5 --output module --save r18_module.pt
     $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
     $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
 """
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
     prune.add_argument("--no-verify", action="store_true", help="skip mask-equivalence and ONNX checks")
+    prune.add_argument("--output", choices=("graph", "module"), default="graph",
+                       help="graph: a torch.fx GraphModule (default); module: a pruned copy of the model, same "
+                            "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=6, help="--latency: candidates tried by the bisection")
 
@@ -175,7 +179,7 @@ def _prune(args) -> int:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
-                         verify=not args.no_verify, onnx=False)
+                         verify=not args.no_verify, onnx=False, output=args.output)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
