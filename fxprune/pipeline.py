@@ -110,7 +110,7 @@ class Pipeline:
         graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
         if self.output == "module":  # a module copy cannot rewrite the literals of the model's code
             t2 = time.perf_counter()
-            pin_literals(graph)
+            pin_literals(graph, self.model)
             graph.timings["pin literals"] = time.perf_counter() - t2
         self._graph = graph
         return graph

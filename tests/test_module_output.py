@@ -156,17 +156,47 @@ def test_vision_transformer_module_output():
                                                mlp_dim=64, num_classes=10).eval()
     before, x = _state(vit), torch.randn(1, 3, 32, 32)
     p = fxprune.compile(vit, (x,), ratio=0.5, onnx=False, output="module")
-    assert type(p) is torchvision.models.VisionTransformer and _same_state(vit, before)
+    assert type(p) is torchvision.models.VisionTransformer and _same_state(vit, before) and vit.hidden_dim == 32
     block = p.encoder.layers.encoder_layer_0
     assert block.mlp[0].out_features == 32 and block.mlp[3].in_features == 32
+    # reshape(n, self.hidden_dim, n_h * n_w) reads an attribute that nothing else reads: the copy's is set
+    assert p.hidden_dim == 16 and p.conv_proj.out_channels == 16 and block.ln_1.normalized_shape == (16,)
+    attn = block.self_attention
+    assert attn.embed_dim == 16 and attn.head_dim == 4 and attn.out_proj.in_features == 16
     rep = fxprune.report(p)
-    assert rep.mask["ok"] and rep.mask["module"]["ok"]
-    # the patch embedding's reshape(n, self.hidden_dim, -1) is a literal to the capture: the stream stays
-    pins = " ".join(str(pin) for pin in fxprune.Pipeline(vit, (x,), output="module").graph.groups["conv_proj"].pins)
-    assert "vision_transformer.py" in pins and "self.hidden_dim" in pins
+    assert rep.mask["ok"] and rep.mask["module"]["ok"] and rep.mask["module"]["modules_compared"] > 15
     g = fxprune.apply(vit, (x,), rep.plan, onnx=False)
     with torch.no_grad():
         assert (p(x) - g(x)).abs().max() <= 1e-5
+
+
+class Attribute(nn.Module):
+    """A width held in an attribute, read by one reshape (set on the copy) or also by a check (pinned)."""
+
+    def __init__(self, checked: bool):
+        super().__init__()
+        self.width, self.checked = 16, checked
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.checked:
+            torch._assert(y.shape[1] == self.width, "width")
+        y = y.reshape(y.shape[0], self.width, -1).mean(-1)
+        return self.fc(F.relu(y))
+
+
+def test_attribute_literal_is_set_on_the_copy_or_pinned():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 6)
+    p = fxprune.compile(Attribute(False).eval(), (x,), ratio=0.5, output="module")   # ONNX too
+    assert p.width == 8 and p.c1.out_channels == 8 and fxprune.report(p).verified
+    model = Attribute(True).eval()
+    q = fxprune.compile(model, (x,), ratio=0.5, onnx=False, output="module")
+    assert q.width == 16 and q.c1.out_channels == 16
+    pins = " ".join(str(pin) for pin in fxprune.Pipeline(model, (x,), output="module").graph.groups["c1"].pins)
+    assert "self.width" in pins and "the literal 16" in pins
 
 
 class Attention(nn.Module):

@@ -66,7 +66,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     ``leaf_modules`` lists module types or qualified names to keep as single nodes
     (what to do with code fx cannot trace); ``concrete_args`` is passed to
     ``symbolic_trace``; ``stack_traces`` records each node's Python line in ``node.stack_trace``
-    (slower; module output names the user's lines with it). Raises :class:`~fxprune.errors.TraceError` naming the module
+    and the module whose code it is in ``node.meta["fxprune_scope"]`` (slower; module output
+    names the user's lines with them). Raises :class:`~fxprune.errors.TraceError` naming the module
     and the line that could not be traced.
     """
     if not isinstance(model, torch.nn.Module):
@@ -78,6 +79,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise TraceError(_explain(exc, tracer.failed_in)) from exc
+    if stack_traces:  # and the module whose code made each node (``self`` on that line)
+        for node in graph.nodes:
+            node.meta["fxprune_scope"] = tracer.node_name_to_scope.get(node.name, ("", None))[0]
     # lazy: its Python code is generated on first call; the analysis only reads the graph
     gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["fxprune_training"] = bool(model.training)  # the mode baked into the graph (docs/design.md)

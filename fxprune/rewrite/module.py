@@ -45,16 +45,23 @@ _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]+)\n[ \t]+([^\n]*)')
 
 
+def _user_frame(node: fx.Node):
+    """(file, line, function, code) of the innermost frame of the user's code that made ``node``, or None."""
+    trace = node.stack_trace or node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = [f for f in _FRAME.findall(trace)
+              if not os.path.abspath(f[0]).startswith((_TORCH + os.sep, _PACKAGE + os.sep))]
+    return frames[-1] if frames else None
+
+
 def source_of(node: fx.Node) -> str:
     """Where ``node`` comes from in the user's code: ``file:line: `code` `` when the capture
     recorded stack traces, else the module path (``nn_module_stack``), else the node name."""
-    trace = node.stack_trace or node.meta.get("stack_trace")
-    if trace:
-        frames = [f for f in _FRAME.findall(trace)
-                  if not os.path.abspath(f[0]).startswith((_TORCH + os.sep, _PACKAGE + os.sep))]
-        if frames:
-            path, line, _, code = frames[-1]
-            return f"{path}:{line}: `{code.strip()}`"
+    frame = _user_frame(node)
+    if frame:
+        path, line, _, code = frame
+        return f"{path}:{line}: `{code.strip()}`"
     stack = node.meta.get("nn_module_stack")
     if stack:
         return f"in module '{list(stack.values())[-1][0]}', node '{node.name}'"
@@ -155,14 +162,57 @@ def _reason(node, gm, change, plan=False) -> str:
            "(output='graph' rewrites the literal)"
 
 
+def _attribute(node: fx.Node, value, model) -> tuple | None:
+    """``(module path, name)`` when ``value`` is read from an attribute ``self.name`` of the module
+    whose code made ``node`` (its line says ``self.name`` and the attribute holds ``value``)."""
+    frame, path = _user_frame(node), node.meta.get("fxprune_scope")
+    if model is None or frame is None or path is None or not isinstance(value, (int, tuple, list)) \
+            or isinstance(value, bool):
+        return None
+    try:
+        owner = model.get_submodule(path)
+    except AttributeError:
+        return None
+    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", frame[3])):
+        held = owner.__dict__.get(name)
+        if type(held) is type(value) and held == value:
+            return (path, name)
+    return None
+
+
+def _reads(node: fx.Node, path: str, name: str, value) -> bool:
+    """Whether ``node``'s line reads ``self.name`` of module ``path`` and ``value`` is among its arguments."""
+    frame = _user_frame(node)
+    if frame is None or node.meta.get("fxprune_scope") != path or not re.search(rf"\bself\.{name}\b", frame[3]):
+        return False
+    found = []
+
+    def walk(a):
+        if type(a) is type(value) and a == value:
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            for b in a:
+                walk(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                walk(b)
+
+    walk((node.args, node.kwargs))
+    return bool(found)
+
+
 @paused_gc
-def pin_literals(graph) -> list[Pin]:
+def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     """Pin, in ``graph``'s groups, the channels that literals in the model's code count.
 
     For every node whose rule has a ``fix``, the fix runs on a scratch copy of the node
     with every unpinned channel removed; a literal argument it changes (not a size the
     code reads at run time) pins every channel of the node's inputs and output, with a
     :class:`~fxprune.ir.Pin` naming the node, the line and the reason. Returns the new pins.
+
+    A literal that the line reads from an attribute of ``model``'s module (``self.hidden_dim``)
+    is not pinned when no other node reads that attribute: :func:`rewrite_module` sets the
+    copy's attribute instead (``node.meta["fxprune_attribute"]``).
     """
     gm, table = graph.module, graph.table
     keep = torch.zeros(graph.num_channels, dtype=torch.bool)
@@ -174,6 +224,7 @@ def pin_literals(graph) -> list[Pin]:
     starts = sorted((off, name) for name, off in graph.offsets.items())
     bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
     added: list[Pin] = []
+    found: list[tuple] = []
     for node in scratch.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -189,9 +240,22 @@ def pin_literals(graph) -> list[Pin]:
             change = _literal_change(before, _snapshot(node))
         except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
             change = ("?", f"(the check failed: {type(exc).__name__})")
-        if change is None:
+        if change is not None:
+            found.append((original[node], ch, change, _attribute(original[node], change[0], model)))
+    # an attribute read by one node only (as far as the graph shows) is set on the copy instead
+    users: dict[tuple, list] = {}
+    for node, _, change, attr in found:
+        if attr is not None:
+            users.setdefault(attr, []).append((node, change[0]))
+    settable = {attr for attr, uses in users.items() if len(uses) == 1 and not any(
+        _reads(n, *attr, uses[0][1]) for n in gm.graph.nodes if n is not uses[0][0])}
+    for node, ch, change, attr in found:
+        if attr in settable:
+            node.meta["fxprune_attribute"] = (*attr, change[0])
             continue
-        pin = Pin(node.name, _reason(original[node], gm, change))
+        if keep[ch].all():
+            continue
+        pin = Pin(node.name, _reason(node, gm, change))
         added.append(pin)
         keep[ch] = True
         for gi in torch.unique(torch.searchsorted(bounds, ch, right=True) - 1).tolist():
@@ -214,7 +278,8 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     Parameters and buffers are sliced as :func:`fxprune.rewrite.rewrite` slices them, and
     every module a ``call_module`` node names is resized by its rule; a rule's ``fix`` runs
     on a scratch graph owned by the copy (so a fix that folds a scale into weights folds it
-    into the copy's). ``model`` is left as it was. Raises :class:`PlanError` where the plan
+    into the copy's); a literal read from an attribute (``self.hidden_dim``, marked by
+    :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was. Raises :class:`PlanError` where the plan
     removes channels that a literal of the model's code counts (pin them with
     :func:`pin_literals` before planning).
     """
@@ -223,7 +288,7 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     scratch, original = _scratch(graph.module, new)
     analysed = dict(graph.module.named_modules())
     rw = Resizer(keep)
-    resized = set()
+    resized, set_attrs = set(), {}
     for node in scratch.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -238,6 +303,15 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
             before = _snapshot(node)
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node))
+            attr = node.meta.get("fxprune_attribute")
+            if change is not None and attr is not None and type(change[0]) is type(attr[2]) \
+                    and change[0] == attr[2] and isinstance(change[1], (int, tuple, list)):
+                owner, value = new.get_submodule(attr[0]), type(attr[2])(change[1])
+                if set_attrs.setdefault(attr[:2], value) != value:
+                    raise PlanError(f"output='module': attribute '{attr[1]}' of module '{attr[0] or '<root>'}' "
+                                    f"would need two values ({set_attrs[attr[:2]]!r} and {value!r})")
+                setattr(owner, attr[1], value)  # the line reads it: the copy's code now writes the new size
+                continue
             if change is not None:
                 raise PlanError(_reason(original[node], graph.module, change, plan=True) +
                                 ". Make the plan with output='module' (it pins them), or use output='graph'.")
