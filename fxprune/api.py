@@ -29,9 +29,12 @@ from .pipeline import Pipeline
 from .plan import Plan
 
 
-def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None) -> ChannelGraph:
-    """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`)."""
-    return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args).analyze()
+def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
+            output: str = "graph") -> ChannelGraph:
+    """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`); with ``output="module"``,
+    with the pins of that output (literals in the model's code, see :func:`compile`)."""
+    return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                    output=output).analyze()
 
 
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,

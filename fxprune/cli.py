@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     inspect.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--output", choices=("graph", "module"), default="graph",
+                         help="module: with the pins of prune --output module (literals in the model's code)")
     inspect.add_argument("--graph", default=None, metavar="PATH",
                          help="draw the graph, coloured by channel group, to PATH (.svg, .png, .pdf or .dot)")
     inspect.add_argument("--collapse", type=_collapse, default="auto",
@@ -205,7 +207,7 @@ def _prune(args) -> int:
 
 
 def _inspect(args) -> int:
-    graph = analyze(_model(args), _inputs(args))
+    graph = analyze(_model(args), _inputs(args), output=args.output)
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:

@@ -57,8 +57,7 @@ from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
 from .plan import Plan, make_plan
-from .rewrite import rewrite
-from .rewrite.module import pin_literals, rewrite_module
+from .rewrite import pin_literals, rewrite, rewrite_module
 from .utils import as_tuple, paused_gc
 from .verify import check_mask, mask_equivalence, random_inputs
 from .verify.mask import check_module, module_equivalence
@@ -164,6 +163,9 @@ class Pipeline:
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         graph = self.graph
+        if output == "module" and graph.capture.get("tracer", "fx") != "fx":
+            raise ConfigError(f"output='module' needs the torch.fx capture (this model was captured by "
+                              f"{graph.capture.get('tracer')}): use output='graph'")
         keep = plan.mask(graph)
         t0 = time.perf_counter()
         pruned = rewrite(graph, plan)
@@ -183,9 +185,6 @@ class Pipeline:
     def _build_module(self, plan, pruned_graph, *, method, mask, keep, search, rewrite_s):
         """``output="module"``: the model's pruned copy, compared with ``pruned_graph`` when verifying."""
         graph = self.graph
-        if graph.capture.get("tracer", "fx") != "fx":
-            raise ConfigError(f"output='module' needs the torch.fx capture (this model was captured by "
-                              f"{graph.capture.get('tracer')}): use output='graph'")
         t0 = time.perf_counter()
         copy = rewrite_module(graph, plan, self.model)
         times = {"rewrite": rewrite_s, "rewrite: module": time.perf_counter() - t0}

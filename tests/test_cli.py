@@ -111,6 +111,11 @@ def test_prune_output_module_save(capsys, tmp_path):
         assert (again(x) - loaded(x)).abs().max() <= 1e-5
     code, out, _ = run(capsys, "export", MODEL, *SHAPE, "--load", saved, "--out", str(tmp_path / "m.onnx"))
     assert code == 0 and "ok" in out
+    # inspect shows the pins of module output: a literal in the model's code, with its line
+    code, out, _ = run(capsys, "inspect", "test_module_output:Literal", "--input-shape", "2,3,8,8", "--json",
+                       "--output", "module")
+    c2 = next(d for d in json.loads(out) if d["name"] == "c2")
+    assert code == 0 and c2["prunable"] == 0 and any("test_module_output.py:" in p for p in c2["pins"])
 
 
 def test_prune_latency(capsys):

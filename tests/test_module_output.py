@@ -226,3 +226,23 @@ def test_multihead_attention_module_output():
     g = fxprune.apply(model, (x,), rep.plan, onnx=False)
     with torch.no_grad():
         assert (p(x) - g(x)).abs().max() <= 1e-5                 # the query scale is folded in both
+
+
+def test_hugging_face_resnet_module_output():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                    layer_type="bottleneck", num_labels=10)
+    model = transformers.ResNetForImageClassification(cfg).eval()
+    before = _state(model)
+    # the embedder branches on the input's channel count (a leaf for fx); the flags are fixed Python values
+    inputs = (torch.randn(1, 3, 32, 32), None, False, False)
+    p = fxprune.compile(model, inputs, ratio=0.5, onnx=False, output="module", leaf_modules=["resnet.embedder"],
+                        concrete_args={"labels": None, "output_hidden_states": False, "return_dict": False})
+    assert type(p) is transformers.ResNetForImageClassification and _same_state(model, before)
+    rep = fxprune.report(p)
+    assert rep.mask["ok"] and rep.mask["module"]["ok"] and rep.params_after < 0.5 * rep.params_before
+    layer = p.resnet.encoder.stages[1].layers[0]
+    assert layer.layer[0].convolution.out_channels < model.resnet.encoder.stages[1].layers[0].layer[0].convolution.out_channels
+    with torch.no_grad():
+        assert p(inputs[0], return_dict=True).logits.shape == (1, 10)     # the user's forward, any flags

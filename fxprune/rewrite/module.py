@@ -150,8 +150,14 @@ def _channels(node: fx.Node) -> torch.Tensor:
     return ch[ch >= 0]
 
 
+_UNCHECKED = object()
+
+
 def _reason(node, gm, change, plan=False) -> str:
     old, new = change
+    if old is _UNCHECKED:
+        return (f"{describe(node, gm)} ({source_of(node)}) could not be checked for literal sizes ({new}): "
+                "its channels are kept for a module copy")
     what = f"the literal {old!r}" if isinstance(old, (int, float, tuple, list)) \
         else f"'{getattr(old, '__name__', old)}' with sizes fixed"
     where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
@@ -239,7 +245,7 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node))
         except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
-            change = ("?", f"(the check failed: {type(exc).__name__})")
+            change = (_UNCHECKED, f"{type(exc).__name__}: {exc}")
         if change is not None:
             found.append((original[node], ch, change, _attribute(original[node], change[0], model)))
     # an attribute read by one node only (as far as the graph shows) is set on the copy instead
