@@ -285,9 +285,9 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     every module a ``call_module`` node names is resized by its rule; a rule's ``fix`` runs
     on a scratch graph owned by the copy (so a fix that folds a scale into weights folds it
     into the copy's); a literal read from an attribute (``self.hidden_dim``, marked by
-    :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was. Raises :class:`PlanError` where the plan
-    removes channels that a literal of the model's code counts (pin them with
-    :func:`pin_literals` before planning).
+    :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was.
+    Raises :class:`PlanError` where the plan removes channels that a literal of the model's
+    code counts (pin them with :func:`pin_literals` before planning).
     """
     keep = plan.mask(graph)
     new = copy_modules(model, sliced_memo(graph, keep))
