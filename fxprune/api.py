@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from . import passes
 from .cost.latency import search_latency
@@ -32,18 +31,24 @@ from .plan import Plan
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-            capture: str = "auto") -> ChannelGraph:
-    """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`)."""
+            capture: str = "auto", output: str = "graph") -> ChannelGraph:
+    """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`); with ``output="module"``,
+    with the pins of that output (literals in the model's code, see :func:`compile`)."""
     return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                    capture=capture).analyze()
+                    capture=capture, output=output).analyze()
 
 
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
             latency=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
             method_options: dict | None = None, latency_options: dict | None = None,
-            latency_model=None, capture: str = "auto") -> fx.GraphModule:
+            latency_model=None, capture: str = "auto", output: str = "graph") -> torch.nn.Module:
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
+
+    With ``output="module"`` it returns a pruned deep copy of ``model`` instead, of the same
+    class, running the model's own ``forward`` (:mod:`fxprune.rewrite.module`): channels that
+    literals in that code count (``x.view(n, 512 * 7 * 7)``) are then kept, each pin naming
+    the line, and the copy is checked against the pruned ``GraphModule`` module by module.
 
     ``method`` names a criterion of :data:`fxprune.passes.REGISTRY` (or is a callable
     ``score(graph, data=..., seed=...)``; see :meth:`fxprune.pipeline.Pipeline.planner`).
@@ -68,7 +73,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx, capture=capture)
+                    onnx=onnx, capture=capture, output=output)
     if latency_model is True:
         latency_model = LatencyModel(pipe.graph)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
@@ -83,11 +88,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
 
 def apply(model: torch.nn.Module, example_inputs, plan, *, verify: bool = True, onnx: bool = True,
-          leaf_modules=(), concrete_args=None, capture: str = "auto") -> fx.GraphModule:
-    """Re-create a pruned model from the original and a :class:`Plan` (or its JSON, or a path to it)."""
+          leaf_modules=(), concrete_args=None, capture: str = "auto", output: str = "graph") -> torch.nn.Module:
+    """Re-create a pruned model from the original and a :class:`Plan` (or its JSON, or a path to it);
+    ``output`` as in :func:`compile`."""
     if isinstance(plan, str):
         plan = Plan.from_json(plan) if plan.lstrip().startswith("{") else Plan.load(plan)
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan, its JSON text or a path to it, not {type(plan).__name__}")
     return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx, capture=capture).apply(plan)
+                    onnx=onnx, capture=capture, output=output).apply(plan)

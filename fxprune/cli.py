@@ -10,6 +10,7 @@ Example::
 
     $ fxprune prune torchvision:resnet18 --method l2 --flops 0.5 --out resnet18_pruned.onnx --save r18.pt
     $ fxprune prune torchvision:resnet18 --latency 0.5 --round-to 8 --out resnet18_fast.onnx
+    $ fxprune prune torchvision:resnet18 --flops 0.5 --output module --save r18_module.pt
     $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
     $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
 """
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
     prune.add_argument("--no-verify", action="store_true", help="skip mask-equivalence and ONNX checks")
+    prune.add_argument("--output", choices=("graph", "module"), default="graph",
+                       help="graph: a torch.fx GraphModule (default); module: a pruned copy of the model, same "
+                            "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=6, help="--latency: candidates tried by the bisection")
 
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--capture", choices=TRACERS, default="auto",
                        help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--output", choices=("graph", "module"), default="graph",
+                         help="module: with the pins of prune --output module (literals in the model's code)")
     inspect.add_argument("--graph", default=None, metavar="PATH",
                          help="draw the graph, coloured by channel group, to PATH (.svg, .png, .pdf or .dot)")
     inspect.add_argument("--collapse", type=_collapse, default="auto",
@@ -181,7 +187,7 @@ def _prune(args) -> int:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
-                         verify=not args.no_verify, onnx=False, capture=args.capture)
+                         verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
@@ -207,7 +213,7 @@ def _prune(args) -> int:
 
 
 def _inspect(args) -> int:
-    graph = analyze(_model(args), _inputs(args), capture=args.capture)
+    graph = analyze(_model(args), _inputs(args), capture=args.capture, output=args.output)
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:

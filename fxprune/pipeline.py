@@ -58,9 +58,10 @@ from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
 from .plan import Plan, make_plan
-from .rewrite import rewrite
+from .rewrite import pin_literals, rewrite, rewrite_module
 from .utils import as_tuple, paused_gc
 from .verify import check_mask, mask_equivalence, random_inputs
+from .verify.mask import check_module, module_equivalence
 from .view.report import Report
 
 
@@ -71,10 +72,16 @@ class Pipeline:
     ``"export"``; see :func:`fxprune.capture.capture_model`); ``leaf_modules`` and
     ``concrete_args`` go to ``symbolic_trace``; ``verify`` runs
     mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
+    ``output`` is what :meth:`build` returns by default: ``"graph"`` (a ``GraphModule``) or
+    ``"module"`` (a pruned copy of the model, same class: :mod:`fxprune.rewrite.module`;
+    channels counted by literals of the model's code are then pinned before planning).
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-                 verify: bool = True, onnx: bool = True, capture: str = "auto"):
+                 verify: bool = True, onnx: bool = True, capture: str = "auto", output: str = "graph"):
+        if output not in ("graph", "module"):
+            raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
+        self.output = output
         self.model = model
         self.example_inputs = as_tuple(example_inputs)
         self.leaf_modules = leaf_modules
@@ -98,7 +105,8 @@ class Pipeline:
         """Capture a copy-free graph of the model and find its channel groups."""
         t0 = time.perf_counter()
         gm, self.table, info = capture_model(self.model, self.example_inputs, self.capture,
-                                             leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
+                                             leaf_modules=self.leaf_modules, concrete_args=self.concrete_args,
+                                             stack_traces=self.output == "module")
         t1 = time.perf_counter()
         try:
             graph = couple(gm, self.example_inputs, self.table)
@@ -110,6 +118,10 @@ class Pipeline:
         graph.source_names = {id(m): name for name, m in self.model.named_modules()}
         graph.capture = info
         graph.timings = {"trace": t1 - t0, "couple": time.perf_counter() - t1}
+        if self.output == "module":  # a module copy cannot rewrite the literals of the model's code
+            t2 = time.perf_counter()
+            pin_literals(graph, self.model)
+            graph.timings["pin literals"] = time.perf_counter() - t2
         self._graph = graph
         return graph
 
@@ -162,10 +174,19 @@ class Pipeline:
         return plan
 
     # -- rewrite, verify, report
-    def build(self, plan: Plan, *, method: str | None = None, search=None, onnx: bool | None = None) -> fx.GraphModule:
-        """The pruned ``GraphModule`` of ``plan`` on this model, verified, with its report attached
+    def build(self, plan: Plan, *, method: str | None = None, search=None, output: str | None = None,
+              onnx: bool | None = None):
+        """The pruned model of ``plan`` on this model, verified, with its report attached: a
+        ``GraphModule``, or with ``output="module"`` (default: the pipeline's ``output``) a pruned
+        copy of the model, checked against the ``GraphModule`` at its outputs and every module
         (``onnx`` overrides the pipeline's ONNX Runtime check for this result)."""
+        output = output or self.output
+        if output not in ("graph", "module"):
+            raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         graph = self.graph
+        if output == "module" and graph.capture.get("tracer", "fx") != "fx":
+            raise ConfigError(f"output='module' needs the torch.fx capture (this model was captured by "
+                              f"{graph.capture.get('tracer')}): use output='graph'")
         keep = plan.mask(graph)
         t0 = time.perf_counter()
         pruned = rewrite(graph, plan)
@@ -182,19 +203,40 @@ class Pipeline:
                                         f"{type(exc).__name__}: {exc}") from exc
             graph.timings["verify: mask"] = time.perf_counter() - t0
             check_mask(mask_result)
+        if output == "module":
+            return self._build_module(plan, pruned, method=method, mask=mask_result, keep=keep, search=search,
+                                      rewrite_s=rewrite_s, onnx=onnx)
         return self.finish(pruned, plan, method=method, mask=mask_result, keep=keep, search=search,
                            timings={"rewrite": rewrite_s}, onnx=onnx)
 
-    def apply(self, plan: Plan) -> fx.GraphModule:
-        """:meth:`build` for a plan made earlier (its method is read from the plan)."""
-        return self.build(plan, method=plan.meta.get("method", "plan"))
+    def _build_module(self, plan, pruned_graph, *, method, mask, keep, search, rewrite_s, onnx=None):
+        """``output="module"``: the model's pruned copy, compared with ``pruned_graph`` when verifying."""
+        graph = self.graph
+        t0 = time.perf_counter()
+        copy = rewrite_module(graph, plan, self.model)
+        times = {"rewrite": rewrite_s, "rewrite: module": time.perf_counter() - t0}
+        if self.verify:
+            t0 = time.perf_counter()
+            mask["module"] = module_equivalence(copy, pruned_graph, random_inputs(self.example_inputs, seed=1))
+            times["verify: module"] = time.perf_counter() - t0
+            check_module(mask["module"])
+        return self.finish(copy, plan, method=method, mask=mask, keep=keep, search=search, timings=times,
+                           graph_module=pruned_graph, onnx=onnx)
 
-    def finish(self, pruned: fx.GraphModule, plan: Plan, *, method: str | None = None, mask: dict | None = None,
-               keep: torch.Tensor | None = None, search=None, timings=None, onnx: bool | None = None) -> fx.GraphModule:
+    def apply(self, plan: Plan, output: str | None = None):
+        """:meth:`build` for a plan made earlier (its method is read from the plan)."""
+        return self.build(plan, method=plan.meta.get("method", "plan"), output=output)
+
+    def finish(self, pruned: torch.nn.Module, plan: Plan, *, method: str | None = None, mask: dict | None = None,
+               keep: torch.Tensor | None = None, search=None, timings=None, graph_module=None,
+               onnx: bool | None = None) -> torch.nn.Module:
         """Check ``pruned`` in ONNX Runtime (with ``verify`` and ``onnx``) and attach its :class:`Report`.
 
         ``plan`` is on this pipeline's model; ``mask`` the mask-equivalence figures, when
         they were taken (a module retrained after its cut has none against the original).
+        A ``GraphModule`` carries the report in ``meta["fxprune_report"]``, any other module
+        in its ``fxprune_report`` attribute; its FLOPs are counted on ``graph_module`` (the
+        same function as a ``GraphModule``) when given.
         """
         graph = self.graph
         keep = plan.mask(graph) if keep is None else keep
@@ -217,13 +259,24 @@ class Pipeline:
         groups = list(graph.groups.values())
         pinned = [g for g in groups if g.prunable == 0]
         first_pin = next((str(g.pins[0]) for g in pinned if g.pins), None)
-        pruned.meta["fxprune_report"] = Report(
+        rep = Report(
             method=method or plan.meta.get("method", "plan"), plan=plan, params_before=count_params(self.model),
             params_after=count_params(pruned), flops_before=int(cost.base_flops),
-            flops_after=graph_flops(pruned, self.example_inputs), flops_predicted=cost.flops(keep.numpy()),
+            flops_after=graph_flops(pruned if graph_module is None else graph_module, self.example_inputs),
+            flops_predicted=cost.flops(keep.numpy()),
             groups=len(groups), prunable_groups=len(groups) - len(pinned), pinned_groups=len(pinned),
             first_pin=first_pin, mask=mask, onnx=onnx_result, timings=times, capture=dict(graph.capture),
             search=search)
+        if isinstance(pruned, fx.GraphModule):
+            pruned.meta["fxprune_report"] = rep
+        else:  # the user's own class: an attribute (kept by torch.save and copy.deepcopy)
+            rep.output = "module"
+            rep.signature = {"input_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None
+                                              for x in self.example_inputs],
+                             "input_dtypes": [str(x.dtype) if isinstance(x, torch.Tensor) else None
+                                              for x in self.example_inputs],
+                             "traced_training": bool(graph.module.meta.get("fxprune_training", self.model.training))}
+            pruned.fxprune_report = rep
         return pruned
 
 

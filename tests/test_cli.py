@@ -97,6 +97,27 @@ def test_prune_save_plan_out_then_export(capsys, tmp_path):
     assert code == 2 and "fxprune: error:" in err and "pruned with" in err
 
 
+def test_prune_output_module_save(capsys, tmp_path):
+    saved = str(tmp_path / "p.pt")
+    code, out, _ = run(capsys, "prune", MODEL, *SHAPE, "--ratio", "0.5", "--output", "module", "--save", saved)
+    assert code == 0 and "a pruned copy of the model" in out and "module copy vs pruned graph" in out
+    x = torch.randn(3, 1, 8, 8)
+    loaded = fxprune.load(saved, SmallResNet, (x,))
+    assert type(loaded) is SmallResNet and fxprune.report(loaded).output == "module"
+    assert loaded.stage1[0].conv1.out_channels == 8
+    with torch.no_grad():
+        again = fxprune.apply(SmallResNet().eval(), (x,), fxprune.report(loaded).plan, onnx=False)
+        again.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in again.state_dict()})
+        assert (again(x) - loaded(x)).abs().max() <= 1e-5
+    code, out, _ = run(capsys, "export", MODEL, *SHAPE, "--load", saved, "--out", str(tmp_path / "m.onnx"))
+    assert code == 0 and "ok" in out
+    # inspect shows the pins of module output: a literal in the model's code, with its line
+    code, out, _ = run(capsys, "inspect", "test_module_output:Literal", "--input-shape", "2,3,8,8", "--json",
+                       "--output", "module")
+    c2 = next(d for d in json.loads(out) if d["name"] == "c2")
+    assert code == 0 and c2["prunable"] == 0 and any("test_module_output.py:" in p for p in c2["pins"])
+
+
 def test_prune_latency(capsys):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
                        "--steps", "1", "--repeats", "8", "--round-to", "8")

@@ -33,10 +33,11 @@ from .fx import trace
 TRACERS = ("auto", "fx", "export")
 
 
-def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), concrete_args=None):
+def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), concrete_args=None,
+                  stack_traces: bool = False):
     """``(gm, table, info)``: ``model`` captured by ``how``, one of :data:`TRACERS`.
 
-    ``"fx"`` is ``symbolic_trace`` (with ``leaf_modules`` and ``concrete_args``), ``"export"`` is
+    ``"fx"`` is ``symbolic_trace`` (with ``leaf_modules``, ``concrete_args`` and ``stack_traces``), ``"export"`` is
     ``torch.export`` (non-strict), ``"auto"`` the first and, when it raises
     :class:`~fxprune.errors.TraceError`, the second. When both fail, the TraceError names both.
     """
@@ -46,7 +47,8 @@ def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), 
         gm = export(model, example_inputs, ATEN_RULES)
         return gm, ATEN_RULES, {"tracer": "export", "why": "capture='export'", "batch": gm.meta["fxprune_batch"]}
     try:
-        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, table=FX_RULES)
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, table=FX_RULES,
+                   stack_traces=stack_traces)
         return gm, FX_RULES, {"tracer": "fx"}
     except TraceError as exc:
         if how == "fx":

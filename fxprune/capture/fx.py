@@ -99,7 +99,7 @@ def _piece_count(node: fx.Node) -> int | None:
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concrete_args=None,
-          table: RuleTable = FX_RULES) -> fx.GraphModule:
+          table: RuleTable = FX_RULES, stack_traces: bool = False) -> fx.GraphModule:
     """Trace ``model`` and annotate every node with shapes and values.
 
     The ``GraphModule`` shares ``model``'s submodules and parameters, as
@@ -109,17 +109,23 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
 
     ``leaf_modules`` lists module types or qualified names to keep as single nodes
     (what to do with code fx cannot trace); ``concrete_args`` is passed to
-    ``symbolic_trace``. Raises :class:`~fxprune.errors.TraceError` naming the module
+    ``symbolic_trace``; ``stack_traces`` records each node's Python line in ``node.stack_trace``
+    and the module whose code it is in ``node.meta["fxprune_scope"]`` (slower; module output
+    names the user's lines with them). Raises :class:`~fxprune.errors.TraceError` naming the module
     and the line that could not be traced.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = as_tuple(example_inputs)
     tracer = _Tracer(leaf_modules)
+    tracer.record_stack_traces = stack_traces
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise TraceError(_explain(exc, tracer.failed_in)) from exc
+    if stack_traces:  # and the module whose code made each node (``self`` on that line)
+        for node in graph.nodes:
+            node.meta["fxprune_scope"] = tracer.node_name_to_scope.get(node.name, ("", None))[0]
     # lazy: its Python code is generated on first call; the analysis only reads the graph
     gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["fxprune_training"] = bool(model.training)  # the mode baked into the graph (docs/design.md)

@@ -38,11 +38,16 @@ from ..view.report import report
 FORMAT = "fxprune.saved/1"
 
 
-def structure(gm: fx.GraphModule) -> list[str]:
+def structure(gm: torch.nn.Module) -> list[str]:
     """One line per node of ``gm``: the node as fx prints it, and the ``repr`` of the module it calls.
 
-    Two graphs with the same lines compute the same function of their weights.
+    Two graphs with the same lines compute the same function of their weights. For a module
+    that is not a ``GraphModule`` (``output="module"``), one line per submodule: its name,
+    class and ``extra_repr`` (its channel counts).
     """
+    if not isinstance(gm, fx.GraphModule):
+        return [f"{name or '<root>'}: {type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
+                for name, m in gm.named_modules()]
     lines = []
     for node in gm.graph.nodes:
         line = node.format_node() or node.name
@@ -52,19 +57,27 @@ def structure(gm: fx.GraphModule) -> list[str]:
     return lines
 
 
-def save(pruned: fx.GraphModule, path) -> None:
-    """Write ``pruned`` (a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`) to ``path``."""
+def save(pruned: torch.nn.Module, path) -> None:
+    """Write ``pruned`` (a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`,
+    either output) to ``path``."""
     rep = report(pruned)  # ConfigError if this is not fxprune's output
-    shapes, dtypes = [], []
-    for node in pruned.graph.nodes:
-        if node.op == "placeholder":
-            meta = node.meta.get("tensor_meta")
-            shapes.append(list(meta.shape) if meta is not None else None)
-            dtypes.append(str(meta.dtype) if meta is not None else None)
+    if isinstance(pruned, fx.GraphModule):
+        shapes, dtypes = [], []
+        for node in pruned.graph.nodes:
+            if node.op == "placeholder":
+                meta = node.meta.get("tensor_meta")
+                shapes.append(list(meta.shape) if meta is not None else None)
+                dtypes.append(str(meta.dtype) if meta is not None else None)
+        traced_training = bool(pruned.meta.get("fxprune_training", pruned.training))
+    else:
+        sig = rep.signature or {}
+        shapes, dtypes = sig.get("input_shapes", []), sig.get("input_dtypes", [])
+        traced_training = bool(sig.get("traced_training", pruned.training))
     payload = {
         "format": FORMAT,
+        "output": "graph" if isinstance(pruned, fx.GraphModule) else "module",
         "plan": rep.plan.to_json(),
-        "traced_training": bool(pruned.meta.get("fxprune_training", pruned.training)),
+        "traced_training": traced_training,
         "tracer": rep.capture.get("tracer", "fx"),
         "training": bool(pruned.training),
         "input_shapes": shapes,
@@ -77,8 +90,11 @@ def save(pruned: fx.GraphModule, path) -> None:
 
 
 def load(path, model_factory, example_inputs, *, verify: bool = False, leaf_modules=(),
-         concrete_args=None) -> fx.GraphModule:
+         concrete_args=None, output: str | None = None) -> torch.nn.Module:
     """Rebuild the pruned model saved at ``path`` from ``model_factory()`` and load its weights.
+
+    ``output`` is what to rebuild: ``"graph"`` (a ``GraphModule``) or ``"module"`` (a pruned
+    copy of the factory's model, see :func:`fxprune.compile`); by default, what was saved.
 
     ``model_factory`` is a callable returning the original architecture (its weights do
     not matter), or such a module itself (it is copied, not changed). ``example_inputs``
@@ -99,11 +115,17 @@ def load(path, model_factory, example_inputs, *, verify: bool = False, leaf_modu
     _check_inputs(data, example_inputs)
     model.train(data["traced_training"])  # trace the branches the saved graph was traced with
     plan = Plan.from_json(data["plan"])
+    saved = data.get("output", "graph")
+    output = output or saved
     pruned = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                      verify=verify, onnx=False, capture=data.get("tracer", "auto")).apply(plan)  # the same tracer
-    _check_structure(data, pruned)
-    _check_weights(data["state_dict"], pruned)
-    pruned.load_state_dict(data["state_dict"], strict=True)
+                      verify=verify, onnx=False, capture=data.get("tracer", "auto"), output=output).apply(plan)
+    state = data["state_dict"]
+    if output == saved:
+        _check_structure(data, pruned)
+    else:  # the other output of the same plan: its weights are a subset of the saved ones (same names)
+        state = {k: v for k, v in state.items() if k in pruned.state_dict()}
+    _check_weights(state, pruned)
+    pruned.load_state_dict(state, strict=True)
     pruned.train(data["training"])
     return pruned
 

@@ -144,6 +144,20 @@ def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor]) -> torc
     return tensor
 
 
+def sliced_memo(graph, keep: torch.Tensor) -> dict:
+    """``{id(original tensor): its sliced copy}`` for every parameter and buffer that loses
+    positions under ``keep`` (a ``Parameter`` stays a ``Parameter``): the memo that
+    :func:`copy_modules` copies a module with, so that only what is kept is copied."""
+    kept = kept_positions(graph.param_channels, keep)
+    memo = {}
+    for name, dims in kept.items():
+        old = graph.param(name)
+        new = _gather(old.detach(), dims)
+        memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
+            old, torch.nn.Parameter) else new
+    return memo
+
+
 def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
     (what the graph's targets name), without its graph and generated code."""
@@ -166,14 +180,7 @@ def rewrite(graph, plan) -> fx.GraphModule:
     keep = plan.mask(graph)
     # Slice first, then deep-copy with the sliced tensors standing in for the originals:
     # only what is kept is copied, once.
-    kept = kept_positions(graph.param_channels, keep)
-    sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
-    memo = {}
-    for name, new in sliced.items():
-        old = graph.param(name)
-        memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
-            old, torch.nn.Parameter) else new
-    root = copy_modules(_holder(graph.module), memo)
+    root = copy_modules(_holder(graph.module), sliced_memo(graph, keep))
     new_graph = fx.Graph(owning_module=root)
     new_graph.set_codegen(copy.copy(graph.module.graph._codegen))  # torch.export's flattens pytree inputs/outputs
     new_graph.output(new_graph.graph_copy(graph.module.graph, {}))

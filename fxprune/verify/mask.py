@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import VerificationError
 from ..labels import kept_along, varying
@@ -230,3 +230,89 @@ def check_mask(result: dict) -> None:
             f"the pruned model differs from the masked original at node '{result['worst_node']}' "
             f"(relative difference {result['max_rel_diff']:.2e} > {MASK_RTOL:.0e}). This is a bug in fxprune: "
             "please report it with the model; meanwhile pass ignore=[...] for the groups around that node.")
+
+
+def module_equivalence(module: torch.nn.Module, pruned: fx.GraphModule, inputs: tuple) -> dict:
+    """Compare a pruned model of any class (``output="module"``) with the pruned ``GraphModule``.
+
+    ``module`` runs eagerly, with a forward hook on each of its modules that a ``call_module``
+    node of ``pruned`` names (every module boundary the capture saw); ``pruned`` runs node by
+    node. The outputs of each module call (in call order) and the model outputs are compared
+    with the mask-equivalence tolerance. Returns the figures (``ok``, ``modules_compared``,
+    ``max_rel_diff``, ``worst_module``, ``output_max_abs_diff``).
+    """
+    nodes: dict[str, list[str]] = {}
+    for n in pruned.graph.nodes:
+        if n.op == "call_module":
+            nodes.setdefault(n.target, []).append(n.name)
+    seen: dict[str, list] = {t: [] for t in nodes}
+    hooks = []
+    for target in nodes:
+        try:
+            sub = module.get_submodule(target)
+        except AttributeError:
+            continue
+        hooks.append(sub.register_forward_hook(lambda m, a, out, t=target: seen[t].append(_cloned(out))))
+    try:
+        with torch.no_grad(), eval_mode(module):
+            out_module = module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad(), eval_mode(pruned):
+        got = _Snapshots(pruned)
+        out_graph = got.run(*inputs)
+    worst, compared, failing = (0.0, None), 0, None
+
+    def compare(where, a, b):
+        nonlocal worst, compared, failing
+        xs, ys = tree_flatten(a)[0], tree_flatten(b)[0]
+        xs = [x for x in xs if isinstance(x, torch.Tensor)]
+        ys = [y for y in ys if isinstance(y, torch.Tensor)]
+        if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+            failing = failing or (float("inf"), where)
+            return
+        for x, y in zip(xs, ys):
+            if not x.is_floating_point() or x.numel() == 0:
+                continue
+            scale, err = float(x.abs().max()), float((x - y).abs().max())
+            rel = err / (scale + 1e-30)
+            compared += 1
+            worst = max(worst, (rel, where), key=lambda w: w[0])
+            if not err <= MASK_RTOL * scale + MASK_ATOL:
+                failing = failing or (rel, where)
+
+    for target, names in nodes.items():
+        for name, value in zip(names, seen[target]):
+            compare(f"module '{target}' (node '{name}')", got.values[name], value)
+    compare("the model outputs", out_graph, out_module)
+    xs = [x for x in tree_flatten(out_graph)[0] if isinstance(x, torch.Tensor)]
+    ys = [y for y in tree_flatten(out_module)[0] if isinstance(y, torch.Tensor)]
+    out_err = max((float((x - y).abs().max()) for x, y in zip(xs, ys)
+                   if x.is_floating_point() and x.shape == y.shape), default=0.0)
+    rel, where = failing or worst
+    return {"ok": failing is None, "modules_compared": compared, "max_rel_diff": rel, "worst_module": where,
+            "output_max_abs_diff": out_err, "rtol": MASK_RTOL, "atol": MASK_ATOL}
+
+
+def _cloned(value):
+    """``value`` with every tensor cloned: a later in-place op (``out += identity``) must not change it."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+class _Snapshots(_Capture):
+    """:class:`_Capture` keeping a copy of each call_module node's value, taken when it is computed."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_module":
+            self.values[n.name] = _cloned(out)
+        return out
+
+
+def check_module(result: dict) -> None:
+    if not result["ok"]:
+        raise VerificationError(
+            f"the pruned copy of the model differs from the pruned graph at {result['worst_module']} "
+            f"(relative difference {result['max_rel_diff']:.2e} > {MASK_RTOL:.0e}). This is a bug in fxprune: "
+            "please report it with the model; meanwhile use output='graph'.")

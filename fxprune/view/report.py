@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from tabulate import tabulate
 
 from ..errors import ConfigError
@@ -37,10 +38,13 @@ class Report:
     timings: dict = field(default_factory=dict)
     capture: dict = field(default_factory=dict)  # how the model was captured: {"tracer": "fx", ...}
     search: list | None = None  # the steps of a latency search (fxprune.cost.latency.search_latency)
+    output: str = "graph"  # "module": a pruned copy of the user's model (fxprune.rewrite.module)
+    signature: dict | None = None  # output="module": example input shapes/dtypes and traced mode, for save
 
     @property
     def verified(self) -> bool:
-        return bool(self.mask and self.mask["ok"] and self.onnx and self.onnx["ok"])
+        return bool(self.mask and self.mask["ok"] and self.mask.get("module", {"ok": True})["ok"]
+                    and self.onnx and self.onnx["ok"])
 
     def rows(self):
         def pct(a, b):
@@ -55,11 +59,17 @@ class Report:
             ("channel groups (prunable / pinned)", f"{self.groups}", f"{self.prunable_groups} / {self.pinned_groups}", ""),
             ("channels removed", "", f"{self.plan.removed:,}", ""),
         ]
+        if self.output != "graph":
+            rows.insert(1, ("output", f"a pruned copy of the model ({self.output})", "", ""))
         if self.mask:
             rows.append(("mask-equivalence", f"{self.mask['nodes_compared']} tensors",
                          f"max rel diff {self.mask['max_rel_diff']:.1e}", "ok" if self.mask["ok"] else "FAILED"))
         else:
             rows.append(("mask-equivalence", "not run", "", ""))
+        if self.mask and self.mask.get("module"):
+            m = self.mask["module"]
+            rows.append(("module copy vs pruned graph", f"{m['modules_compared']} tensors",
+                         f"max rel diff {m['max_rel_diff']:.1e}", "ok" if m["ok"] else "FAILED"))
         if self.onnx:
             rows.append(("ONNX Runtime vs torch", f"batches {self.onnx['batches']}",
                          f"max abs diff {self.onnx['max_abs_diff']:.1e}", "ok" if self.onnx["ok"] else "FAILED"))
@@ -77,14 +87,18 @@ class Report:
                 "flops_before": self.flops_before, "flops_after": self.flops_after,
                 "flops_predicted": self.flops_predicted, "groups": self.groups,
                 "prunable_groups": self.prunable_groups, "pinned_groups": self.pinned_groups,
-                "first_pin": self.first_pin, "mask": self.mask, "capture": self.capture,
+                "first_pin": self.first_pin, "mask": self.mask, "output": self.output, "capture": self.capture,
                 "onnx": {k: v for k, v in (self.onnx or {}).items()}, "timings": self.timings,
                 "plan": {"keep": self.plan.keep, "sizes": self.plan.sizes}}
 
 
 def report(pruned) -> Report:
-    """The :class:`Report` of a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`."""
-    rep = getattr(pruned, "meta", {}).get("fxprune_report")
+    """The :class:`Report` of a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`
+    (a ``GraphModule``'s ``meta["fxprune_report"]``, or a pruned copy's ``fxprune_report``)."""
+    meta = getattr(pruned, "meta", None)
+    rep = meta.get("fxprune_report") if isinstance(meta, dict) else None
+    if rep is None and isinstance(pruned, torch.nn.Module):
+        rep = getattr(pruned, "fxprune_report", None)
     if rep is None:
         raise ConfigError("this module carries no fxprune report: pass a module returned by fxprune.compile or apply")
     return rep

@@ -1,0 +1,324 @@
+"""Module output: the user's own model back, pruned — a deep copy of the same class.
+
+:func:`rewrite_module` copies the user's model with every parameter and buffer sliced by
+the plan (the same kept positions and the same gather as the ``GraphModule`` rewrite:
+:func:`fxprune.rewrite.graph.sliced_memo`), then hands each module of the copy that a
+``call_module`` node names to its rule's ``resize`` (``in_channels``, ``num_features``,
+``embed_dim`` with the query-scale fold, ...). The copy runs the user's own ``forward``.
+
+What a copy cannot change is a number written in that ``forward``: ``x.view(n, 512 * 7 * 7)``,
+``split([32, 32])``, ``F.conv2d(..., groups=4)``, ``reshape(n, self.hidden_dim, -1)`` (an
+attribute read at trace time is a literal in the graph too). The ``GraphModule`` rewrite
+rewrites such literals (the rules' ``fix``); for a module copy, :func:`pin_literals` pins
+the channels they count before planning, naming the node and the user's file and line.
+Sizes read at run time (``x.size(1)``, ``x.shape``) follow the pruning and pin nothing.
+Whether a rule's ``fix`` would change a literal is asked of the fix itself, on a scratch
+copy of the graph, so every dialect's table is covered without a list of ops here.
+
+Example::
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False, output="module")
+    >>> type(small).__name__, small[0].out_channels, small[2].in_channels, net[0].out_channels
+    ('Sequential', 4, 4, 8)
+    >>> fxprune.report(small).mask["module"]["ok"]
+    True
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import torch
+import torch.fx as fx
+
+from ..errors import PlanError
+from ..ir import Pin
+from ..ops.schema import describe
+from ..utils import paused_gc
+from .graph import Resizer, copy_modules, sliced_memo
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]+)\n[ \t]+([^\n]*)')
+
+
+def _user_frame(node: fx.Node):
+    """(file, line, function, code) of the innermost frame of the user's code that made ``node``, or None."""
+    trace = node.stack_trace or node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = [f for f in _FRAME.findall(trace)
+              if not os.path.abspath(f[0]).startswith((_TORCH + os.sep, _PACKAGE + os.sep))]
+    return frames[-1] if frames else None
+
+
+def source_of(node: fx.Node) -> str:
+    """Where ``node`` comes from in the user's code: ``file:line: `code` `` when the capture
+    recorded stack traces, else the module path (``nn_module_stack``), else the node name."""
+    frame = _user_frame(node)
+    if frame:
+        path, line, _, code = frame
+        return f"{path}:{line}: `{code.strip()}`"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return f"in module '{list(stack.values())[-1][0]}', node '{node.name}'"
+    return f"node '{node.name}'"
+
+
+class _ScratchOwner(torch.nn.Module):
+    """The owner of a scratch graph: hands out copies of the real module's tensors and
+    submodules, so that a ``fix`` that writes weights (Swin's query-scale fold) writes nothing real."""
+
+    def __init__(self, real: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_real", real)
+
+    def get_parameter(self, target):
+        return torch.nn.Parameter(self._real.get_parameter(target).detach().clone())
+
+    def get_buffer(self, target):
+        return self._real.get_buffer(target).clone()
+
+    def get_submodule(self, target):
+        return copy.deepcopy(self._real.get_submodule(target))
+
+
+def _scratch(gm: fx.GraphModule, owner: torch.nn.Module) -> tuple[fx.Graph, dict]:
+    """A copy of ``gm``'s graph (meta included) owned by ``owner``; and new node -> original node."""
+    graph = fx.Graph(owning_module=owner)
+    val_map: dict = {}
+    graph.output(graph.graph_copy(gm.graph, val_map))
+    return graph, {new: old for old, new in val_map.items()}
+
+
+def _literal_change(before, after):
+    """The first literal of ``before`` (a node's target, args, kwargs) that ``after`` changes,
+    as ``(old value, new value)``; values ``before`` computes at run time (nodes) may change.
+    A list or tuple of plain numbers is one literal (``split([32, 32])``)."""
+    if isinstance(before, fx.Node):
+        return None
+    if isinstance(before, (tuple, list)) and _has_node(before):
+        pairs = list(zip(before, after)) if isinstance(after, (tuple, list)) else []
+    elif isinstance(before, dict):
+        pairs = [(before[k], after[k]) for k in before if k in after] if isinstance(after, dict) else []
+    else:
+        pairs = None
+    if pairs is not None:
+        for b, a in pairs:
+            found = _literal_change(b, a)
+            if found is not None:
+                return found
+        if type(before) is type(after) and len(before) == len(after) and (
+                not isinstance(before, dict) or before.keys() == after.keys()):
+            return None
+        return (before, after)
+    if isinstance(after, fx.Node) or type(before) is not type(after) or before != after:
+        return (before, after)
+    return None
+
+
+def _has_node(value) -> bool:
+    found = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _snapshot(node: fx.Node):
+    return (node.target, node.args, dict(node.kwargs))
+
+
+def _channels(node: fx.Node) -> torch.Tensor:
+    """Every global channel in the labels of ``node``'s output and tensor inputs."""
+    found = []
+
+    def add(label):
+        if isinstance(label, torch.Tensor):
+            found.append(label.flatten())
+        elif isinstance(label, (tuple, list)):
+            for lab in label:
+                add(lab)
+
+    add(node.meta.get("fxprune"))
+    for a in node.all_input_nodes:
+        add(a.meta.get("fxprune"))
+    if not found:
+        return torch.zeros(0, dtype=torch.long)
+    ch = torch.unique(torch.cat(found))
+    return ch[ch >= 0]
+
+
+_UNCHECKED = object()
+
+
+def _reason(node, gm, change, plan=False) -> str:
+    old, new = change
+    if old is _UNCHECKED:
+        return (f"{describe(node, gm)} ({source_of(node)}) could not be checked for literal sizes ({new}): "
+                "its channels are kept for a module copy")
+    what = f"the literal {old!r}" if isinstance(old, (int, float, tuple, list)) \
+        else f"'{getattr(old, '__name__', old)}' with sizes fixed"
+    where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
+    if plan:
+        return (f"{where} lose some under this plan: the pruned graph needs {new!r} there, which a module copy, "
+                "running that code unchanged, cannot have")
+    return f"{where} would lose some: a module copy runs that code unchanged, so they are kept " \
+           "(output='graph' rewrites the literal)"
+
+
+def _attribute(node: fx.Node, value, model) -> tuple | None:
+    """``(module path, name)`` when ``value`` is read from an attribute ``self.name`` of the module
+    whose code made ``node`` (its line says ``self.name`` and the attribute holds ``value``)."""
+    frame, path = _user_frame(node), node.meta.get("fxprune_scope")
+    if model is None or frame is None or path is None or not isinstance(value, (int, tuple, list)) \
+            or isinstance(value, bool):
+        return None
+    try:
+        owner = model.get_submodule(path)
+    except AttributeError:
+        return None
+    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", frame[3])):
+        held = owner.__dict__.get(name)
+        if type(held) is type(value) and held == value:
+            return (path, name)
+    return None
+
+
+def _reads(node: fx.Node, path: str, name: str, value) -> bool:
+    """Whether ``node``'s line reads ``self.name`` of module ``path`` and ``value`` is among its arguments."""
+    frame = _user_frame(node)
+    if frame is None or node.meta.get("fxprune_scope") != path or not re.search(rf"\bself\.{name}\b", frame[3]):
+        return False
+    found = []
+
+    def walk(a):
+        if type(a) is type(value) and a == value:
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            for b in a:
+                walk(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                walk(b)
+
+    walk((node.args, node.kwargs))
+    return bool(found)
+
+
+@paused_gc
+def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
+    """Pin, in ``graph``'s groups, the channels that literals in the model's code count.
+
+    For every node whose rule has a ``fix``, the fix runs on a scratch copy of the node
+    with every unpinned channel removed; a literal argument it changes (not a size the
+    code reads at run time) pins every channel of the node's inputs and output, with a
+    :class:`~fxprune.ir.Pin` naming the node, the line and the reason. Returns the new pins.
+
+    A literal that the line reads from an attribute of ``model``'s module (``self.hidden_dim``)
+    is not pinned when no other node reads that attribute: :func:`rewrite_module` sets the
+    copy's attribute instead (``node.meta["fxprune_attribute"]``).
+    """
+    gm, table = graph.module, graph.table
+    keep = torch.zeros(graph.num_channels, dtype=torch.bool)
+    for name, g in graph.groups.items():
+        keep[graph.offsets[name]:graph.offsets[name] + g.size] = g.pinned
+    scratch, original = _scratch(gm, _ScratchOwner(gm))
+    modules = dict(gm.named_modules())
+    rw = Resizer(keep)
+    starts = sorted((off, name) for name, off in graph.offsets.items())
+    bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
+    added: list[Pin] = []
+    found: list[tuple] = []
+    for node in scratch.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        rule = table.rule_for(node, modules)
+        if rule.fix is None:
+            continue
+        ch = _channels(node)
+        if not ch.numel() or bool(keep[ch].all()):
+            continue
+        before = _snapshot(node)
+        try:
+            rule.fix(node, rw)
+            change = _literal_change(before, _snapshot(node))
+        except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
+            change = (_UNCHECKED, f"{type(exc).__name__}: {exc}")
+        if change is not None:
+            found.append((original[node], ch, change, _attribute(original[node], change[0], model)))
+    # an attribute read by one node only (as far as the graph shows) is set on the copy instead
+    users: dict[tuple, list] = {}
+    for node, _, change, attr in found:
+        if attr is not None:
+            users.setdefault(attr, []).append((node, change[0]))
+    settable = {attr for attr, uses in users.items() if len(uses) == 1 and not any(
+        _reads(n, *attr, uses[0][1]) for n in gm.graph.nodes if n is not uses[0][0])}
+    for node, ch, change, attr in found:
+        if attr in settable:
+            node.meta["fxprune_attribute"] = (*attr, change[0])
+            continue
+        if keep[ch].all():
+            continue
+        pin = Pin(node.name, _reason(node, gm, change))
+        added.append(pin)
+        keep[ch] = True
+        for gi in torch.unique(torch.searchsorted(bounds, ch, right=True) - 1).tolist():
+            g = graph.groups[starts[gi][1]]
+            off = graph.offsets[g.name]
+            local = ch[(ch >= off) & (ch < off + g.size)] - off
+            pinned = g.pinned.clone()
+            pinned[local] = True
+            g.pinned = pinned
+            if pin not in g.pins:
+                g.pins.append(pin)
+    graph.value_channel_sets = None
+    return added
+
+
+@paused_gc
+def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
+    """A pruned deep copy of ``model`` (the module ``graph`` was captured from), same class.
+
+    Parameters and buffers are sliced as :func:`fxprune.rewrite.rewrite` slices them, and
+    every module a ``call_module`` node names is resized by its rule; a rule's ``fix`` runs
+    on a scratch graph owned by the copy (so a fix that folds a scale into weights folds it
+    into the copy's); a literal read from an attribute (``self.hidden_dim``, marked by
+    :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was.
+    Raises :class:`PlanError` where the plan removes channels that a literal of the model's
+    code counts (pin them with :func:`pin_literals` before planning).
+    """
+    keep = plan.mask(graph)
+    new = copy_modules(model, sliced_memo(graph, keep))
+    scratch, original = _scratch(graph.module, new)
+    analysed = dict(graph.module.named_modules())
+    rw = Resizer(keep)
+    resized, set_attrs = set(), {}
+    for node in scratch.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = graph.table.rule_for(node, analysed)
+        if rule.resize is not None and node.target not in resized:
+            rule.resize(new.get_submodule(node.target), node, rw)
+            resized.add(node.target)
+        if rule.fix is not None:
+            ch = _channels(node)
+            if ch.numel() and bool(keep[ch].all()):
+                continue  # nothing of it is removed: the fix has nothing to change
+            before = _snapshot(node)
+            rule.fix(node, rw)
+            change = _literal_change(before, _snapshot(node))
+            attr = node.meta.get("fxprune_attribute")
+            if change is not None and attr is not None and type(change[0]) is type(attr[2]) \
+                    and change[0] == attr[2] and isinstance(change[1], (int, tuple, list)):
+                owner, value = new.get_submodule(attr[0]), type(attr[2])(change[1])
+                if set_attrs.setdefault(attr[:2], value) != value:
+                    raise PlanError(f"output='module': attribute '{attr[1]}' of module '{attr[0] or '<root>'}' "
+                                    f"would need two values ({set_attrs[attr[:2]]!r} and {value!r})")
+                setattr(owner, attr[1], value)  # the line reads it: the copy's code now writes the new size
+                continue
+            if change is not None:
+                raise PlanError(_reason(original[node], graph.module, change, plan=True) +
+                                ". Make the plan with output='module' (it pins them), or use output='graph'.")
+    return new
