@@ -200,8 +200,31 @@ class Pool(nn.Module):
         return F.interpolate(y, scale_factor=2.0, mode="nearest") + x
 
 
+class Shuffle3(Shuffle):
+    def __init__(self, c):
+        super().__init__(c, groups=3)
+
+
+class Grouped4(Grouped):
+    def __init__(self, c):
+        super().__init__(c, groups=4)
+
+
+class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a residual block
+    def __init__(self, c):
+        super().__init__()
+        self.c = 2 * ((c + 1) // 2)
+        self.pre = cbr(c, self.c)
+        self.body = nn.Sequential(cbr(self.c, 4, 1), cbr(4, 4, 3, groups=2), nn.Conv2d(4, self.c, 1, groups=2))
+        self.out = self.c
+
+    def forward(self, x):
+        y = self.pre(x)
+        return F.relu(y + self.body(y))
+
+
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
-          LayerNormChannels, PixelShuffle, Pool]
+          LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual]
 
 
 class Net(nn.Module):
