@@ -82,6 +82,22 @@ class ChannelGroup:
     pins: list[Pin] = field(default_factory=list)
     pinned: torch.Tensor = None  # bool[size]: channels that must stay
     approximate: bool = False
+    #: balanced blocks: None, or an int64 tensor ``[B, k]`` of this group's channel indices (every channel
+    #: exactly once) whose rows must keep equal counts, at positions free within each row (the input
+    #: channels of each group of a grouped convolution)
+    blocks: torch.Tensor | None = None
+
+    def balanced(self, keep) -> bool:
+        """Whether a bool keep-mask over this group's channels keeps as many channels in every block.
+
+        >>> g = ChannelGroup("g", 4, blocks=torch.tensor([[0, 1], [2, 3]]))
+        >>> g.balanced(torch.tensor([True, False, False, True])), g.balanced(torch.tensor([True, True, False, True]))
+        (True, False)
+        """
+        if self.blocks is None:
+            return True
+        counts = torch.as_tensor(keep)[self.blocks].sum(1)
+        return bool((counts == counts[0]).all())
 
     @property
     def producers(self) -> list[str]:
@@ -135,6 +151,9 @@ class ChannelGraph:
     * ``example_inputs``: the inputs the model was captured with;
     * ``param_channels``: (parameter name, dim) -> global channel of each position (-1: fixed);
     * ``param_kinds``: (parameter name, dim) -> ``"producer"`` or ``"consumer"``;
+    * ``grouped_params``: (parameter name, dim) -> int64 ``[groups, k]``: the global channel (-1: fixed)
+      that input column ``j`` of each group of a grouped convolution reads (``weight[:, j]`` of that
+      group's rows); the rewrite keeps each group's own columns (see :class:`ChannelGroup` ``blocks``);
     * ``costs``: node name -> ``[(share, [labels])]``: whose kept fractions scale the node's
       FLOPs (see :class:`fxprune.cost.flops.CostModel`);
     * ``table``: the op-rules table (:class:`fxprune.ops.RuleTable`) of the graph's dialect,
@@ -147,7 +166,7 @@ class ChannelGraph:
     def __init__(self, module, groups: dict[str, ChannelGroup], channel_of: torch.Tensor,
                  offsets: dict[str, int], node_flops: dict[str, int], example_inputs: tuple, *,
                  param_channels: dict | None = None, param_kinds: dict | None = None, costs: dict | None = None,
-                 table=None):
+                 table=None, grouped_params: dict | None = None):
         self.module = module
         self.groups = groups
         self.channel_of = channel_of
@@ -157,6 +176,7 @@ class ChannelGraph:
         self.param_channels: dict[tuple[str, int], torch.Tensor] = param_channels or {}
         self.param_kinds: dict[tuple[str, int], str] = param_kinds or {}
         self.costs: dict[str, list] = costs or {}
+        self.grouped_params: dict[tuple[str, int], torch.Tensor] = grouped_params or {}
         self.table = table
         self.source_names: dict[int, str] = {}
         self.capture: dict = {}

@@ -279,13 +279,16 @@ def test_rule(name):
     prune_and_check(model, (X,), must_shrink=must_shrink)
 
 
-def test_grouped_conv_keeps_whole_groups():
+def test_grouped_conv_keeps_its_groups_with_balanced_blocks():
     model = Grouped().eval()
     graph = fxprune.analyze(model, (X,))
-    assert graph.groups["a.0"].size == 4  # 16 input channels tied in 4 groups of 4
+    a, g = graph.groups["a.0"], graph.groups["g.0"]
+    # 16 input channels in 4 blocks of 4 (equal counts, free positions); 24 outputs in 4 blocks of 6
+    assert a.size == 16 and a.blocks.tolist() == torch.arange(16).view(4, 4).tolist()
+    assert g.size == 24 and tuple(g.blocks.shape) == (4, 6)
     pruned, _ = prune_and_check(model, (X,), ratio=0.5, onnx=False)
     g = pruned.get_submodule("g.0")
-    assert (g.groups, g.in_channels, g.out_channels) == (2, 8, 12)
+    assert (g.groups, g.in_channels, g.out_channels) == (4, 8, 12)
 
 
 def test_depthwise_ties_input_to_output():
@@ -387,11 +390,16 @@ def test_untraceable_model_names_module_line_and_fix():
     assert any("c2f" in p.reason for p in graph.groups["stem.0"].pins)
 
 
-def test_shuffle_groups_pair_branches():
+def test_shuffle_is_a_free_permutation():
     graph = fxprune.analyze(Shuffle().eval(), (X,))
-    # the shuffle interleaves a and b: channel i of a and channel i of b go together
-    assert graph.groups["a.0"].size == 8
-    assert {m.param for m in graph.groups["a.0"].members} >= {"a.0.weight", "b.0.weight", "out.weight"}
+    # the shuffle interleaves a and b but ties nothing: each branch is its own group, every channel free
+    assert (graph.groups["a.0"].size, graph.groups["b.0"].size) == (8, 8)
+    assert graph.groups["a.0"].prunable == 8 and graph.groups["a.0"].blocks is None
+    assert {m.param for m in graph.groups["a.0"].members} >= {"a.0.weight", "out.weight"}
+    pruned, rep = prune_and_check(Shuffle().eval(), (X,), ratio=0.5, onnx=False)
+    assert rep.plan.removed == 8
+    # the pruned shuffle is one index_select of the kept channels in the shuffled order
+    assert [n.target for n in pruned.graph.nodes if n.op == "call_function"].count(torch.index_select) == 1
 
 
 def test_unknown_op_pins_with_reason():

@@ -70,6 +70,8 @@ class CostModel:
         slots: dict[str, list[np.ndarray]] = {}
         for (param, _dim), ch in graph.param_channels.items():
             slots.setdefault(param, []).append(ch.numpy())
+        for (param, _dim), ch in getattr(graph, "grouped_params", {}).items():  # each group's kept share
+            slots.setdefault(param, []).append(ch.numpy().reshape(-1))
         numel = {n: p.numel() for n, p in graph.module.named_parameters()}
         for param, chans in slots.items():
             if param in numel:

@@ -161,6 +161,28 @@ class Context:
         """Record that ``param``'s slices along ``dim`` follow ``ids`` (one per position)."""
         self._a.members.append((param, dim, ids.flatten().clone(), kind, role, self.node.name))
 
+    def balance(self, blocks: torch.Tensor) -> None:
+        """The rows of ``blocks`` (ids ``[B, k]``) must keep equal counts, at free positions in each row.
+
+        Resolved once the walk is done (:func:`_resolve_balances`): where the rows are not exactly the
+        channels of one group, or a group gets two different partitions, each row's ``j``-th channel is
+        tied to the others' instead (exact, but it gives up the choice of positions).
+        """
+        self._a.balances.append((blocks.clone(), self.node.name))
+
+    def grouped_member(self, param: str, dim: int, blocks: torch.Tensor) -> None:
+        """``param``'s positions along ``dim`` are read per group: column ``j`` of group ``b`` (rows
+        ``b * rows // B ...``) reads id ``blocks[b, j]`` (a grouped convolution's weight)."""
+        self._a.grouped.append((param, dim, blocks.clone()))
+
+    def known(self, node):
+        """What the analysis holds for an earlier ``node`` (a :class:`T`, a plain value); ``None`` if not visited."""
+        return self._a.env.get(node)
+
+    def later_label(self, node: fx.Node, label: torch.Tensor) -> None:
+        """The label of a later ``node``, decided here (a channel permutation spread over several ops)."""
+        self._a.later[node] = label
+
     def fix_param(self, param: str, reason: str) -> None:
         """``param`` is used whole somewhere: every slice of it must stay."""
         self._a.fixed_params.append((param, Pin(self.node.name, reason)))
@@ -186,6 +208,9 @@ class Analysis:
         self.pins: list[tuple[torch.Tensor, Pin]] = []
         self.members: list[tuple] = []
         self.fixed_params: list[tuple[str, Pin]] = []
+        self.balances: list[tuple[torch.Tensor, str]] = []
+        self.later: dict[fx.Node, torch.Tensor] = {}
+        self.grouped: list[tuple[str, int, torch.Tensor]] = []
         self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
         self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
@@ -214,6 +239,8 @@ class Analysis:
         rule = self.table.rule_for(node, self.modules)
         try:
             label = rule.couple(ctx, args, kwargs)
+            if node in self.later:
+                label = self.later.pop(node)
             out = None if node.op == "output" else self.as_t(node, label)
         except Exception as exc:  # a rule that cannot handle an odd call (or returns a label that does not
             # fit the value) pins what the node touches instead of crashing
@@ -255,8 +282,9 @@ class Analysis:
         """A size read from a dim that carries channels, used by another op, ties that op to the channel
         count: where the rewrite does not recompute the size (view/reshape/expand recompute it on dims whose
         output carries channels), those channels are pinned."""
-        if node.op not in ("call_function", "call_method"):
-            return
+        if node.op not in ("call_function", "call_method") or "fxprune_perm" in node.meta \
+                or node.meta.get("fxprune_perm_inner"):
+            return  # a channel permutation: the rewrite replaces it with an index_select
         recomputed = set()
         if node.target in ("view", "reshape", "expand") or node.target is torch.reshape or getattr(
                 node.target, "__name__", "") in ("view.default", "reshape.default", "expand.default", "_unsafe_view.default"):
@@ -332,7 +360,8 @@ def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable) -> Chann
     a = Analysis(gm, table)
     a.run()
     _consolidate_members(a)
-    graph = _build_graph(a, example_inputs)
+    balanced = _resolve_balances(a)
+    graph = _build_graph(a, example_inputs, balanced)
     _mark_approximate(graph)
     return graph
 
@@ -366,12 +395,10 @@ def _consolidate_members(a: Analysis) -> None:
                 a.pins.append((torch.unique(ids[ids >= 0]), pin))
 
 
-def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
+def _group_tops(a: Analysis, root: np.ndarray):
+    """``(top, block_of_id, roots_in_blocks)``: each fresh block's group (its first block), each id's
+    block, and each id's root (ids in allocation order)."""
     n_ids = a.uf.size
-    root = a.uf.all_roots()
-
-    # Blocks (fresh allocations) that share a channel belong to one group: link each block
-    # to the first block that holds each of its roots; a group's top is its first block.
     n_blocks = len(a.blocks)
     block_of_id = np.concatenate([np.full(ids.numel(), b, dtype=np.int64) for b, (_, ids) in enumerate(a.blocks)]
                                  or [np.zeros(0, dtype=np.int64)])
@@ -380,7 +407,69 @@ def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
     np.minimum.at(first_block, roots_in_blocks, block_of_id)
     blocks_uf = UnionFind(n_blocks)
     blocks_uf.union(block_of_id, first_block[roots_in_blocks])
-    top = blocks_uf.find(np.arange(n_blocks, dtype=np.int64))
+    return blocks_uf.find(np.arange(n_blocks, dtype=np.int64)), block_of_id, roots_in_blocks
+
+
+def _resolve_balances(a: Analysis) -> list[np.ndarray]:
+    """The balance constraints (:meth:`Context.balance`) that stand, as root ids ``[B, k]``.
+
+    One stands where its rows hold distinct channels, all of them live, together exactly the channels
+    of one group, and no other constraint partitions that group differently. Every other one is
+    made exact by tying column ``j`` of its rows together (as a channel shuffle does), and the
+    check runs again, as ties merge groups.
+    """
+    pending = []
+    for c, node in a.balances:
+        c = c.numpy()
+        if (c < 0).any() and (c >= 0).any():  # fixed and live ids in one constraint: keep all of them
+            a.pins.append((torch.from_numpy(np.unique(c[c >= 0])), Pin(node, "a grouped layer reads them with fixed channels")))
+        elif c.size and (c >= 0).all() and c.shape[0] > 1:
+            pending.append(c)
+    while True:
+        root = a.uf.all_roots()
+        top, block_of_id, roots_in_blocks = _group_tops(a, root)
+        group_of_root = np.full(a.uf.size, -1, dtype=np.int64)
+        group_of_root[roots_in_blocks] = top[block_of_id]
+        is_root = (root == np.arange(a.uf.size)) & (group_of_root >= 0)
+        channels_of_group = np.bincount(group_of_root[is_root], minlength=max(len(a.blocks), 1))
+        by_group: dict[int, list] = {}
+        bad: list[int] = []
+        for i, c in enumerate(pending):
+            r = root[c]
+            if np.array_equal(r, np.broadcast_to(r[:1], r.shape)):  # already tied column by column
+                continue
+            g = np.unique(group_of_root[r])
+            if len(g) != 1 or len(np.unique(r)) != r.size or channels_of_group[g[0]] != r.size:
+                bad.append(i)
+                continue
+            key = tuple(sorted(tuple(sorted(row)) for row in r.tolist()))
+            by_group.setdefault(int(g[0]), []).append((i, key))
+        for items in by_group.values():
+            if len({key for _, key in items}) > 1:
+                bad += [i for i, _ in items]
+        if not bad:
+            break
+        for i in bad:
+            c = pending[i]
+            a.uf.union(np.broadcast_to(c[:1], c.shape).reshape(-1).copy(), c.reshape(-1).copy())
+        pending = [c for i, c in enumerate(pending) if i not in set(bad)]
+    out, seen = [], set()
+    for c in pending:
+        r = root[c]
+        if not np.array_equal(r, np.broadcast_to(r[:1], r.shape)) and r.tobytes() not in seen:
+            seen.add(r.tobytes())
+            out.append(r)
+    return out
+
+
+def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
+    n_ids = a.uf.size
+    root = a.uf.all_roots()
+
+    # Blocks (fresh allocations) that share a channel belong to one group: link each block
+    # to the first block that holds each of its roots; a group's top is its first block.
+    n_blocks = len(a.blocks)
+    top, block_of_id, roots_in_blocks = _group_tops(a, root)
 
     # Name each group after its first producer; number channels group by group, in the
     # order their roots first appear among the group's blocks.
@@ -451,6 +540,13 @@ def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
         off = offsets[name]
         g.pinned = pinned[off:off + g.size].clone()
         g.pins = pins_of[name]
+    for r in balanced:
+        ch = torch.from_numpy(channel_of_root[r])
+        name = names[int(group_of_channel[ch[0, 0]])]
+        groups[name].blocks = ch - offsets[name]
+    grouped_params = {}
+    for param, dim, ids in a.grouped:
+        grouped_params.setdefault((param, dim), torch.where(ids >= 0, channel_of[ids.clamp(min=0)], FIXED))
 
     labeled = [n for n in a.gm.graph.nodes if "fxprune" in n.meta]
     relabel = _Relabel(channel_np, [n.meta["fxprune"] for n in labeled] + list(a.costs.values()))
@@ -459,7 +555,8 @@ def _build_graph(a: Analysis, example_inputs) -> ChannelGraph:
     costs = {k: [(share, [relabel(v) for v in vs]) for share, vs in terms] for k, terms in a.costs.items()}
     node_flops = {n.name: n.meta["flops"] for n in a.gm.graph.nodes if n.meta.get("flops")}
     return ChannelGraph(a.gm, groups, channel_of, offsets, node_flops, example_inputs,
-                        param_channels=param_channels, param_kinds=param_kinds, costs=costs, table=a.table)
+                        param_channels=param_channels, param_kinds=param_kinds, costs=costs, table=a.table,
+                        grouped_params=grouped_params)
 
 
 class _Relabel:

@@ -103,8 +103,8 @@ def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
     ``heads`` heads of ``width // heads`` channels; ``proj`` maps back to the stream.
 
     Inner channel ``j`` of q, k and v is tied to stream channel ``j`` (the module forces
-    equal widths), and channel ``j`` of every head is tied across heads, so each head keeps
-    the same ``head_dim``. The q/k/v rows are recorded as consumer-kind members: the masked
+    equal widths), and the heads are balanced blocks (:meth:`~fxprune.couple.analysis.Context.balance`):
+    every head keeps the same ``head_dim``, each at its own positions. The q/k/v rows are recorded as consumer-kind members: the masked
     reference zeroes the removed ones, as the pruned model drops them from ``q @ k^T``.
     """
     nd = len(x.shape)
@@ -116,9 +116,9 @@ def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
     if width % heads:
         return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)}: width {width} is not a multiple of {heads} heads")
     ids = along(x.label, nd - 1, width)
-    per_head = ids.view(heads, width // heads)
-    ctx.unify(per_head[:1], per_head, f"{describe(ctx.node, ctx.gm)} keeps every head the same width")
-    ids = ctx.roots(ids)
+    if (ids < 0).any():
+        return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)} mixes fixed and prunable features")
+    ctx.balance(ids.view(heads, width // heads))
     ctx.member(qkv_weight, 1, ids, "consumer", "weight")
     ctx.member(qkv_weight, 0, torch.cat([ids] * 3), "consumer", "weight")
     if qkv_bias is not None:

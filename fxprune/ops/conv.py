@@ -26,14 +26,24 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
     elif transposed:
         ctx.pin(label, f"grouped transposed {describe(ctx.node, ctx.gm)} is not supported")
         return None
-    else:
-        # A grouped conv can lose whole groups: tie each group's input channels together
-        # and to its output channels (a depthwise conv is the case of one channel per group).
-        blocks = ins.view(groups, c_in // groups)
-        if blocks.shape[1] > 1:
-            ctx.unify(blocks[:, :1], blocks, f"grouped {describe(ctx.node, ctx.gm)} keeps whole groups")
-        out = ctx.roots(blocks[:, 0]).repeat_interleave(c_out // groups)
+    elif c_in // groups == 1:
+        # A depthwise conv can lose whole groups: each output channel follows its input channel.
+        out = ins.repeat_interleave(c_out // groups)
         ctx.cost(out)
+    else:
+        # A grouped conv keeps its groups: each group keeps as many input channels as the others
+        # (balanced blocks, free positions in each) and as many output channels; the weight's
+        # input columns are cut group by group (grouped_member).
+        blocks = ins.view(groups, c_in // groups)
+        ctx.balance(blocks)
+        ctx.grouped_member(weight, in_dim, blocks)
+        ctx.node.meta["fxprune_grouped"] = groups
+        out = ctx.fresh(c_out)
+        if c_out // groups > 1:
+            ctx.balance(out.view(groups, c_out // groups))
+        else:
+            ctx.pin(out, f"grouped {describe(ctx.node, ctx.gm)} has one output channel per group")
+        ctx.cost(out, ins)
     ctx.member(weight, out_dim, out, "producer", "weight")
     if bias is not None:
         ctx.member(bias, 0, out, "producer", "bias")
@@ -90,17 +100,18 @@ def resize_conv(m, node, rw):
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     old_out = m.out_channels
     m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
-    if m.groups > 1:
+    if m.groups > 1 and (transposed or m.in_channels == m.groups):  # depthwise: it loses whole groups
         m.groups = m.out_channels // (old_out // m.groups)
     m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
 
 
 def fix_groups(index: int = 6):
-    """A grouped conv call's ``groups`` argument (at position ``index``) follows its pruned output channels."""
+    """A depthwise conv call's ``groups`` argument (at position ``index``) follows its pruned output channels
+    (it loses whole groups); a grouped conv keeps its groups (balanced blocks)."""
 
     def fix_conv_function(node, rw):
         groups = arg(node.args, node.kwargs, index, "groups", 1)
-        if groups > 1:
+        if groups > 1 and rw.old_shape(node.args[0])[1] == groups:
             old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
             rw.set_arg(node, index, "groups", new // (old // groups))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from torch.fx.node import map_aggregate
+
 from ..labels import FIXED, along, expand_to, varying
 from .schema import T, arg, one_axis, pin_all
 
@@ -24,9 +26,98 @@ def shape_op(fn):
         out = fn(full, *rest, **kwargs)
         if isinstance(out, (tuple, list)):
             return tuple(one_axis(ctx, o) for o in out)
+        if len(varying(ctx.canonical(out))) > 1 or (out.shape == full.shape and not torch.equal(out, full)):
+            positions = torch.arange(full.numel()).view(full.shape)
+            found = permutation(ctx, x, fn(positions, *rest, **kwargs))
+            if found is not False:
+                return found
         return one_axis(ctx, out)
 
     return shape_op_rule
+
+
+_CHAIN_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "swapaxes",
+                  "movedim"}
+_CHAIN_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.movedim, torch.swapaxes,
+                    torch.unflatten, torch.channel_shuffle}
+_CHAIN_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle)
+
+
+def permutation(ctx, x, positions):
+    """A channel shuffle: the shape ops from ``ctx.node`` on (through single users) that permute the
+    channel dim of ``x`` and nothing else, e.g. ``view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)``.
+
+    ``positions`` is ``ctx.node`` applied to ``arange(numel).view(x.shape)``. Where the chain ends on
+    ``x``'s shape with its entries moved along the channel dim only, the last node's label is the
+    permuted input label (no channels tied: any kept set works), and the rewrite replaces it with an
+    ``index_select`` of the kept channels in the shuffled order (``node.meta["fxprune_perm"]``); the
+    ops before it carry no label and drop out. Returns the label of ``ctx.node`` (None inside a chain),
+    or False where there is no such chain.
+    """
+    vary = varying(x.label)
+    if len(vary) != 1 or x.param is not None or not ctx.node.args or not isinstance(ctx.node.args[0], fx.Node):
+        return False
+    d, shape = vary[0], tuple(x.shape)
+    chain = [ctx.node]
+    while tuple(positions.shape) != shape and len(chain) < 8:
+        users = list(chain[-1].users)
+        if len(users) != 1 or not _chain_op(ctx, users[0]):
+            return False
+        nxt = users[0]
+        stop = []
+
+        def value(a):
+            if a is chain[-1]:
+                return positions
+            if isinstance(a, fx.Node):
+                v = ctx.known(a)
+                if v is None or hasattr(v, "label") or not isinstance(v, (int, float, tuple, list, torch.Size)):
+                    stop.append(a)
+                return v
+            return a
+
+        args, kwargs = map_aggregate(nxt.args, value), map_aggregate(nxt.kwargs, value)
+        if stop:
+            return False
+        try:
+            if nxt.op == "call_method":
+                positions = getattr(args[0], nxt.target)(*args[1:], **kwargs)
+            elif nxt.op == "call_function":
+                positions = nxt.target(*args, **kwargs)
+            else:
+                positions = ctx.gm.get_submodule(nxt.target)(*args, **kwargs)
+        except Exception:
+            return False
+        chain.append(nxt)
+    if tuple(positions.shape) != shape:
+        return False
+    full = torch.arange(positions.numel()).view(shape)
+    stride = int(full.stride(d))
+    perm = positions[tuple(slice(None) if i == d else 0 for i in range(len(shape)))] // stride % shape[d]
+    if not torch.equal(torch.sort(perm).values, torch.arange(shape[d])) or \
+            not torch.equal(positions, full.index_select(d, perm)) or torch.equal(perm, torch.arange(shape[d])):
+        return False
+    ids = along(x.label, d, shape[d])[perm]
+    label = ids.view([-1 if i == d else 1 for i in range(len(shape))])
+    last = chain[-1]
+    last.meta["fxprune_perm"] = (d, perm, len(chain) - 1)
+    for n in chain[:-1]:
+        n.meta["fxprune_perm_inner"] = True
+    if last is ctx.node:
+        return label
+    ctx.later_label(last, label)
+    return None
+
+
+def _chain_op(ctx, node) -> bool:
+    if node.op == "call_method":
+        return node.target in _CHAIN_METHODS
+    if node.op == "call_function":
+        return node.target in _CHAIN_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(ctx.gm.get_submodule(node.target), _CHAIN_MODULES)
+    return False
+
 
 
 def method(name):

@@ -77,13 +77,25 @@ class Budget:
 
     def rounded(self, g, n: int) -> int:
         """``n`` kept channels of ``g`` rounded up by ``round_to`` (at most the group's size): to a multiple,
-        or by a function ``(group name, n) -> count`` (``"fast"`` is resolved to one by :func:`make_plan`)."""
+        or by a function ``(group name, n) -> count`` (``"fast"`` is resolved to one by :func:`make_plan`).
+
+        A group of balanced blocks (``g.blocks``, ``[B, k]``) keeps the same count in every block: ``n``
+        is rounded up to ``B`` times a per-block count, and ``round_to`` applies to that count.
+        """
+        if self.round_to == "fast":
+            raise ConfigError('round_to="fast" needs a latency model: plan with make_plan(..., round_to="fast")')
+        if getattr(g, "blocks", None) is not None:
+            b, k = g.blocks.shape
+            per = math.ceil(max(n, 1) / b)
+            if callable(self.round_to):
+                per = math.ceil(int(self.round_to(g.name, b * per)) / b)
+            elif self.round_to:
+                per = math.ceil(per / self.round_to) * self.round_to
+            return b * min(k, per)
         if self.round_to is None:
             return n
         if callable(self.round_to):
             return min(g.size, int(self.round_to(g.name, n)))
-        if self.round_to == "fast":
-            raise ConfigError('round_to="fast" needs a latency model: plan with make_plan(..., round_to="fast")')
         return min(g.size, math.ceil(n / self.round_to) * self.round_to)
 
     def info(self) -> dict:
@@ -288,13 +300,26 @@ def keep_mask(graph, groups, order, counts) -> np.ndarray:
     """
     keep = np.ones(graph.num_channels, dtype=bool)
     rank = np.zeros(graph.num_channels)
+    blocked = []
     for g in groups:
         off = graph.offsets[g.name]
-        keep[off + order[g.name][:g.size - counts[g.name]]] = False
         rank[off + order[g.name]] = np.arange(g.size)
+        if getattr(g, "blocks", None) is not None:  # the best ceil(count / B) of every block
+            blocks = off + g.blocks.numpy()
+            per = max(-(-counts[g.name] // blocks.shape[0]), int(g.pinned.numpy()[g.blocks.numpy()].sum(1).max()), 1)
+            by_rank = np.take_along_axis(blocks, np.argsort(rank[blocks], axis=1, kind="stable"), 1)
+            keep[by_rank[:, :blocks.shape[1] - per].reshape(-1)] = False
+            blocked.append(blocks)
+        else:
+            keep[off + order[g.name][:g.size - counts[g.name]]] = False
     for channels in value_channel_sets(graph):
         if not keep[channels].any():
             keep[channels[np.argmax(rank[channels])]] = True
+    for blocks in blocked:  # a channel given back above: every other block gets back its best one too
+        per = keep[blocks].sum(1).max()
+        for row in blocks:
+            missing = row[~keep[row]]
+            keep[missing[np.argsort(-rank[missing], kind="stable")][:per - keep[row].sum()]] = True
     return keep
 
 

@@ -73,6 +73,9 @@ class Plan:
             if (g.pinned.numpy() & ~local).any():
                 raise PlanError(f"the plan removes pinned channels of group '{name}' "
                                 f"({'; '.join(str(p) for p in g.pins[:2])}).")
+            if not g.balanced(torch.from_numpy(local)):
+                raise PlanError(f"the plan keeps unequal counts in the blocks of group '{name}' (the input "
+                                "channels of each group of a grouped convolution): every block keeps as many.")
             off = graph.offsets[name]
             keep[off:off + g.size] = local
         return torch.from_numpy(keep)

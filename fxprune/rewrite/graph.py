@@ -146,16 +146,58 @@ def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor]) -> torc
 
 def sliced_memo(graph, keep: torch.Tensor) -> dict:
     """``{id(original tensor): its sliced copy}`` for every parameter and buffer that loses
-    positions under ``keep`` (a ``Parameter`` stays a ``Parameter``): the memo that
-    :func:`copy_modules` copies a module with, so that only what is kept is copied."""
+    positions under ``keep`` (a ``Parameter`` stays a ``Parameter``; a grouped layer's weight keeps
+    each group's own columns): the memo that :func:`copy_modules` copies a module with, so that
+    only what is kept is copied."""
     kept = kept_positions(graph.param_channels, keep)
+    sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
+    for (param, dim), channels in graph.grouped_params.items():
+        cols = (channels < 0) | keep[channels.clamp(min=0)]
+        if not bool(cols.all()):
+            sliced[param] = gather_grouped(sliced.get(param, graph.param(param).detach()), dim, cols)
     memo = {}
-    for name, dims in kept.items():
+    for name, new in sliced.items():
         old = graph.param(name)
-        new = _gather(old.detach(), dims)
         memo[id(old)] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
             old, torch.nn.Parameter) else new
     return memo
+
+
+def gather_grouped(tensor: torch.Tensor, dim: int, cols: torch.Tensor) -> torch.Tensor:
+    """A grouped layer's weight keeping, in each group's rows, that group's own columns along ``dim``.
+
+    ``cols`` is a bool ``[groups, k]`` (every row keeping as many); the rows are the other one of dims 0
+    and 1, split evenly among the groups.
+
+    >>> w = torch.arange(8.).view(4, 2)          # 2 groups of 2 rows, 2 input columns each
+    >>> gather_grouped(w, 1, torch.tensor([[True, False], [False, True]])).flatten().tolist()
+    [0.0, 2.0, 5.0, 7.0]
+    """
+    row_dim = 1 if dim == 0 else 0
+    parts = tensor.chunk(cols.shape[0], row_dim)
+    return torch.cat([p.index_select(dim, torch.nonzero(c).flatten()) for p, c in zip(parts, cols)], row_dim)
+
+
+def replace_permutation(node: fx.Node, rw, root: torch.nn.Module) -> bool:
+    """At rewrite time: ``node`` ends a channel permutation (see :func:`fxprune.ops.shape.permutation`) that loses
+    channels: make it ``index_select(source, d, kept order)``; the ops before it are left unused.
+    Returns whether it did."""
+    d, perm, back = node.meta["fxprune_perm"]
+    src = node
+    for _ in range(back + 1):
+        src = src.args[0]
+    size = len(perm)
+    kept_in = torch.nonzero(kept_along(src.meta.get("fxprune"), d, size, rw.keep)).flatten()
+    if kept_in.numel() == size:
+        return False
+    kept_out = torch.nonzero(kept_along(node.meta.get("fxprune"), d, size, rw.keep)).flatten()
+    order = torch.searchsorted(kept_in, perm[kept_out])
+    name = f"_fxprune_perm_{node.name}"
+    root.register_buffer(name, order, persistent=False)
+    with node.graph.inserting_before(node):
+        index = node.graph.get_attr(name)
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.index_select, (src, d, index), {}
+    return True
 
 
 def _holder(gm: fx.GraphModule) -> torch.nn.Module:
@@ -189,6 +231,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
     modules = dict(root.named_modules())
     for node in new_graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if "fxprune_perm" in node.meta and replace_permutation(node, rw, root):  # a channel shuffle
             continue
         rule = graph.table.rule_for(node, modules)
         try:

@@ -143,6 +143,16 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
                     new = memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
                         if isinstance(old, torch.nn.Parameter) else old.detach().clone()
                 new.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
+        for (param, dim), channels in graph.grouped_params.items():  # grouped conv: each group's own columns
+            removed = (channels >= 0) & ~keep[channels.clamp(min=0)]
+            if bool(removed.any()):
+                old = state[param]
+                new = memo[id(old)]
+                if new is old:
+                    new = memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
+                        if isinstance(old, torch.nn.Parameter) else old.detach().clone()
+                for b, part in enumerate(new.chunk(channels.shape[0], 1 if dim == 0 else 0)):
+                    part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
     masked = copy_modules(graph.module, memo).eval()
     with torch.no_grad():
         ref = _Reference(masked, keep)

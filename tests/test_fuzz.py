@@ -1,0 +1,340 @@
+"""Fuzz: random architectures from the hard pieces, pruned with random plans (random scores, random
+ratio or FLOPs budget), must compile, verify (mask-equivalence node by node) and never raise anything
+but an :class:`fxprune.errors.FxPruneError` that is not a verification failure.
+
+The default run takes 50 examples (well under a minute); ``python -m pytest -m slow tests/test_fuzz.py``
+runs 1,000.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# pieces: each maps [N, c, H, W] -> [N, out, H, W] (H = W = 8 stays; pooling pieces pool and upsample back)
+
+
+def cbr(cin, cout, k=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(cbr(c, c // 2 + 1, 3), nn.Conv2d(c // 2 + 1, c, 1), nn.BatchNorm2d(c))
+        self.out = c
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class Concat(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.grow = cbr(c, 3)
+        self.out = c + 3
+
+    def forward(self, x):
+        return torch.cat([x, self.grow(x)], 1)
+
+
+class SplitCat(nn.Module):  # split into uneven pieces, transform one, cat in another order
+    def __init__(self, c):
+        super().__init__()
+        self.pre = cbr(c, 6)
+        self.branch = cbr(2, 2, 3)
+        self.out = 6
+
+    def forward(self, x):
+        a, b = torch.split(self.pre(x), [4, 2], 1)
+        return torch.cat([self.branch(b), a], 1)
+
+
+class ChunkC2f(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pre = cbr(c, 8)
+        self.branch = cbr(4, 4, 3)
+        self.out = 12
+
+    def forward(self, x):
+        a, b = self.pre(x).chunk(2, 1)
+        return torch.cat([a, b, self.branch(b)], 1)
+
+
+class Shuffle(nn.Module):
+    def __init__(self, c, groups=2):
+        super().__init__()
+        self.pre = cbr(c, 4 * groups)
+        self.g = groups
+        self.out = 4 * groups
+
+    def forward(self, x):
+        y = self.pre(x)
+        n, c, h, w = y.size()
+        return y.view(n, self.g, c // self.g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):  # ShuffleNetV2 unit: chunk, branch, cat, shuffle
+    def __init__(self, c):
+        super().__init__()
+        self.pre = cbr(c, 8)
+        self.branch = nn.Sequential(cbr(4, 4), cbr(4, 4, 3, groups=4), cbr(4, 4))
+        self.out = 8
+
+    def forward(self, x):
+        a, b = self.pre(x).chunk(2, 1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class Grouped(nn.Module):
+    def __init__(self, c, groups=2):
+        super().__init__()
+        self.pre = cbr(c, 4 * groups)
+        self.g = cbr(4 * groups, 6 * groups, 3, groups=groups)
+        self.out = 6 * groups
+
+    def forward(self, x):
+        return self.g(self.pre(x))
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = cbr(c, 2 * c, 3, groups=c)
+        self.out = 2 * c
+
+    def forward(self, x):
+        return self.dw(x)
+
+
+class SE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.squeeze = nn.Conv2d(c, 3, 1)
+        self.expand = nn.Conv2d(3, c, 1)
+        self.out = c
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class Attention(nn.Module):  # tokens from the spatial grid, hand-written multi-head attention
+    def __init__(self, c, heads=2):
+        super().__init__()
+        self.embed = nn.Conv2d(c, 8, 1)
+        self.heads = heads
+        self.qkv = nn.Linear(8, 3 * 8)
+        self.proj = nn.Linear(8, 8)
+        self.out = 8
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # [n, hw, c]
+        q, k, v = self.qkv(t).reshape(n, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        y = (a.softmax(-1) @ v).transpose(1, 2).reshape(n, h * w, c)
+        t = t + self.proj(y)
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class MHA(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed = nn.Conv2d(c, 8, 1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = 8
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class LayerNormChannels(nn.Module):  # ConvNeXt-style: permute, LayerNorm over channels, linear MLP, permute back
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.fc2 = nn.Linear(2 * c, c)
+        self.out = c
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class PixelShuffle(nn.Module):  # 2x up with PixelShuffle, pooled back down
+    def __init__(self, c):
+        super().__init__()
+        self.pre = cbr(c, 8)
+        self.up = nn.PixelShuffle(2)
+        self.post = cbr(2, 4, 3)
+        self.out = 4
+
+    def forward(self, x):
+        return F.avg_pool2d(self.post(self.up(self.pre(x))), 2)
+
+
+class Pool(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = cbr(c, c, 3)
+        self.out = c
+
+    def forward(self, x):
+        y = F.max_pool2d(self.conv(x), 2)
+        return F.interpolate(y, scale_factor=2.0, mode="nearest") + x
+
+
+class Shuffle3(Shuffle):
+    def __init__(self, c):
+        super().__init__(c, groups=3)
+
+
+class Grouped4(Grouped):
+    def __init__(self, c):
+        super().__init__(c, groups=4)
+
+
+class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a residual block
+    def __init__(self, c):
+        super().__init__()
+        self.c = 2 * ((c + 1) // 2)
+        self.pre = cbr(c, self.c)
+        self.body = nn.Sequential(cbr(self.c, 4, 1), cbr(4, 4, 3, groups=2), nn.Conv2d(4, self.c, 1, groups=2))
+        self.out = self.c
+
+    def forward(self, x):
+        y = self.pre(x)
+        return F.relu(y + self.body(y))
+
+
+PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
+          LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual]
+
+
+class Net(nn.Module):
+    def __init__(self, kinds, width, head):
+        super().__init__()
+        self.stem = cbr(3, width, 3)
+        pieces, c = [], width
+        for k in kinds:
+            p = PIECES[k](c)
+            c = p.out
+            pieces.append(p)
+        self.body = nn.Sequential(*pieces)
+        self.head = head
+        self.fc = nn.Linear(c * (4 if head == "flatten" else 1), 5)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        if self.head == "flatten":
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 2), 1))
+        return self.fc(x.mean((2, 3)))
+
+
+def build(kinds, width, head, seed):
+    torch.manual_seed(seed)
+    net = Net(kinds, width, head)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def random_scores(graph, data=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(g.size, generator=gen) for name, g in graph.groups.items()}
+
+
+architectures = st.tuples(
+    st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=4),
+    st.integers(2, 10),
+    st.sampled_from(["flatten", "mean"]),
+    st.one_of(st.tuples(st.just("ratio"), st.floats(0.0, 0.9)), st.tuples(st.just("flops"), st.floats(0.2, 1.0))),
+    st.sampled_from([None, None, 2]),
+    st.integers(0, 10_000),
+)
+
+
+def check(arch):
+    """Compile one architecture; returns the report. Raises on a failed verification or a raw exception."""
+    kinds, width, head, (budget, amount), round_to, seed = arch
+    net = build(kinds, width, head, seed)
+    x = torch.randn(1, 3, 8, 8)
+    try:
+        pruned = fxprune.compile(net, (x,), method=random_scores, seed=seed, onnx=False, round_to=round_to,
+                                 **{budget: amount})
+    except ConfigError:  # a budget the model cannot meet is refused with a ConfigError, which is fine
+        return None
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"], ([PIECES[k].__name__ for k in kinds], rep.mask)
+    assert pruned(x).shape == (1, 5)
+    return rep
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(arch=architectures)
+def test_fuzz(arch, one_thread):
+    check(arch)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(arch=architectures)
+def test_fuzz_slow(arch, one_thread):
+    check(arch)
+
+
+def draw(rng):
+    """One architecture drawn with ``random.Random`` (the counting runner below)."""
+    kinds = [rng.randrange(len(PIECES)) for _ in range(rng.randint(1, 4))]
+    budget = ("ratio", rng.uniform(0.0, 0.9)) if rng.random() < 0.5 else ("flops", rng.uniform(0.2, 1.0))
+    return kinds, rng.randint(2, 10), rng.choice(["flatten", "mean"]), budget, rng.choice([None, None, 2]), \
+        rng.randrange(10_000)
+
+
+if __name__ == "__main__":  # python tests/test_fuzz.py 1000: counts failures and crashes instead of stopping
+    import random
+    import sys
+    import time
+    import traceback
+    import warnings
+
+    from fxprune.errors import VerificationError
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    n, rng = int(sys.argv[1]) if len(sys.argv) > 1 else 100, random.Random(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    counts, t0 = {"ok": 0, "refused": 0, "failed": 0, "crashed": 0}, time.time()
+    for i in range(n):
+        arch = draw(rng)
+        try:
+            counts["ok" if check(arch) is not None else "refused"] += 1
+        except (AssertionError, VerificationError) as exc:
+            counts["failed"] += 1
+            print("FAILED", arch, str(exc)[:300], flush=True)
+        except Exception as exc:
+            counts["crashed"] += 1
+            print("CRASHED", arch, type(exc).__name__, str(exc)[:300], flush=True)
+            traceback.print_exc(limit=3)
+    print(f"{n} examples in {time.time() - t0:.0f} s: {counts}")
