@@ -248,3 +248,18 @@ def test_hugging_face_resnet_module_output():
     assert width(p) < width(model)
     with torch.no_grad():
         assert p(inputs[0], return_dict=True).logits.shape == (1, 10)     # the user's forward, any flags
+
+
+def test_a_channel_shuffle_keeps_its_channels_in_module_output():
+    """The pruned graph gathers a shuffle's kept channels in the shuffled order; a module copy runs the
+    shuffle code unchanged, so module output keeps those channels, says why, and still verifies."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    x = torch.randn(1, 3, 64, 64)
+    copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, output="module")
+    rep = fxprune.report(copy)
+    assert type(copy) is type(model) and rep.mask["ok"] and rep.mask["module"]["ok"]
+    assert rep.params_after < 0.6 * rep.params_before
+    graph = fxprune.analyze(model, (x,), output="module")
+    reasons = [p.reason for g in graph.groups.values() for p in g.pins]
+    assert any("ends a channel shuffle" in r for r in reasons)

@@ -151,6 +151,7 @@ def _channels(node: fx.Node) -> torch.Tensor:
 
 
 _UNCHECKED = object()
+_SHUFFLE = object()
 
 
 def _reason(node, gm, change, plan=False) -> str:
@@ -158,6 +159,10 @@ def _reason(node, gm, change, plan=False) -> str:
     if old is _UNCHECKED:
         return (f"{describe(node, gm)} ({source_of(node)}) could not be checked for literal sizes ({new}): "
                 "its channels are kept for a module copy")
+    if old is _SHUFFLE:
+        return (f"{describe(node, gm)} ({source_of(node)}) ends a channel shuffle, which the pruned graph replaces "
+                "by a gather of the kept channels in the shuffled order; a module copy runs the shuffle unchanged, "
+                "so its channels are kept (output='graph' prunes them)")
     what = f"the literal {old!r}" if isinstance(old, (int, float, tuple, list)) \
         else f"'{getattr(old, '__name__', old)}' with sizes fixed"
     where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
@@ -233,6 +238,11 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     found: list[tuple] = []
     for node in scratch.nodes:
         if node.op not in ("call_function", "call_method"):
+            continue
+        if "fxprune_perm" in node.meta:  # a shuffle the graph rewrite turns into index_select
+            ch = _channels(node)
+            if ch.numel() and not bool(keep[ch].all()):
+                found.append((original[node], ch, (_SHUFFLE, None), None))
             continue
         rule = table.rule_for(node, modules)
         if rule.fix is None:
