@@ -210,8 +210,6 @@ def run_export(name: str) -> dict:
 
 
 def run_torch_pruning(name: str) -> dict:
-    import torch
-
     row = {"model": name, "tool": "torch-pruning"}
     try:
         import torch_pruning as tp
