@@ -3,10 +3,10 @@
 One or two small models per framework (ultralytics, Hugging Face transformers, timm, smp), built
 from ``tools/families.py`` at small inputs, and what is true of them today:
 
-* models fxprune captures are asserted verified (mask-equivalence, and ONNX Runtime where cheap);
-* models ``symbolic_trace`` cannot capture yet are the same assertion marked
-  ``xfail(strict=False)``: they XPASS (shown by ``-ra``) once capture improves, and the mark goes;
-* ``torch.export`` is asserted to capture every one of them (the route a better capture would take).
+* every one is asserted verified (mask-equivalence, and ONNX Runtime where cheap) with the default
+  ``capture="auto"``; the report names the tracer: ``symbolic_trace`` for the first two, ``torch.export``
+  for the rest, which ``symbolic_trace`` cannot trace (the reason is in each case's id comment);
+* ``torch.export`` is asserted to capture every one of them.
 
 A framework that is not installed is skipped (``pytest.importorskip``).
 """
@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import TraceError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import families  # noqa: E402
@@ -36,33 +35,25 @@ def _build(name, size=None):
     return model, args, kwargs
 
 
-def _not_yet(reason):
-    return pytest.mark.xfail(strict=False, raises=TraceError, reason=f"symbolic_trace stops: {reason}")
-
-
 CASES = [
-    pytest.param("timm:resnet10t", 64, True, id="timm-resnet10t"),
-    pytest.param("smp:Unet-resnet18", 64, False, id="smp-Unet"),
-    pytest.param("hf:ResNetForImageClassification", None, False, id="hf-ResNet",
-                 marks=_not_yet("HF forward passes kwargs through a dict (generic.py: kwargs[arg_name] = …)")),
-    pytest.param("hf:BertModel", None, False, id="hf-Bert",
-                 marks=_not_yet("HF forward passes kwargs through a dict (generic.py: kwargs[arg_name] = …)")),
-    pytest.param("ultralytics:yolov8n", 64, False, id="yolov8n",
-                 marks=_not_yet("C2f iterates a Proxy: list(self.cv1(x).chunk(2, 1))")),
-    pytest.param("smp:FPN-resnet18", 64, False, id="smp-FPN",
-                 marks=_not_yet("if h % output_stride != 0 in SegmentationModel.check_input_shape")),
-    pytest.param("timm:mobilevit_xxs", 64, False, id="timm-mobilevit",
-                 marks=_not_yet("shape-dependent `if` in MobileVitBlock")),
+    pytest.param("timm:resnet10t", 64, True, "fx", id="timm-resnet10t"),
+    pytest.param("smp:Unet-resnet18", 64, False, "fx", id="smp-Unet"),
+    pytest.param("hf:ResNetForImageClassification", None, False, "export", id="hf-ResNet"),  # HF kwargs plumbing
+    pytest.param("hf:BertModel", None, False, "export", id="hf-Bert"),  # HF kwargs plumbing
+    pytest.param("ultralytics:yolov8n", 64, False, "export", id="yolov8n"),  # forward(x, *args) iterates a Proxy
+    pytest.param("smp:FPN-resnet18", 64, False, "export", id="smp-FPN"),  # if h % output_stride
+    pytest.param("timm:mobilevit_xxs", 64, False, "export", id="timm-mobilevit"),  # shape-dependent if
 ]
 
 
-@pytest.mark.parametrize("name,size,onnx", CASES)
-def test_fxprune_verifies(name, size, onnx, one_thread):
+@pytest.mark.parametrize("name,size,onnx,tracer", CASES)
+def test_fxprune_verifies(name, size, onnx, tracer, one_thread):
     model, args, kwargs = _build(name, size)
     assert not kwargs
     ref = zoo_families.call(model, args, kwargs)
     pruned = fxprune.compile(model, args, method="l2", ratio=0.5, onnx=onnx)
     rep = fxprune.report(pruned)
+    assert rep.capture["tracer"] == tracer, rep.capture
     assert rep.mask["ok"] and (rep.onnx["ok"] if onnx else True), (rep.mask, rep.onnx)
     assert rep.plan.removed > 0 and rep.params_after < rep.params_before
     out = zoo_families.call(pruned, args, {})
