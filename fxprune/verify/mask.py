@@ -131,26 +131,25 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
     state = dict(graph.module.named_parameters(remove_duplicate=False))
     state.update(graph.module.named_buffers(remove_duplicate=False))
     memo = {id(t): t for t in state.values()}
+    def writable(param):
+        """The masked copy of ``param``, cloned on first write (the original is only read)."""
+        old = state[param]
+        if memo[id(old)] is old:
+            memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
+                if isinstance(old, torch.nn.Parameter) else old.detach().clone()
+        return memo[id(old)]
+
     with torch.no_grad():
         for (param, dim), channels in graph.param_channels.items():
             if graph.param_kinds[(param, dim)] != "consumer":
                 continue
             removed = (channels >= 0) & ~keep[channels.clamp(min=0)]
             if bool(removed.any()):
-                old = state[param]
-                new = memo[id(old)]
-                if new is old:
-                    new = memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
-                        if isinstance(old, torch.nn.Parameter) else old.detach().clone()
-                new.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
+                writable(param).index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
         for (param, dim), channels in graph.grouped_params.items():  # grouped conv: each group's own columns
             removed = (channels >= 0) & ~keep[channels.clamp(min=0)]
             if bool(removed.any()):
-                old = state[param]
-                new = memo[id(old)]
-                if new is old:
-                    new = memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
-                        if isinstance(old, torch.nn.Parameter) else old.detach().clone()
+                new = writable(param)
                 for b, part in enumerate(new.chunk(channels.shape[0], 1 if dim == 0 else 0)):
                     part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
     masked = copy_modules(graph.module, memo).eval()
