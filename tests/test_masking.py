@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from digits import SmallResNet
 
 import fxprune
@@ -124,3 +125,23 @@ def test_bad_masks():
         MaskedRunner(graph, (x,)).run([[graph.num_channels]])
     with pytest.raises(ConfigError, match="masks_per_forward"):
         MaskedRunner(graph, (x,), masks_per_forward=0)
+
+
+class RsqrtOfZeros(torch.nn.Module):
+    """An intermediate value with inf at the same positions in the original and the pruned model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x).relu()
+        return self.conv2(torch.rsqrt(y).clamp(max=10.0))
+
+
+def test_equal_infinities_are_equal_in_mask_equivalence():
+    torch.manual_seed(0)
+    pruned = fxprune.compile(RsqrtOfZeros().eval(), (torch.randn(1, 3, 6, 6),), method="l1", ratio=0.5, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.mask["max_rel_diff"] < 1e-5 and rep.plan.removed == 4

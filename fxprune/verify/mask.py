@@ -176,7 +176,7 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
                                         f"the masked original {tuple(a.shape)}")
             if not a.is_floating_point() or a.numel() == 0:
                 continue
-            scale, err = float(a.abs().max()), float((a - b).abs().max())
+            scale, err = _scale_and_error(a, b)
             rel = err / (scale + 1e-30)
             compared += 1
             worst = max(worst, (rel, name), key=lambda w: w[0])
@@ -207,6 +207,16 @@ def _run(interpreter: _Capture, inputs: tuple, what: str) -> None:
         raise VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {str(exc).splitlines()[0]}. "
                                 "This is a bug in fxprune: please report it with the model; meanwhile pass "
                                 f"ignore=[...] with the groups of the channels that reach node '{node}'.") from exc
+
+
+def _scale_and_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The largest finite magnitude of ``a`` and the largest difference of ``b`` from it, where equal values
+    (infinities of the same sign included: masks filled with -inf, ``log(0)`` in position buckets) differ by 0.
+    A NaN in only one of them stays a difference (NaN)."""
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    diff = torch.where(same, torch.zeros((), dtype=a.dtype), (a - b).abs())
+    finite = a[torch.isfinite(a)]
+    return (float(finite.abs().max()) if finite.numel() else 0.0), float(diff.max())
 
 
 def _output(gm, capture):
