@@ -56,8 +56,9 @@ class SmallResNet(nn.Module):
 
 
 def train(model, x, y, epochs: int = 8, lr: float = 0.05, batch: int = 64, seed: int = 0, extra_loss=None,
-          optimizer=None):
-    """Plain SGD training; ``extra_loss(model)`` is added to the loss (a regularizer)."""
+          optimizer=None, after_step=None):
+    """Plain SGD training; ``extra_loss(model)`` is added to the loss (a regularizer), and
+    ``after_step(model)`` runs after every optimizer step (a proximal update)."""
     torch.manual_seed(seed)
     model.train()
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -72,6 +73,8 @@ def train(model, x, y, epochs: int = 8, lr: float = 0.05, batch: int = 64, seed:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(model)
     return model.eval()
 
 

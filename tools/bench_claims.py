@@ -53,20 +53,8 @@ def digits_bases(seeds):
 # ----------------------------------------------------------------------------- DWGL
 
 def train_prox(model, reg, x, y, epochs, seed, lr=0.05, batch=64):
-    torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            reg.prox(model, lr)
-    return model.eval()
+    """Proximal training: plain SGD, then the regularizer's proximal step after every step."""
+    return train(model, x, y, epochs=epochs, lr=lr, batch=batch, seed=seed, after_step=lambda m: reg.prox(m, lr))
 
 
 def voted_cut(model, reg, graph, x1, tau):
