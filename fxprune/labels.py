@@ -78,3 +78,88 @@ def kept_along(label: torch.Tensor | None, dim: int, size: int, keep: torch.Tens
     """Bool mask of the positions along ``dim`` that survive, given a global channel ``keep`` mask."""
     ids = along(label, dim, size) if dim in varying(label) else torch.full((size,), FIXED, dtype=torch.long)
     return (ids < 0) | keep[ids.clamp(min=0)]
+
+
+# -- balanced grids: a label that varies along two dims (attention heads x dims per head)
+#
+# A reshape that splits one channel dim into blocks (``view(b, n, heads, head_dim)``) gives a label
+# that varies along two dims, the first indexing the blocks. The coupling keeps such a *grid* when
+# the blocks must keep equal counts at free positions (a balance constraint); each block then keeps
+# its own positions, so a pruned value is the original gathered row by row, not a sub-grid.
+
+
+def kept_mask(label: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    """Bool tensor of ``label``'s shape: True where the position survives (FIXED positions always do)."""
+    if label is None:
+        return None
+    return (label < 0) | keep[label.clamp(min=0)]
+
+
+def _grid(label: torch.Tensor, keep: torch.Tensor):
+    """``(d1, d2, kept)`` for a label that varies along two dims ``d1 < d2`` once collapsed (``d1`` indexes
+    the blocks), with the kept mask ``[blocks, positions]``; None for any other label. Every block keeps
+    the same count, or (blocks tied whole, each one channel) keeps all or nothing."""
+    small = collapse(label)
+    dims = varying(small)
+    if len(dims) != 2:
+        return None
+    d1, d2 = dims
+    index = [0] * small.dim()
+    index[d1] = index[d2] = slice(None)
+    kept = kept_mask(small, keep)[tuple(index)]
+    per_block = kept.sum(1)
+    if not bool((per_block == per_block[0]).all()) and not bool(((per_block == 0) | kept.all(1)).all()):
+        raise ValueError(f"fxprune internal error: a grid label keeps unequal counts per block ({per_block.tolist()})")
+    return d1, d2, kept
+
+
+def kept_shape(shape, label: torch.Tensor | None, keep: torch.Tensor) -> tuple:
+    """The shape of a value of ``shape`` whose positions carry ``label``, once the channels not in ``keep`` are gone.
+
+    >>> import torch
+    >>> lab = torch.arange(6).view(1, 2, 3)      # 2 blocks of 3 channels
+    >>> keep = torch.tensor([True, False, True, False, True, True])
+    >>> kept_shape((4, 2, 3), lab, keep)
+    (4, 2, 2)
+    """
+    out = list(shape)
+    if label is None:
+        return tuple(out)
+    grid = _grid(label, keep) if len(varying(label)) > 1 else None
+    if grid is not None:
+        d1, d2, kept = grid
+        blocks = kept.any(1)
+        out[d1], out[d2] = int(blocks.sum()), int(kept[blocks][0].sum()) if bool(blocks.any()) else 0
+        return tuple(out)
+    for d in varying(label):
+        out[d] = int(kept_along(label, d, shape[d], keep).sum())
+    return tuple(out)
+
+
+def select_kept(value: torch.Tensor, label: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``value`` with the positions of removed channels taken out: what the pruned model computes there.
+
+    >>> import torch
+    >>> lab = torch.arange(4).view(2, 2)         # block 0: channels 0, 1; block 1: channels 2, 3
+    >>> select_kept(torch.tensor([[10., 11.], [12., 13.]]), lab, torch.tensor([False, True, True, False]))
+    tensor([[11.],
+            [12.]])
+    """
+    if label is None or label.dim() != value.dim():
+        return value
+    grid = _grid(label, keep) if len(varying(label)) > 1 else None
+    if grid is None:
+        for d in varying(label):
+            value = value.index_select(d, torch.nonzero(kept_along(label, d, value.shape[d], keep)).flatten())
+        return value
+    d1, d2, kept = grid
+    blocks = torch.nonzero(kept.any(1)).flatten()
+    value = value.index_select(d1, blocks)  # blocks tied whole and removed
+    kept = kept[blocks]
+    count = int(kept[0].sum()) if blocks.numel() else 0
+    idx = torch.nonzero(kept)[:, 1].view(kept.shape[0], count)  # each block's kept positions, in order
+    shape = [1] * value.dim()
+    shape[d1], shape[d2] = idx.shape
+    size = list(value.shape)
+    size[d2] = count
+    return value.gather(d2, idx.reshape(shape).expand(size))

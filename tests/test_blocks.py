@@ -187,3 +187,99 @@ def test_masked_runner_zeroing_equals_the_pruned_model(model):
     with torch.no_grad():
         masked = MaskedRunner(graph, (X,)).run_one(removed)
         assert float((masked - pruned(X)).abs().max()) < 1e-5
+
+
+class HandWrittenHeads(nn.Module):
+    """Separate q/k/v projections split into heads by ``view``; attention by ``scaled_dot_product_attention``
+    or by ``q @ k^T``; merged back heads first."""
+
+    def __init__(self, matmul=False):
+        super().__init__()
+        self.heads, self.matmul = 2, matmul
+        self.inp = nn.Linear(5, 8)
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.inp(x)
+        b, n, c = t.shape
+        q, k, v = (p(t).view(b, n, self.heads, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.matmul:
+            a = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(t + self.o(a.transpose(1, 2).reshape(b, n, c)))
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_hand_written_heads_keep_equal_dims_at_their_own_positions(matmul):
+    torch.manual_seed(0)
+    m = HandWrittenHeads(matmul).eval()
+    with torch.no_grad():
+        for c in (1, 6):  # q/k: head 0 dim 1, head 1 dim 2
+            for p in (m.q, m.k):
+                p.weight[c] = 0
+                p.bias[c] = 0
+        for c in (3, 4):  # v: head 0 dim 3, head 1 dim 0 (and o's columns)
+            m.v.weight[c] = 0
+            m.v.bias[c] = 0
+            m.o.weight[:, c] = 0
+        for c in (2, 5):  # the stream
+            m.inp.weight[c] = 0
+            m.inp.bias[c] = 0
+            m.o.weight[c] = 0
+            m.o.bias[c] = 0
+            for p in (m.q, m.k, m.v, m.out):
+                p.weight[:, c] = 0
+    x = torch.randn(2, 6, 5)
+    graph = fxprune.analyze(m, (x,))
+    assert graph.groups["q"].blocks.tolist() == graph.groups["v"].blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    pruned = fxprune.compile(m, (x,), method="l1", ratio=2 / 8, onnx=True)
+    rep = fxprune.report(pruned)
+    assert rep.plan.keep == {"inp": [0, 1, 3, 4, 6, 7], "q": [0, 2, 3, 4, 5, 7], "v": [0, 1, 2, 5, 6, 7]}
+    assert pruned.get_submodule("q").out_features == pruned.get_submodule("v").out_features == 6
+    assert rep.mask["ok"] and rep.onnx["ok"]
+    with torch.no_grad():
+        assert float((pruned(x) - m(x)).abs().max()) < 1e-5
+
+
+def test_heads_merged_heads_last_tie_dims_across_heads():
+    """``permute(0, 2, 3, 1)`` before the merge puts each head's dims interleaved: per-head positions would
+    not line up with the consumer's columns, so dim ``j`` is tied across heads there."""
+
+    class HeadsLast(HandWrittenHeads):
+        def forward(self, x):
+            t = self.inp(x)
+            b, n, c = t.shape
+            q, k, v = (p(t).view(b, n, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 1)
+            return self.out(t + self.o(a.reshape(b, n, 8)))
+
+    x = torch.randn(2, 6, 5)
+    graph = fxprune.analyze(HeadsLast().eval(), (x,))
+    assert graph.groups["q"].blocks is not None and graph.groups["v"].blocks is None
+    assert graph.groups["v"].size == 4  # dim j of both heads is one channel
+    pruned = fxprune.compile(HeadsLast().eval(), (x,), method="l1", ratio=0.5, onnx=False)
+    assert fxprune.report(pruned).mask["ok"]
+
+
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_pixel_shuffle_removes_the_dead_block_of_one_output_channel(unshuffle):
+    """PixelShuffle(2) makes output channel ``c`` of input channels ``4c .. 4c + 3``: that block goes
+    together (no balance to keep: any set of output channels is removable); PixelUnshuffle the other way."""
+    torch.manual_seed(0)
+    if unshuffle:
+        m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PixelUnshuffle(2), nn.Conv2d(16, 2, 1)).eval()
+        kill(m[0], [1], [(m[2], [(slice(None), [4, 5, 6, 7])])])
+        ratio, expected = 1 / 4, {"0": [0, 2, 3]}
+    else:
+        m = nn.Sequential(nn.Conv2d(3, 16, 1), nn.PixelShuffle(2), nn.Conv2d(4, 2, 1)).eval()
+        kill(m[0], [8, 9, 10, 11], [(m[2], [(slice(None), [2])])])
+        ratio, expected = 1 / 4, {"0": [0, 1, 3]}  # the group's channels are the blocks
+    pruned = fxprune.compile(m, (X,), method="l1", ratio=ratio, onnx=True)
+    rep = fxprune.report(pruned)
+    assert rep.plan.keep == expected
+    assert pruned.get_submodule("0").out_channels == (3 if unshuffle else 12)
+    assert rep.mask["ok"] and rep.onnx["ok"]
+    with torch.no_grad():
+        assert float((pruned(X) - m(X)).abs().max()) < 1e-5

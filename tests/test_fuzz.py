@@ -148,6 +148,40 @@ class Attention(nn.Module):  # tokens from the spatial grid, hand-written multi-
         return t.transpose(1, 2).reshape(n, c, h, w)
 
 
+class HeadsSDPA(nn.Module):  # separate q/k/v over scaled_dot_product_attention: each head keeps its own dims
+    def __init__(self, c, heads=2, heads_last=False, matmul=False):
+        super().__init__()
+        self.embed = nn.Conv2d(c, 8, 1)
+        self.heads, self.heads_last, self.matmul = heads, heads_last, matmul
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 6)
+        self.proj = nn.Linear(6, 8)
+        self.out = 8
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = (p(t).view(n, h * w, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.matmul:
+            y = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # [n, heads, hw, dims]
+        # heads first when merged back (their own positions), or heads last (tied across heads)
+        y = y.permute(0, 2, 3, 1) if self.heads_last else y.transpose(1, 2)
+        t = t + self.proj(y.reshape(n, h * w, -1))
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class HeadsLast(HeadsSDPA):
+    def __init__(self, c):
+        super().__init__(c, heads_last=True)
+
+
+class HeadsMatmul(HeadsSDPA):
+    def __init__(self, c):
+        super().__init__(c, matmul=True)
+
+
 class MHA(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -224,7 +258,8 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 
 
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
-          LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual]
+          LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
+          HeadsMatmul]
 
 
 class Net(nn.Module):

@@ -33,8 +33,8 @@ from torch.fx.node import map_aggregate
 
 from ..capture.values import meta_shapes
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
-from ..labels import FIXED, along, collapse_array, varying
-from ..ops.schema import RuleTable, T, describe, pin_all
+from ..labels import FIXED, along, collapse, collapse_array, varying
+from ..ops.schema import RuleTable, T, describe, one_axis, pin_all
 
 
 class UnionFind:
@@ -237,6 +237,8 @@ class Analysis:
         kwargs = map_aggregate(node.kwargs, self.lookup)
         ctx = Context(self, node)
         rule = self.table.rule_for(node, self.modules)
+        if not rule.grids:
+            args, kwargs = map_aggregate((args, kwargs), lambda a: self.untie_grid(ctx, a))
         try:
             label = rule.couple(ctx, args, kwargs)
             if node in self.later:
@@ -249,6 +251,13 @@ class Analysis:
         if out is not None:
             self.pin_sizes_read_from_channels(ctx, node, out)
         return out
+
+    def untie_grid(self, ctx: "Context", a):
+        """``a`` with a grid label (varying along two dims) tied to one axis (:func:`~fxprune.ops.schema.one_axis`),
+        for a rule that does not take grids."""
+        if isinstance(a, T) and a.label is not None and len(varying(a.label)) > 1:
+            return T(one_axis(ctx, a.label), a.shape, a.param)
+        return a
 
     def size_sources(self, n: fx.Node):
         """Where a plain value of the graph was read from: ``("shape", t)`` for the shape of tensor node
@@ -305,7 +314,8 @@ class Analysis:
             for t, d in pairs:
                 tt = self.env.get(t)
                 if isinstance(tt, T) and tt.label is not None and d in varying(tt.label):
-                    ctx.pin(along(tt.label, d, tt.shape[d]), f"{describe(node, self.gm)} uses a size read from dim "
+                    grid = len(varying(tt.label)) > 1
+                    ctx.pin(tt.label if grid else along(tt.label, d, tt.shape[d]), f"{describe(node, self.gm)} uses a size read from dim "
                                                               f"{d} of '{t.name}', which carries these channels")
 
     def lookup(self, a):
@@ -438,6 +448,8 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
             r = root[c]
             if np.array_equal(r, np.broadcast_to(r[:1], r.shape)):  # already tied column by column
                 continue
+            if np.array_equal(r, np.broadcast_to(r[:, :1], r.shape)):  # each block tied whole: blocks go whole
+                continue
             g = np.unique(group_of_root[r])
             if len(g) != 1 or len(np.unique(r)) != r.size or channels_of_group[g[0]] != r.size:
                 bad.append(i)
@@ -456,7 +468,8 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
     out, seen = [], set()
     for c in pending:
         r = root[c]
-        if not np.array_equal(r, np.broadcast_to(r[:1], r.shape)) and r.tobytes() not in seen:
+        if not np.array_equal(r, np.broadcast_to(r[:1], r.shape)) and \
+                not np.array_equal(r, np.broadcast_to(r[:, :1], r.shape)) and r.tobytes() not in seen:
             seen.add(r.tobytes())
             out.append(r)
     return out
@@ -550,8 +563,9 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
 
     labeled = [n for n in a.gm.graph.nodes if "fxprune" in n.meta]
     relabel = _Relabel(channel_np, [n.meta["fxprune"] for n in labeled] + list(a.costs.values()))
-    for node in labeled:
-        node.meta["fxprune"] = relabel(node.meta["fxprune"])
+    for node in labeled:  # collapsed again: ties made after a node was visited can make its label constant along a dim
+        node.meta["fxprune"] = map_aggregate(relabel(node.meta["fxprune"]),
+                                             lambda v: collapse(v) if isinstance(v, torch.Tensor) else v)
     costs = {k: [(share, [relabel(v) for v in vs]) for share, vs in terms] for k, terms in a.costs.items()}
     node_flops = {n.name: n.meta["flops"] for n in a.gm.graph.nodes if n.meta.get("flops")}
     return ChannelGraph(a.gm, groups, channel_of, offsets, node_flops, example_inputs,

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.fx as fx
 
-from ..labels import along, varying
-from .schema import arg, describe, pin_all
+from ..labels import FIXED, along, varying
+from .schema import T, arg, describe, one_axis, pin_all
 
 
 def _contract(ctx, operands, out_letters):
@@ -22,6 +22,12 @@ def _contract(ctx, operands, out_letters):
     contraction over channels (exact under pruning when both sides drop the same ones).
     """
     ids_of: dict[str, list] = {}
+    if any(t.label is not None and len(varying(t.label)) > 1 for t, _ in operands):
+        found = _contract_grids(ctx, operands, out_letters)
+        if found is not False:
+            return found
+        operands = [(T(one_axis(ctx, t.label), t.shape, t.param) if t.label is not None else t, letters)
+                    for t, letters in operands]
     for t, letters in operands:
         if t.param is not None:
             return pin_all(ctx, [t for t, _ in operands], {}, f"{describe(ctx.node, ctx.gm)} multiplies by a parameter")
@@ -59,6 +65,44 @@ def _contract(ctx, operands, out_letters):
     return result[kept_out[0]].view(shape)
 
 
+def _contract_grids(ctx, operands, out_letters):
+    """A contraction over attention heads whose channels sit on a grid (heads x dims per head, see
+    :func:`fxprune.ops.shape.grid_label`): ``q @ k^T`` (both grids on the same letters, the dims
+    summed: unified position by position, no channels out) or ``attention @ v`` (v's grid on letters
+    of the output, the other operand without channels and without v's dims letter: v's grid out).
+    False for any other contraction (the caller ties the grids)."""
+    grids = []
+    for t, letters in operands:
+        if t.param is not None or len(set(letters)) != len(letters):
+            return False
+        if t.label is not None:
+            vary = varying(t.label)
+            if len(vary) != 2:
+                return False
+            index = [0] * t.label.dim()
+            index[vary[0]] = index[vary[1]] = slice(None)
+            grids.append(((letters[vary[0]], letters[vary[1]]), t.label[tuple(index)], letters))
+    keys = {key for key, _, _ in grids}
+    if len(keys) != 1:
+        return False
+    block, dim = keys.pop()
+    if len(grids) == 2 and len(operands) == 2 and dim not in out_letters:  # q @ k^T
+        ctx.unify(grids[0][1], grids[1][1], f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
+        ctx.node.meta["fxprune_contract"] = True
+        ctx.cost(grids[0][1])
+        return None
+    if len(grids) == 1 and block in out_letters and dim in out_letters and \
+            all(dim not in letters for t, letters in operands if t.label is None):  # attention @ v
+        if out_letters.index(block) > out_letters.index(dim):
+            return False
+        shape = [1] * len(out_letters)
+        shape[out_letters.index(block)], shape[out_letters.index(dim)] = grids[0][1].shape
+        out = grids[0][1].reshape(shape)
+        ctx.cost(out)
+        return out
+    return False
+
+
 def matmul_rule(ctx, args, kwargs):
     """``a @ b`` (matmul, bmm): contraction over a's last and b's second-to-last dim."""
     a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "other", arg(args, kwargs, 1, "mat2"))
@@ -71,6 +115,9 @@ def matmul_rule(ctx, args, kwargs):
     return _contract(ctx, [(a, la), (b, lb)], batch + "ij")
 
 
+matmul_rule.takes_grids = True
+
+
 def einsum_rule(ctx, args, kwargs):
     equation = args[0].replace(" ", "")
     operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
@@ -81,6 +128,9 @@ def einsum_rule(ctx, args, kwargs):
     if len(ins) != len(operands) or any(len(s) != len(t.shape) for s, t in zip(ins, operands)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: equation does not fit its operands")
     return _contract(ctx, list(zip(operands, ins)), out)
+
+
+einsum_rule.takes_grids = True
 
 
 def patch_merging_pad_rule(ctx, args, kwargs):
@@ -212,30 +262,46 @@ def relative_position_bias_rule(ctx, args, kwargs):
 
 def sdpa_rule(ctx, args, kwargs):
     """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, *, scale)``:
-    ``softmax(q @ k^T * scale) @ v`` over the last two dims.
+    ``softmax(q @ k^T * scale) @ v`` over the last two dims, per head (the dims before).
 
-    q's and k's channels along their last dim are summed over (unified: a contraction, see
-    ``fxprune_contract``); v's last dim passes to the output. The token dims must carry none.
+    q's and k's channels are summed over (unified position by position: a contraction, see
+    ``fxprune_contract``); v's pass to the output. Channels may sit on the last dim, or on a grid
+    of heads x dims per head (:func:`fxprune.ops.shape.grid_label`): each head then keeps its own
+    dims, q's and k's the same ones. The token dim must carry none.
     The default scale is ``1 / sqrt(q.shape[-1])``: :func:`fix_sdpa` keeps the original one.
+
+    >>> import torch, torch.nn as nn, torch.nn.functional as F, fxprune
+    >>> class Heads(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+    ...     def forward(self, x):
+    ...         q, k, v = (p(x).view(1, 5, 2, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+    ...         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 5, 8))
+    >>> fxprune.analyze(Heads(), (torch.randn(1, 5, 8),)).groups["q"].blocks.tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
     """
     q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
     mask = arg(args, kwargs, 3, "attn_mask")
     nd = len(q.shape)
     for t in (q, k, v):
-        if t.param is not None or any(d != nd - 1 for d in varying(t.label)):
-            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} sees channels off its feature dim")
+        if t.param is not None or any(d == nd - 2 for d in varying(t.label)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} sees channels on its token dim")
     if getattr(mask, "label", None) is not None:
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} has a mask that carries channels")
     if q.label is None and k.label is None and v.label is None:
         return None
-    qk = ctx.unify(along(q.label, nd - 1, q.shape[-1]), along(k.label, nd - 1, k.shape[-1]),
+    fixed = torch.full((1,) * nd, FIXED, dtype=torch.long)
+    qk = ctx.unify(fixed if q.label is None else q.label, fixed if k.label is None else k.label,
                    f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
-    out = along(v.label, nd - 1, v.shape[-1])
     ctx.node.meta["fxprune_contract"] = True
     share = q.shape[-1] / (q.shape[-1] + v.shape[-1])
     ctx.cost(qk, share=share)
-    ctx.cost(out, share=1.0 - share)
-    return ctx.canonical(out.view((1,) * (nd - 1) + (-1,)))
+    ctx.cost(fixed if v.label is None else v.label, share=1.0 - share)
+    return None if v.label is None else ctx.canonical(v.label)
+
+
+sdpa_rule.takes_grids = True
 
 
 def fix_sdpa(node, rw):

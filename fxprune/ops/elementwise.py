@@ -6,7 +6,7 @@ Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 from __future__ import annotations
 
 from ..labels import along, varying
-from .schema import arg, broadcast_label, describe, tensors
+from .schema import arg, broadcast_label, describe, one_axis, tensors
 
 
 def elementwise(ctx, args, kwargs):
@@ -30,6 +30,8 @@ def elementwise(ctx, args, kwargs):
     if result is None:
         return None
     result = ctx.canonical(result)
+    if len(varying(result)) > 1 and any(t.param is not None for t in ins):
+        result = one_axis(ctx, result)  # a grid meets a parameter: its positions are tied across blocks
     vary = varying(result)
     for t in ins:
         sizes = sizes_of(t)
@@ -44,6 +46,9 @@ def elementwise(ctx, args, kwargs):
         elif t.label is None and any(sizes[d] > 1 for d in vary):
             ctx.pin(result, f"'{ctx.node.name}' combines them with a tensor whose channels are fixed")
     return result
+
+
+elementwise.takes_grids = True
 
 
 def normalize_over(dim_arg_index, dim_name="dim"):

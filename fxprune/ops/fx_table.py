@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .attention import (einsum_rule, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
-                        relative_position_bias_rule, resize_mha, swin_attention_rule)
+from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
+                        relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_function, conv_module, fix_conv_function, linear_function, linear_module, resize_conv,
                    resize_linear)
 from .elementwise import elementwise, normalize_over, pad, reduce, spatial
@@ -111,6 +111,7 @@ register(Rule(cat_rule), torch.cat, torch.concat, torch.concatenate, torch.stack
 register(Rule(layer_norm_rule, resize=resize_layer_norm, on_meta=same_shape), nn.LayerNorm)
 register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
 register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+register(Rule(sdpa_rule, fix=fix_sdpa), F.scaled_dot_product_attention)
 register(Rule(einsum_rule), torch.einsum)
 try:
     from torchvision.models.swin_transformer import _patch_merging_pad

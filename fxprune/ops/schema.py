@@ -49,6 +49,11 @@ class Rule:
     fix: Callable | None = None
     resize: Callable | None = None
     on_meta: Callable | None = None
+    grids: bool | None = None  # ``couple`` takes grid labels (see one_axis); default: ``couple.takes_grids``
+
+    def __post_init__(self):
+        if self.grids is None:
+            self.grids = bool(getattr(self.couple, "takes_grids", False))
 
 
 @dataclass
@@ -119,6 +124,12 @@ def one_axis(ctx, label):
     sub-grid, so one dim keeps the channels and the entries across the others are tied:
     the dim with the most distinct ids (the last one on a tie), which is ``c // g`` in a
     channel shuffle and the output channels of a pixel shuffle.
+
+    The one exception is a *grid*: a reshape that splits a channel dim into blocks and positions
+    (``view(b, n, heads, head_dim)``), where the blocks must keep equal counts (see
+    :func:`fxprune.ops.shape.grid_label`). Rules declared with ``Rule(grids=True)`` (or whose couple function has
+    ``takes_grids = True``) receive grids;
+    every other rule receives its inputs tied here first, so it never sees one.
     """
     label = ctx.canonical(label)
     dims = varying(label)

@@ -21,8 +21,13 @@ def shape_op(fn):
         x = args[0]
         if x.label is None:
             return None
-        full = expand_to(x.label, x.shape)
         rest = [a.label if hasattr(a, "label") else a for a in args[1:]]
+        if len(varying(x.label)) > 1:  # a grid: moved whole, or merged blocks first; else tied here
+            moved = _grid_moved(ctx, x, fn(expand_to(x.label, x.shape), *rest, **kwargs))
+            if moved is not None:
+                return moved
+            x = T(one_axis(ctx, x.label), x.shape, x.param)
+        full = expand_to(x.label, x.shape)
         out = fn(full, *rest, **kwargs)
         if isinstance(out, (tuple, list)):
             return tuple(one_axis(ctx, o) for o in out)
@@ -31,9 +36,67 @@ def shape_op(fn):
             found = permutation(ctx, x, fn(positions, *rest, **kwargs))
             if found is not False:
                 return found
+            grid = grid_label(ctx, x, out)
+            if grid is not None:
+                return grid
         return one_axis(ctx, out)
 
+    shape_op_rule.takes_grids = True
     return shape_op_rule
+
+
+def _grid_of(label: torch.Tensor) -> torch.Tensor | None:
+    """The ``[blocks, positions]`` matrix of a label varying along two dims, else None."""
+    dims = varying(label)
+    if len(dims) != 2:
+        return None
+    index = [0] * label.dim()
+    index[dims[0]] = index[dims[1]] = slice(None)
+    return label[tuple(index)]
+
+
+def grid_label(ctx, x, out):
+    """A reshape that splits ``x``'s one channel dim into blocks and positions, blocks first
+    (``view(b, n, heads, head_dim)``): the label of ``out`` is kept as a *grid*, varying along both,
+    and the blocks must keep equal counts at free positions (:meth:`~fxprune.couple.analysis.Context.balance`),
+    so each attention head keeps its own dims. Any other spread of channels: None (the caller ties it).
+
+    >>> import torch
+    >>> from fxprune.ops.schema import T
+    >>> class Ctx:  # what the rule asks of the analysis, for this example
+    ...     canonical = staticmethod(lambda lab: lab)
+    ...     balance = lambda self, blocks: print("balance", blocks.tolist())
+    >>> x = T(torch.arange(6).view(1, 6), (2, 6))
+    >>> grid_label(Ctx(), x, torch.arange(6).view(1, 2, 3)).shape
+    balance [[0, 1, 2], [3, 4, 5]]
+    torch.Size([1, 2, 3])
+    """
+    src, lab = ctx.canonical(x.label), ctx.canonical(out)
+    grid = _grid_of(lab) if lab is not None else None
+    vary = varying(src)
+    if grid is None or x.param is not None or len(vary) != 1 or bool((grid < 0).any()) or \
+            torch.unique(grid).numel() != grid.numel():
+        return None
+    ids = along(src, vary[0], x.shape[vary[0]])
+    if ids.numel() != grid.numel() or not torch.equal(ids.view(grid.shape), grid):
+        return None
+    ctx.balance(grid)
+    return lab
+
+
+def _grid_moved(ctx, x, out):
+    """``out``'s label where a shape op keeps ``x``'s grid intact (its dims moved, blocks still before
+    positions) or merges it back into one channel dim blocks first; else None."""
+    grid, lab = _grid_of(ctx.canonical(x.label)), ctx.canonical(out)
+    if grid is None or lab is None:
+        return None
+    moved = _grid_of(lab)
+    if moved is not None:
+        return lab if torch.equal(moved, grid) else None
+    vary = varying(lab)
+    if len(vary) == 1 and torch.equal(along(lab, vary[0], lab.shape[vary[0]]), grid.flatten()):
+        return lab
+    return None
 
 
 _CHAIN_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "swapaxes",

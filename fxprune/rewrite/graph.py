@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..capture.values import meta_shapes
 from ..errors import RewriteError
-from ..labels import kept_along, varying
+from ..labels import kept_along, kept_shape, varying
 from ..ops.schema import describe
 from ..utils import paused_gc
 
@@ -56,10 +56,7 @@ class Resizer:
         return self._shape(shapes, labels)
 
     def _shape(self, shape, label):
-        out = list(shape)
-        for d in varying(label) if isinstance(label, torch.Tensor) else []:
-            out[d] = int(kept_along(label, d, shape[d], self.keep).sum())
-        return tuple(out)
+        return kept_shape(shape, label if isinstance(label, torch.Tensor) else None, self.keep)
 
     @staticmethod
     def set_arg(node: fx.Node, index: int, name: str, value) -> None:

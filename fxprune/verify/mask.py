@@ -28,7 +28,7 @@ from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import VerificationError
-from ..labels import kept_along, varying
+from ..labels import kept_along, kept_mask, select_kept
 from ..rewrite.graph import copy_modules
 from ..utils import eval_mode
 
@@ -95,11 +95,10 @@ class _Reference(_Capture):
         label = node.meta.get("fxprune") if isinstance(node, fx.Node) else None
         if not isinstance(value, torch.Tensor) or not isinstance(label, torch.Tensor) or label.dim() != value.dim():
             return value
-        for d in varying(label):
-            removed = ~kept_along(label, d, value.shape[d], self.keep)
-            if bool(removed.any()):
-                value = value.index_fill(d, torch.nonzero(removed).flatten(), 0.0)
-        return value
+        kept = kept_mask(label, self.keep)
+        if bool(kept.all()):
+            return value
+        return value.masked_fill(~kept, 0.0)
 
     def _renormalised(self, n, out, args, kwargs):
         d = n.meta["fxprune_approx"]
@@ -232,9 +231,7 @@ def _align(ref, new, label, keep):
     if not isinstance(ref, torch.Tensor) or not isinstance(new, torch.Tensor):
         return []
     if isinstance(label, torch.Tensor) and label.dim() == ref.dim():
-        for d in varying(label):
-            mask = kept_along(label, d, ref.shape[d], keep)
-            ref = ref.index_select(d, torch.nonzero(mask).flatten())
+        ref = select_kept(ref, label, keep)
     return [(ref, new)]
 
 
