@@ -283,3 +283,11 @@ def test_pixel_shuffle_removes_the_dead_block_of_one_output_channel(unshuffle):
     assert rep.mask["ok"] and rep.onnx["ok"]
     with torch.no_grad():
         assert float((pruned(X) - m(X)).abs().max()) < 1e-5
+
+
+def test_inspect_shows_the_blocks():
+    from fxprune.view.inspect import group_rows, group_table
+    graph = fxprune.analyze(dead_two_groups(), (X,))
+    rows = {r["name"]: r for r in group_rows(graph)}
+    assert rows["a"]["blocks"] == (2, 4) and rows["out"]["blocks"] is None
+    assert any(line.startswith("| a ") and "8 (2 x 4)" in line for line in group_table(graph).splitlines())

@@ -421,12 +421,13 @@ def _group_tops(a: Analysis, root: np.ndarray):
 
 
 def _resolve_balances(a: Analysis) -> list[np.ndarray]:
-    """The balance constraints (:meth:`Context.balance`) that stand, as root ids ``[B, k]``.
+    """The balance constraints (:meth:`Context.balance`) that stand, as root ids ``[B, k]``, one per group.
 
-    One stands where its rows hold distinct channels, all of them live, together exactly the channels
-    of one group, and no other constraint partitions that group differently. Every other one is
-    made exact by tying column ``j`` of its rows together (as a channel shuffle does), and the
-    check runs again, as ties merge groups.
+    A group's constraints stand where each holds distinct live channels, different constraints hold
+    disjoint ones with blocks of one length, and together they are exactly the group's channels (the
+    heads of q/k and of v split from one packed projection); their blocks then make one partition.
+    Every other constraint is made exact by tying column ``j`` of its rows together (as a channel
+    shuffle does), and the check runs again, as ties merge groups.
     """
     pending = []
     for c, node in a.balances:
@@ -442,7 +443,7 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
         group_of_root[roots_in_blocks] = top[block_of_id]
         is_root = (root == np.arange(a.uf.size)) & (group_of_root >= 0)
         channels_of_group = np.bincount(group_of_root[is_root], minlength=max(len(a.blocks), 1))
-        by_group: dict[int, list] = {}
+        by_group: dict[int, dict] = {}
         bad: list[int] = []
         for i, c in enumerate(pending):
             r = root[c]
@@ -451,28 +452,26 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
             if np.array_equal(r, np.broadcast_to(r[:, :1], r.shape)):  # each block tied whole: blocks go whole
                 continue
             g = np.unique(group_of_root[r])
-            if len(g) != 1 or len(np.unique(r)) != r.size or channels_of_group[g[0]] != r.size:
+            if len(g) != 1 or len(np.unique(r)) != r.size:
                 bad.append(i)
                 continue
             key = tuple(sorted(tuple(sorted(row)) for row in r.tolist()))
-            by_group.setdefault(int(g[0]), []).append((i, key))
-        for items in by_group.values():
-            if len({key for _, key in items}) > 1:
-                bad += [i for i, _ in items]
+            by_group.setdefault(int(g[0]), {}).setdefault(key, []).append(i)
+        standing: dict[int, np.ndarray] = {}
+        for g, by_key in by_group.items():
+            rows = [root[pending[found[0]]] for found in by_key.values()]
+            ids = np.concatenate([r.reshape(-1) for r in rows])
+            if len({r.shape[1] for r in rows}) != 1 or len(np.unique(ids)) != ids.size or \
+                    ids.size != channels_of_group[g]:
+                bad += [i for found in by_key.values() for i in found]
+            else:
+                standing[g] = np.concatenate(rows)
         if not bad:
-            break
+            return list(standing.values())
         for i in bad:
             c = pending[i]
             a.uf.union(np.broadcast_to(c[:1], c.shape).reshape(-1).copy(), c.reshape(-1).copy())
         pending = [c for i, c in enumerate(pending) if i not in set(bad)]
-    out, seen = [], set()
-    for c in pending:
-        r = root[c]
-        if not np.array_equal(r, np.broadcast_to(r[:1], r.shape)) and \
-                not np.array_equal(r, np.broadcast_to(r[:, :1], r.shape)) and r.tobytes() not in seen:
-            seen.add(r.tobytes())
-            out.append(r)
-    return out
 
 
 def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:

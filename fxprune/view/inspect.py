@@ -49,6 +49,7 @@ def group_rows(graph) -> list[dict]:
         keep[off:off + g.size] = g.pinned.numpy()
         rows.append({
             "name": g.name, "size": g.size, "prunable": g.prunable,
+            "blocks": None if g.blocks is None else tuple(g.blocks.shape),
             "producers": g.producers, "consumers": g.consumers,
             "pins": [str(p) for p in g.pins], "exact": not g.approximate,
             "flops_share": 1 - cost.flops(keep) / cost.base_flops if cost.base_flops else 0.0,
@@ -59,11 +60,13 @@ def group_rows(graph) -> list[dict]:
 
 
 def group_table(graph) -> str:
-    """:func:`group_rows` as a GitHub-style table (one pin reason shown; ``--json`` has them all)."""
+    """:func:`group_rows` as a GitHub-style table (one pin reason shown; ``--json`` has them all). A group of
+    balanced blocks shows its size as ``size (blocks x per block)``: each block keeps the same count."""
     def short(items, n=3):
         return ", ".join(items[:n]) + (f" +{len(items) - n}" if len(items) > n else "")
 
-    rows = [(r["name"], r["size"], r["prunable"], short(r["producers"]), short(r["consumers"]),
+    rows = [(r["name"], r["size"] if r["blocks"] is None else f"{r['size']} ({r['blocks'][0]} x {r['blocks'][1]})",
+             r["prunable"], short(r["producers"]), short(r["consumers"]),
              short(r["pins"], 1) or "-", "exact" if r["exact"] else "approx",
              f"{r['flops_share']:.1%}", f"{r['params_share']:.1%}") for r in group_rows(graph)]
     head = ["group", "size", "prunable", "producers", "consumers", "pins", "kind", "FLOPs share", "params share"]
