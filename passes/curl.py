@@ -7,7 +7,9 @@ Zeroing at every tensor of the group is what lets CURL score the channels of a
 residual stream (which run through every block of a stage) as well as the channels
 inside a block. Masking is done by :class:`fxprune.verify.masked.MaskedRunner`: many masks
 per forward pass (the proxy batch is replicated) and the graph is recomputed only from
-the first node that a mask touches.
+the first node that a mask touches. Under ``torchrun`` (an initialised ``torch.distributed``
+group) the passes are dealt out to the ranks and the scores summed back: every rank gets the
+scores of one process.
 
 Selection (:func:`select`) is CURL's own: one global ranking of the *raw* KL scores,
 lowest first, with a per-group floor (a removal is skipped once a group keeps less
@@ -54,7 +56,7 @@ from tqdm.auto import tqdm
 
 from fxprune.io.data import batches
 from fxprune.errors import ConfigError, DataError
-from fxprune.verify.masked import MaskedRunner
+from fxprune.verify.masked import MaskedRunner, sum_over_ranks
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask, make_plan, plan_from_mask, search
 from fxprune.plan.budget import checked_scores, ranked, ranked_steps
 
@@ -138,8 +140,9 @@ def score(graph, data=None, seed=0, *, num_samples: int = 256, kl_direction: str
         values = torch.zeros(len(jobs), dtype=torch.float64)
         bar = tqdm(total=len(jobs), desc="curl: scoring channels", unit="ch", disable=not progress, leave=False)
         with bar:
-            for idx, out in runner.each(drops, progress=bar):
+            for idx, out in runner.each(drops, progress=bar, shard=True):  # this rank's share under torchrun
                 values[idx] = kl_to_reference(out, ref_logp, kl_direction).cpu()
+        values = sum_over_ranks(values)
     finally:
         if device is not None:
             graph.module.to("cpu")

@@ -1,4 +1,5 @@
-"""Worker for tests/test_distributed.py: DWGL + structured GSM training, single process or DDP under torchrun.
+"""Worker for tests/test_distributed.py: DWGL + structured GSM training, single process or DDP under torchrun;
+then CURL's scores and CATRO's plan on a fixed network, their masked forwards split across the ranks.
 
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py OUT_DIR     # each rank writes OUT_DIR/rank{r}.pt
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxprune  # noqa: E402
-from fxprune.passes import dwgl, gsm  # noqa: E402
+from fxprune.passes import catro, curl, dwgl, gsm  # noqa: E402
 
 STEPS, BATCH = 6, 32
 
@@ -62,9 +63,15 @@ def run(world: int = 1, rank: int = 0) -> dict:
         masks.append({k: v.clone() for k, v in opt.active.items()})
     trained = fxprune.analyze(model.eval(), (xtr[:1],))
     plan = fxprune.make_plan(trained, dwgl.score(trained), flops=0.5)
+    torch.manual_seed(1)
+    fixed = TinyRes().eval()
+    graph = fxprune.analyze(fixed, (xtr[:1],))
+    curl_scores = curl.score(graph, (xtr[:48], ytr[:48]), num_samples=24, masks_per_forward=3, progress=False)
+    catro_plan = catro.plan(graph, (xtr[:200], ytr[:200]), flops=0.5, samples_per_class=4, progress=False)
     return {"masks": masks, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "plan": plan.keep, "votes": {k: v.clone() for k, v in reg.removable(model, tau=0.5).items()},
-            "scheduled": reg.scheduled}
+            "scheduled": reg.scheduled, "curl": curl_scores, "curl_forwards": curl.score.last_forwards,
+            "catro": catro_plan.keep}
 
 
 def main(out_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""DWGL and structured GSM under torch.distributed: 2 processes (torchrun, gloo, CPU) agree with each other and with one process."""
+"""DWGL and structured GSM under torch.distributed, and CURL's and CATRO's masked forwards split across ranks:
+2 processes (torchrun, gloo, CPU) agree with each other and with one process."""
 import os
 import subprocess
 import sys
@@ -54,3 +55,15 @@ def test_ddp_equals_single_process(ranks, single):
     for k in single["state"]:
         torch.testing.assert_close(a["state"][k], single["state"][k], rtol=1e-4, atol=1e-5)
     assert a["plan"] == single["plan"]
+
+
+def test_curl_and_catro_split_their_masked_forwards_and_score_as_one_process(ranks, single):
+    a, b = ranks
+    for name in single["curl"]:
+        assert torch.equal(a["curl"][name], single["curl"][name]), name   # bit for bit: the same passes
+        assert torch.equal(b["curl"][name], single["curl"][name]), name
+    assert any(bool((s > 0).any()) for s in single["curl"].values())
+    # each rank ran about half of the passes
+    assert a["curl_forwards"] + b["curl_forwards"] == pytest.approx(single["curl_forwards"], rel=0.35)
+    assert max(a["curl_forwards"], b["curl_forwards"]) < 0.8 * single["curl_forwards"]
+    assert a["catro"] == b["catro"] == single["catro"] and single["catro"]

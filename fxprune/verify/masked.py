@@ -14,7 +14,12 @@ It is built for many masks:
   ``[masks, batch, ...]`` and multiplied by a per-mask channel multiplier;
 * **cached prefix**: masks are run in the order of the first node they touch; the
   unmasked values before that node are computed once and kept (only the live ones),
-  and each masked pass recomputes the graph from that node onward.
+  and each masked pass recomputes the graph from that node onward;
+* **ranks**: under ``torch.distributed`` (e.g. ``torchrun``, gloo on CPU) the forward passes are
+  dealt out to the ranks, pass ``i`` to rank ``i % world``, each pass made of the same masks as in
+  one process, so every rank ends with the values one process computes, bit for bit
+  (:meth:`MaskedRunner.run` gathers them; :meth:`MaskedRunner.each` with ``shard=True`` yields a
+  rank its own passes, and :func:`sum_over_ranks` adds up per-rank results).
 
 The runner never changes the model; it runs the analysed copy (``graph.module``) in
 eval mode under ``torch.no_grad()``.
@@ -49,6 +54,23 @@ from torch.utils._pytree import tree_flatten
 from ..errors import ConfigError, DataError
 from ..labels import varying
 from ..utils import eval_mode
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (the identity in one process): per-rank results with zeros where
+    another rank computed, made whole on every rank."""
+    if rank_and_world()[1] > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def _labels(node: fx.Node):
@@ -136,22 +158,33 @@ class MaskedRunner:
     def run(self, drops: Sequence, masks_per_forward: int | None = None, capture=()):
         """Outputs for each mask in ``drops`` (each a list of global channel indices to zero).
 
-        Returns the model's first output tensor stacked as ``[len(drops), N, ...]``;
-        with ``capture`` (node names), returns ``{name: [len(drops), N, ...]}`` of those
-        nodes' values instead, and stops after the last of them.
+        Returns the model's first output tensor stacked as ``[len(drops), N, ...]``, in the order of
+        ``drops``; with ``capture`` (node names), returns ``{name: [len(drops), N, ...]}`` of those
+        nodes' values instead, and stops after the last of them. Under ``torch.distributed`` each
+        rank runs its share of the passes and every rank returns all of them.
         """
-        results = []
-        for _, vals in self.each(drops, masks_per_forward=masks_per_forward, capture=capture):
-            results.append(vals)
+        found = [(idx, vals) for idx, vals in self.each(drops, masks_per_forward=masks_per_forward, capture=capture,
+                                                        shard=True)]
+        if rank_and_world()[1] > 1:
+            gathered = [None] * rank_and_world()[1]
+            torch.distributed.all_gather_object(gathered, found)
+            found = [item for part in gathered for item in part]
+        if not found:
+            return {k: torch.empty(0) for k in capture} if capture else torch.empty(0)
+        where = torch.tensor([i for idx, _ in found for i in idx])
+        back = torch.argsort(where)  # passes run in the order of their first node: back to the order of drops
         if capture:
-            return {k: torch.cat([r[k] for r in results]) for k in capture}
-        return torch.cat(results)
+            return {k: torch.cat([vals[k] for _, vals in found])[back] for k in capture}
+        return torch.cat([vals for _, vals in found])[back]
 
-    def each(self, drops: Sequence, masks_per_forward: int | None = None, capture=(), progress=None):
+    def each(self, drops: Sequence, masks_per_forward: int | None = None, capture=(), progress=None,
+             shard: bool = False):
         """Yield ``(indices, values)`` per forward pass, masks sorted by their first node.
 
         ``indices`` are positions in ``drops``; ``values`` are as in :meth:`run` for them.
-        ``progress`` is a ``tqdm`` bar (or None) advanced by the number of masks done.
+        ``progress`` is a ``tqdm`` bar (or None) advanced by the number of masks done. With
+        ``shard=True`` under ``torch.distributed``, only this rank's passes (pass ``i`` goes to
+        rank ``i % world``).
         """
         m = masks_per_forward or self.m
         drops = [torch.as_tensor(d, dtype=torch.long).flatten() for d in drops]
@@ -160,6 +193,7 @@ class MaskedRunner:
                 raise ConfigError(f"a mask names channels outside 0..{self.num_channels - 1}")
         if not drops:
             return
+        rank, world = rank_and_world() if shard else (0, 1)
         starts = [self.first_node(d) for d in drops]
         order = sorted(range(len(drops)), key=lambda i: (starts[i], i))
         capture_pos = [self.pos[self._node(c)] for c in capture]
@@ -167,7 +201,9 @@ class MaskedRunner:
         latest = min(capture_pos) if capture_pos else end  # every pass runs at least from here
         with eval_mode(self.gm), torch.no_grad():
             env, done = self._start_env(m), 0
-            for k in range(0, len(order), m):
+            for n_pass, k in enumerate(range(0, len(order), m)):
+                if n_pass % world != rank:
+                    continue
                 chunk = order[k:k + m]
                 start = min(min(starts[i] for i in chunk), latest)
                 done = self._advance(env, done, start)
