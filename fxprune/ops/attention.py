@@ -305,10 +305,18 @@ sdpa_rule.takes_grids = True
 
 
 def fix_sdpa(node, rw):
-    """After q/k lose channels, pass the original ``1 / sqrt(head_dim)`` as ``scale``."""
+    """After q/k lose channels, keep the original ``1 / sqrt(head_dim)``: passed as ``scale`` to a 4-D
+    attention; for other ranks (windowed attention's 5-D q), folded into q as ``q * sqrt(new / old)``,
+    since ONNX's exporter takes ``scale`` only with 4-D inputs."""
     q = arg(node.args, node.kwargs, 0, "query")
     if arg(node.args, node.kwargs, 6, "scale") is not None or not isinstance(q, fx.Node):
         return
     old, new = rw.old_shape(q)[-1], rw.new_shape(q)[-1]
-    if old != new:
+    if old == new:
+        return
+    if len(rw.old_shape(q)) == 4:
         node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old)}
+        return
+    with node.graph.inserting_before(node):
+        scaled = node.graph.call_function(torch.mul, (q, math.sqrt(new / old)))
+    node.replace_input_with(q, scaled)  # q feeds only this node's query: k and v are other nodes
