@@ -184,9 +184,6 @@ class Pipeline:
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         graph = self.graph
-        if output == "module" and graph.capture.get("tracer", "fx") != "fx":
-            raise ConfigError(f"output='module' needs the torch.fx capture (this model was captured by "
-                              f"{graph.capture.get('tracer')}): use output='graph'")
         keep = plan.mask(graph)
         t0 = time.perf_counter()
         pruned = rewrite(graph, plan)

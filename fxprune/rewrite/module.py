@@ -39,6 +39,7 @@ from ..ir import Pin
 from ..ops.schema import describe
 from ..utils import paused_gc
 from .graph import Resizer, copy_modules, sliced_memo
+from .scopes import module_calls, scope_of, stack_of
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
@@ -176,7 +177,7 @@ def _reason(node, gm, change, plan=False) -> str:
 def _attribute(node: fx.Node, value, model) -> tuple | None:
     """``(module path, name)`` when ``value`` is read from an attribute ``self.name`` of the module
     whose code made ``node`` (its line says ``self.name`` and the attribute holds ``value``)."""
-    frame, path = _user_frame(node), node.meta.get("fxprune_scope")
+    frame, path = _user_frame(node), scope_of(node)
     if model is None or frame is None or path is None or not isinstance(value, (int, tuple, list)) \
             or isinstance(value, bool):
         return None
@@ -194,7 +195,7 @@ def _attribute(node: fx.Node, value, model) -> tuple | None:
 def _reads(node: fx.Node, path: str, name: str, value) -> bool:
     """Whether ``node``'s line reads ``self.name`` of module ``path`` and ``value`` is among its arguments."""
     frame = _user_frame(node)
-    if frame is None or node.meta.get("fxprune_scope") != path or not re.search(rf"\bself\.{name}\b", frame[3]):
+    if frame is None or scope_of(node) != path or not re.search(rf"\bself\.{name}\b", frame[3]):
         return False
     found = []
 
@@ -210,6 +211,46 @@ def _reads(node: fx.Node, path: str, name: str, value) -> bool:
 
     walk((node.args, node.kwargs))
     return bool(found)
+
+
+def _resize_of(table, module: torch.nn.Module):
+    """The ``resize`` of ``module``'s row in ``table`` (the rule table's one place for it), or None."""
+    rule = table[type(module)] if type(module) in table else None
+    return None if rule is None else rule.resize
+
+
+def _resized_by(node: fx.Node, table, model: torch.nn.Module | None) -> str | None:
+    """In a ``torch.export`` graph: the path of a module around ``node`` whose rule resizes it, else None.
+
+    Such a module's own ``forward`` reads the attributes its resize sets (``nn.LayerNorm``'s
+    ``normalized_shape``, a depthwise ``nn.Conv2d``'s ``groups``, ``nn.Unflatten``'s sizes), so the
+    literals export baked into ``node`` follow the copy: they are the resize's, not the user's.
+    (A ``symbolic_trace`` graph calls such a module as one ``call_module`` node instead.)
+    """
+    if model is None or node.op != "call_function":
+        return None
+    for _, path in stack_of(node):
+        module = _submodule(model, path)
+        if module is not None and _resize_of(table, module) is not None:
+            return path
+    return None
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _module_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """``{module path: the node its resize rule is handed}``: the ``call_module`` node, or in a
+    ``torch.export`` graph the first node of the module's first call made by its own code."""
+    out = {}
+    for path, calls in module_calls(gm).items():
+        nodes = calls[0].nodes
+        out[path] = next((n for n in nodes if scope_of(n) == path), nodes[0])
+    return out
 
 
 @paused_gc
@@ -245,7 +286,7 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
                 found.append((original[node], ch, (_SHUFFLE, None), None))
             continue
         rule = table.rule_for(node, modules)
-        if rule.fix is None:
+        if rule.fix is None or _resized_by(original[node], table, model) is not None:
             continue
         ch = _channels(node)
         if not ch.numel() or bool(keep[ch].all()):
@@ -305,6 +346,13 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     analysed = dict(graph.module.named_modules())
     rw = Resizer(keep)
     resized, set_attrs = set(), {}
+    for path, node in _module_nodes(graph.module).items():
+        if node.op != "call_function":
+            continue  # a call_module node: resized below, by its own rule
+        module = _submodule(new, path)
+        resize = None if module is None else _resize_of(graph.table, module)
+        if resize is not None:  # a torch.export graph: the module's own row, handed its first node
+            resize(module, node, rw)
     for node in scratch.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -312,9 +360,9 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
         if rule.resize is not None and node.target not in resized:
             rule.resize(new.get_submodule(node.target), node, rw)
             resized.add(node.target)
-        if rule.fix is not None:
+        if rule.fix is not None and _resized_by(original[node], graph.table, model) is None:
             ch = _channels(node)
-            if ch.numel() and bool(keep[ch].all()):
+            if not ch.numel() or bool(keep[ch].all()):
                 continue  # nothing of it is removed: the fix has nothing to change
             before = _snapshot(node)
             rule.fix(node, rw)
