@@ -73,7 +73,7 @@ class Pipeline:
     ``concrete_args`` go to ``symbolic_trace``; ``verify`` runs
     mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
     ``output`` is what :meth:`build` returns by default: ``"graph"`` (a ``GraphModule``) or
-    ``"module"`` (a pruned copy of the model, same class: :mod:`fxprune.rewrite.module`;
+    ``"module"`` (a pruned copy of the model, same class, from either capture: :mod:`fxprune.rewrite.module`;
     channels counted by literals of the model's code are then pinned before planning).
     """
 

@@ -58,7 +58,7 @@ class Mixed(nn.Module):
         return self.o(F.relu(self.ln(self.l(y))))
 
 
-def test_export_capture_module_output_resizes_by_the_rule_table():
+def test_export_capture_module_output_resizes_by_the_rule_table(tmp_path):
     torch.manual_seed(0)
     model, x = Mixed().eval(), torch.randn(2, 3, 8, 8)
     before = _state(model)
@@ -80,8 +80,23 @@ def test_export_capture_module_output_resizes_by_the_rule_table():
     torch.save(p, buf)
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
+    fxprune.save(p, str(tmp_path / "p.pt"))              # plan + weights; load captures with the saved tracer
+    loaded = fxprune.load(str(tmp_path / "p.pt"), Mixed, (x,))
     with torch.no_grad():
         assert type(again) is Mixed and torch.equal(again(xb), p(xb))
+        assert type(loaded) is Mixed and loaded.ln.normalized_shape == (8,) and torch.equal(loaded(xb), p(xb))
+
+
+def test_cli_prune_export_capture_output_module(capsys, tmp_path):
+    from fxprune.cli import main
+
+    saved = str(tmp_path / "m.pt")
+    code = main(["prune", "test_module_frameworks:Mixed", "--input-shape", "2,3,8,8", "--ratio", "0.5",
+                 "--capture", "export", "--output", "module", "--save", saved])
+    out = capsys.readouterr().out
+    assert code == 0 and "a pruned copy of the model" in out and "module copy vs pruned graph" in out
+    loaded = fxprune.load(saved, Mixed, (torch.randn(2, 3, 8, 8),))
+    assert type(loaded) is Mixed and fxprune.report(loaded).capture["tracer"] == "export" and loaded.l.out_features == 8
 
 
 def test_multihead_attention_module_output_from_export():

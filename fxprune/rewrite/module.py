@@ -2,9 +2,13 @@
 
 :func:`rewrite_module` copies the user's model with every parameter and buffer sliced by
 the plan (the same kept positions and the same gather as the ``GraphModule`` rewrite:
-:func:`fxprune.rewrite.graph.sliced_memo`), then hands each module of the copy that a
-``call_module`` node names to its rule's ``resize`` (``in_channels``, ``num_features``,
-``embed_dim`` with the query-scale fold, ...). The copy runs the user's own ``forward``.
+:func:`fxprune.rewrite.graph.sliced_memo`), then hands each module of the copy that the graph
+calls to its rule's ``resize`` (``in_channels``, ``num_features``, ``embed_dim`` with the
+query-scale fold, ...). The copy runs the user's own ``forward``. Both captures work: a
+``symbolic_trace`` graph names modules in ``call_module`` nodes; a ``torch.export`` graph
+(ATen ops, the model's own parameter names) is read through its nodes' ``nn_module_stack``
+(:mod:`fxprune.rewrite.scopes`), and the literals export bakes into the ops inside a module
+whose row resizes it (``nn.LayerNorm``'s ``normalized_shape``) are left to that resize.
 
 What a copy cannot change is a number written in that ``forward``: ``x.view(n, 512 * 7 * 7)``,
 ``split([32, 32])``, ``F.conv2d(..., groups=4)``, ``reshape(n, self.hidden_dim, -1)`` (an
@@ -333,7 +337,8 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     """A pruned deep copy of ``model`` (the module ``graph`` was captured from), same class.
 
     Parameters and buffers are sliced as :func:`fxprune.rewrite.rewrite` slices them, and
-    every module a ``call_module`` node names is resized by its rule; a rule's ``fix`` runs
+    every module the graph calls (a ``call_module`` node, or in a ``torch.export`` graph the
+    first node its code made) is resized by its module type's row; a rule's ``fix`` runs
     on a scratch graph owned by the copy (so a fix that folds a scale into weights folds it
     into the copy's); a literal read from an attribute (``self.hidden_dim``, marked by
     :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was.
