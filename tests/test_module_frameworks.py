@@ -257,3 +257,22 @@ def test_bert_module_output_with_padding_mask():
     real = mask2.bool()
     err = (got[real] - want[real]).abs().max()
     assert err <= 1e-4 * want[real].abs().max() + 1e-5
+
+
+def test_gpt2_conv1d_is_resized_by_its_row():
+    """GPT-2's ``Conv1D`` reads ``nf`` and run-time sizes: its row resizes it, so the literals export baked inside it
+    pin nothing and the MLP is pruned; the copy generates."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    p, graph = _module(model, (ids,), onnx=False)
+    rep = fxprune.report(p)
+    mlp = p.transformer.h[0].mlp
+    assert rep.mask["module"]["ok"] and mlp.c_fc.nf == mlp.c_fc.weight.shape[1] == mlp.c_proj.nx == 64
+    assert not any("pytorch_utils.py" in r for _, r in _pins(graph))
+    g = fxprune.apply(model, (ids,), rep.plan, onnx=False)
+    with torch.no_grad():
+        assert (p(ids).logits - g(ids).logits).abs().max() <= 1e-5
+    assert p.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0).shape == (1, 12)

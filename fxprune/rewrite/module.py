@@ -218,9 +218,13 @@ def _reads(node: fx.Node, path: str, name: str, value) -> bool:
 
 
 def _resize_of(table, module: torch.nn.Module):
-    """The ``resize`` of ``module``'s row in ``table`` (the rule table's one place for it), or None."""
-    rule = table[type(module)] if type(module) in table else None
-    return None if rule is None else rule.resize
+    """The ``resize`` of ``module``'s row in ``table`` (the rule table's one place for it), or None; a row
+    may name the type by its qualified name (a package the table does not import)."""
+    kind = type(module)
+    for key in (kind, f"{kind.__module__}.{kind.__qualname__}"):
+        if key in table:
+            return table[key].resize
+    return None
 
 
 def _resized_by(node: fx.Node, table, model: torch.nn.Module | None) -> str | None:
