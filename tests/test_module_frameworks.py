@@ -276,3 +276,27 @@ def test_gpt2_conv1d_is_resized_by_its_row():
     with torch.no_grad():
         assert (p(ids).logits - g(ids).logits).abs().max() <= 1e-5
     assert p.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0).shape == (1, 12)
+
+
+def test_timm_vit_from_export_sets_its_attributes():
+    """timm's ViT (width 192, MLP 768) captured by export: its LayerNorm subclass reads ``self.normalized_shape``
+    (a tuple, written as a list in the graph) and its attention ``self.head_dim``: the copy's attributes are set,
+    not pinned."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    p, graph = _module(model, (x,), capture="export", onnx=False)
+    rep = fxprune.report(p)
+    assert type(p) is type(model) and rep.mask["module"]["ok"] and rep.params_after < 0.7 * rep.params_before
+    block = p.blocks[0]
+    assert block.norm1.normalized_shape == (96,) and type(block.norm1.normalized_shape) is tuple
+    assert p.patch_embed.proj.out_channels == 96 == block.mlp.fc1.in_features and block.mlp.fc1.out_features == 384
+    attn = block.attn
+    assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim and attn.proj.in_features == 3 * attn.head_dim
+    assert not any("norm.py" in r for _, r in _pins(graph))
+    g = fxprune.apply(model, (x,), rep.plan, onnx=False, capture="export")
+    with torch.no_grad():
+        xb = torch.randn(2, 3, 32, 32)
+        assert (p(xb) - g(xb)).abs().max() <= 1e-5

@@ -168,14 +168,26 @@ def _reason(node, gm, change, plan=False) -> str:
         return (f"{describe(node, gm)} ({source_of(node)}) ends a channel shuffle, which the pruned graph replaces "
                 "by a gather of the kept channels in the shuffled order; a module copy runs the shuffle unchanged, "
                 "so its channels are kept (output='graph' prunes them)")
-    what = f"the literal {old!r}" if isinstance(old, (int, float, tuple, list)) \
-        else f"'{getattr(old, '__name__', old)}' with sizes fixed"
+    if isinstance(old, dict):  # keyword arguments the graph rewrite adds (sdpa's scale when head_dim shrinks)
+        what = f"the keyword arguments {old!r} (the pruned graph passes {new!r})"
+    elif isinstance(old, (int, float, tuple, list)):
+        what = f"the literal {old!r}"
+    else:
+        what = f"'{getattr(old, '__name__', old)}' with sizes fixed"
     where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
     if plan:
         return (f"{where} lose some under this plan: the pruned graph needs {new!r} there, which a module copy, "
                 "running that code unchanged, cannot have")
     return f"{where} would lose some: a module copy runs that code unchanged, so they are kept " \
            "(output='graph' rewrites the literal)"
+
+
+def _same(a, b) -> bool:
+    """``a == b`` for plain values; a list and a tuple of the same numbers are the same sizes
+    (``torch.export`` writes ``nn.LayerNorm``'s ``normalized_shape`` tuple as a list)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def _attribute(node: fx.Node, value, model) -> tuple | None:
@@ -191,7 +203,7 @@ def _attribute(node: fx.Node, value, model) -> tuple | None:
         return None
     for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", frame[3])):
         held = owner.__dict__.get(name)
-        if type(held) is type(value) and held == value:
+        if _same(held, value):
             return (path, name)
     return None
 
@@ -204,7 +216,7 @@ def _reads(node: fx.Node, path: str, name: str, value) -> bool:
     found = []
 
     def walk(a):
-        if type(a) is type(value) and a == value:
+        if _same(a, value):
             found.append(a)
         elif isinstance(a, (tuple, list)):
             for b in a:
@@ -377,9 +389,11 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node))
             attr = node.meta.get("fxprune_attribute")
-            if change is not None and attr is not None and type(change[0]) is type(attr[2]) \
-                    and change[0] == attr[2] and isinstance(change[1], (int, tuple, list)):
-                owner, value = new.get_submodule(attr[0]), type(attr[2])(change[1])
+            owner = new.get_submodule(attr[0]) if change is not None and attr is not None else None
+            held = getattr(owner, attr[1], None) if owner is not None else None
+            if owner is not None and _same(change[0], attr[2]) and isinstance(change[1], (int, tuple, list)) \
+                    and isinstance(held, (tuple, list)) == isinstance(change[1], (tuple, list)):
+                value = type(held)(change[1])  # the attribute's own type: a tuple stays a tuple
                 if set_attrs.setdefault(attr[:2], value) != value:
                     raise PlanError(f"output='module': attribute '{attr[1]}' of module '{attr[0] or '<root>'}' "
                                     f"would need two values ({set_attrs[attr[:2]]!r} and {value!r})")
