@@ -10,6 +10,7 @@ Usage::
 
     python tools/module_sweep.py                                   # the default list; writes tools/results/module_sweep.md
     python tools/module_sweep.py --models hf:BertModel,timm:resnet10t --no-onnx
+    python tools/module_sweep.py --models hf:BertModel --update    # re-run some rows of the table, keep the others
     python tools/module_sweep.py --worker hf:BertModel             # one model: prints a JSON line
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(DEFAULT))
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--update", action="store_true", help="keep the table's rows of the models not run")
     ap.add_argument("--worker")
     a = ap.parse_args()
     if a.worker:
@@ -99,9 +101,13 @@ def main() -> None:
         lines.append(f"| {r['model']} | verified | {r['tracer']} | {r['params_before']:,} → {r['params_after']:,} | "
                      f"{r['mask_rel']:.1e} | {r['modules_compared']} ({r['module_rel']:.1e}) | {onnx} | "
                      f"{r['literal_groups']} | {r['wall_s']} |")
+    if a.update and os.path.exists(TABLE):  # the rows of the models not run now, in their place
+        fresh = {line.split(" | ")[0]: line for line in lines[2:]}
+        old = [line for line in open(TABLE).read().splitlines() if line.startswith("| ") and not line.startswith("| model |")]
+        lines = lines[:2] + [fresh.pop(line.split(" | ")[0], line) for line in old] + list(fresh.values())
     with open(TABLE, "w") as f:
-        f.write("# output=\"module\" sweep\n\n`python tools/module_sweep.py " + " ".join(sys.argv[1:]) + "`\n\n"
-                + "\n".join(lines) + "\n")
+        f.write("# output=\"module\" sweep\n\n`python tools/module_sweep.py` (l2, `ratio=0.5`; rows re-run with "
+                "`--models ... --update` as the code changed)\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
