@@ -73,7 +73,7 @@ class Pipeline:
     ``concrete_args`` go to ``symbolic_trace``; ``verify`` runs
     mask-equivalence on every result, and ``onnx`` (with ``verify``) the ONNX Runtime check.
     ``output`` is what :meth:`build` returns by default: ``"graph"`` (a ``GraphModule``) or
-    ``"module"`` (a pruned copy of the model, same class: :mod:`fxprune.rewrite.module`;
+    ``"module"`` (a pruned copy of the model, same class, from either capture: :mod:`fxprune.rewrite.module`;
     channels counted by literals of the model's code are then pinned before planning).
     """
 
@@ -184,9 +184,6 @@ class Pipeline:
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         graph = self.graph
-        if output == "module" and graph.capture.get("tracer", "fx") != "fx":
-            raise ConfigError(f"output='module' needs the torch.fx capture (this model was captured by "
-                              f"{graph.capture.get('tracer')}): use output='graph'")
         keep = plan.mask(graph)
         t0 = time.perf_counter()
         pruned = rewrite(graph, plan)

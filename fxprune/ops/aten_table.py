@@ -7,6 +7,10 @@ from ``torch.nn.functional``'s the rule says so (:func:`~.norm.aten_batch_norm`,
 row's ``fix`` recomputes it (``aten.view(x, [1, 768, 196])``, ``split_with_sizes``, slices).
 An overload with no row pins the channels it touches, as in :data:`FX_RULES`.
 
+A module type of a package the table does not import is spelled by its qualified name
+(``"transformers.pytorch_utils.Conv1D"``): such a row only resizes the module of a pruned copy
+(``output="module"``); export's graph has no ``call_module`` node for it to couple.
+
 Example::
 
     >>> import torch
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_function, conv_transpose_function, embedding_function, fix_groups,
-                   linear_function)
+                   linear_function, resize_conv1d_hf)
 from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
 from .fx_table import FX_RULES
 from .norm import aten_batch_norm, fix_layer_norm, layer_norm_rule, normalizes_channels
@@ -112,3 +116,6 @@ register(Rule(cat_rule), *overloads("cat", "stack"))
 register(Rule(matmul_rule), *overloads("matmul", "bmm", "mm"))
 register(Rule(einsum_rule), *overloads("einsum"))
 register(Rule(sdpa_rule, fix=fix_sdpa), *overloads("scaled_dot_product_attention"))
+
+# module rows for output="module": resize what the module's own forward reads (a call_module node of one pins)
+register(Rule(ATEN_RULES.default.couple, resize=resize_conv1d_hf), "transformers.pytorch_utils.Conv1D")

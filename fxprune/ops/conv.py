@@ -167,3 +167,9 @@ def addmm_function(ctx, args, kwargs):
 
 def resize_linear(m, node, rw):
     m.out_features, m.in_features = m.weight.shape
+
+
+def resize_conv1d_hf(m, node, rw):
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``[in, out]``; its
+    ``forward`` reads ``nf`` and the input's size at run time, nothing else."""
+    m.nx, m.nf = m.weight.shape

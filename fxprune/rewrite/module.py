@@ -2,9 +2,13 @@
 
 :func:`rewrite_module` copies the user's model with every parameter and buffer sliced by
 the plan (the same kept positions and the same gather as the ``GraphModule`` rewrite:
-:func:`fxprune.rewrite.graph.sliced_memo`), then hands each module of the copy that a
-``call_module`` node names to its rule's ``resize`` (``in_channels``, ``num_features``,
-``embed_dim`` with the query-scale fold, ...). The copy runs the user's own ``forward``.
+:func:`fxprune.rewrite.graph.sliced_memo`), then hands each module of the copy that the graph
+calls to its rule's ``resize`` (``in_channels``, ``num_features``, ``embed_dim`` with the
+query-scale fold, ...). The copy runs the user's own ``forward``. Both captures work: a
+``symbolic_trace`` graph names modules in ``call_module`` nodes; a ``torch.export`` graph
+(ATen ops, the model's own parameter names) is read through its nodes' ``nn_module_stack``
+(:mod:`fxprune.rewrite.scopes`), and the literals export bakes into the ops inside a module
+whose row resizes it (``nn.LayerNorm``'s ``normalized_shape``) are left to that resize.
 
 What a copy cannot change is a number written in that ``forward``: ``x.view(n, 512 * 7 * 7)``,
 ``split([32, 32])``, ``F.conv2d(..., groups=4)``, ``reshape(n, self.hidden_dim, -1)`` (an
@@ -39,6 +43,7 @@ from ..ir import Pin
 from ..ops.schema import describe
 from ..utils import paused_gc
 from .graph import Resizer, copy_modules, sliced_memo
+from .scopes import module_calls, scope_of, stack_of
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
@@ -163,8 +168,12 @@ def _reason(node, gm, change, plan=False) -> str:
         return (f"{describe(node, gm)} ({source_of(node)}) ends a channel shuffle, which the pruned graph replaces "
                 "by a gather of the kept channels in the shuffled order; a module copy runs the shuffle unchanged, "
                 "so its channels are kept (output='graph' prunes them)")
-    what = f"the literal {old!r}" if isinstance(old, (int, float, tuple, list)) \
-        else f"'{getattr(old, '__name__', old)}' with sizes fixed"
+    if isinstance(old, dict):  # keyword arguments the graph rewrite adds (sdpa's scale when head_dim shrinks)
+        what = f"the keyword arguments {old!r} (the pruned graph passes {new!r})"
+    elif isinstance(old, (int, float, tuple, list)):
+        what = f"the literal {old!r}"
+    else:
+        what = f"'{getattr(old, '__name__', old)}' with sizes fixed"
     where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
     if plan:
         return (f"{where} lose some under this plan: the pruned graph needs {new!r} there, which a module copy, "
@@ -173,10 +182,18 @@ def _reason(node, gm, change, plan=False) -> str:
            "(output='graph' rewrites the literal)"
 
 
+def _same(a, b) -> bool:
+    """``a == b`` for plain values; a list and a tuple of the same numbers are the same sizes
+    (``torch.export`` writes ``nn.LayerNorm``'s ``normalized_shape`` tuple as a list)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def _attribute(node: fx.Node, value, model) -> tuple | None:
     """``(module path, name)`` when ``value`` is read from an attribute ``self.name`` of the module
     whose code made ``node`` (its line says ``self.name`` and the attribute holds ``value``)."""
-    frame, path = _user_frame(node), node.meta.get("fxprune_scope")
+    frame, path = _user_frame(node), scope_of(node)
     if model is None or frame is None or path is None or not isinstance(value, (int, tuple, list)) \
             or isinstance(value, bool):
         return None
@@ -186,7 +203,7 @@ def _attribute(node: fx.Node, value, model) -> tuple | None:
         return None
     for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", frame[3])):
         held = owner.__dict__.get(name)
-        if type(held) is type(value) and held == value:
+        if _same(held, value):
             return (path, name)
     return None
 
@@ -194,12 +211,12 @@ def _attribute(node: fx.Node, value, model) -> tuple | None:
 def _reads(node: fx.Node, path: str, name: str, value) -> bool:
     """Whether ``node``'s line reads ``self.name`` of module ``path`` and ``value`` is among its arguments."""
     frame = _user_frame(node)
-    if frame is None or node.meta.get("fxprune_scope") != path or not re.search(rf"\bself\.{name}\b", frame[3]):
+    if frame is None or scope_of(node) != path or not re.search(rf"\bself\.{name}\b", frame[3]):
         return False
     found = []
 
     def walk(a):
-        if type(a) is type(value) and a == value:
+        if _same(a, value):
             found.append(a)
         elif isinstance(a, (tuple, list)):
             for b in a:
@@ -210,6 +227,50 @@ def _reads(node: fx.Node, path: str, name: str, value) -> bool:
 
     walk((node.args, node.kwargs))
     return bool(found)
+
+
+def _resize_of(table, module: torch.nn.Module):
+    """The ``resize`` of ``module``'s row in ``table`` (the rule table's one place for it), or None; a row
+    may name the type by its qualified name (a package the table does not import)."""
+    kind = type(module)
+    for key in (kind, f"{kind.__module__}.{kind.__qualname__}"):
+        if key in table:
+            return table[key].resize
+    return None
+
+
+def _resized_by(node: fx.Node, table, model: torch.nn.Module | None) -> str | None:
+    """In a ``torch.export`` graph: the path of a module around ``node`` whose rule resizes it, else None.
+
+    Such a module's own ``forward`` reads the attributes its resize sets (``nn.LayerNorm``'s
+    ``normalized_shape``, a depthwise ``nn.Conv2d``'s ``groups``, ``nn.Unflatten``'s sizes), so the
+    literals export baked into ``node`` follow the copy: they are the resize's, not the user's.
+    (A ``symbolic_trace`` graph calls such a module as one ``call_module`` node instead.)
+    """
+    if model is None or node.op != "call_function":
+        return None
+    for _, path in stack_of(node):
+        module = _submodule(model, path)
+        if module is not None and _resize_of(table, module) is not None:
+            return path
+    return None
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _module_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """``{module path: the node its resize rule is handed}``: the ``call_module`` node, or in a
+    ``torch.export`` graph the first node of the module's first call made by its own code."""
+    out = {}
+    for path, calls in module_calls(gm).items():
+        nodes = calls[0].nodes
+        out[path] = next((n for n in nodes if scope_of(n) == path), nodes[0])
+    return out
 
 
 @paused_gc
@@ -245,7 +306,7 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
                 found.append((original[node], ch, (_SHUFFLE, None), None))
             continue
         rule = table.rule_for(node, modules)
-        if rule.fix is None:
+        if rule.fix is None or _resized_by(original[node], table, model) is not None:
             continue
         ch = _channels(node)
         if not ch.numel() or bool(keep[ch].all()):
@@ -292,7 +353,8 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     """A pruned deep copy of ``model`` (the module ``graph`` was captured from), same class.
 
     Parameters and buffers are sliced as :func:`fxprune.rewrite.rewrite` slices them, and
-    every module a ``call_module`` node names is resized by its rule; a rule's ``fix`` runs
+    every module the graph calls (a ``call_module`` node, or in a ``torch.export`` graph the
+    first node its code made) is resized by its module type's row; a rule's ``fix`` runs
     on a scratch graph owned by the copy (so a fix that folds a scale into weights folds it
     into the copy's); a literal read from an attribute (``self.hidden_dim``, marked by
     :func:`pin_literals`) is changed in the copy's attribute. ``model`` is left as it was.
@@ -305,6 +367,13 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
     analysed = dict(graph.module.named_modules())
     rw = Resizer(keep)
     resized, set_attrs = set(), {}
+    for path, node in _module_nodes(graph.module).items():
+        if node.op != "call_function":
+            continue  # a call_module node: resized below, by its own rule
+        module = _submodule(new, path)
+        resize = None if module is None else _resize_of(graph.table, module)
+        if resize is not None:  # a torch.export graph: the module's own row, handed its first node
+            resize(module, node, rw)
     for node in scratch.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -312,17 +381,19 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
         if rule.resize is not None and node.target not in resized:
             rule.resize(new.get_submodule(node.target), node, rw)
             resized.add(node.target)
-        if rule.fix is not None:
+        if rule.fix is not None and _resized_by(original[node], graph.table, model) is None:
             ch = _channels(node)
-            if ch.numel() and bool(keep[ch].all()):
+            if not ch.numel() or bool(keep[ch].all()):
                 continue  # nothing of it is removed: the fix has nothing to change
             before = _snapshot(node)
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node))
             attr = node.meta.get("fxprune_attribute")
-            if change is not None and attr is not None and type(change[0]) is type(attr[2]) \
-                    and change[0] == attr[2] and isinstance(change[1], (int, tuple, list)):
-                owner, value = new.get_submodule(attr[0]), type(attr[2])(change[1])
+            owner = new.get_submodule(attr[0]) if change is not None and attr is not None else None
+            held = getattr(owner, attr[1], None) if owner is not None else None
+            if owner is not None and _same(change[0], attr[2]) and isinstance(change[1], (int, tuple, list)) \
+                    and isinstance(held, (tuple, list)) == isinstance(change[1], (tuple, list)):
+                value = type(held)(change[1])  # the attribute's own type: a tuple stays a tuple
                 if set_attrs.setdefault(attr[:2], value) != value:
                     raise PlanError(f"output='module': attribute '{attr[1]}' of module '{attr[0] or '<root>'}' "
                                     f"would need two values ({set_attrs[attr[:2]]!r} and {value!r})")

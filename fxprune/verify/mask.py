@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import VerificationError
 from ..labels import kept_along, kept_mask, select_kept
 from ..rewrite.graph import copy_modules
+from ..rewrite.scopes import module_calls
 from ..utils import eval_mode
 
 MASK_RTOL, MASK_ATOL = 1e-4, 1e-6
@@ -251,16 +252,18 @@ def check_mask(result: dict) -> None:
 def module_equivalence(module: torch.nn.Module, pruned: fx.GraphModule, inputs: tuple) -> dict:
     """Compare a pruned model of any class (``output="module"``) with the pruned ``GraphModule``.
 
-    ``module`` runs eagerly, with a forward hook on each of its modules that a ``call_module``
-    node of ``pruned`` names (every module boundary the capture saw); ``pruned`` runs node by
-    node. The outputs of each module call (in call order) and the model outputs are compared
-    with the mask-equivalence tolerance. Returns the figures (``ok``, ``modules_compared``,
-    ``max_rel_diff``, ``worst_module``, ``output_max_abs_diff``).
+    ``module`` runs eagerly, with a forward hook on each of its modules that ``pruned`` calls
+    (a ``call_module`` node, or in a ``torch.export`` graph a run of nodes with that module in
+    their ``nn_module_stack``: :func:`fxprune.rewrite.scopes.module_calls`); ``pruned`` runs node
+    by node. The outputs of each module call (in call order) and the model outputs are compared
+    with the mask-equivalence tolerance; a module whose calls the graph does not show one for one
+    (a call export left no node for, an output of several tensors) is compared at the outputs only.
+    Returns the figures (``ok``, ``modules_compared``, ``max_rel_diff``, ``worst_module``,
+    ``output_max_abs_diff``).
     """
-    nodes: dict[str, list[str]] = {}
-    for n in pruned.graph.nodes:
-        if n.op == "call_module":
-            nodes.setdefault(n.target, []).append(n.name)
+    nodes: dict[str, list] = {}
+    for target, calls in module_calls(pruned).items():
+        nodes[target] = [c.outputs[0] if len(c.outputs) == 1 else None for c in calls]
     seen: dict[str, list] = {t: [] for t in nodes}
     hooks = []
     for target in nodes:
@@ -276,7 +279,7 @@ def module_equivalence(module: torch.nn.Module, pruned: fx.GraphModule, inputs: 
         for h in hooks:
             h.remove()
     with torch.no_grad(), eval_mode(pruned):
-        got = _Snapshots(pruned)
+        got = _Snapshots(pruned, {n for outs in nodes.values() for n in outs if n is not None})
         out_graph = got.run(*inputs)
     worst, compared, failing = (0.0, None), 0, None
 
@@ -298,9 +301,12 @@ def module_equivalence(module: torch.nn.Module, pruned: fx.GraphModule, inputs: 
             if not err <= MASK_RTOL * scale + MASK_ATOL:
                 failing = failing or (rel, where)
 
-    for target, names in nodes.items():
-        for name, value in zip(names, seen[target]):
-            compare(f"module '{target}' (node '{name}')", got.values[name], value)
+    for target, outs in nodes.items():
+        if len(outs) != len(seen[target]):
+            continue  # calls the graph does not show one for one
+        for node, value in zip(outs, seen[target]):
+            if node is not None and len([v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]) == 1:
+                compare(f"module '{target}' (node '{node.name}')", got.values[node.name], value)
     compare("the model outputs", out_graph, out_module)
     xs = [x for x in tree_flatten(out_graph)[0] if isinstance(x, torch.Tensor)]
     ys = [y for y in tree_flatten(out_module)[0] if isinstance(y, torch.Tensor)]
@@ -317,11 +323,16 @@ def _cloned(value):
 
 
 class _Snapshots(_Capture):
-    """:class:`_Capture` keeping a copy of each call_module node's value, taken when it is computed."""
+    """:class:`_Capture` keeping a copy of the value of each node in ``kept``, taken when it is computed
+    (a later in-place op would change it)."""
+
+    def __init__(self, gm, kept):
+        super().__init__(gm)
+        self.kept = kept
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.op == "call_module":
+        if n in self.kept:
             self.values[n.name] = _cloned(out)
         return out
 
