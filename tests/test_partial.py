@@ -159,3 +159,11 @@ def test_fasterrcnn_mobilenet_320_is_pruned_part_by_part():
     assert 0.45 < rep.params_after / rep.params_before < 0.55
     out = small(x)
     assert sorted(out[0]) == ["boxes", "labels", "scores"] and out[0]["boxes"].shape[-1] == 4
+
+
+def test_a_pruned_part_keeps_the_modules_plain_attributes():
+    net = dead_half(Detector())
+    net.body.out_channels = 8  # as torchvision's backbones: read by the model around it
+    small = fxprune.compile(net, (IMAGES,), method="l2", ratio=0.5, onnx=False)
+    assert small.body.out_channels == 8 and small.body.training is False
+    assert not hasattr(net.body, "graph")  # the model is not changed

@@ -149,6 +149,10 @@ class FlatCall(torch.nn.Module):
 _ARITY: dict[int, type] = {}
 
 
+def _plain(value) -> bool:
+    return isinstance(value, PLAIN) or (isinstance(value, (tuple, list)) and all(isinstance(v, PLAIN) for v in value))
+
+
 class PrunedPart(torch.nn.Module):
     """A pruned flat graph of ``flat`` (a :class:`FlatCall`) in the place of ``flat.inner``.
 
@@ -160,8 +164,14 @@ class PrunedPart(torch.nn.Module):
 
     def __init__(self, graph: torch.nn.Module, flat: FlatCall, name: str):
         super().__init__()
+        # the module's plain attributes (a backbone's ``out_channels``), which a parent may read: its
+        # inputs and outputs keep their channels, so these still describe them
+        for key, value in vars(flat.inner).items():
+            if not key.startswith("_") and key != "training" and _plain(value):
+                setattr(self, key, value)
         self.graph = graph
         self.part_name = name
+        self.training = flat.inner.training
         self.in_spec, self.in_slots, self.in_plain = flat.in_spec, flat.in_slots, flat.in_plain
         self.out_spec, self.out_slots, self.out_plain = flat.out_spec, flat.out_slots, flat.out_plain
 
