@@ -167,3 +167,5 @@ def test_a_pruned_part_keeps_the_modules_plain_attributes():
     small = fxprune.compile(net, (IMAGES,), method="l2", ratio=0.5, onnx=False)
     assert small.body.out_channels == 8 and small.body.training is False
     assert not hasattr(net.body, "graph")  # the model is not changed
+    with pytest.raises(ConfigError, match="part by part"):
+        fxprune.save(small, "/nonexistent/p.pt")
