@@ -57,7 +57,7 @@ class Detector(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(4)
 
     def forward(self, images):
-        x = torch.stack(images)
+        x = torch.stack(list(images))
         f = self.twice(self.twice(self.body(x)))
         outs = self.head([f, F.avg_pool2d(f, 2)])
         score = self.box(Images(self.pool(outs[0])))
@@ -169,3 +169,18 @@ def test_a_pruned_part_keeps_the_modules_plain_attributes():
     assert not hasattr(net.body, "graph")  # the model is not changed
     with pytest.raises(ConfigError, match="part by part"):
         fxprune.save(small, "/nonexistent/p.pt")
+
+
+def dead_detector():
+    return dead_half(Detector())
+
+
+def test_cli_prunes_part_by_part(capsys):
+    from fxprune.cli import main
+
+    assert main(["prune", "test_partial:dead_detector", "--input-shape", "2,3,16,16", "--ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "part body" in out and "whole twice" in out
+    assert main(["prune", "test_partial:dead_detector", "--input-shape", "2,3,16,16", "--ratio", "0.5",
+                 "--save", "/tmp/never.pt"]) == 2
+    assert "part by part" in capsys.readouterr().err
