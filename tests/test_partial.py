@@ -110,6 +110,8 @@ def test_a_root_no_tracer_follows_is_pruned_part_by_part():
     assert small.box.mlp.graph.get_submodule("inner.0").out_features == 16
     assert rep.params_before - rep.params_after == (8 * 27 + 8 + 16 + 8 * 8) + (8 * 72 + 8 + 16 + 4 * 8) + (16 * 5 + 2 * 16)
     assert rep.params_after == sum(p.numel() for p in small.parameters())
+    before, after = rep.parts_flops
+    assert before == sum(p["report"].flops_before for p in rep.parts) and 0 < after < before
     # only dead channels went: the pruned model returns what the model returns, in the same structure
     want, got = net(IMAGES), small(IMAGES)
     assert [sorted(d) for d in got] == [sorted(d) for d in want] and len(got[0]["maps"]) == 2
