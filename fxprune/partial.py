@@ -13,7 +13,8 @@ does with ``capture="parts"``. It walks the module tree from the root's children
   coupled with its inputs and outputs pinned, planned under the same budget, rewritten and
   checked by mask-equivalence and ONNX Runtime;
 - a module that cannot be captured (or whose call passes objects other than tensors, lists,
-  tuples and dicts, such as ``ImageList``) is opened: its children are tried in turn.
+  tuples and dicts, such as ``ImageList``) is opened: its children are tried in turn (the report
+  lists it under ``opened``, with the reason).
 
 The budget applies to each part on its own (``ratio=`` removes the same fraction of every
 group, as for a whole model; ``flops=``/``params=`` keep that fraction of each part, so the
@@ -72,12 +73,12 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
             raise TraceError(f"the model failed on the example inputs: {type(exc).__name__}: {exc}. Check that "
                              "example_inputs match what model.forward expects.") from exc
     shared = _shared_params(model)
-    parts, whole = [], []
+    parts, whole, opened = [], [], []
     budget = dict(ratio=ratio, flops=flops, params=params)
     pending = [(n, m) for n, m in model.named_children()]
     while pending:
         calls = record_calls(model, example_inputs, dict(pending))
-        opened = []
+        below = []
         for qual, module in pending:
             reason = _left_whole(qual, module, calls.get(qual), shared)
             if reason is not None:
@@ -94,14 +95,16 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
                     parts.append(part)
                     continue
                 problem = part["reason"]
-                if part.get("final"):  # captured, but nothing to prune or not verified: its children would not do better
+                if part.get("final"):  # captured, but nothing to prune or not verified: no child would do better
                     whole.append({"name": qual, "reason": problem, "params": count_params(module)})
                     continue
             children = [(f"{qual}.{n}", m) for n, m in module.named_children()]
             if not children:
                 whole.append({"name": qual, "reason": problem, "params": count_params(module)})
-            opened += children
-        pending = opened
+            else:
+                opened.append({"name": qual, "reason": problem})
+            below += children
+        pending = below
     if not parts:
         raise TraceError(f"no part of the model could be captured and pruned ({why}); left whole: "
                          + "; ".join(f"'{w['name']}': {w['reason']}" for w in whole[:6]))
@@ -110,9 +113,10 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
         result.set_submodule(part["name"], PrunedPart(part.pop("pruned"), part.pop("flat"), part["name"]))
     t1 = time.perf_counter()
     check = _check_whole(result, example_inputs, expected) if verify else None
-    rep = PartsReport(method=name, why=why, parts=parts, whole=whole, params_before=count_params(model),
-                      params_after=count_params(result), flops_before=_flops(model, example_inputs),
-                      flops_after=_flops(result, example_inputs), whole_check=check,
+    rep = PartsReport(method=name, why=why, parts=parts, whole=whole, opened=opened,
+                      params_before=count_params(model), params_after=count_params(result),
+                      flops_before=_flops(model, example_inputs), flops_after=_flops(result, example_inputs),
+                      whole_check=check,
                       timings={"parts": t1 - t0, "verify: whole": time.perf_counter() - t1})
     result.fxprune_report = rep
     return result

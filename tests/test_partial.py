@@ -75,7 +75,8 @@ def dead_half(net: Detector) -> Detector:
         for bn in (net.body[1], net.head.bn):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
-        for producer, bn, consumer in ((net.body[0], net.body[1], net.body[3]), (net.head.conv, net.head.bn, net.head.out)):
+        for producer, bn, consumer in ((net.body[0], net.body[1], net.body[3]),
+                                       (net.head.conv, net.head.bn, net.head.out)):
             producer.weight[8:] = 0
             producer.bias[8:] = 0
             bn.weight[8:] = 0
@@ -103,12 +104,14 @@ def test_a_root_no_tracer_follows_is_pruned_part_by_part():
     assert {w["name"]: w["reason"].split(" (")[0].split(";")[0] for w in rep.whole} == {
         "twice": "called 2 times in one forward pass", "pool": "no parameters"}
     assert all(p["mask"]["ok"] and p["onnx"]["ok"] for p in rep.parts) and rep.verified
+    assert [o["name"] for o in rep.opened] == ["box"] and "Images" in rep.opened[0]["reason"]
     # the boundaries stay: body's 8 outputs (read by `twice`), the head's 4, the mlp's 2; inside, half goes
     assert small.body.graph.get_submodule("inner.0").out_channels == 8
     assert small.body.graph.get_submodule("inner.3").out_channels == 8
     assert small.head.graph.get_submodule("inner.conv").out_channels == 8
     assert small.box.mlp.graph.get_submodule("inner.0").out_features == 16
-    assert rep.params_before - rep.params_after == (8 * 27 + 8 + 16 + 8 * 8) + (8 * 72 + 8 + 16 + 4 * 8) + (16 * 5 + 2 * 16)
+    body, head, mlp = 8 * 27 + 8 + 16 + 8 * 8, 8 * 72 + 8 + 16 + 4 * 8, 16 * 5 + 2 * 16  # rows, bias, BN, columns
+    assert rep.params_before - rep.params_after == body + head + mlp
     assert rep.params_after == sum(p.numel() for p in small.parameters())
     before, after = rep.parts_flops
     assert before == sum(p["report"].flops_before for p in rep.parts) and 0 < after < before

@@ -25,8 +25,10 @@ class PartsReport:
     why: str  # why the model was not captured whole
     params_before: int
     params_after: int
-    parts: list = field(default_factory=list)  # {"name", "tracer", "why", params/FLOPs before/after, "mask", "onnx", "report"}
+    # {"name", "tracer", "why", params/FLOPs before/after, "mask", "onnx", "report"}
+    parts: list = field(default_factory=list)
     whole: list = field(default_factory=list)  # {"name", "reason", "params"}
+    opened: list = field(default_factory=list)  # {"name", "reason"}: not captured whole, its children tried
     # the whole model on the example inputs (FlopCounterMode): a detector's later stages run once per
     # box that passes its thresholds, so this moves with the scores, not only with the channels
     flops_before: int | None = None
@@ -57,6 +59,8 @@ class PartsReport:
                          f"{mask}, {onnx}"))
         for w in self.whole:
             rows.append((f"whole {w['name']}", f"{w['params']:,} params", w["reason"][:100], ""))
+        for o in self.opened:
+            rows.append((f"opened {o['name']}", "its children tried", o["reason"][:100], ""))
         rows.append(("params", f"{self.params_before:,}", f"{self.params_after:,}",
                      f"{self.params_after / self.params_before:.1%}" if self.params_before else "-"))
         before, after = self.parts_flops
@@ -78,4 +82,4 @@ class PartsReport:
                 "params_before": self.params_before, "params_after": self.params_after,
                 "flops_before": self.flops_before, "flops_after": self.flops_after, "parts_flops": self.parts_flops,
                 "parts": [{k: v for k, v in p.items() if k != "report"} for p in self.parts],
-                "whole": self.whole, "whole_check": self.whole_check, "timings": self.timings}
+                "whole": self.whole, "opened": self.opened, "whole_check": self.whole_check, "timings": self.timings}
