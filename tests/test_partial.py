@@ -160,6 +160,8 @@ def test_fasterrcnn_mobilenet_320_is_pruned_part_by_part():
                                                            "roi_heads.box_head": "fx"}
     whole = {w["name"]: w["reason"] for w in rep.whole}
     assert whole["transform"] == "no parameters" and "pinned" in whole["roi_heads.box_predictor"]
+    opened = {o["name"]: o["reason"] for o in rep.opened}
+    assert set(opened) == {"rpn", "roi_heads"} and "ImageList" in opened["rpn"]
     assert rep.verified and all(p["onnx"]["ok"] for p in rep.parts)
     assert 0.45 < rep.params_after / rep.params_before < 0.55
     out = small(x)
