@@ -24,8 +24,9 @@ import torch
 from . import passes
 from .cost.latency import search_latency
 from .cost.latency_table import LatencyModel
-from .errors import ConfigError
+from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
+from .partial import compile_parts
 from .pipeline import Pipeline
 from .plan import Plan
 
@@ -64,7 +65,10 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`. ``capture`` picks the tracer: ``"auto"`` (the
     default: ``torch.fx.symbolic_trace``, and ``torch.export`` when that fails), ``"fx"`` or
-    ``"export"``; the report says which captured the model and why.
+    ``"export"``; the report says which captured the model and why. When neither captures the
+    model, ``"auto"`` prunes it part by part (``"parts"`` does so directly): each child module that
+    captures is pruned on its own, its inputs and outputs kept, and a copy of ``model`` with those
+    parts replaced is returned (:mod:`fxprune.partial`; its report lists the parts and the modules left whole).
     """
     if isinstance(method, str):
         criterion, name = passes.get(method), method
@@ -72,8 +76,21 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         criterion, name = method, getattr(method, "__name__", "custom")
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
+    parts = dict(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor, min_keep=min_keep,
+                 ignore=ignore, seed=seed, method_options=method_options, verify=verify, onnx=onnx,
+                 leaf_modules=leaf_modules)
+    if capture == "parts":
+        _check_parts(data, latency, latency_model, output, "capture='parts'")
+        return compile_parts(model, example_inputs, criterion, name, **parts)
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
                     onnx=onnx, capture=capture, output=output)
+    if capture == "auto":
+        try:
+            pipe.analyze()
+        except TraceError as exc:  # neither tracer follows the root: prune the parts that they follow
+            why = f"the root was not captured: {str(exc).splitlines()[0][:300]}"
+            _check_parts(data, latency, latency_model, output, why)
+            return compile_parts(model, example_inputs, criterion, name, why=why, **parts)
     if latency_model is True:
         latency_model = LatencyModel(pipe.graph)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
@@ -85,6 +102,13 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
                                    **(latency_options or {}))
     return pipe.build(plan, method=name, search=history)
+
+
+def _check_parts(data, latency, latency_model, output, why: str) -> None:
+    """What part-by-part pruning (:mod:`fxprune.partial`) does not do yet."""
+    if data is not None or latency is not None or latency_model not in (None, False) or output != "graph":
+        raise ConfigError(f"the model is pruned part by part ({why}), which takes data-free methods and a ratio=, "
+                          "flops= or params= budget only (no data=, latency=, latency_model= or output='module')")
 
 
 def apply(model: torch.nn.Module, example_inputs, plan, *, verify: bool = True, onnx: bool = True,

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, default=None, help="keep channel counts a multiple of this")
     prune.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     prune.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
-    prune.add_argument("--capture", choices=TRACERS, default="auto",
-                       help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
+    prune.add_argument("--capture", choices=TRACERS + ("parts",), default="auto",
+                       help="tracer: symbolic_trace, else torch.export, else part by part (auto), or only one of them")
     prune.add_argument("--out", default=None, help="write the pruned model as ONNX to this path")
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
@@ -192,6 +192,12 @@ def _prune(args) -> int:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
     rep = report(pruned)
+    if rep.output == "parts":  # pruned part by part (fxprune.partial): one plan per part, no single graph
+        print(rep)
+        if args.out or args.plan or args.save:
+            raise FxPruneError("the model was pruned part by part (no tracer captures it whole): --out, --plan and "
+                               "--save are not available for such a model yet")
+        return 0
     if rep.search is not None:
         print(history_table(rep.search) + "\n")
     if args.out:

@@ -61,6 +61,9 @@ def save(pruned: torch.nn.Module, path) -> None:
     """Write ``pruned`` (a module returned by :func:`fxprune.compile` or :func:`fxprune.apply`,
     either output) to ``path``."""
     rep = report(pruned)  # ConfigError if this is not fxprune's output
+    if rep.output == "parts":
+        raise ConfigError("a model pruned part by part (fxprune.partial) holds one plan per part, which fxprune.save "
+                          "does not write yet: keep it with torch.save(model) or its state_dict")
     if isinstance(pruned, fx.GraphModule):
         shapes, dtypes = [], []
         for node in pruned.graph.nodes:

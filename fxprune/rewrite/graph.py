@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -133,10 +134,29 @@ def copy_modules(root: torch.nn.Module, memo: dict) -> torch.nn.Module:
     return module(root)
 
 
-def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor]) -> torch.Tensor:
+def _gather(tensor: torch.Tensor, index_of_dim: dict[int, torch.Tensor], scratch: dict | None = None) -> torch.Tensor:
     """``tensor`` keeping positions ``index_of_dim[d]`` along each dim ``d`` (dim 0 first:
-    whole rows, the cheapest copy, and it shrinks what the next dims gather)."""
-    for dim, index in sorted(index_of_dim.items()):
+    whole rows, the cheapest copy, and it shrinks what the next dims gather).
+
+    With ``scratch`` (a dict shared by the calls of one rewrite), the first of several gathers
+    writes into a reused buffer rather than fresh memory: a fresh intermediate per weight costs
+    its page faults, about a fifth of a ResNet-50 rewrite. The result never shares it.
+
+    >>> w = torch.arange(12.).view(3, 4)
+    >>> _gather(w, {1: torch.tensor([0, 3]), 0: torch.tensor([2])}, {}).tolist()
+    [[8.0, 11.0]]
+    """
+    steps = sorted(index_of_dim.items())
+    if scratch is not None and len(steps) > 1:
+        (dim, index), steps = steps[0], steps[1:]
+        shape = list(tensor.shape)
+        shape[dim] = index.numel()
+        n = math.prod(shape)
+        key = (tensor.dtype, tensor.device)
+        if key not in scratch or scratch[key].numel() < n:
+            scratch[key] = torch.empty(n, dtype=tensor.dtype, device=tensor.device)
+        tensor = torch.index_select(tensor, dim, index, out=scratch[key][:n].view(shape))
+    for dim, index in steps:
         tensor = tensor.index_select(dim, index)
     return tensor
 
@@ -147,7 +167,9 @@ def sliced_memo(graph, keep: torch.Tensor) -> dict:
     each group's own columns): the memo that :func:`copy_modules` copies a module with, so that
     only what is kept is copied."""
     kept = kept_positions(graph.param_channels, keep)
-    sliced = {param: _gather(graph.param(param).detach(), dims) for param, dims in kept.items()}
+    scratch: dict = {}
+    sliced = {param: _gather(graph.param(param).detach(), dims, scratch) for param, dims in kept.items()}
+    del scratch
     for (param, dim), channels in graph.grouped_params.items():
         cols = (channels < 0) | keep[channels.clamp(min=0)]
         if not bool(cols.all()):
