@@ -1,4 +1,4 @@
-"""The ``fxprune`` command line: ``prune``, ``inspect`` and ``export`` a model.
+"""The ``fxprune`` command line: ``prune``, ``inspect``, ``export`` and ``bench`` a model.
 
 A model is named ``torchvision:<name>`` (built with ``weights=None``) or
 ``module.path:factory`` (a callable returning an ``nn.Module``). The input shape
@@ -13,6 +13,7 @@ Example::
     $ fxprune prune torchvision:resnet18 --flops 0.5 --output module --save r18_module.pt
     $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
     $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
+    $ fxprune bench torchvision:resnet18 --load r18.pt --batch 1 64 --threads 2
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch
 
 from .api import analyze, apply, compile
 from .capture import TRACERS
-from .cost.latency import history_table
+from .cost import count_flops, count_params
+from .cost.latency import compare_latency, compare_table, history_table
 from .errors import FxPruneError
 from .io.onnx import export_onnx, figures_table
 from .io.save import load, save
@@ -139,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
     export.add_argument("--capture", choices=TRACERS, default="auto", help="tracer (with --plan)")
     export.add_argument("--no-verify", action="store_true", help="do not fail when ONNX Runtime disagrees")
+
+    bench = sub.add_parser("bench", help="ONNX Runtime CPU latency of the original and a pruned model, side by side")
+    bench.add_argument("model", help="torchvision:<name> or module.path:factory (the original architecture)")
+    pruned = bench.add_mutually_exclusive_group(required=True)
+    pruned.add_argument("--load", default=None, help="a file written by fxprune.save / prune --save")
+    pruned.add_argument("--plan", default=None, help="a plan JSON written by prune --plan")
+    bench.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224 (its batch is replaced)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time (default 1)")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    bench.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch size")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds the runs are split into")
+    bench.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
+    bench.add_argument("--capture", choices=TRACERS, default="auto", help="tracer (with --plan)")
     return parser
 
 
@@ -157,7 +172,7 @@ def _collapse(text: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": _prune, "inspect": _inspect, "export": _export}[args.command](args)
+        return {"prune": _prune, "inspect": _inspect, "export": _export, "bench": _bench}[args.command](args)
     except FxPruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +252,30 @@ def _export(args) -> int:
     result = export_onnx(module, inputs, args.out, check=not args.no_verify)
     print(figures_table(result))
     return 0 if result["ok"] else 1
+
+
+def _bench(args) -> int:
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1 or min(args.batch) < 1:
+        raise FxPruneError("--threads, --repeats, --rounds and every --batch must be at least 1")
+    if args.repeats < args.rounds:
+        raise FxPruneError(f"--repeats {args.repeats} must be at least --rounds {args.rounds}")
+    inputs = _inputs(args)
+    original = load_model(args.model)
+    if args.load:
+        pruned = load(args.load, lambda: load_model(args.model), inputs)
+    else:
+        pruned = apply(_model(args), inputs, args.plan, verify=False, onnx=False, capture=args.capture)
+    torch.set_num_threads(args.threads)
+    f0, f1 = count_flops(original, inputs), count_flops(pruned, inputs)
+    p0, p1 = count_params(original), count_params(pruned)
+    print(f"{args.model}: FLOPs kept {f1 / f0:.3f} ({f1:,} of {f0:,} at batch {inputs[0].shape[0]}), "
+          f"parameters kept {p1 / p0:.3f} ({p1:,} of {p0:,})")
+    rows = compare_latency(original, pruned, inputs, batches=args.batch, threads=args.threads,
+                           repeats=args.repeats, rounds=args.rounds)
+    print(f"ONNX Runtime CPU latency, {args.threads} intra-op thread(s), original and pruned timed in "
+          f"{args.rounds} alternating rounds:")
+    print(compare_table(rows))
+    return 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,66 @@ def ort_latency(module: torch.nn.Module, example_inputs, *, repeats: int = 30, w
         return time_session(ort_session(path, threads), example_inputs, repeats=repeats, warmup=warmup)
 
 
+def compare_latency(original: torch.nn.Module, pruned: torch.nn.Module, example_inputs, *, batches=(1,),
+                    threads: int = 2, repeats: int = 30, warmup: int = 5, rounds: int = 5) -> list[dict]:
+    """ORT CPU latency of ``original`` and ``pruned`` side by side, one dict per batch size.
+
+    Both are exported at each batch size (the example inputs' batch dimension replaced) and timed
+    in ``rounds`` alternating rounds, each a loop of its own per session (``repeats`` runs each
+    in all). A row has the batch, threads, each model's median and 10th/90th percentile (ms) over
+    all runs, and ``ratio``: the median over rounds of each round's pruned / original median, with
+    its spread (min-max over rounds).
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    >>> small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    >>> row, = compare_latency(net, small, (torch.randn(1, 3, 16, 16),), repeats=6, rounds=2, threads=1)
+    >>> row["batch"], row["threads"], row["original_ms"] > 0, row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    (1, 1, True, True)
+    """
+    if rounds < 1 or repeats < rounds:
+        raise ConfigError(f"rounds={rounds} must be >= 1 and repeats={repeats} >= rounds")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    per = -(-repeats // rounds)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in batches:
+            if b < 1:
+                raise ConfigError(f"batch size {b} must be at least 1")
+            inputs = tuple(x[:1].expand(b, *x.shape[1:]).contiguous() if x.dim() else x for x in example_inputs)
+            sessions = []
+            for name, module in (("original", original), ("pruned", pruned)):
+                path = os.path.join(tmp, f"{name}-{b}.onnx")
+                write_onnx(module, inputs, path, dynamic_batch=False)
+                sessions.append(ort_session(path, threads))
+            a, c, ratios = [], [], []
+            for _ in range(rounds):
+                ta = run_times(sessions[0], inputs, per, warmup)
+                tc = run_times(sessions[1], inputs, per, warmup)
+                a += ta
+                c += tc
+                ratios.append(statistics.median(tc) / statistics.median(ta))
+            del sessions
+            qa, qc = sorted(a), sorted(c)
+            pct = lambda q, f: q[int(f * (len(q) - 1))]  # noqa: E731
+            rows.append({"batch": b, "threads": threads, "runs": len(a),
+                         "original_ms": statistics.median(a), "original_p10": pct(qa, 0.1), "original_p90": pct(qa, 0.9),
+                         "pruned_ms": statistics.median(c), "pruned_p10": pct(qc, 0.1), "pruned_p90": pct(qc, 0.9),
+                         "ratio": statistics.median(ratios),
+                         "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return rows
+
+
+def compare_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare_latency` as a table."""
+    out = [(r["batch"], r["threads"], r["runs"], f"{r['original_ms']:.3f}",
+            f"{r['original_p10']:.3f}-{r['original_p90']:.3f}", f"{r['pruned_ms']:.3f}",
+            f"{r['pruned_p10']:.3f}-{r['pruned_p90']:.3f}", f"{r['ratio']:.3f}",
+            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}") for r in rows]
+    return tabulate(out, headers=["batch", "threads", "runs each", "original ms (median)", "original p10-p90",
+                                  "pruned ms (median)", "pruned p10-p90", "ratio", "ratio per round (min-max)"],
+                    tablefmt="github")
+
+
 def search_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                    warmup: int = 5, rounds: int = 3, threads: int | None = None, progress: bool = False):
     """The plan with the largest FLOPs budget whose ORT latency is at most ``target`` × the original's.
