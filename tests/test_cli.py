@@ -120,7 +120,7 @@ def test_prune_output_module_save(capsys, tmp_path):
 
 def test_prune_latency(capsys):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
-                       "--steps", "1", "--repeats", "8", "--round-to", "8")
+                       "--steps", "1", "--repeats", "8", "--round-to", "8", "--latency-search", "flops")
     assert code == 0
     assert "FLOPs budget |" in out and "ONNX Runtime CPU latency:" in out
     steps = [ln for ln in out.splitlines() if re.match(r"^\|\s+\d+ \|\s+0\.\d+ \|", ln)]
