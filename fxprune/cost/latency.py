@@ -242,14 +242,15 @@ def search_latency(model: torch.nn.Module, graph, target: float, *, planner, ste
 
 def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 3, repeats: int = 30,
                 warmup: int = 5, rounds: int = 3, threads: int | None = None, progress: bool = False,
-                close: float = 0.95):
+                close: float = 0.95, max_step: float = 1.25):
     """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct.
 
     ``planner(t) -> Plan`` plans the fraction ``t`` of the latency a
     :class:`~fxprune.cost.latency_table.LatencyModel` predicts. The first plan asks for ``target``;
     its rewrite is timed against the original side by side (as :func:`search_latency`), and the next
     asks for ``t * target / measured``: less when the model was optimistic, more when the plan
-    ran faster than needed. Stops after ``steps`` plans, or at one measured within
+    ran faster than needed, the factor clipped to ``[1 / max_step, max_step]`` (one measurement
+    on a busy machine can be far off). Stops after ``steps`` plans, or at one measured within
     ``[close * target, target]``. Returns ``(plan, history)``: the passing plan with the largest
     budget (else, with a warning, the fastest), and one dict per plan (``predicted`` budget, ...).
     """
@@ -264,7 +265,7 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
             row = trial_row(history, "predicted", t, plan, *time_plan(plan), target, progress)
             if close * target <= row["ratio"] <= target:
                 break
-            t = min(1.0, t * target / row["ratio"])
+            t = min(1.0, t * min(max_step, max(1 / max_step, target / row["ratio"])))
             if any(abs(r["predicted"] - t) < 1e-3 for r in history):
                 break   # nothing new to try
     best = pick(history, target, "predicted")
