@@ -159,3 +159,5 @@ def test_bad_input_is_a_clear_error(capsys):
         main(["prune", MODEL, "--flops", "0.5", "--latency", "0.5"])   # one budget only
     with pytest.raises(SystemExit):
         main(["inspect", MODEL, "--collapse", "-1"])
+    with pytest.raises(SystemExit):
+        main(["prune", MODEL, "--flops", "0.5", "--round-to", "0"])    # fast, none or a positive multiple
