@@ -16,7 +16,7 @@ SGD + cosine schedule, seed = data order), and its test accuracy reported as mea
 every model (the baseline and each pruned one) is timed against the baseline side by side in ORT at
 batch 1 and 64 (``fxprune.cost.latency.compare_latency``: alternating rounds, each a loop of its own).
 
-    python tools/bench_equal_latency.py               # both models, 3 seeds (about 30 min on 2 shared CPU cores)
+    python tools/bench_equal_latency.py               # both models, 3 seeds (about an hour on 2 busy CPU cores)
     python tools/bench_equal_latency.py --quick       # a smoke run: tiny training, 1 seed
 """
 from __future__ import annotations
