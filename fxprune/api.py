@@ -19,16 +19,21 @@ Example::
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import passes
-from .cost.latency import search_latency
-from .cost.latency_table import LatencyModel
+from .cost.latency import fit_latency, search_latency
+from .cost.latency_table import LatencyError, LatencyModel
 from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
 from .partial import compile_parts
 from .pipeline import Pipeline
 from .plan import Plan
+from .plan.budget import default_round_to
+
+DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_round_to
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
@@ -40,7 +45,7 @@ def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete
 
 
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
-            latency=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
+            latency=None, round_to=DEFAULT, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
             method_options: dict | None = None, latency_options: dict | None = None,
             latency_model=None, capture: str = "auto", output: str = "graph") -> torch.nn.Module:
@@ -55,13 +60,19 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     ``score(graph, data=..., seed=...)``; see :meth:`fxprune.pipeline.Pipeline.planner`).
     Give one budget: ``ratio`` (fraction of each group removed), ``flops`` or ``params``
     (fraction of the model kept), or ``latency`` (fraction of the original's ONNX Runtime
-    CPU latency allowed). With ``latency_model`` (a :class:`~fxprune.cost.latency_table.LatencyModel`,
-    or True to build one) the plan spends the latency that model predicts, ranking channels by
-    importance per millisecond; without it, the largest FLOPs budget whose exported model meets
-    the target, measured (options of :func:`fxprune.cost.latency.search_latency` in
-    ``latency_options``). ``round_to="fast"`` rounds every group to a count ONNX Runtime runs
-    well (from a latency model). ``data`` feeds
-    data-driven criteria. With ``verify`` (the default) the result is checked by
+    CPU latency allowed).
+
+    ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
+    ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
+    importance per millisecond, then the plan is exported, timed against the original and
+    corrected (:func:`fxprune.cost.latency.fit_latency`); ``latency_model=False`` bisects the
+    FLOPs budget instead, timing each candidate (:func:`fxprune.cost.latency.search_latency`);
+    ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
+    multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
+    given, a model with 2-d convolutions planned from scores gets ``"fast"``
+    (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it; methods that
+    plan themselves, CURL and CATRO, round only when asked, and their ``latency=`` bisects the FLOPs
+    budget); ``round_to=None`` does not round. ``data`` feeds data-driven criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`. ``capture`` picks the tracer: ``"auto"`` (the
     default: ``torch.fx.symbolic_trace``, and ``torch.export`` when that fails), ``"fx"`` or
@@ -76,7 +87,8 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         criterion, name = method, getattr(method, "__name__", "custom")
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
-    parts = dict(ratio=ratio, flops=flops, params=params, round_to=round_to, floor=floor, min_keep=min_keep,
+    parts = dict(ratio=ratio, flops=flops, params=params, round_to=None if round_to is DEFAULT else round_to,
+                 floor=floor, min_keep=min_keep,
                  ignore=ignore, seed=seed, method_options=method_options, verify=verify, onnx=onnx,
                  leaf_modules=leaf_modules)
     if capture == "parts":
@@ -91,16 +103,33 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             why = f"the root was not captured: {str(exc).splitlines()[0][:300]}"
             _check_parts(data, latency, latency_model, output, why)
             return compile_parts(model, example_inputs, criterion, name, why=why, **parts)
-    if latency_model is True:
-        latency_model = LatencyModel(pipe.graph)
-    planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                           min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model)
-    if latency is None or latency_model is not None:
-        return pipe.build(planner(ratio=ratio, flops=flops, params=params, latency=latency), method=name)
-    if any(b is not None for b in (ratio, flops, params)):
+    if latency is not None and any(b is not None for b in (ratio, flops, params)):
         raise ConfigError("give exactly one budget: latency= cannot be combined with ratio=, flops= or params=")
-    plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
-                                   **(latency_options or {}))
+    own_plan = callable(getattr(criterion, "plan", None))   # CURL, CATRO: no latency model in their planning
+    if latency is not None and latency_model is None:
+        latency_model = False if own_plan else True
+    by_default = round_to is DEFAULT
+    if by_default:
+        round_to = None if own_plan else default_round_to(pipe.graph)
+    if latency_model is True or (round_to == "fast" and latency_model is None):
+        try:
+            latency_model = LatencyModel(pipe.graph)
+        except LatencyError as exc:
+            if not (by_default and latency is None):
+                raise
+            warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
+                          "pass round_to= to choose", stacklevel=2)
+            latency_model, round_to = None, None
+    planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
+                           min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None)
+    if latency is None:
+        return pipe.build(planner(ratio=ratio, flops=flops, params=params), method=name)
+    if latency_model is False:
+        plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
+                                       **(latency_options or {}))
+    else:
+        plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t),
+                                    **(latency_options or {}))
     return pipe.build(plan, method=name, search=history)
 
 

@@ -1,4 +1,4 @@
-"""The ``fxprune`` command line: ``prune``, ``inspect`` and ``export`` a model.
+"""The ``fxprune`` command line: ``prune``, ``inspect``, ``export`` and ``bench`` a model.
 
 A model is named ``torchvision:<name>`` (built with ``weights=None``) or
 ``module.path:factory`` (a callable returning an ``nn.Module``). The input shape
@@ -9,10 +9,11 @@ branches that only run in training (GoogLeNet's and Inception-v3's auxiliary hea
 Example::
 
     $ fxprune prune torchvision:resnet18 --method l2 --flops 0.5 --out resnet18_pruned.onnx --save r18.pt
-    $ fxprune prune torchvision:resnet18 --latency 0.5 --round-to 8 --out resnet18_fast.onnx
+    $ fxprune prune torchvision:resnet18 --latency 0.5 --out resnet18_fast.onnx
     $ fxprune prune torchvision:resnet18 --flops 0.5 --output module --save r18_module.pt
     $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
     $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
+    $ fxprune bench torchvision:resnet18 --load r18.pt --batch 1 64 --threads 2
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import warnings
 
 import torch
 
-from .api import analyze, apply, compile
+from .api import DEFAULT, analyze, apply, compile
 from .capture import TRACERS
-from .cost.latency import history_table
+from .cost import count_flops, count_params
+from .cost.latency import compare_latency, compare_table, history_table
 from .errors import FxPruneError
 from .io.onnx import export_onnx, figures_table
 from .io.save import load, save
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--params", type=_fraction, help="fraction of the model's parameters kept")
     budget.add_argument("--latency", type=_fraction,
                         help="fraction of the original's ONNX Runtime CPU latency allowed (searched, measured)")
-    prune.add_argument("--round-to", type=int, default=None, help="keep channel counts a multiple of this")
+    prune.add_argument("--round-to", type=_round_to, default=DEFAULT,
+                       help="fast (counts ONNX Runtime runs well, measured; the default for convolutional models), "
+                            "a multiple, or none")
     prune.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     prune.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     prune.add_argument("--capture", choices=TRACERS + ("parts",), default="auto",
@@ -113,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="graph: a torch.fx GraphModule (default); module: a pruned copy of the model, same "
                             "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
-    prune.add_argument("--steps", type=int, default=6, help="--latency: candidates tried by the bisection")
+    prune.add_argument("--steps", type=int, default=None,
+                       help="--latency: candidates measured (default 3 with the latency model, 6 bisecting FLOPs)")
+    prune.add_argument("--latency-search", choices=("model", "flops"), default="model",
+                       help="--latency: plan on a measured per-op latency model, then measure and correct (model), "
+                            "or bisect the FLOPs budget timing every candidate (flops)")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
@@ -139,7 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
     export.add_argument("--capture", choices=TRACERS, default="auto", help="tracer (with --plan)")
     export.add_argument("--no-verify", action="store_true", help="do not fail when ONNX Runtime disagrees")
+
+    bench = sub.add_parser("bench", help="ONNX Runtime CPU latency of the original and a pruned model, side by side")
+    bench.add_argument("model", help="torchvision:<name> or module.path:factory (the original architecture)")
+    pruned = bench.add_mutually_exclusive_group(required=True)
+    pruned.add_argument("--load", default=None, help="a file written by fxprune.save / prune --save")
+    pruned.add_argument("--plan", default=None, help="a plan JSON written by prune --plan")
+    bench.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224 (its batch is replaced)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to time (default 1)")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    bench.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch size")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating rounds the runs are split into")
+    bench.add_argument("--train-mode", action="store_true", help="trace in train mode (with --plan)")
+    bench.add_argument("--capture", choices=TRACERS, default="auto", help="tracer (with --plan)")
     return parser
+
+
+def _round_to(text: str):
+    if text in ("fast", "none", DEFAULT):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--round-to wants fast, none or a positive multiple, got '{text}'")
+    return value
 
 
 def _collapse(text: str):
@@ -157,7 +190,7 @@ def _collapse(text: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": _prune, "inspect": _inspect, "export": _export}[args.command](args)
+        return {"prune": _prune, "inspect": _inspect, "export": _export, "bench": _bench}[args.command](args)
     except FxPruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
@@ -177,16 +210,21 @@ def _prune(args) -> int:
     model = _model(args)
     inputs = _inputs(args)
     latency_options = None
+    latency_model = None
     if args.latency is not None:
-        if args.repeats < 1 or args.steps < 1:
-            raise FxPruneError(f"--repeats {args.repeats} and --steps {args.steps} must be at least 1")
-        latency_options = {"steps": args.steps, "repeats": args.repeats, "progress": True}
+        steps = args.steps or (3 if args.latency_search == "model" else 6)
+        if args.repeats < 1 or steps < 1:
+            raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
+        latency_options = {"steps": steps, "repeats": args.repeats, "progress": True}
+        latency_model = False if args.latency_search == "flops" else None
+        how = "bisecting the FLOPs budget" if args.latency_search == "flops" else "latency model, measured"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
-              f"({args.steps} candidates, median of {args.repeats} runs each):", flush=True)
+              f"({how}: at most {steps} candidates, median of {args.repeats} runs each):", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
+                         latency_model=latency_model,
                          verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
@@ -205,8 +243,10 @@ def _prune(args) -> int:
     print(rep)
     if args.latency is not None:
         meta = rep.plan.meta
+        budget = (f"FLOPs budget {meta['flops_budget']:.3f}" if "flops_budget" in meta
+                  else f"predicted latency budget {meta['latency_budget']:.3f}")
         print(f"\nONNX Runtime CPU latency: {meta['latency_ratio']:.3f} × the original "
-              f"(target {args.latency}, FLOPs budget {meta['flops_budget']:.3f})")
+              f"(target {args.latency}, {budget})")
     if args.out:
         print("\n" + figures_table(rep.onnx))
     if args.plan:
@@ -243,6 +283,30 @@ def _export(args) -> int:
     result = export_onnx(module, inputs, args.out, check=not args.no_verify)
     print(figures_table(result))
     return 0 if result["ok"] else 1
+
+
+def _bench(args) -> int:
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1 or min(args.batch) < 1:
+        raise FxPruneError("--threads, --repeats, --rounds and every --batch must be at least 1")
+    if args.repeats < args.rounds:
+        raise FxPruneError(f"--repeats {args.repeats} must be at least --rounds {args.rounds}")
+    inputs = _inputs(args)
+    original = load_model(args.model)
+    if args.load:
+        pruned = load(args.load, lambda: load_model(args.model), inputs)
+    else:
+        pruned = apply(_model(args), inputs, args.plan, verify=False, onnx=False, capture=args.capture)
+    torch.set_num_threads(args.threads)
+    f0, f1 = count_flops(original, inputs), count_flops(pruned, inputs)
+    p0, p1 = count_params(original), count_params(pruned)
+    print(f"{args.model}: FLOPs kept {f1 / f0:.3f} ({f1:,} of {f0:,} at batch {inputs[0].shape[0]}), "
+          f"parameters kept {p1 / p0:.3f} ({p1:,} of {p0:,})")
+    rows = compare_latency(original, pruned, inputs, batches=args.batch, threads=args.threads,
+                           repeats=args.repeats, rounds=args.rounds)
+    print(f"ONNX Runtime CPU latency, {args.threads} intra-op thread(s), original and pruned timed in "
+          f"{args.rounds} alternating rounds:")
+    print(compare_table(rows))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,15 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files.
+
+The suite plans without ORT latency rounding (``$FXPRUNE_ROUND_TO=none``): a CI machine starts with
+an empty latency cache, and the default ``round_to="fast"`` would time ORT kernels for every new
+model. The tests of that default unset it (``monkeypatch.delenv``) and use a fixed fake table.
+"""
+import os
+
 import pytest
 import torch
+
+os.environ["FXPRUNE_ROUND_TO"] = "none"
 
 
 @pytest.fixture(scope="module")

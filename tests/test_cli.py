@@ -120,12 +120,34 @@ def test_prune_output_module_save(capsys, tmp_path):
 
 def test_prune_latency(capsys):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
-                       "--steps", "1", "--repeats", "8", "--round-to", "8")
+                       "--steps", "1", "--repeats", "8", "--round-to", "8", "--latency-search", "flops")
     assert code == 0
     assert "FLOPs budget |" in out and "ONNX Runtime CPU latency:" in out
     steps = [ln for ln in out.splitlines() if re.match(r"^\|\s+\d+ \|\s+0\.\d+ \|", ln)]
     assert len(steps) == 1 and steps[0].split("|")[2].strip() == "0.6"
     assert "mask-equivalence" in out and "ok" in out
+
+
+def test_bench_prints_both_latencies_per_batch(capsys, tmp_path):
+    saved, plan_path = str(tmp_path / "p.pt"), str(tmp_path / "p.json")
+    code, _, _ = run(capsys, "prune", MODEL, *SHAPE, "--flops", "0.5", "--save", saved, "--plan", plan_path)
+    assert code == 0
+    code, out, _ = run(capsys, "bench", MODEL, *SHAPE, "--load", saved, "--batch", "1", "4", "--threads", "1",
+                       "--repeats", "4", "--rounds", "2")
+    assert code == 0
+    flops = float(re.search(r"FLOPs kept (\d\.\d+)", out).group(1))
+    rep = fxprune.report(fxprune.load(saved, SmallResNet, (torch.randn(2, 1, 8, 8),)))
+    assert flops == pytest.approx(rep.flops_after / rep.flops_before, abs=1e-3)
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if re.match(r"^\|\s+\d+ \|", ln)]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [(1, 1, 4), (4, 1, 4)]   # batch, threads, runs
+    for r in rows:
+        orig, pruned, ratio = float(r[3]), float(r[5]), float(r[7])
+        lo, hi = (float(v) for v in r[8].split("-"))
+        assert orig > 0 and pruned > 0 and lo <= ratio <= hi   # the median of the per-round ratios
+    code, out2, _ = run(capsys, "bench", MODEL, *SHAPE, "--plan", plan_path, "--repeats", "2", "--rounds", "2")
+    assert code == 0 and f"FLOPs kept {flops:.3f}" in out2
+    code, _, err = run(capsys, "bench", MODEL, *SHAPE, "--plan", plan_path, "--repeats", "1", "--rounds", "2")
+    assert code == 2 and "--repeats 1 must be at least --rounds 2" in err
 
 
 def test_bad_input_is_a_clear_error(capsys):
@@ -137,3 +159,5 @@ def test_bad_input_is_a_clear_error(capsys):
         main(["prune", MODEL, "--flops", "0.5", "--latency", "0.5"])   # one budget only
     with pytest.raises(SystemExit):
         main(["inspect", MODEL, "--collapse", "-1"])
+    with pytest.raises(SystemExit):
+        main(["prune", MODEL, "--flops", "0.5", "--round-to", "0"])    # fast, none or a positive multiple

@@ -267,10 +267,84 @@ def test_compile_with_a_latency_budget():
     net = wide_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
-    pruned = fxprune.compile(net, (X8,), latency=0.5, round_to="fast", latency_model=lm, onnx=False)
+    pruned = fxprune.compile(net, (X8,), latency=0.5, round_to="fast", latency_model=lm, onnx=False,
+                             latency_options={"steps": 1, "repeats": 4})
     rep = fxprune.report(pruned)
     assert rep.mask["ok"] and rep.plan.meta["latency"] == 0.5
     assert all(len(v) % 4 == 0 for v in rep.plan.keep.values())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(ConfigError, match="chooses its own channels"):
         fxprune.compile(net, (X8,), method="curl", latency=0.5, latency_model=lm, onnx=False)
+
+
+# -- defaults: fast counts, and latency= planned on the model, measured and corrected ----------------
+
+def test_default_round_to_is_fast_for_convolutional_models(monkeypatch):
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    net = wide_net()
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, latency_model=lm, onnx=False))
+    assert rep.plan.meta["round_to"] == "fast" and rep.plan.keep
+    assert all(len(v) % 4 == 0 for v in rep.plan.keep.values())      # the fake table's blocks of 4
+    assert rep.flops_after <= 0.5 * rep.flops_before
+    monkeypatch.setenv("FXPRUNE_ROUND_TO", "none")
+    plain = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, latency_model=lm, onnx=False)).plan
+    assert plain.meta["round_to"] is None and any(len(v) % 4 for v in plain.keep.values())
+    monkeypatch.setenv("FXPRUNE_ROUND_TO", "3")
+    three = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, onnx=False)).plan
+    assert three.meta["round_to"] == 3 and all(len(v) % 3 == 0 for v in three.keep.values())
+    monkeypatch.setenv("FXPRUNE_ROUND_TO", "fives")
+    with pytest.raises(ConfigError, match="FXPRUNE_ROUND_TO"):
+        fxprune.compile(net, (X8,), flops=0.5, onnx=False)
+
+
+def test_default_round_to_builds_no_latency_model_without_convolutions(monkeypatch):
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    monkeypatch.setattr(fxprune.api, "LatencyModel", lambda *a, **k: pytest.fail("built a latency model"))
+    mlp = nn.Sequential(nn.Linear(8, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
+    rep = fxprune.report(fxprune.compile(mlp, (torch.randn(2, 8),), flops=0.5, onnx=False))
+    assert rep.plan.meta["round_to"] is None and rep.flops_after <= 0.5 * rep.flops_before
+
+
+def fake_timing(lm, miss):
+    """Replaces the ORT timing of fit_latency: the original takes 10 ms, a plan ``miss`` times what
+    ``lm`` predicts for it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def trials(model, graph, **_):
+        yield lambda plan: (10.0, 10.0 * miss * lm.latency(plan.mask(graph).numpy()) / lm.base)
+    return trials
+
+
+def test_fit_latency_corrects_a_model_that_was_optimistic(monkeypatch):
+    from fxprune.cost import latency
+
+    net = wide_net()
+    graph = fxprune.analyze(net, (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    scores = {name: torch.arange(g.size, dtype=torch.float) for name, g in graph.groups.items()}
+    monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 1.25))
+    plan, history = latency.fit_latency(net, graph, 0.6, planner=lambda t: make_plan(graph, scores, latency=t,
+                                                                                     latency_model=lm))
+    assert history[0]["predicted"] == 0.6 and not history[0]["ok"]           # measured 1.25x the prediction
+    assert history[1]["predicted"] == pytest.approx(0.6 * max(0.8, 0.6 / history[0]["ratio"]))   # clipped
+    ok = [r for r in history if r["ok"]]
+    assert ok and plan is max(ok, key=lambda r: r["predicted"])["plan"]
+    assert plan.meta["latency_ratio"] <= 0.6 and plan.meta["latency_budget"] < 0.6
+    assert len(history) <= 3
+
+
+def test_compile_latency_uses_the_model_then_measures(monkeypatch):
+    from fxprune.cost import latency
+
+    net = wide_net()
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 0.9))   # the plan runs a bit faster than predicted
+    rep = fxprune.report(fxprune.compile(net, (X8,), latency=0.5, latency_model=lm, onnx=False))
+    first = rep.search[0]
+    assert first["predicted"] == 0.5 and first["ok"]
+    # measured 0.9x the prediction, below 0.95 of the target: the next plan asks for more, and is kept if it passes
+    assert len(rep.search) >= 2 and rep.search[1]["predicted"] > 0.5
+    best = max((r for r in rep.search if r["ok"]), key=lambda r: r["predicted"])
+    assert rep.plan.meta["latency_budget"] == best["predicted"] and rep.plan.meta["latency_ratio"] <= 0.5

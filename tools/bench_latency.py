@@ -1,7 +1,11 @@
 """ONNX Runtime latency of pruned models: the measured latency model's error, and plans that run fast.
 
     python tools/bench_latency.py --check             # predicted vs measured latency, unpruned and flops=0.5
-    python tools/bench_latency.py                     # latency ratio table: defaults, round_to=8, fast counts, latency=0.5
+    python tools/bench_latency.py                     # latency ratio table: no rounding, round_to=8, defaults, latency=0.5
+
+``defaults`` is ``fxprune.compile(model, (x,), method="l2", flops=0.5)`` with nothing else given (round_to
+defaults to fast counts for these convolutional models); ``latency=0.5`` is ``compile(..., latency=0.5)``:
+planned on the latency model, then measured against the original and corrected (at ``--threads``).
 
 Latency is ORT CPU, batch 1, ``--threads`` intra-op threads (default 2). Two figures per model:
 ``wall`` is the median wall time of ``session.run``; ``kernel`` sums each node's fastest kernel time
@@ -79,12 +83,17 @@ def check(args):
     print(f"mean |error| vs kernel sum: {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%")
 
 
-def configs(graph, scores, lm):
+def configs(model, x, graph, scores, threads):
+    def compiled(**kw):
+        os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
+        pruned = fxprune.compile(model, (x,), method="l2", verify=False, onnx=False, **kw)
+        return fxprune.report(pruned).plan
+
     return {
-        "defaults": lambda: make_plan(graph, scores, flops=0.5),
+        "no rounding": lambda: make_plan(graph, scores, flops=0.5),
         "round_to=8": lambda: make_plan(graph, scores, flops=0.5, round_to=8),
-        "fast counts": lambda: make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm),
-        "latency=0.5": lambda: make_plan(graph, scores, latency=0.5, round_to="fast", latency_model=lm),
+        "defaults": lambda: compiled(flops=0.5),
+        "latency=0.5": lambda: compiled(latency=0.5, latency_options={"threads": threads, "repeats": 20}),
     }
 
 
@@ -101,7 +110,7 @@ def ratios(args):
             base_path = os.path.join(tmp, f"{name}.onnx")
             write_onnx(model, (x,), base_path, dynamic_batch=False)
             base = ort_session(base_path, args.threads)
-            for cfg, planner in configs(graph, scores, lm).items():
+            for cfg, planner in configs(model, x, graph, scores, args.threads).items():
                 if args.configs and cfg not in args.configs:
                     continue
                 with warnings.catch_warnings():

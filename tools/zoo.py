@@ -119,7 +119,7 @@ def run_fxprune(name: str, onnx: bool = True) -> dict:
         row["timing_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     t0 = time.perf_counter()
     try:
-        pruned = fxprune.compile(model, (x,), method="l2", ratio=RATIO, onnx=onnx)
+        pruned = fxprune.compile(model, (x,), method="l2", ratio=RATIO, onnx=onnx, round_to=None)
     except FxPruneError as exc:
         row.update(status=_failure_status(exc), error=f"{type(exc).__name__}: {str(exc)[:400]}",
                    wall_s=time.perf_counter() - t0, mem_peak_mb=_peak_mb())

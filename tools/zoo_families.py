@@ -138,7 +138,7 @@ def run_fxprune(name: str) -> dict:
     ref = call(model, args, kwargs)
     if kwargs:
         model, args = positional(model, len(args), list(kwargs)), args + tuple(kwargs.values())
-    options = {"method": "l2", "ratio": RATIO, "onnx": True}
+    options = {"method": "l2", "ratio": RATIO, "onnx": True, "round_to": None}   # as Torch-Pruning: no rounding
     if "capture" in inspect.signature(fxprune.compile).parameters:
         options["capture"] = "auto"
     row["capture_param"] = "capture" in options

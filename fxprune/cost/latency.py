@@ -22,6 +22,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -92,6 +93,127 @@ def ort_latency(module: torch.nn.Module, example_inputs, *, repeats: int = 30, w
         return time_session(ort_session(path, threads), example_inputs, repeats=repeats, warmup=warmup)
 
 
+def compare_latency(original: torch.nn.Module, pruned: torch.nn.Module, example_inputs, *, batches=(1,),
+                    threads: int = 2, repeats: int = 30, warmup: int = 5, rounds: int = 5) -> list[dict]:
+    """ORT CPU latency of ``original`` and ``pruned`` side by side, one dict per batch size.
+
+    Both are exported at each batch size (the example inputs' batch dimension replaced) and timed
+    in ``rounds`` alternating rounds, each a loop of its own per session (``repeats`` runs each
+    in all). A row has the batch, threads, each model's median and 10th/90th percentile (ms) over
+    all runs, and ``ratio``: the median over rounds of each round's pruned / original median, with
+    its spread (min-max over rounds).
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    >>> small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    >>> row, = compare_latency(net, small, (torch.randn(1, 3, 16, 16),), repeats=6, rounds=2, threads=1)
+    >>> row["batch"], row["threads"], row["original_ms"] > 0, row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    (1, 1, True, True)
+    """
+    if rounds < 1 or repeats < rounds:
+        raise ConfigError(f"rounds={rounds} must be >= 1 and repeats={repeats} >= rounds")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    per = -(-repeats // rounds)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in batches:
+            if b < 1:
+                raise ConfigError(f"batch size {b} must be at least 1")
+            inputs = tuple(x[:1].expand(b, *x.shape[1:]).contiguous() if x.dim() else x for x in example_inputs)
+            sessions = []
+            for name, module in (("original", original), ("pruned", pruned)):
+                path = os.path.join(tmp, f"{name}-{b}.onnx")
+                write_onnx(module, inputs, path, dynamic_batch=False)
+                sessions.append(ort_session(path, threads))
+            a, c, ratios = [], [], []
+            for _ in range(rounds):
+                ta = run_times(sessions[0], inputs, per, warmup)
+                tc = run_times(sessions[1], inputs, per, warmup)
+                a += ta
+                c += tc
+                ratios.append(statistics.median(tc) / statistics.median(ta))
+            del sessions
+            qa, qc = sorted(a), sorted(c)
+            pct = lambda q, f: q[int(f * (len(q) - 1))]  # noqa: E731
+            rows.append({"batch": b, "threads": threads, "runs": len(a),
+                         "original_ms": statistics.median(a), "original_p10": pct(qa, 0.1), "original_p90": pct(qa, 0.9),
+                         "pruned_ms": statistics.median(c), "pruned_p10": pct(qc, 0.1), "pruned_p90": pct(qc, 0.9),
+                         "ratio": statistics.median(ratios),
+                         "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return rows
+
+
+def compare_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare_latency` as a table."""
+    out = [(r["batch"], r["threads"], r["runs"], f"{r['original_ms']:.3f}",
+            f"{r['original_p10']:.3f}-{r['original_p90']:.3f}", f"{r['pruned_ms']:.3f}",
+            f"{r['pruned_p10']:.3f}-{r['pruned_p90']:.3f}", f"{r['ratio']:.3f}",
+            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}") for r in rows]
+    return tabulate(out, headers=["batch", "threads", "runs each", "original ms (median)", "original p10-p90",
+                                  "pruned ms (median)", "pruned p10-p90", "ratio", "ratio per round (min-max)"],
+                    tablefmt="github")
+
+
+@contextlib.contextmanager
+def paired_trials(model: torch.nn.Module, graph, *, repeats: int = 30, warmup: int = 5, rounds: int = 3,
+                  threads: int | None = None):
+    """Export ``model`` once and yield ``time(plan) -> (original ms, candidate ms)``: the plan's
+    rewrite (of ``graph``, the model's ChannelGraph) exported and timed against the original in
+    ``rounds`` alternating loops of their own (:func:`paired_medians`), so drift cancels."""
+    inputs = graph.example_inputs
+    with tempfile.TemporaryDirectory() as tmp:
+        base_path = os.path.join(tmp, "original.onnx")
+        write_onnx(model, inputs, base_path, dynamic_batch=False)
+        base = ort_session(base_path, threads)
+        count = [0]
+
+        def time_plan(plan):
+            count[0] += 1
+            path = os.path.join(tmp, f"candidate{count[0]}.onnx")
+            write_onnx(rewrite(graph, plan), inputs, path, dynamic_batch=False)
+            cand = ort_session(path, threads)
+            return paired_medians(base, cand, inputs, repeats=repeats, warmup=warmup, rounds=rounds)
+
+        yield time_plan
+
+
+def quiet(planner):
+    """``planner`` with its warnings silenced (an unreachable budget just yields the smallest plan)."""
+    def plan(budget):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return planner(budget)
+    return plan
+
+
+def check_target(target, planner) -> None:
+    if not 0 < target <= 1:
+        raise ConfigError(f"latency target {target} is out of range: it is the fraction of the original's "
+                          "latency allowed, in (0, 1]")
+    if not callable(planner):
+        raise ConfigError("planner must be a callable budget -> Plan (see fxprune.pipeline.Pipeline.planner)")
+
+
+def pick(history: list[dict], target: float, key: str):
+    """The passing row with the largest budget ``key``, else (with a warning) the fastest row."""
+    passing = [r for r in history if r["ok"]]
+    if passing:
+        return max(passing, key=lambda r: r[key])
+    best = min(history, key=lambda r: r["ratio"])
+    warnings.warn(f"the latency target {target} was not met: the fastest candidate ({key} budget "
+                  f"{best[key]:.3f}) runs at {best['ratio']:.2f} × the original", stacklevel=3)
+    return best
+
+
+def trial_row(history, key, budget, plan, t_base, t_cand, target, progress):
+    row = {key: budget, "original_ms": t_base, "pruned_ms": t_cand, "ratio": t_cand / t_base,
+           "ok": t_cand <= target * t_base, "plan": plan}
+    history.append(row)
+    if progress:
+        print(f"  {'FLOPs' if key == 'flops' else 'predicted latency'} budget {budget:.3f}: {t_cand:.2f} ms vs "
+              f"original {t_base:.2f} ms (ratio {row['ratio']:.3f}) {'ok' if row['ok'] else 'too slow'}", flush=True)
+    return row
+
+
 def search_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                    warmup: int = 5, rounds: int = 3, threads: int | None = None, progress: bool = False):
     """The plan with the largest FLOPs budget whose ORT latency is at most ``target`` × the original's.
@@ -103,49 +225,52 @@ def search_latency(model: torch.nn.Module, graph, target: float, *, planner, ste
     candidate (``flops`` budget, ``original_ms``, ``pruned_ms``, ``ratio``, ``ok``). When no
     candidate meets the target, warns and returns the fastest one.
     """
-    if not 0 < target <= 1:
-        raise ConfigError(f"latency target {target} is out of range: it is the fraction of the original's "
-                          "latency allowed, in (0, 1]")
-    if not callable(planner):
-        raise ConfigError("planner must be a callable flops -> Plan (see fxprune.pipeline.Pipeline.planner)")
-    plan_at = planner
-
-    def planner(flops):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an unreachable FLOPs budget just yields the smallest plan
-            return plan_at(flops)
-
-    inputs = graph.example_inputs
+    check_target(target, planner)
+    planner = quiet(planner)
     history = []
-    with tempfile.TemporaryDirectory() as tmp:
-        base_path = os.path.join(tmp, "original.onnx")
-        write_onnx(model, inputs, base_path, dynamic_batch=False)
-        base = ort_session(base_path, threads)
-
-        def trial(flops, i):
+    with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads) as time_plan:
+        def passes(flops):
             plan = planner(flops)
-            path = os.path.join(tmp, f"candidate{i}.onnx")
-            write_onnx(rewrite(graph, plan), inputs, path, dynamic_batch=False)
-            cand = ort_session(path, threads)
-            t_base, t_cand = paired_medians(base, cand, inputs, repeats=repeats, warmup=warmup, rounds=rounds)
-            del cand
-            row = {"flops": flops, "original_ms": t_base, "pruned_ms": t_cand, "ratio": t_cand / t_base,
-                   "ok": t_cand <= target * t_base, "plan": plan}
-            history.append(row)
-            if progress:
-                print(f"  flops budget {flops:.3f}: {t_cand:.2f} ms vs original {t_base:.2f} ms "
-                      f"(ratio {row['ratio']:.3f}) {'ok' if row['ok'] else 'too slow'}", flush=True)
-            return row
+            return trial_row(history, "flops", flops, plan, *time_plan(plan), target, progress)["ok"]
 
-        bisect_budget(lambda flops: trial(flops, len(history))["ok"], target, steps)
-    passing = [r for r in history if r["ok"]]
-    best = max(passing, key=lambda r: r["flops"]) if passing else None
-    if best is None:
-        best = min(history, key=lambda r: r["ratio"])
-        warnings.warn(f"the latency target {target} was not met: the fastest candidate (FLOPs budget "
-                      f"{best['flops']:.3f}) runs at {best['ratio']:.2f} × the original", stacklevel=2)
+        bisect_budget(passes, target, steps)
+    best = pick(history, target, "flops")
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "flops_budget": best["flops"]})
+    return plan, history
+
+
+def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 3, repeats: int = 30,
+                warmup: int = 5, rounds: int = 3, threads: int | None = None, progress: bool = False,
+                close: float = 0.95, max_step: float = 1.25):
+    """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct.
+
+    ``planner(t) -> Plan`` plans the fraction ``t`` of the latency a
+    :class:`~fxprune.cost.latency_table.LatencyModel` predicts. The first plan asks for ``target``;
+    its rewrite is timed against the original side by side (as :func:`search_latency`), and the next
+    asks for ``t * target / measured``: less when the model was optimistic, more when the plan
+    ran faster than needed, the factor clipped to ``[1 / max_step, max_step]`` (one measurement
+    on a busy machine can be far off). Stops after ``steps`` plans, or at one measured within
+    ``[close * target, target]``. Returns ``(plan, history)``: the passing plan with the largest
+    budget (else, with a warning, the fastest), and one dict per plan (``predicted`` budget, ...).
+    """
+    check_target(target, planner)
+    if steps < 1:
+        raise ConfigError(f"steps={steps} must be at least 1")
+    planner = quiet(planner)
+    history, t = [], target
+    with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads) as time_plan:
+        for _ in range(steps):
+            plan = planner(t)
+            row = trial_row(history, "predicted", t, plan, *time_plan(plan), target, progress)
+            if close * target <= row["ratio"] <= target:
+                break
+            t = min(1.0, t * min(max_step, max(1 / max_step, target / row["ratio"])))
+            if any(abs(r["predicted"] - t) < 1e-3 for r in history):
+                break   # nothing new to try
+    best = pick(history, target, "predicted")
+    plan = best["plan"]
+    plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
     return plan, history
 
 
@@ -167,8 +292,9 @@ def bisect_budget(passes, target: float, steps: int) -> float | None:
 
 
 def history_table(history: list[dict]) -> str:
-    """The steps of :func:`search_latency` as a table."""
-    rows = [(i + 1, f"{r['flops']:.3f}", f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"{r['ratio']:.3f}",
+    """The steps of :func:`search_latency` or :func:`fit_latency` as a table."""
+    key = "flops" if history and "flops" in history[0] else "predicted"
+    rows = [(i + 1, f"{r[key]:.3f}", f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"{r['ratio']:.3f}",
              "ok" if r["ok"] else "too slow") for i, r in enumerate(history)]
-    return tabulate(rows, headers=["step", "FLOPs budget", "original ms", "pruned ms", "ratio", ""],
-                    tablefmt="github")
+    head = "FLOPs budget" if key == "flops" else "predicted latency budget"
+    return tabulate(rows, headers=["step", head, "original ms", "pruned ms", "ratio", ""], tablefmt="github")

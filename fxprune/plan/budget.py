@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -105,6 +106,42 @@ class Budget:
         if self.latency is not None:
             info["latency"] = self.latency
         return info
+
+
+ROUND_TO_ENV = "FXPRUNE_ROUND_TO"
+
+
+def default_round_to(graph):
+    """The ``round_to`` that :func:`fxprune.compile` and the CLI use when none is given: ``"fast"``
+    (counts ONNX Runtime runs well, from a measured :class:`~fxprune.cost.latency_table.LatencyModel`)
+    for a model with 2-d convolutions, where ORT's blocked kernels make counts matter; else None.
+    ``$FXPRUNE_ROUND_TO`` overrides it: ``fast``, ``none`` or a multiple (the test suite sets ``none``:
+    a cold latency cache measures ORT kernels for every new model).
+
+    >>> import os, torch, fxprune
+    >>> graph = fxprune.analyze(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(1, 4),))
+    >>> old = os.environ.pop("FXPRUNE_ROUND_TO", None)
+    >>> default_round_to(graph) is None     # no convolution
+    True
+    >>> os.environ["FXPRUNE_ROUND_TO"] = "8"; default_round_to(graph)
+    8
+    >>> _ = os.environ.pop("FXPRUNE_ROUND_TO") if old is None else os.environ.update(FXPRUNE_ROUND_TO=old)
+    """
+    text = os.environ.get(ROUND_TO_ENV, "").strip().lower()
+    if text in ("none", "0"):
+        return None
+    if text and text != "fast":
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"${ROUND_TO_ENV}={text!r}: use fast, none or a positive multiple")
+        return value
+    if text == "fast":
+        return "fast"
+    convs = any(isinstance(m, torch.nn.Conv2d) for m in graph.module.modules())
+    return "fast" if convs else None
 
 
 def check_budget(*, ratio=None, flops=None, params=None, latency=None, round_to=None, floor: float = 0.0) -> Budget:
