@@ -10,6 +10,12 @@ def state_copy(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def same_state(model, before) -> bool:
+    """Whether ``model``'s parameters and buffers are still exactly ``before`` (a :func:`state_copy`)."""
+    now = model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], v) for k, v in before.items())
+
+
 def assert_state_equal(model, before):
     after = model.state_dict()
     assert before.keys() == after.keys()

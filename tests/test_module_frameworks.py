@@ -13,20 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from helpers import same_state, state_copy
 from fxprune.passes import magnitude
 from test_module_output import Attention
 
 os.environ.setdefault("YOLO_OFFLINE", "1")          # ultralytics: no online checks, no downloads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
 
 
 def _pins(graph):
@@ -61,10 +53,10 @@ class Mixed(nn.Module):
 def test_export_capture_module_output_resizes_by_the_rule_table(tmp_path):
     torch.manual_seed(0)
     model, x = Mixed().eval(), torch.randn(2, 3, 8, 8)
-    before = _state(model)
+    before = state_copy(model)
     p, graph = _module(model, (x,), capture="export")   # ONNX Runtime checked too
     rep = fxprune.report(p)
-    assert type(p) is Mixed and _same_state(model, before) and rep.capture["tracer"] == "export"
+    assert type(p) is Mixed and same_state(model, before) and rep.capture["tracer"] == "export"
     assert rep.mask["ok"] and rep.onnx["ok"] and rep.mask["module"]["ok"] and rep.mask["module"]["modules_compared"] >= 6
     # the view writes 8: c, b and dw keep their channels; the linear/LayerNorm width is pruned, attributes follow
     assert (p.c.out_channels, p.b.num_features, p.dw.groups) == (8, 8, 8)
@@ -121,9 +113,9 @@ def yolo(tmp_path_factory):
     tasks = pytest.importorskip("ultralytics.nn.tasks")
     torch.manual_seed(0)
     model = tasks.DetectionModel("yolov8n.yaml", nc=1, verbose=False).eval()
-    before, x = _state(model), torch.randn(1, 3, 64, 64)
+    before, x = state_copy(model), torch.randn(1, 3, 64, 64)
     p, graph = _module(model, (x,), ratio=0.3, onnx=False)
-    assert _same_state(model, before)
+    assert same_state(model, before)
     path = tmp_path_factory.mktemp("yolo") / "pruned.pt"
     torch.save({"model": p, "train_args": {"imgsz": 64}}, path)   # what ultralytics' trainer saves, less the optimizer
     return model, p, graph, str(path)
@@ -198,10 +190,10 @@ def test_llama_module_output_generates():
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    before, ids = _state(model), torch.randint(0, 100, (1, 12))
+    before, ids = state_copy(model), torch.randint(0, 100, (1, 12))
     p, graph = _module(model, (ids,), onnx=False)
     rep = fxprune.report(p)
-    assert type(p) is transformers.LlamaForCausalLM and _same_state(model, before)
+    assert type(p) is transformers.LlamaForCausalLM and same_state(model, before)
     assert rep.mask["ok"] and rep.mask["module"]["ok"] and rep.params_after < 0.75 * rep.params_before
     mlp = p.model.layers[0].mlp
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64

@@ -11,28 +11,20 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
+from helpers import same_state, state_copy
 from fxprune.errors import ConfigError, PlanError
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
 
 
 def test_resnet18_module_output(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    before = _state(model)
+    before = state_copy(model)
     x = torch.randn(1, 3, 32, 32)
     p = fxprune.compile(model, (x,), flops=0.5, onnx=False, output="module")
     assert type(p) is torchvision.models.ResNet
     assert p.fc.in_features < 512 and p.fc.in_features == p.layer4[1].bn2.num_features
     assert p.layer1[0].conv1.out_channels == p.layer1[0].conv1.weight.shape[0] == p.layer1[0].bn1.num_features
-    assert _same_state(model, before) and model.fc.in_features == 512    # the input model is untouched
+    assert same_state(model, before) and model.fc.in_features == 512    # the input model is untouched
     rep = fxprune.report(p)
     assert rep.output == "module" and rep.mask["ok"] and rep.mask["module"]["ok"]
     assert rep.mask["module"]["modules_compared"] > 40
@@ -154,9 +146,9 @@ def test_vision_transformer_module_output():
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
                                                mlp_dim=64, num_classes=10).eval()
-    before, x = _state(vit), torch.randn(1, 3, 32, 32)
+    before, x = state_copy(vit), torch.randn(1, 3, 32, 32)
     p = fxprune.compile(vit, (x,), ratio=0.5, onnx=False, output="module")
-    assert type(p) is torchvision.models.VisionTransformer and _same_state(vit, before) and vit.hidden_dim == 32
+    assert type(p) is torchvision.models.VisionTransformer and same_state(vit, before) and vit.hidden_dim == 32
     block = p.encoder.layers.encoder_layer_0
     assert block.mlp[0].out_features == 32 and block.mlp[3].in_features == 32
     # reshape(n, self.hidden_dim, n_h * n_w) reads an attribute that nothing else reads: the copy's is set
@@ -217,9 +209,9 @@ class Attention(nn.Module):
 def test_multihead_attention_module_output():
     torch.manual_seed(0)
     model, x = Attention().eval(), torch.randn(2, 6, 12)
-    before = _state(model)
+    before = state_copy(model)
     p = fxprune.compile(model, (x,), ratio=0.5, output="module")
-    assert type(p) is Attention and _same_state(model, before)
+    assert type(p) is Attention and same_state(model, before)
     assert p.attn.embed_dim == 16 and p.attn.head_dim == 4 and p.attn.out_proj.in_features == 16
     rep = fxprune.report(p)
     assert rep.verified and rep.mask["module"]["max_rel_diff"] <= 1e-5
@@ -234,12 +226,12 @@ def test_hugging_face_resnet_module_output():
     cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                     layer_type="bottleneck", num_labels=10)
     model = transformers.ResNetForImageClassification(cfg).eval()
-    before = _state(model)
+    before = state_copy(model)
     # the embedder branches on the input's channel count (a leaf for fx); the flags are fixed Python values
     inputs = (torch.randn(1, 3, 32, 32), None, False, False)
     p = fxprune.compile(model, inputs, ratio=0.5, onnx=False, output="module", leaf_modules=["resnet.embedder"],
                         concrete_args={"labels": None, "output_hidden_states": False, "return_dict": False})
-    assert type(p) is transformers.ResNetForImageClassification and _same_state(model, before)
+    assert type(p) is transformers.ResNetForImageClassification and same_state(model, before)
     rep = fxprune.report(p)
     assert rep.mask["ok"] and rep.mask["module"]["ok"] and rep.params_after < 0.5 * rep.params_before
     def width(m):
