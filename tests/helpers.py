@@ -1,6 +1,8 @@
 """Shared checks for the compiler tests: prune, then assert the invariants of docs/design.md."""
 from __future__ import annotations
 
+import io
+
 import torch
 
 import fxprune
@@ -8,6 +10,14 @@ import fxprune
 
 def state_copy(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def saved_and_loaded(obj):
+    """``obj`` through ``torch.save`` and ``torch.load`` (in memory), as a user round-trips a whole model."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def same_state(model, before) -> bool:

@@ -4,7 +4,6 @@ training; Llama's ``generate()``; BERT with a padding ``attention_mask``."""
 from __future__ import annotations
 
 import copy
-import io
 import os
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from helpers import same_state, state_copy
+from helpers import same_state, saved_and_loaded, state_copy
 from fxprune.passes import magnitude
 from test_module_output import Attention
 
@@ -68,10 +67,7 @@ def test_export_capture_module_output_resizes_by_the_rule_table(tmp_path):
     xb = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert (p(xb) - g(xb)).abs().max() <= 1e-5
-    buf = io.BytesIO()
-    torch.save(p, buf)
-    buf.seek(0)
-    again = torch.load(buf, weights_only=False)
+    again = saved_and_loaded(p)
     fxprune.save(p, str(tmp_path / "p.pt"))              # plan + weights; load captures with the saved tracer
     loaded = fxprune.load(str(tmp_path / "p.pt"), Mixed, (x,))
     with torch.no_grad():

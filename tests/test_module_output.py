@@ -2,8 +2,6 @@
 pruned GraphModule; literals in the model's code pin the channels they count, naming the line."""
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
-from helpers import same_state, state_copy
+from helpers import same_state, saved_and_loaded, state_copy
 from fxprune.errors import ConfigError, PlanError
 
 
@@ -34,10 +32,7 @@ def test_resnet18_module_output(tmp_path):
     with torch.no_grad():
         assert (p(xb) - g(xb)).abs().max() <= 1e-5
     # torch.save of the whole object (the user's class), and fxprune.save / load (plan + weights)
-    buf = io.BytesIO()
-    torch.save(p, buf)
-    buf.seek(0)
-    again = torch.load(buf, weights_only=False)
+    again = saved_and_loaded(p)
     assert type(again) is torchvision.models.ResNet and fxprune.report(again).plan.keep == rep.plan.keep
     path = str(tmp_path / "p.pt")
     fxprune.save(p, path)
