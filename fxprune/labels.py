@@ -95,18 +95,32 @@ def kept_mask(label: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | 
     return (label < 0) | keep[label.clamp(min=0)]
 
 
+def grid_of(label: torch.Tensor | None):
+    """``(d1, d2, matrix)`` of a label that varies along exactly two dims ``d1 < d2``: ``matrix[i, j]`` is the id
+    at index ``i`` of ``d1`` and ``j`` of ``d2`` (blocks by positions); None for any other label.
+
+    >>> import torch
+    >>> grid_of(torch.arange(6).view(1, 2, 1, 3))
+    (1, 3, tensor([[0, 1, 2],
+            [3, 4, 5]]))
+    """
+    dims = varying(label)
+    if len(dims) != 2:
+        return None
+    index = [0] * label.dim()
+    index[dims[0]] = index[dims[1]] = slice(None)
+    return dims[0], dims[1], label[tuple(index)]
+
+
 def _grid(label: torch.Tensor, keep: torch.Tensor):
     """``(d1, d2, kept)`` for a label that varies along two dims ``d1 < d2`` once collapsed (``d1`` indexes
     the blocks), with the kept mask ``[blocks, positions]``; None for any other label. Every block keeps
     the same count, or (blocks tied whole, each one channel) keeps all or nothing."""
-    small = collapse(label)
-    dims = varying(small)
-    if len(dims) != 2:
+    grid = grid_of(collapse(label))
+    if grid is None:
         return None
-    d1, d2 = dims
-    index = [0] * small.dim()
-    index[d1] = index[d2] = slice(None)
-    kept = kept_mask(small, keep)[tuple(index)]
+    d1, d2, ids = grid
+    kept = kept_mask(ids, keep)
     per_block = kept.sum(1)
     if not bool((per_block == per_block[0]).all()) and not bool(((per_block == 0) | kept.all(1)).all()):
         raise ValueError(f"fxprune internal error: a grid label keeps unequal counts per block ({per_block.tolist()})")

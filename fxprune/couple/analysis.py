@@ -34,7 +34,7 @@ from torch.fx.node import map_aggregate
 from ..capture.values import meta_shapes
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
 from ..labels import FIXED, along, collapse, collapse_array, varying
-from ..ops.schema import RuleTable, T, describe, one_axis, pin_all
+from ..ops.schema import RuleTable, T, describe, pin_all, tied
 
 
 class UnionFind:
@@ -237,8 +237,8 @@ class Analysis:
         kwargs = map_aggregate(node.kwargs, self.lookup)
         ctx = Context(self, node)
         rule = self.table.rule_for(node, self.modules)
-        if not rule.grids:
-            args, kwargs = map_aggregate((args, kwargs), lambda a: self.untie_grid(ctx, a))
+        if self.balances and not rule.grids:  # a grid label is only made with a balance: none yet, no grid to tie
+            args, kwargs = map_aggregate((args, kwargs), lambda a: tied(ctx, a))
         try:
             label = rule.couple(ctx, args, kwargs)
             if node in self.later:
@@ -251,13 +251,6 @@ class Analysis:
         if out is not None:
             self.pin_sizes_read_from_channels(ctx, node, out)
         return out
-
-    def untie_grid(self, ctx: "Context", a):
-        """``a`` with a grid label (varying along two dims) tied to one axis (:func:`~fxprune.ops.schema.one_axis`),
-        for a rule that does not take grids."""
-        if isinstance(a, T) and a.label is not None and len(varying(a.label)) > 1:
-            return T(one_axis(ctx, a.label), a.shape, a.param)
-        return a
 
     def size_sources(self, n: fx.Node):
         """Where a plain value of the graph was read from: ``("shape", t)`` for the shape of tensor node

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.fx as fx
 
-from ..labels import FIXED, along, varying
-from .schema import T, arg, describe, one_axis, pin_all
+from ..labels import FIXED, along, grid_of, varying
+from .schema import arg, describe, pin_all, tied
 
 
 def _contract(ctx, operands, out_letters):
@@ -26,8 +26,7 @@ def _contract(ctx, operands, out_letters):
         found = _contract_grids(ctx, operands, out_letters)
         if found is not False:
             return found
-        operands = [(T(one_axis(ctx, t.label), t.shape, t.param) if t.label is not None else t, letters)
-                    for t, letters in operands]
+        operands = [(tied(ctx, t), letters) for t, letters in operands]
     for t, letters in operands:
         if t.param is not None:
             return pin_all(ctx, [t for t, _ in operands], {}, f"{describe(ctx.node, ctx.gm)} multiplies by a parameter")
@@ -76,12 +75,10 @@ def _contract_grids(ctx, operands, out_letters):
         if t.param is not None or len(set(letters)) != len(letters):
             return False
         if t.label is not None:
-            vary = varying(t.label)
-            if len(vary) != 2:
+            grid = grid_of(t.label)
+            if grid is None:
                 return False
-            index = [0] * t.label.dim()
-            index[vary[0]] = index[vary[1]] = slice(None)
-            grids.append(((letters[vary[0]], letters[vary[1]]), t.label[tuple(index)], letters))
+            grids.append(((letters[grid[0]], letters[grid[1]]), grid[2], letters))
     keys = {key for key, _, _ in grids}
     if len(keys) != 1:
         return False

@@ -150,6 +150,14 @@ def one_axis(ctx, label):
     return ctx.canonical(label[tuple(index)])
 
 
+def tied(ctx, t):
+    """``t`` with a grid label tied to one axis (:func:`one_axis`), for an op that does not take grids;
+    any other value as it is."""
+    if isinstance(t, T) and t.label is not None and len(varying(t.label)) > 1:
+        return T(one_axis(ctx, t.label), t.shape, t.param)
+    return t
+
+
 def default_rule(ctx, args, kwargs):
     return pin_all(ctx, args, kwargs, f"no rule for {describe(ctx.node, ctx.gm)}: its channels are kept")
 

@@ -10,8 +10,8 @@ import torch.fx as fx
 
 from torch.fx.node import map_aggregate
 
-from ..labels import FIXED, along, expand_to, varying
-from .schema import T, arg, one_axis, pin_all
+from ..labels import FIXED, along, expand_to, grid_of, varying
+from .schema import T, arg, one_axis, pin_all, tied
 
 
 def shape_op(fn):
@@ -26,7 +26,7 @@ def shape_op(fn):
             moved = _grid_moved(ctx, x, fn(expand_to(x.label, x.shape), *rest, **kwargs))
             if moved is not None:
                 return moved
-            x = T(one_axis(ctx, x.label), x.shape, x.param)
+            x = tied(ctx, x)
         full = expand_to(x.label, x.shape)
         out = fn(full, *rest, **kwargs)
         if isinstance(out, (tuple, list)):
@@ -43,16 +43,6 @@ def shape_op(fn):
 
     shape_op_rule.takes_grids = True
     return shape_op_rule
-
-
-def _grid_of(label: torch.Tensor) -> torch.Tensor | None:
-    """The ``[blocks, positions]`` matrix of a label varying along two dims, else None."""
-    dims = varying(label)
-    if len(dims) != 2:
-        return None
-    index = [0] * label.dim()
-    index[dims[0]] = index[dims[1]] = slice(None)
-    return label[tuple(index)]
 
 
 def grid_label(ctx, x, out):
@@ -72,7 +62,8 @@ def grid_label(ctx, x, out):
     torch.Size([1, 2, 3])
     """
     src, lab = ctx.canonical(x.label), ctx.canonical(out)
-    grid = _grid_of(lab) if lab is not None else None
+    found = grid_of(lab) if lab is not None else None
+    grid = None if found is None else found[2]
     vary = varying(src)
     if grid is None or x.param is not None or len(vary) != 1 or bool((grid < 0).any()) or \
             torch.unique(grid).numel() != grid.numel():
@@ -87,14 +78,14 @@ def grid_label(ctx, x, out):
 def _grid_moved(ctx, x, out):
     """``out``'s label where a shape op keeps ``x``'s grid intact (its dims moved, blocks still before
     positions) or merges it back into one channel dim blocks first; else None."""
-    grid, lab = _grid_of(ctx.canonical(x.label)), ctx.canonical(out)
+    grid, lab = grid_of(ctx.canonical(x.label)), ctx.canonical(out)
     if grid is None or lab is None:
         return None
-    moved = _grid_of(lab)
+    moved = grid_of(lab)
     if moved is not None:
-        return lab if torch.equal(moved, grid) else None
+        return lab if torch.equal(moved[2], grid[2]) else None
     vary = varying(lab)
-    if len(vary) == 1 and torch.equal(along(lab, vary[0], lab.shape[vary[0]]), grid.flatten()):
+    if len(vary) == 1 and torch.equal(along(lab, vary[0], lab.shape[vary[0]]), grid[2].flatten()):
         return lab
     return None
 
