@@ -37,18 +37,19 @@ DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_rou
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-            capture: str = "auto", output: str = "graph") -> ChannelGraph:
+            capture: str = "auto", output: str = "graph", heads: str = "dims") -> ChannelGraph:
     """Capture ``model`` and find its channel groups (see :mod:`fxprune.ir`); with ``output="module"``,
-    with the pins of that output (literals in the model's code, see :func:`compile`)."""
+    with the pins of that output (literals in the model's code, see :func:`compile`); ``heads`` as in
+    :func:`compile`."""
     return Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                    capture=capture, output=output).analyze()
+                    capture=capture, output=output, heads=heads).analyze()
 
 
 def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, flops=None, params=None,
             latency=None, round_to=DEFAULT, floor: float = 0.0, min_keep: int = 1, ignore=(), data=None,
             verify: bool = True, onnx: bool = True, leaf_modules=(), concrete_args=None, seed: int = 0,
             method_options: dict | None = None, latency_options: dict | None = None,
-            latency_model=None, capture: str = "auto", output: str = "graph") -> torch.nn.Module:
+            latency_model=None, capture: str = "auto", output: str = "graph", heads: str = "dims") -> torch.nn.Module:
     """Prune ``model`` and return a new, smaller ``GraphModule``; ``model`` is not changed.
 
     With ``output="module"`` it returns a pruned deep copy of ``model`` instead, of the same
@@ -80,6 +81,11 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     model, ``"auto"`` prunes it part by part (``"parts"`` does so directly): each child module that
     captures is pruned on its own, its inputs and outputs kept, and a copy of ``model`` with those
     parts replaced is returned (:mod:`fxprune.partial`; its report lists the parts and the modules left whole).
+    ``heads`` says what attention heads lose (a reshape into heads, ``view(b, n, heads, head_dim)``):
+    ``"dims"`` (the default) each head's dims, every head keeping the same number at its own
+    positions; ``"whole"`` whole heads, ``head_dim`` unchanged (Llama-style rotary embeddings and
+    grouped-query attention prune this way: a key/value head goes with its group of query heads).
+    ``nn.MultiheadAttention`` and Swin's attention prune dims either way (their width is the stream's).
     """
     if isinstance(method, str):
         criterion, name = passes.get(method), method
@@ -90,12 +96,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     parts = dict(ratio=ratio, flops=flops, params=params, round_to=None if round_to is DEFAULT else round_to,
                  floor=floor, min_keep=min_keep,
                  ignore=ignore, seed=seed, method_options=method_options, verify=verify, onnx=onnx,
-                 leaf_modules=leaf_modules)
+                 leaf_modules=leaf_modules, heads=heads)
     if capture == "parts":
         _check_parts(data, latency, latency_model, output, "capture='parts'")
         return compile_parts(model, example_inputs, criterion, name, **parts)
     pipe = Pipeline(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, verify=verify,
-                    onnx=onnx, capture=capture, output=output)
+                    onnx=onnx, capture=capture, output=output, heads=heads)
     if capture == "auto":
         try:
             pipe.analyze()

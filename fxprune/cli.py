@@ -27,6 +27,7 @@ import torch
 
 from .api import DEFAULT, analyze, apply, compile
 from .capture import TRACERS
+from .couple import HEADS
 from .cost import count_flops, count_params
 from .cost.latency import compare_latency, compare_table, history_table
 from .errors import FxPruneError
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     prune.add_argument("--capture", choices=TRACERS + ("parts",), default="auto",
                        help="tracer: symbolic_trace, else torch.export, else part by part (auto), or only one of them")
+    prune.add_argument("--heads", choices=HEADS, default="dims",
+                       help="attention heads lose dims, the same number per head (dims), or whole heads (whole: "
+                            "keeps head_dim; for rotary embeddings and grouped-query attention)")
     prune.add_argument("--out", default=None, help="write the pruned model as ONNX to this path")
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     inspect.add_argument("--capture", choices=TRACERS, default="auto",
                        help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
+    inspect.add_argument("--heads", choices=HEADS, default="dims", help="as prune --heads")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--output", choices=("graph", "module"), default="graph",
                          help="module: with the pins of prune --output module (literals in the model's code)")
@@ -225,7 +230,8 @@ def _prune(args) -> int:
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
                          latency_model=latency_model,
-                         verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output)
+                         verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output,
+                         heads=args.heads)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
@@ -259,7 +265,7 @@ def _prune(args) -> int:
 
 
 def _inspect(args) -> int:
-    graph = analyze(_model(args), _inputs(args), capture=args.capture, output=args.output)
+    graph = analyze(_model(args), _inputs(args), capture=args.capture, output=args.output, heads=args.heads)
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:

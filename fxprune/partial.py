@@ -60,7 +60,7 @@ from .view.parts import PartsReport
 
 def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, *, ratio=None, flops=None,
                   params=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), seed: int = 0,
-                  method_options=None, verify: bool = True, onnx: bool = True, leaf_modules=(),
+                  method_options=None, verify: bool = True, onnx: bool = True, leaf_modules=(), heads: str = "dims",
                   why: str = "capture='parts'") -> torch.nn.Module:
     """``model`` with every part that captures pruned (see the module docstring); ``why`` says why the
     root was not captured whole. Arguments as in :func:`fxprune.compile` (data-free methods only)."""
@@ -90,7 +90,7 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
                 part = _prune_part(qual, module, call, criterion, name, budget,
                                    dict(round_to=round_to, floor=floor, min_keep=min_keep, seed=seed,
                                         method_options=method_options, ignore=_local(ignore, qual)),
-                                   verify=verify, onnx=onnx, leaf_modules=leaf_modules)
+                                   verify=verify, onnx=onnx, leaf_modules=leaf_modules, heads=heads)
                 if "pruned" in part:
                     parts.append(part)
                     continue
@@ -165,11 +165,12 @@ def _local(ignore, qual: str):
     return out
 
 
-def _prune_part(qual, module, call, criterion, name, budget, options, *, verify, onnx, leaf_modules) -> dict:
+def _prune_part(qual, module, call, criterion, name, budget, options, *, verify, onnx, leaf_modules,
+                heads="dims") -> dict:
     """``{"name", "tracer", ..., "pruned", "flat"}`` for a pruned part; ``{"reason", "final"?}`` otherwise."""
     flat = FlatCall(module, call)
     pipe = Pipeline(flat, flat.example_inputs, leaf_modules=[m for m in leaf_modules if isinstance(m, type)],
-                    verify=verify, onnx=False)
+                    verify=verify, onnx=False, heads=heads)
     try:
         graph = pipe.graph
     except TraceError as exc:

@@ -75,10 +75,13 @@ class Pipeline:
     ``output`` is what :meth:`build` returns by default: ``"graph"`` (a ``GraphModule``) or
     ``"module"`` (a pruned copy of the model, same class, from either capture: :mod:`fxprune.rewrite.module`;
     channels counted by literals of the model's code are then pinned before planning).
+    ``heads`` is what attention heads prune: ``"dims"`` (each head's dims, the same count per head)
+    or ``"whole"`` heads (see :func:`fxprune.couple.couple`); a plan records it.
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-                 verify: bool = True, onnx: bool = True, capture: str = "auto", output: str = "graph"):
+                 verify: bool = True, onnx: bool = True, capture: str = "auto", output: str = "graph",
+                 heads: str = "dims"):
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         self.output = output
@@ -89,6 +92,7 @@ class Pipeline:
         self.verify = verify
         self.onnx = onnx
         self.capture = capture
+        self.heads = heads
         self.table = FX_RULES  # the capture replaces it with its dialect's table
         self._graph: ChannelGraph | None = None
 
@@ -109,7 +113,7 @@ class Pipeline:
                                              stack_traces=self.output == "module")
         t1 = time.perf_counter()
         try:
-            graph = couple(gm, self.example_inputs, self.table)
+            graph = couple(gm, self.example_inputs, self.table, heads=self.heads)
         except FxPruneError:
             raise
         except Exception as exc:  # the rules' own failures become pins; this is the analysis itself
@@ -140,7 +144,7 @@ class Pipeline:
         if not callable(criterion):
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
         name = name or getattr(criterion, "__name__", "custom")
-        meta = {"method": name, **(meta or {})}
+        meta = {"method": name, **({"heads": self.heads} if self.heads != "dims" else {}), **(meta or {})}
         options = dict(method_options or {})
         graph = self.graph
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
@@ -221,7 +225,12 @@ class Pipeline:
                            graph_module=pruned_graph, onnx=onnx)
 
     def apply(self, plan: Plan, output: str | None = None):
-        """:meth:`build` for a plan made earlier (its method is read from the plan)."""
+        """:meth:`build` for a plan made earlier (its method and ``heads`` are read from the plan)."""
+        heads = plan.meta.get("heads", "dims")
+        if heads != self.heads:
+            if self._graph is not None:
+                raise ConfigError(f"the plan was made with heads={heads!r}, this pipeline analysed heads={self.heads!r}")
+            self.heads = heads
         return self.build(plan, method=plan.meta.get("method", "plan"), output=output)
 
     def finish(self, pruned: torch.nn.Module, plan: Plan, *, method: str | None = None, mask: dict | None = None,

@@ -182,6 +182,42 @@ class HeadsMatmul(HeadsSDPA):
         super().__init__(c, matmul=True)
 
 
+class HeadsGQA(nn.Module):  # Llama-style: rotary embeddings, 4 query heads on 2 key/value heads
+    def __init__(self, c, repeat=True):
+        super().__init__()
+        self.embed = nn.Conv2d(c, 8, 1)
+        self.repeat = repeat
+        self.q, self.k, self.v, self.o = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8)
+        angle = torch.arange(64.0)[:, None] * 0.3
+        self.register_buffer("cos", torch.cat([angle, angle], -1).cos())
+        self.register_buffer("sin", torch.cat([angle, angle], -1).sin())
+        self.out = 8
+
+    @staticmethod
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = (p(t).view(n, h * w, -1, 2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q = q * self.cos + self.rotate_half(q) * self.sin
+        k = k * self.cos + self.rotate_half(k) * self.sin
+        if self.repeat:  # repeat_kv
+            k, v = (a[:, :, None].expand(n, 2, 2, h * w, 2).reshape(n, 4, h * w, 2) for a in (k, v))
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        t = t + self.o(y.transpose(1, 2).reshape(n, h * w, -1))
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class HeadsGQAFused(HeadsGQA):
+    def __init__(self, c):
+        super().__init__(c, repeat=False)
+
+
 class MHA(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -259,7 +295,7 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
-          HeadsMatmul]
+          HeadsMatmul, HeadsGQA, HeadsGQAFused]
 
 
 class Net(nn.Module):
@@ -306,17 +342,18 @@ architectures = st.tuples(
     st.one_of(st.tuples(st.just("ratio"), st.floats(0.0, 0.9)), st.tuples(st.just("flops"), st.floats(0.2, 1.0))),
     st.sampled_from([None, None, 2]),
     st.integers(0, 10_000),
+    st.sampled_from(["dims", "whole"]),
 )
 
 
 def check(arch):
     """Compile one architecture; returns the report. Raises on a failed verification or a raw exception."""
-    kinds, width, head, (budget, amount), round_to, seed = arch
+    kinds, width, head, (budget, amount), round_to, seed, heads = arch
     net = build(kinds, width, head, seed)
     x = torch.randn(1, 3, 8, 8)
     try:
         pruned = fxprune.compile(net, (x,), method=random_scores, seed=seed, onnx=False, round_to=round_to,
-                                 **{budget: amount})
+                                 heads=heads, **{budget: amount})
     except ConfigError:  # a budget the model cannot meet is refused with a ConfigError, which is fine
         return None
     rep = fxprune.report(pruned)
@@ -345,7 +382,7 @@ def draw(rng):
     kinds = [rng.randrange(len(PIECES)) for _ in range(rng.randint(1, 4))]
     budget = ("ratio", rng.uniform(0.0, 0.9)) if rng.random() < 0.5 else ("flops", rng.uniform(0.2, 1.0))
     return kinds, rng.randint(2, 10), rng.choice(["flatten", "mean"]), budget, rng.choice([None, None, 2]), \
-        rng.randrange(10_000)
+        rng.randrange(10_000), rng.choice(["dims", "whole"])
 
 
 if __name__ == "__main__":  # python tests/test_fuzz.py 1000: counts failures and crashes instead of stopping

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from ..capture.values import meta_shapes
+from ..errors import ConfigError
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
 from ..labels import FIXED, along, collapse, collapse_array, varying
 from ..ops.schema import RuleTable, T, describe, pin_all, tied
@@ -170,6 +171,21 @@ class Context:
         """
         self._a.balances.append((blocks.clone(), self.node.name))
 
+    def heads(self, blocks: torch.Tensor) -> bool:
+        """A reshape split one channel dim into ``blocks`` (ids ``[..., heads, dims]``: attention heads
+        ahead of the dims of each, maybe after a packing dim such as q/k/v's ``3``). By default
+        (``heads="dims"``) every head keeps the same number of dims at its own positions (:meth:`balance`;
+        a 2-d ``blocks`` only, else False: not taken). With ``heads="whole"`` each head is one channel,
+        kept or removed whole with its ``head_dim``, the same head of every packed part with it."""
+        if self._a.heads == "whole":
+            rows = blocks.reshape(-1, *blocks.shape[-2:])
+            self.unify(rows[:1, :, :1], rows, f"'{self.node.name}' splits channels into heads, pruned whole")
+            return True
+        if blocks.dim() != 2:
+            return False
+        self.balance(blocks)
+        return True
+
     def grouped_member(self, param: str, dim: int, blocks: torch.Tensor) -> None:
         """``param``'s positions along ``dim`` are read per group: column ``j`` of group ``b`` (rows
         ``b * rows // B ...``) reads id ``blocks[b, j]`` (a grouped convolution's weight)."""
@@ -200,8 +216,9 @@ class Context:
 
 
 class Analysis:
-    def __init__(self, gm: fx.GraphModule, table: RuleTable):
+    def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims"):
         self.table = table
+        self.heads = heads
         self.gm = gm
         self.uf = UnionFind()
         self.blocks: list[tuple[fx.Node, torch.Tensor]] = []
@@ -358,9 +375,18 @@ class Analysis:
 _OPAQUE = object()
 
 
-def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable) -> ChannelGraph:
-    """Analyse a traced, shape-annotated module (see :func:`fxprune.capture.trace`)."""
-    a = Analysis(gm, table)
+HEADS = ("dims", "whole")
+
+
+def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: str = "dims") -> ChannelGraph:
+    """Analyse a traced, shape-annotated module (see :func:`fxprune.capture.trace`).
+
+    ``heads`` says what a reshape into attention heads (``view(b, n, heads, head_dim)``) prunes:
+    ``"dims"`` each head's dims, equal counts per head (:meth:`Context.balance`), or ``"whole"``
+    heads (:meth:`Context.heads`)."""
+    if heads not in HEADS:
+        raise ConfigError(f"heads must be one of {HEADS}, not {heads!r}")
+    a = Analysis(gm, table, heads)
     a.run()
     _consolidate_members(a)
     balanced = _resolve_balances(a)

@@ -264,7 +264,10 @@ def sdpa_rule(ctx, args, kwargs):
     q's and k's channels are summed over (unified position by position: a contraction, see
     ``fxprune_contract``); v's pass to the output. Channels may sit on the last dim, or on a grid
     of heads x dims per head (:func:`fxprune.ops.shape.grid_label`): each head then keeps its own
-    dims, q's and k's the same ones. The token dim must carry none.
+    dims, q's and k's the same ones; or on the heads dim alone (whole heads, ``heads="whole"``): head
+    ``h`` of q, k and v is then one channel. With fewer key/value heads than query heads
+    (``enable_gqa``), key/value head ``g`` goes with query heads ``g * r ... g * r + r - 1``.
+    The token dim must carry none.
     The default scale is ``1 / sqrt(q.shape[-1])``: :func:`fix_sdpa` keeps the original one.
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F, fxprune
@@ -289,13 +292,24 @@ def sdpa_rule(ctx, args, kwargs):
     if q.label is None and k.label is None and v.label is None:
         return None
     fixed = torch.full((1,) * nd, FIXED, dtype=torch.long)
-    qk = ctx.unify(fixed if q.label is None else q.label, fixed if k.label is None else k.label,
-                   f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
-    ctx.node.meta["fxprune_contract"] = True
+    ql, kl, vl = (fixed if t.label is None else t.label for t in (q, k, v))
+    if nd >= 3 and k.shape[-3] != q.shape[-3]:  # grouped-query attention (enable_gqa): k/v head g serves
+        rep = q.shape[-3] // k.shape[-3]        # query heads g * rep ... g * rep + rep - 1
+        kl, vl = (lab.repeat_interleave(rep, dim=-3) if lab.shape[-3] > 1 else lab for lab in (kl, vl))
+    reason = f"{describe(ctx.node, ctx.gm)} combines them with fixed channels"
     share = q.shape[-1] / (q.shape[-1] + v.shape[-1])
+    ctx.node.meta["fxprune_contract"] = True
+    if any(t.label is not None and max(varying(t.label), default=nd) < nd - 2 for t in (q, k, v)):
+        # whole heads: head h of q, k and v is one channel, on a dim before the tokens
+        if any(nd - 1 in varying(t.label) for t in (q, k, v)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} mixes whole heads with per-head dims")
+        heads = ctx.unify(ctx.unify(ql, kl, reason), vl, reason)
+        ctx.cost(heads)
+        return ctx.canonical(heads)
+    qk = ctx.unify(ql, kl, reason)
     ctx.cost(qk, share=share)
-    ctx.cost(fixed if v.label is None else v.label, share=1.0 - share)
-    return None if v.label is None else ctx.canonical(v.label)
+    ctx.cost(vl, share=1.0 - share)
+    return None if v.label is None else ctx.canonical(vl)
 
 
 sdpa_rule.takes_grids = True

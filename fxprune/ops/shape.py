@@ -21,6 +21,8 @@ def shape_op(fn):
         x = args[0]
         if x.label is None:
             return None
+        if _empty(ctx):
+            return _empty_label(ctx, x)
         rest = [a.label if hasattr(a, "label") else a for a in args[1:]]
         if len(varying(x.label)) > 1:  # a grid: moved whole, or merged blocks first; else tied here
             moved = _grid_moved(ctx, x, fn(expand_to(x.label, x.shape), *rest, **kwargs))
@@ -45,34 +47,50 @@ def shape_op(fn):
     return shape_op_rule
 
 
+def _empty(ctx) -> bool:
+    shape = ctx.out_shape
+    return isinstance(shape, tuple) and 0 in shape
+
+
+def _empty_label(ctx, x):
+    """The label of an empty result (Phi-3's ``q[..., rotary_dim:]`` at full rotary width): ``x``'s label
+    where it fits the result's shape (materialising it would lose every id), else None."""
+    lab, shape = ctx.canonical(x.label), ctx.out_shape
+    if lab is not None and lab.dim() == len(shape) and all(lab.shape[d] in (1, shape[d]) for d in range(lab.dim())):
+        return one_axis(ctx, lab)
+    return None
+
+
 def grid_label(ctx, x, out):
     """A reshape that splits ``x``'s one channel dim into blocks and positions, blocks first
-    (``view(b, n, heads, head_dim)``): the label of ``out`` is kept as a *grid*, varying along both,
-    and the blocks must keep equal counts at free positions (:meth:`~fxprune.couple.analysis.Context.balance`),
-    so each attention head keeps its own dims. Any other spread of channels: None (the caller ties it).
+    (``view(b, n, heads, head_dim)``, or a packed ``reshape(b, n, 3, heads, head_dim)``): the blocks are
+    attention heads (:meth:`~fxprune.couple.analysis.Context.heads`). By default the label of ``out`` is kept
+    as a *grid*, varying along both dims, and the heads keep equal counts at free positions (each head its
+    own dims); with whole heads it varies along the heads dim alone. Any other spread of channels, or a
+    split the analysis does not take: None (the caller ties it).
 
     >>> import torch
     >>> from fxprune.ops.schema import T
     >>> class Ctx:  # what the rule asks of the analysis, for this example
     ...     canonical = staticmethod(lambda lab: lab)
-    ...     balance = lambda self, blocks: print("balance", blocks.tolist())
+    ...     heads = lambda self, blocks: print("heads", blocks.tolist())
     >>> x = T(torch.arange(6).view(1, 6), (2, 6))
     >>> grid_label(Ctx(), x, torch.arange(6).view(1, 2, 3)).shape
-    balance [[0, 1, 2], [3, 4, 5]]
+    heads [[0, 1, 2], [3, 4, 5]]
     torch.Size([1, 2, 3])
     """
     src, lab = ctx.canonical(x.label), ctx.canonical(out)
-    found = grid_of(lab) if lab is not None else None
-    grid = None if found is None else found[2]
-    vary = varying(src)
-    if grid is None or x.param is not None or len(vary) != 1 or bool((grid < 0).any()) or \
-            torch.unique(grid).numel() != grid.numel():
+    dims, vary = varying(lab), varying(src)
+    if lab is None or len(dims) < 2 or x.param is not None or len(vary) != 1:
         return None
+    grid = lab[tuple(slice(None) if d in dims else 0 for d in range(lab.dim()))]  # [blocks..., positions]
     ids = along(src, vary[0], x.shape[vary[0]])
-    if ids.numel() != grid.numel() or not torch.equal(ids.view(grid.shape), grid):
+    if bool((grid < 0).any()) or torch.unique(grid).numel() != grid.numel() or ids.numel() != grid.numel() or \
+            not torch.equal(ids.view(grid.shape), grid):
         return None
-    ctx.balance(grid)
-    return lab
+    if not ctx.heads(grid):
+        return None
+    return ctx.canonical(lab)
 
 
 def _grid_moved(ctx, x, out):
@@ -184,13 +202,14 @@ def fix_shape_args(first: int = 1):
     def fix(node, rw):
         sizes = list(node.args[first:])
         packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+        kind = list if packed and isinstance(sizes[0], list) else tuple  # as written: an unchanged literal stays equal
         if packed:
             sizes = list(sizes[0])
         new = rw.new_shape(node)
         for d in rw.varying_dims(node):
             if d < len(sizes) and not (isinstance(sizes[d], int) and sizes[d] == -1):
                 sizes[d] = new[d]
-        node.args = tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes))
+        node.args = tuple(node.args[:first]) + ((kind(sizes),) if packed else tuple(sizes))
         if "shape" in node.kwargs or "size" in node.kwargs:
             key = "shape" if "shape" in node.kwargs else "size"
             kw = dict(node.kwargs)
@@ -228,6 +247,8 @@ def getitem_rule(ctx, args, kwargs):
     if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in index):
         ctx.pin(x.label, f"advanced indexing at '{ctx.node.name}'")
         return None
+    if _empty(ctx):
+        return _empty_label(ctx, x)
     return one_axis(ctx, expand_to(x.label, x.shape)[index])
 
 
@@ -284,6 +305,8 @@ def cat_rule(ctx, args, kwargs):
         result, joined = None, []
         sources = list(arg(ctx.node.args, ctx.node.kwargs, 0, "tensors"))
         for t, lab, src in zip(xs, labels, sources):
+            if t.shape[dim] == 0:  # an empty piece (Phi-3's rotary pass-through at full rotary width)
+                continue
             if lab is None:
                 param = param_behind(ctx, src, t, vary)
                 if param is not None:  # a learned token: its entries follow the channels
@@ -338,6 +361,8 @@ def slice_rule(ctx, args, kwargs):
     if dim in varying(x.label) and step != 1:
         ctx.pin(x.label, f"slicing at '{ctx.node.name}' picks every {step}th channel")
         return None
+    if _empty(ctx):
+        return _empty_label(ctx, x)
     full = expand_to(x.label, x.shape)
     return one_axis(ctx, full[(slice(None),) * dim + (slice(arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "end"),
                                                              step),)])
