@@ -3,6 +3,8 @@
 planted by hand must be exactly the ones removed, with the output unchanged."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -160,3 +162,41 @@ def test_a_plan_says_how_it_treats_heads():
     assert per_dim.groups["q"].prunable == 0
     with pytest.raises(ConfigError, match="heads must be one of"):
         fxprune.analyze(m, (X,), heads="some")
+
+
+def llama_like():
+    """A factory for the command line: 4 query heads on 2 key/value heads, rotary embeddings."""
+    torch.manual_seed(0)
+    return Heads(kv=2, rotary=True).eval()
+
+
+def test_command_line_prunes_whole_heads_and_load_rebuilds_them(capsys, tmp_path):
+    from fxprune.cli import main
+    shape = ["--input-shape", "2,6,5"]
+    assert main(["inspect", "test_whole_heads:llama_like", *shape, "--heads", "whole", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["q"]["size"] == rows["q"]["prunable"] == 2   # two key/value groups of heads
+    saved = str(tmp_path / "p.pt")
+    assert main(["prune", "test_whole_heads:llama_like", *shape, "--ratio", "0.5", "--heads", "whole",
+                 "--save", saved]) == 0
+    capsys.readouterr()
+    loaded = fxprune.load(saved, llama_like, (X,))
+    assert fxprune.report(loaded).plan.keep["q"] in ([0], [1])
+    assert loaded.get_submodule("k").out_features == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(X), fxprune.apply(llama_like(), (X,), fxprune.report(loaded).plan, onnx=False)(X))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_timm_attention_loses_whole_heads(fused):
+    """timm's ``Attention`` (packed qkv; ``maybe_add_mask`` between ``q @ k^T`` and softmax when not fused)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    attn = timm_layers.Attention(16, num_heads=4, qkv_bias=True)
+    attn.fused_attn = fused
+    m = nn.Sequential(nn.Linear(5, 16), attn, nn.Linear(16, 3)).eval()
+    pruned = fxprune.compile(m, (X,), method="l2", ratio=0.5, heads="whole", ignore=["0"])
+    rep = fxprune.report(pruned)
+    assert len(rep.plan.keep["1.qkv"]) == 2
+    assert pruned.get_submodule("1.qkv").out_features == 24 and pruned.get_submodule("1.proj").in_features == 8
+    assert rep.mask["ok"] and rep.onnx["ok"]

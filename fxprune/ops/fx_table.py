@@ -56,7 +56,9 @@ register(ELEMENTWISE,
          F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.logsigmoid,
          F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
          torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.nn.functional.threshold,
-         torchvision.ops.stochastic_depth)
+         torchvision.ops.stochastic_depth,
+         # timm's fx-wrapped ``scores if mask is None else scores + mask`` (by name: timm is not imported)
+         "timm.layers.attention.maybe_add_mask")
 
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")

@@ -2,7 +2,8 @@
 
 A :class:`Rule` says how one kind of op moves, creates, consumes or ties channels. A
 :class:`RuleTable` maps every spelling of an op (module type, function, method name,
-ATen overload) to its rule, for one graph dialect; the analysis, the rewrite and shape
+ATen overload; a function of a package the table does not import by its qualified name,
+``"timm.layers.attention.maybe_add_mask"``) to its rule, for one graph dialect; the analysis, the rewrite and shape
 propagation are handed a table instead of reading a global (in the manner of
 ``torch/ao/quantization/backend_config``). A rule has up to four parts:
 
@@ -195,7 +196,10 @@ class RuleTable:
         if node.op == "output":
             return self.output
         key = type(modules[node.target]) if node.op == "call_module" else node.target
-        return self._rules.get(key, self.default)
+        rule = self._rules.get(key)
+        if rule is None and callable(key):  # a function of a package the table does not import, by its name
+            rule = self._rules.get(f"{getattr(key, '__module__', '')}.{getattr(key, '__qualname__', '')}")
+        return rule or self.default
 
     def meta_formula(self, module: torch.nn.Module) -> Callable | None:
         """The ``on_meta`` formula of ``module``'s rule, if it has one."""
