@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import types
 
 import torch
 import torch.fx as fx
@@ -45,7 +46,7 @@ class _Tracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         count = _piece_count(node)
-        return _Pieces(node, self, count) if count is not None else super().proxy(node)
+        return _Pieces(node, self, count) if count is not None else _Proxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
@@ -58,7 +59,40 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-class _Pieces(fx.Proxy):
+def _plain_function(fn) -> bool:
+    """``torch.flatten``, ``F.relu``: a function of torch's namespace or ``torch.nn.functional``, not a
+    ``torch.Tensor`` method (those trace as ``call_method``)."""
+    if isinstance(fn, types.BuiltinFunctionType):
+        plain = fn.__module__ == "torch"
+    elif isinstance(fn, types.FunctionType):
+        plain = fn.__module__ == "torch.nn.functional"
+    else:
+        return False
+    return plain and getattr(torch.Tensor, fn.__name__, None) is not fn
+
+
+class _Proxy(fx.Proxy):
+    """``torch.fx.Proxy`` that records a plain torch function (:func:`_plain_function`) as ``call_function``
+    without asking ``torch.overrides.is_tensor_method_or_property``, whose first call builds torch's table of
+    every overridable function (a fifth of tracing a ResNet-50 in a fresh process); any other call as
+    ``Proxy`` does."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
+        if not _plain_function(orig_method):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        args, kwargs = args or (), kwargs or {}
+        tracers = {}
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: tracers.setdefault(a.tracer) if isinstance(
+            a, fx.Proxy) else None)
+        if len(tracers) != 1:
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        tracer = next(iter(tracers))
+        return tracer.create_proxy("call_function", orig_method, args, kwargs,
+                                   name=tracer.graph._target_to_str(orig_method.__name__))
+
+
+class _Pieces(_Proxy):
     """The result of ``chunk``/``split``/``tensor_split`` with a literal count: it can be iterated
     (``list(x.chunk(2, 1))`` in YOLO's C2f), each piece a ``getitem`` node."""
 
