@@ -10,6 +10,11 @@ seeds, mean ± std. Writes ``blocks.md`` and ``blocks.json`` under ``--out``.
 
     python tools/bench_blocks.py                 # 3 seeds, about 15 minutes on 2 CPU cores
     python tools/bench_blocks.py --seeds 1 --samples 5000 --epochs 1   # a quick look
+    python tools/bench_blocks.py --models vit --name blocks_heads    # the ViT only, with whole heads too
+
+The ViT is also pruned with whole heads (``heads="whole"``: each head kept or removed whole, ``head_dim``
+intact), a third variant at the same FLOPs budget. Counts are not rounded (`round_to=None`), so every variant
+meets the budget as closely as its structure allows.
 """
 from __future__ import annotations
 
@@ -149,9 +154,11 @@ def run(name, seed, cfg, train_data, test_data):
     train(model, train_data, epochs=cfg.epochs, lr=0.05, samples=cfg.samples, seed=seed, device="cpu", desc=name)
     x = train_data[0][:2]
     row = {"model": name, "seed": seed, "base": accuracy(model, test_data, "cpu")}
-    for variant in ("balanced", "tied"):
+    heads = {"whole": "whole"} if name.startswith("vit") else {}
+    for variant in ("balanced", "tied", *heads):
         with tied_blocks() if variant == "tied" else contextlib.nullcontext():
-            pruned = fxprune.compile(model, (x,), method="l2", flops=cfg.flops, onnx=False)
+            pruned = fxprune.compile(model, (x,), method="l2", flops=cfg.flops, onnx=False, round_to=None,
+                                     heads=heads.get(variant, "dims"))
         rep = fxprune.report(pruned)
         assert rep.mask["ok"], rep.mask
         with tied_blocks() if variant == "tied" else contextlib.nullcontext():
@@ -178,13 +185,17 @@ def summary(rows):
         if not mine:
             continue
         b, t = [r["balanced"] for r in mine], [r["tied"] for r in mine]
+        w = [r["whole"] for r in mine if "whole" in r]
         table.append([name, ms([r["base"] for r in mine]), f'{b[0]["free_structures"]} / {t[0]["free_structures"]}',
                       f"{statistics.mean(r['flops'] for r in b):.3f} / {statistics.mean(r['flops'] for r in t):.3f}",
                       ms([r["cut"] for r in b]), ms([r["cut"] for r in t]),
-                      ms([r["tuned"] for r in b]), ms([r["tuned"] for r in t])])
+                      ms([r["tuned"] for r in b]), ms([r["tuned"] for r in t])]
+                     + ([f"{statistics.mean(r['flops'] for r in w):.3f}", ms([r["cut"] for r in w]),
+                         ms([r["tuned"] for r in w])] if w else (["-"] * 3 if any("whole" in r for r in rows) else [])))
+    whole = ["FLOPs kept (whole heads)", "cut: whole heads %", "tuned: whole heads %"]
     return tabulate(table, headers=["model", "trained %", "balanced groups + free shuffles (bal. / tied)", "FLOPs kept (bal. / tied)",
-                                    "cut: balanced %", "cut: tied %", "tuned: balanced %", "tuned: tied %"],
-                    tablefmt="github")
+                                    "cut: balanced %", "cut: tied %", "tuned: balanced %", "tuned: tied %"]
+                    + (whole if any("whole" in r for r in rows) else []), tablefmt="github")
 
 
 def main(argv=None):
@@ -194,20 +205,24 @@ def main(argv=None):
     p.add_argument("--finetune", type=int, default=1, help="fine-tuning epochs after the cut")
     p.add_argument("--samples", type=int, default=20000, help="training images per epoch")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs fraction kept")
+    p.add_argument("--models", default=None, help="comma-separated name prefixes (default: all three)")
+    p.add_argument("--name", default="blocks", help="file name of the results (.md, .json)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     cfg = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     train_data, test_data = fashion_mnist()
-    rows = [run(name, seed, cfg, train_data, test_data) for seed in range(cfg.seeds) for name in MODELS]
+    names = [n for n in MODELS if cfg.models is None or any(n.startswith(m) for m in cfg.models.split(","))]
+    rows = [run(name, seed, cfg, train_data, test_data) for seed in range(cfg.seeds) for name in names]
     text = summary(rows)
     print(text)
-    with open(os.path.join(cfg.out, "blocks.json"), "w") as f:
+    with open(os.path.join(cfg.out, f"{cfg.name}.json"), "w") as f:
         json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
-    with open(os.path.join(cfg.out, "blocks.md"), "w") as f:
+    with open(os.path.join(cfg.out, f"{cfg.name}.md"), "w") as f:
+        models = f" --models {cfg.models} --name {cfg.name}" if cfg.models else ""
         f.write("# Balanced blocks against tied positions (Fashion-MNIST)\n\n"
                 f"`python tools/bench_blocks.py --seeds {cfg.seeds} --epochs {cfg.epochs} --finetune {cfg.finetune} "
-                f"--samples {cfg.samples} --flops {cfg.flops}`: each network trained from scratch ({cfg.epochs} epochs "
+                f"--samples {cfg.samples} --flops {cfg.flops}{models}`: each network trained from scratch ({cfg.epochs} epochs "
                 f"of {cfg.samples} images, SGD, cosine), pruned by `l2` to {cfg.flops:.0%} of its FLOPs with balanced "
                 f"blocks and with position j tied across blocks, accuracy on the 10,000 test images right after the "
                 f"cut and after {cfg.finetune} epoch(s) of fine-tuning (lr 0.01); mean ± std over {cfg.seeds} seeds.\n\n"
