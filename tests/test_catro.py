@@ -106,6 +106,33 @@ def test_bad_data():
         catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, reg=-1.0, progress=False)
     with pytest.raises(ConfigError, match="allocation"):
         catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, allocation="best", progress=False)
+    with pytest.raises(ConfigError, match="point="):
+        catro.plan(graph, data=(x, torch.arange(20) % 2), flops=0.5, point="pre", progress=False)
+
+
+def test_feature_points_read_the_conv_the_bn_or_the_activation():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 36, 3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(-2, 2)
+        net[1].bias.uniform_(-1, 1)
+    net.eval()
+    x, y = torch.randn(30, 1, 8, 8), torch.arange(30) % 3
+    graph = fxprune.analyze(net, (x[:1],))
+    group = graph.groups["0"]
+    with torch.no_grad():
+        values = {"produced": net[0](x), "normalized": net[1](net[0](x)), "consumed": net[2](net[1](net[0](x)))}
+    for point, value in values.items():
+        b, w = catro.group_stats(graph, [group], (x,), y, point=point)["0"]
+        stats = catro.ScatterStats(4, 1)
+        stats.update(value.mean((2, 3)).unsqueeze(2), y)  # global average pooling of that value
+        assert torch.allclose(b, stats.between()) and torch.allclose(w, stats.within()), point
+    # BN changes each channel's scale, so the traces (and the ranking b / w after the ReLU) differ
+    assert not torch.allclose(catro.group_stats(graph, [group], (x,), y, point="produced")["0"][0],
+                              catro.group_stats(graph, [group], (x,), y, point="normalized")["0"][0])
 
 
 def test_collect_is_class_balanced():

@@ -12,9 +12,27 @@
 * ``gsm``: unstructured GSM (global top-Q by ``|w * g|``, momentum 0.99, Nesterov) reaches 10x fewer
   non-zero weights on a LeNet-5-style net on Fashion-MNIST within 0.5 point of the dense net,
   without fine-tuning; against global magnitude pruning of the dense net.
+* ``catro_subtask`` (``catro_subtask_fmnist``): CATRO's sub-task mode (``catro.subtask``, 3 of the 10
+  classes, the classifier shrunk to them) keeps the 3-class accuracy better than ``l2`` at equal FLOPs.
+  A net trained on all 10 classes (digits SmallResNet, 8 epochs; or the Fashion-MNIST teacher below) is
+  cut to 50 % and 25 % of the FLOPs by the sub-task mode, by CATRO on all classes and by ``l2`` (the
+  last two read only the 3 classes' logits); 3-class test accuracy right after the cut, with the BN
+  statistics re-estimated on the 3 classes' training images, and after the same short fine-tuning.
+* ``curl_few``: CURL with 500 labelled images (50 per class) beats fine-tuning the ``l2``-pruned model
+  on them, and training the same small architecture from scratch on them. Teacher: SmallResNet
+  trained on 20 000 Fashion-MNIST images (4 epochs); the 500 come from the other 40 000. CURL scores
+  on 256 of the 500 and cuts; recovery as the authors' code (``fxprune.train.finetune``): KD with
+  mixup against the teacher, then label refinement on the 6x expanded set. Baselines get the same
+  number of SGD steps of cross-entropy; ``l2`` + the same KD and refinement separates the criterion
+  from the recovery.
 
-    python tools/bench_claims.py                       # all three, 3 seeds (~15 min on 2 CPU cores)
+    python tools/bench_claims.py                       # dwgl, oicsr, gsm, 3 seeds (~15 min on 2 CPU cores)
     python tools/bench_claims.py --claims gsm --seeds 0 --gsm-epochs 2
+    python tools/bench_claims.py --only catro_subtask  # ~5 min on 2 busy cores
+    python tools/bench_claims.py --only curl_few --cache /tmp/teachers        # ~50 min on 2 busy cores
+    python tools/bench_claims.py --only catro_subtask_fmnist --targets 0.5 --cache /tmp/teachers  # ~10 min a seed
+
+``--cache`` keeps the Fashion-MNIST teachers (one per seed, ~2 min each) for the next run.
 """
 from __future__ import annotations
 
@@ -33,7 +51,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import fxprune  # noqa: E402
-from fxprune.passes import dwgl, gsm, oicsr  # noqa: E402
+from fxprune.passes import catro, dwgl, gsm, oicsr  # noqa: E402
+from fxprune.train import recalibrate_bn  # noqa: E402
 from digits import SmallResNet, accuracy, load, train  # noqa: E402
 
 
@@ -188,7 +207,7 @@ def acc_fm(model, data):
 
 
 def claim_gsm(seeds, epochs=4, base_epochs=4, keep=0.1):
-    from fxprune.datasets import fashion_mnist
+    from fxprune.io.datasets import fashion_mnist
 
     train_data, test_data = fashion_mnist()
     rows = {"dense": [], "magnitude top-10 % of the dense net": [], "GSM, then magnitude top-10 %": [],
@@ -214,17 +233,224 @@ def claim_gsm(seeds, epochs=4, base_epochs=4, keep=0.1):
         print(f"| {name} | {ms(v)} |", flush=True)
 
 
+# ----------------------------------------------------------------------------- shared: Fashion-MNIST teachers
+
+FM_TEACHER = 20000  # the teachers see the first 20 000 training images; few-data sets come from the rest
+_FM: dict = {}
+
+
+def fm_data():
+    if "data" not in _FM:
+        from fxprune.io.datasets import fashion_mnist
+        _FM["data"] = fashion_mnist()
+    return _FM["data"]
+
+
+def fm_teacher(seed):
+    """SmallResNet (width 16) on 20 000 Fashion-MNIST images, 4 epochs, batch 128, lr 0.1 cosine (one per seed)."""
+    if seed not in _FM:
+        path = os.path.join(_FM["cache"], f"fm_teacher_{seed}.pt") if _FM.get("cache") else None
+        if path and os.path.exists(path):
+            _FM[seed] = SmallResNet()
+            _FM[seed].load_state_dict(torch.load(path, weights_only=True))
+            _FM[seed].eval()
+        else:
+            (xtr, ytr), _ = fm_data()
+            torch.manual_seed(seed)
+            _FM[seed] = train_fm(SmallResNet(), (xtr[:FM_TEACHER], ytr[:FM_TEACHER]), 4, 0.1, seed, batch=128)
+            if path:
+                os.makedirs(_FM["cache"], exist_ok=True)
+                torch.save(_FM[seed].state_dict(), path)
+    return _FM[seed]
+
+
+def balanced(y, per_class, seed, start=0):
+    """Indices of ``per_class`` samples of every class among ``y[start:]``, drawn with ``seed``, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(int(y.max()) + 1):
+        pool = torch.nonzero(y[start:] == c).flatten() + start
+        idx.append(pool[torch.randperm(len(pool), generator=gen)[:per_class]])
+    idx = torch.cat(idx)
+    return idx[torch.randperm(len(idx), generator=gen)]
+
+
+def flops_kept(model, x1):
+    rep = fxprune.report(model)
+    return rep.flops_after / rep.flops_before
+
+
+# ----------------------------------------------------------------------------- CURL, 500 labelled images
+
+def reinitialised(model, seed):
+    """A copy of ``model`` with every parameter and BN statistic drawn afresh (``reset_parameters``)."""
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
+
+
+def claim_curl_few(seeds, targets=(0.5, 0.25), n_few=500, kd_epochs=30, refine_epochs=5, test_size=5000):
+    import fxprune.train.finetune as ft
+
+    (xtr, ytr), (xte, yte) = fm_data()
+    test = (xte[:test_size], yte[:test_size])
+    batch = 32  # fxprune.train.finetune.fit's default, every row
+    steps = kd_epochs * math.ceil(n_few / batch) + refine_epochs * math.ceil(6 * n_few / batch)
+    ce_epochs = round(steps / math.ceil(n_few / batch))
+    names = ["CURL cut, no training", "l2 cut, no training",
+             f"CURL + KD with mixup ({kd_epochs} epochs)", "CURL + KD, then label refinement (the paper's recipe)",
+             "l2 + fine-tuning (cross-entropy)", "l2 + KD, then label refinement",
+             "CURL's pruned architecture from scratch (cross-entropy)"]
+    rows = {(t, n): [] for t in targets for n in names}
+    teacher_acc, kept = [], {t: [] for t in targets}
+    for s in seeds:
+        teacher = fm_teacher(s)
+        teacher_acc.append(acc_fm(teacher, test))
+        idx = balanced(ytr, n_few // 10, s, start=FM_TEACHER)
+        x, y = xtr[idx], ytr[idx]
+        x1 = x[:1]
+        xe, ye = ft.expand(x, y, seed=s)
+
+        def recover(cut):
+            """CURL's small-data recovery: KD with mixup against the teacher, then label refinement on 6x."""
+            m = copy.deepcopy(cut)
+            ft.fit(m, x, y, stage="kd", teacher=teacher, epochs=kd_epochs, seed=s, progress=False)
+            kd = acc_fm(m, test)
+            labels = ft.RefinedLabels(ft.teacher_logits(teacher, xe))
+            ft.fit(m, xe, ye, stage="refine", labels=labels, epochs=refine_epochs, seed=s, progress=False)
+            return kd, acc_fm(m, test)
+
+        def cross_entropy(model):
+            m = copy.deepcopy(model)
+            ft.fit(m, x, y, stage="ce", epochs=ce_epochs, seed=s, progress=False)
+            return acc_fm(m, test)
+
+        for t in targets:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cut = fxprune.compile(teacher, (x1,), method="curl", data=x[:256], flops=t, round_to=None,
+                                      onnx=False, seed=s, method_options={"progress": False})
+                l2 = fxprune.compile(teacher, (x1,), method="l2", flops=t, round_to=None, onnx=False)
+            kept[t] += [flops_kept(cut, x1), flops_kept(l2, x1)]
+            kd, refined = recover(cut)
+            l2_kd, l2_refined = recover(l2)
+            got = [acc_fm(cut, test), acc_fm(l2, test), kd, refined, cross_entropy(l2), l2_refined,
+                   cross_entropy(reinitialised(cut, s))]
+            for n, v in zip(names, got):
+                rows[(t, n)].append(v)
+            print(f"seed {s} flops {t}: " + ", ".join(f"{v:.4f}" for v in got), file=sys.stderr, flush=True)
+    print(f"\n### CURL with {n_few} labelled images (Fashion-MNIST, SmallResNet teacher trained on "
+          f"{FM_TEACHER} images: {ms(teacher_acc)}; {test_size} test images)\n")
+    print(f"Every row that trains takes the same {steps} SGD steps of batch {batch} on the same {n_few} images "
+          f"(KD: {kd_epochs} epochs of the {n_few}, refinement: {refine_epochs} epochs of the 6x expanded set; "
+          f"cross-entropy: {ce_epochs} epochs of the {n_few}).\n")
+    print("| FLOPs kept | recovery | test accuracy |")
+    print("|---|---|---|")
+    for t in targets:
+        for n in names:
+            print(f"| {ms(kept[t])} | {n} | {ms(rows[(t, n)])} |", flush=True)
+
+
+# ----------------------------------------------------------------------------- CATRO, sub-task
+
+class Sliced(nn.Module):
+    """The outputs ``classes`` of ``model`` (what a pruned 10-class model offers a 3-class sub-task)."""
+
+    def __init__(self, model, classes):
+        super().__init__()
+        self.model = model
+        self.register_buffer("idx", torch.tensor(classes))
+
+    def forward(self, x):
+        return self.model(x)[:, self.idx]
+
+
+def claim_catro_subtask(seeds, dataset="digits", classes=(0, 1, 2), targets=(0.5, 0.25), ft_epochs=2,
+                        samples_per_class=16):
+    if dataset == "digits":
+        ((xtr, ytr), (xte, yte)), bases = digits_bases(seeds)
+    else:
+        (xtr, ytr), (xte, yte) = fm_data()
+        xtr, ytr = xtr[:FM_TEACHER], ytr[:FM_TEACHER]
+        bases = {s: fm_teacher(s) for s in seeds}
+    classes = sorted(classes)
+    remap = torch.full((int(ytr.max()) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    sub_tr, sub_te = torch.isin(ytr, torch.tensor(classes)), torch.isin(yte, torch.tensor(classes))
+    x3, y3 = xtr[sub_tr], remap[ytr[sub_tr]]
+    x3te, y3te = xte[sub_te], remap[yte[sub_te]]
+    x1 = xtr[:1]
+    names = ["unpruned, its 3 outputs", "CATRO sub-task mode", "CATRO on all 10 classes, its 3 outputs",
+             "l2, its 3 outputs"]
+    rows = {(t, n, f): [] for t in targets for n in names for f in (0, 1, 2)}
+    kept = {(t, n): [] for t in targets for n in names}
+    for s in seeds:
+        base = bases[s]
+        for t in targets:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                models = {
+                    names[0]: Sliced(copy.deepcopy(base), classes),
+                    names[1]: catro.subtask(base, (x1,), classes, (xtr, ytr), flops=t, onnx=False, progress=False,
+                                            samples_per_class=samples_per_class),
+                    names[2]: Sliced(fxprune.compile(base, (x1,), method="catro", data=(xtr, ytr), flops=t,
+                                                     onnx=False, method_options={"progress": False,
+                                                                                 "samples_per_class": samples_per_class}),
+                                     classes),
+                    names[3]: Sliced(fxprune.compile(base, (x1,), method="l2", flops=t, round_to=None, onnx=False),
+                                     classes),
+                }
+            for n, m in models.items():
+                inner = m.model if isinstance(m, Sliced) else m
+                kept[(t, n)].append(flops_kept(inner, x1) if n != names[0] else 1.0)
+                rows[(t, n, 0)].append(accuracy(m, x3te, y3te))
+                rows[(t, n, 1)].append(accuracy(recalibrate_bn(m, [x3[i:i + 64] for i in range(0, len(x3), 64)]),
+                                                x3te, y3te))
+                train(m, x3, y3, epochs=ft_epochs, lr=0.01, seed=s)
+                rows[(t, n, 2)].append(accuracy(m, x3te, y3te))
+            print(f"seed {s} flops {t}: " + ", ".join("/".join(f"{rows[(t, n, f)][-1]:.3f}" for f in (0, 1, 2))
+                                                      for n in names), file=sys.stderr, flush=True)
+    what = "digits, SmallResNet trained 8 epochs" if dataset == "digits" else \
+        f"Fashion-MNIST, SmallResNet trained on {FM_TEACHER} images"
+    print(f"\n### CATRO sub-task mode against l2, classes {classes} ({what} on all 10 classes; "
+          f"{len(y3)} training and {len(y3te)} test images of the 3 classes; CATRO sees {samples_per_class} per class; "
+          f"BN re-estimation: one pass over the 3 classes' training images; fine-tuning: {ft_epochs} epochs of "
+          "them, batch 64, SGD lr 0.01, from the cut)\n")
+    print("| FLOPs kept | model | 3-class accuracy right after the cut | + BN re-estimation | after fine-tuning |")
+    print("|---|---|---|---|---|")
+    for t in targets:
+        for n in names:
+            print(f"| {ms(kept[(t, n)])} | {n} | " + " | ".join(ms(rows[(t, n, f)]) for f in (0, 1, 2)) + " |",
+                  flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--claims", default="dwgl,oicsr,gsm")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--gsm-epochs", type=int, default=4)
+    p.add_argument("--targets", default="0.5,0.25", help="FLOPs kept, for the CATRO and CURL claims")
+    p.add_argument("--cache", help="a folder to keep the Fashion-MNIST teachers in, shared between runs")
+    p.add_argument("--only", nargs="+", help="these claims only (e.g. --only catro_subtask curl_few)")
     cfg = p.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    for claim in cfg.claims.split(","):
-        {"dwgl": lambda: claim_dwgl(seeds), "oicsr": lambda: claim_oicsr(seeds),
-         "gsm": lambda: claim_gsm(seeds, epochs=cfg.gsm_epochs)}[claim]()
+    targets = tuple(float(t) for t in cfg.targets.split(","))
+    _FM["cache"] = cfg.cache
+    claims = {"dwgl": lambda: claim_dwgl(seeds), "oicsr": lambda: claim_oicsr(seeds),
+              "gsm": lambda: claim_gsm(seeds, epochs=cfg.gsm_epochs),
+              "catro_subtask": lambda: claim_catro_subtask(seeds, "digits", targets=targets),
+              "catro_subtask_fmnist": lambda: claim_catro_subtask(seeds, "fmnist", targets=targets, ft_epochs=1),
+              "curl_few": lambda: claim_curl_few(seeds, targets=targets)}
+    chosen = cfg.only or cfg.claims.split(",")
+    unknown = [c for c in chosen if c not in claims]
+    if unknown:
+        p.error(f"unknown claim(s) {unknown}; choose from {sorted(claims)}")
+    for claim in chosen:
+        claims[claim]()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ epochs (SGD lr 0.05, momentum 0.9 for the regularizers; GSM lr 5e-3, momentum 0.
 ``fxprune.compile(method=..., flops=target)``; "before" is the trained model, "after" the cut one,
 no fine-tuning. Rows marked "paper" use the papers' settings (regularizers without ``flops=``, GSM
 with ``keep=target`` and ``grow=0``). For reference: ``random`` and ``l2`` cuts of the base, and
-``l2`` fine-tuned for the same number of epochs after its cut (the budget a baseline gets).
+``l2`` fine-tuned for the same number of epochs after its cut (the budget a baseline gets). With ``--bn``,
+a last column: the cut model with its BN running statistics re-estimated on one pass over the training
+images (:func:`fxprune.train.recalibrate_bn`; weights untouched; for "+ fine-tune" rows, after the
+fine-tuning). Every cut plans without rounding (``round_to=None``) so that all meet the same FLOPs.
 
 With ``--fmnist``: ResNet-20 of ``tools/bench_accuracy.py`` on Fashion-MNIST instead (base: 3 epochs
 of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 cosine, ``lam=5e-4``;
@@ -14,6 +17,7 @@ of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 co
 
     python tools/bench_free_cut.py                     # 3 seeds, 50 % and 25 % of the FLOPs, ~3 min
     python tools/bench_free_cut.py --seeds 0 --targets 0.5
+    python tools/bench_free_cut.py --bn                # and a column with BN statistics re-estimated after the cut
     python tools/bench_free_cut.py --fmnist            # ~30 min on 2 busy CPU cores
 """
 from __future__ import annotations
@@ -32,11 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxprune  # noqa: E402
 from fxprune.passes import dwgl, gsm, oicsr  # noqa: E402
+from fxprune.train import recalibrate_bn  # noqa: E402
 from digits import SmallResNet, accuracy, load, train  # noqa: E402
 
 
-def run(method, base, graph, target, data, epochs, seed):
-    """(accuracy before the cut, accuracy right after it, FLOPs kept) for one method."""
+def run(method, base, graph, target, data, epochs, seed, bn=False):
+    """(accuracy before the cut, accuracy right after it, FLOPs kept, accuracy after BN re-estimation) for one
+    method; the last is None unless ``bn``."""
     (xtr, ytr), (xte, yte) = data
     x1 = xtr[:1]
     model = copy.deepcopy(base)
@@ -53,18 +59,21 @@ def run(method, base, graph, target, data, epochs, seed):
     before = accuracy(model, xte, yte)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned = fxprune.compile(model, (x1,), method=name, flops=target, onnx=False, seed=seed)
+        pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False, seed=seed)
     after = accuracy(pruned, xte, yte)
     if setting == "+ fine-tune":
         train(pruned, xtr, ytr, epochs=epochs, seed=seed)
         after = accuracy(pruned, xte, yte)
     rep = fxprune.report(pruned)
-    return before, after, rep.flops_after / rep.flops_before
+    recal = None
+    if bn:  # one pass over the training images, batches of 64, weights untouched
+        recal = accuracy(recalibrate_bn(pruned, [xtr[i:i + 64] for i in range(0, len(xtr), 64)]), xte, yte)
+    return before, after, rep.flops_after / rep.flops_before, recal
 
 
 def fmnist(targets, methods=("dwgl", "oicsr", "gsm", "l2")):
     from bench_accuracy import ResNet20, accuracy as acc, train as train_fm
-    from fxprune.datasets import fashion_mnist
+    from fxprune.io.datasets import fashion_mnist
 
     (xtr, ytr), (xte, yte) = fashion_mnist()
     test, x1 = (xte[:2000], yte[:2000]), xtr[:1]
@@ -85,7 +94,7 @@ def fmnist(targets, methods=("dwgl", "oicsr", "gsm", "l2")):
             before = acc(model, test, "cpu")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pruned = fxprune.compile(model, (x1,), method=name, flops=target, onnx=False)
+                pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False)
             rep = fxprune.report(pruned)
             print(f"| {rep.flops_after / rep.flops_before:.3f} | {name} | {before:.4f} | {acc(pruned, test, 'cpu'):.4f} |",
                   flush=True)
@@ -97,6 +106,8 @@ def main(argv=None):
     p.add_argument("--targets", default="0.5,0.25")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--methods", default="random,l2,l2 + fine-tune,dwgl,dwgl (paper),oicsr,oicsr (paper),gsm,gsm (paper)")
+    p.add_argument("--bn", action="store_true", help="add a column: right after the cut, BN statistics re-estimated "
+                   "(fxprune.train.recalibrate_bn, one pass over the training images)")
     p.add_argument("--fmnist", action="store_true", help="Fashion-MNIST ResNet-20 instead of digits (one seed)")
     cfg = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -116,15 +127,18 @@ def main(argv=None):
         return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
     print(f"base accuracy {ms(base_acc)} over seeds {seeds}; {cfg.epochs} epochs of training or fine-tuning\n")
-    print("| FLOPs kept | method | before the cut | right after the cut | gap (max over seeds) |")
-    print("|---|---|---|---|---|")
+    extra = " + BN re-estimation |" if cfg.bn else ""
+    print("| FLOPs kept | method | before the cut | right after the cut | gap (max over seeds) |" + extra)
+    print("|---|---|---|---|---|" + ("---|" if cfg.bn else ""))
     for target in (float(t) for t in cfg.targets.split(",")):
         for method in cfg.methods.split(","):
-            res = [run(method, bases[s], graph, target, data, cfg.epochs, s) for s in seeds]
+            res = [run(method, bases[s], graph, target, data, cfg.epochs, s, bn=cfg.bn) for s in seeds]
             before = [r[0] for r in res] if method.split()[0] in ("dwgl", "oicsr", "gsm") else base_acc
             after = [r[1] for r in res]
             gap = max(b - a for b, a in zip(before, after))
-            print(f"| {max(r[2] for r in res):.3f} | {method} | {ms(before)} | {ms(after)} | {gap:+.3f} |", flush=True)
+            recal = f" {ms([r[3] for r in res])} |" if cfg.bn else ""
+            print(f"| {max(r[2] for r in res):.3f} | {method} | {ms(before)} | {ms(after)} | {gap:+.3f} |{recal}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -312,28 +312,45 @@ def _split(val, m):
     return val.reshape((m, val.shape[0] // m) + tuple(val.shape[1:]))
 
 
-def feature_nodes(graph, group) -> list[str]:
-    """Names of the values a group's consumers read (deduplicated, in graph order).
+FEATURE_POINTS = ("consumed", "normalized", "produced")
 
-    For a residual stream this is every block output of the stage (each feeds the next
-    block and, at the stage's end, the downsample); for a bottleneck's inner group, the
-    activation its next conv reads. A group without consumers gives the values its
-    producers write.
+
+def feature_nodes(graph, group, point: str = "consumed") -> list[str]:
+    """Names of the values that carry a group's channels at one point of each layer (in graph order).
+
+    ``point="consumed"`` (default): the values the group's consumers read, deduplicated. For a
+    residual stream this is every block output of the stage (each feeds the next block and, at
+    the stage's end, the downsample); for a bottleneck's inner group, the activation its next
+    conv reads (after BN and ReLU). A group without consumers gives the values its producers
+    write. ``"produced"``: the outputs of the producers that create the channels (convs, linears:
+    before BN); ``"normalized"``: the outputs of the producers that transform channels they read
+    (BN, affine: after BN, before the activation or the residual add).
     """
+    if point not in FEATURE_POINTS:
+        raise ConfigError(f"point='{point}' must be one of {FEATURE_POINTS}")
     nodes = {n.name: n for n in graph.module.graph.nodes}
     off, size = graph.offsets[group.name], group.size
-    wanted = [m.node for m in group.members if m.kind == "consumer"] or \
-             [m.node for m in group.members if m.kind == "producer"]
+
+    def carries(node):
+        lab = _labels(node)
+        return isinstance(lab, torch.Tensor) and bool(((lab >= off) & (lab < off + size)).any())
+
     out = []
-    for name in dict.fromkeys(wanted):
-        node = nodes.get(name)
-        if node is None:
-            continue
-        cands = node.all_input_nodes if any(m.kind == "consumer" for m in group.members) else [node]
-        for a in cands:
-            lab = _labels(a)
-            if isinstance(lab, torch.Tensor) and bool(((lab >= off) & (lab < off + size)).any()):
-                out.append(a.name)
+    if point != "consumed":
+        for name in dict.fromkeys(m.node for m in group.members if m.kind == "producer"):
+            node = nodes.get(name)
+            if node is not None and carries(node) and \
+                    any(carries(a) for a in node.all_input_nodes) == (point == "normalized"):
+                out.append(name)
+    else:
+        wanted = [m.node for m in group.members if m.kind == "consumer"] or \
+                 [m.node for m in group.members if m.kind == "producer"]
+        for name in dict.fromkeys(wanted):
+            node = nodes.get(name)
+            if node is None:
+                continue
+            cands = node.all_input_nodes if any(m.kind == "consumer" for m in group.members) else [node]
+            out += [a.name for a in cands if carries(a)]
     order = {n.name: i for i, n in enumerate(graph.module.graph.nodes)}
     return sorted(dict.fromkeys(out), key=order.get)
 

@@ -50,7 +50,10 @@ of channels scores ``J(S) = sum_S b / sum_S w``.
 
 Options [I] with their defaults: ``samples_per_class=16`` (class-balanced: at most that
 many of each class are used), ``pool_size=1`` (global average pooling; ``s`` gives
-``s x s`` adaptive pooling; ``features="own"`` only), ``max_iter=10``, ``eps=1e-12``,
+``s x s`` adaptive pooling; ``features="own"`` only), ``point="consumed"`` (where a channel's
+features are read, ``features="own"`` only: ``"consumed"`` the values the next layers read, after
+BN and the activation; ``"normalized"`` the BN outputs; ``"produced"`` the conv outputs before BN;
+see :func:`fxprune.verify.masked.feature_nodes`), ``max_iter=10``, ``eps=1e-12``,
 ``sequential=True``, ``allocation="uniform"``, ``classes=None`` (all the classes the data
 holds), ``features="output"``, ``space="logits"``, ``step=0.05`` (the fraction of a group
 removed per round of the backward elimination, at least one channel: the cost control for

@@ -12,9 +12,10 @@ from fxprune.verify.masked import MaskedRunner, feature_nodes, pooled_features
 
 from .trace_ratio import ScatterStats
 
-def group_stats(graph, groups, inputs, labels, base_drop=None, pool_size=1, batch_size=256):
-    """``{group: (b, w)}`` from the features of each group's tensors, on ``graph`` with ``base_drop`` zeroed."""
-    names = {g.name: feature_nodes(graph, g) for g in groups}
+def group_stats(graph, groups, inputs, labels, base_drop=None, pool_size=1, batch_size=256, point="consumed"):
+    """``{group: (b, w)}`` from the features of each group's tensors, on ``graph`` with ``base_drop`` zeroed;
+    ``point`` picks the tensors (:func:`fxprune.verify.masked.feature_nodes`)."""
+    names = {g.name: feature_nodes(graph, g, point) for g in groups}
     wanted = sorted({n for v in names.values() for n in v})
     stats = {g.name: None for g in groups}
     if not wanted:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask
+from fxprune.verify.masked import FEATURE_POINTS
 
 from ..curl import check_like_examples
 from .allocation import allocate
@@ -23,7 +24,7 @@ SPACES = ("logits", "probs")
 
 
 def score(graph, data=None, seed=0, *, samples_per_class: int = 16, classes=None, pool_size: int = 1,
-          eps: float = 1e-12) -> dict[str, torch.Tensor]:
+          eps: float = 1e-12, point: str = "consumed") -> dict[str, torch.Tensor]:
     """Per-channel ``b_j / (w_j + eps)`` on the unpruned network (dead channels score 0).
 
     This is the inner stage's starting ranking, for use with :func:`fxprune.make_plan`;
@@ -32,7 +33,7 @@ def score(graph, data=None, seed=0, *, samples_per_class: int = 16, classes=None
     inputs, labels = collect(data, samples_per_class, classes)
     check_like_examples(graph, inputs)
     groups = graph.prunable_groups()
-    stats = group_stats(graph, groups, inputs, labels, pool_size=pool_size)
+    stats = group_stats(graph, groups, inputs, labels, pool_size=pool_size, point=_checked_point(point))
     out = {}
     for g in groups:
         b, w = stats[g.name]
@@ -46,7 +47,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
          floor: float = 0.0, ignore=(), meta=None, samples_per_class: int = 16, classes=None, pool_size: int = 1,
          max_iter: int = 10, eps: float = 1e-12, sequential: bool = True, allocation: str = "uniform",
          objective: str = "ratio", reg: float = 0.0, features: str = "output", space: str = "logits",
-         step: float = 0.05, progress: bool = True) -> Plan:
+         step: float = 0.05, point: str = "consumed", progress: bool = True) -> Plan:
     """CATRO's two-stage selection under one budget (``ratio``, ``flops`` or ``params``); see the module docstring.
 
     Measured on digits (``tests/digits.py`` SmallResNet trained with seeds 0-2, ``flops=0.5``,
@@ -82,6 +83,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
         raise ConfigError(f"space='{space}' must be one of {SPACES}")
     if not 0 <= step < 1:
         raise ConfigError(f"step={step} must be in [0, 1): the fraction of a group removed per elimination round")
+    _checked_point(point)
     if not reg >= 0:
         raise ConfigError(f"reg={reg} must be >= 0 (the ridge added to the within-class scatter, times its mean trace)")
     inputs, labels = collect(data, samples_per_class, classes)
@@ -93,7 +95,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
     bar = tqdm(total=2 * len(groups), desc="catro", unit="group", disable=not progress, leave=False)
     with bar:
         bar.set_postfix(stage="scatter")
-        stats = group_stats(graph, groups, inputs, labels, pool_size=pool_size)
+        stats = group_stats(graph, groups, inputs, labels, pool_size=pool_size, point=point)
         cache: dict = {}
 
         def best(g, k):
@@ -125,7 +127,8 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
                     sel = backward_output(graph, g, k, inputs, labels, base_drop=drop if sequential else None, eps=eps,
                                           space=space, step=step)
                 elif sequential and bool(drop.any()):
-                    b, w = group_stats(graph, [g], inputs, labels, base_drop=drop, pool_size=pool_size)[g.name]
+                    b, w = group_stats(graph, [g], inputs, labels, base_drop=drop, pool_size=pool_size,
+                                       point=point)[g.name]
                     sel = choose(b, w, k, g.pinned, objective, eps, max_iter, reg)
                 else:
                     sel = best(g, k)
@@ -145,10 +148,17 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
     info = {"ratio": ratio, "flops": flops, "params": params, "floor": floor, "samples_per_class": samples_per_class,
             "classes": None if classes is None else sorted(int(c) for c in classes), "pool_size": pool_size,
             "sequential": sequential, "allocation": allocation, "objective": objective, "features": features,
-            "space": space, "step": step, "reg": reg}
+            "space": space, "step": step, "reg": reg, "point": point}
     info.update(meta or {})
     info.setdefault("method", "catro")
     return Plan(keep, {k: graph.groups[k].size for k in keep}, info)
+
+
+def _checked_point(point):
+    if point not in FEATURE_POINTS:
+        raise ConfigError(f"point='{point}' must be one of {FEATURE_POINTS}: the values the next layers read "
+                          "(after BN and the activation), the BN outputs, or the conv outputs before BN")
+    return point
 
 
 def _keep_order(g, keep):
