@@ -189,7 +189,11 @@ def configs(model, x, graph, scores, threads):
     def compiled(**kw):
         os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
         pruned = fxprune.compile(model, (x,), method="l2", verify=False, onnx=False, **kw)
-        return fxprune.report(pruned).plan
+        rep = fxprune.report(pruned)
+        if rep.search:   # latency=: the plans fit_latency measured
+            print("  fit_latency: " + ", ".join(f"predicted {r['predicted']:.3f} -> measured {r['ratio']:.3f}"
+                                                for r in rep.search), flush=True)
+        return rep.plan
 
     return {
         "no rounding": lambda: make_plan(graph, scores, flops=0.5),

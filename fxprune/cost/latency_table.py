@@ -13,7 +13,9 @@ Three layers:
   recorded apart (in a whole model they sit only where the blocked chain breaks).
 * :class:`LatencyModel` is the analogue of :class:`fxprune.cost.CostModel`: it predicts
   the latency (ms) of a plan from a global keep-mask over a ChannelGraph's channels, as a
-  sum of per-node curves over kept channel counts, so evaluating a mask is cheap.
+  sum of per-node curves over kept channel counts, so evaluating a mask is cheap. Grouped
+  convs keep their groups and narrow them; the layout reorders ORT puts around ops it runs in
+  NCHW (grouped convs, SE scales, global pools) are terms of their own.
 
 How counts behave is measured, not assumed: :func:`probe` sweeps a 1x1 conv's input and
 output channels and a depthwise conv's channels over ``1..64`` and finds the counts
@@ -602,7 +604,11 @@ class LatencyModel:
     sit in cache when one op is timed alone: each conv / linear adds its kept weight bytes times
     :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
-    residual adds into the convs: they cost nothing here. ``latency(keep)`` sums the node curves.
+    residual adds into the convs: they cost nothing here. A grouped conv keeps its groups and
+    narrows them (the coupling balances its channels over them): its signature has the kept input
+    and output widths per group. ORT runs grouped convs, SE scales and global pools in NCHW between
+    its blocked (NCHWc) convs: every value it reorders (:func:`reordered`) costs a measured
+    ``"reorder"`` term. ``latency(keep)`` sums the node curves.
     """
 
     def __init__(self, graph, *, batch: int = 1, threads: int = 2, table=None, grid: int = 5,
@@ -798,8 +804,10 @@ class LatencyModel:
 
     def steps(self, group: str, keep=None) -> list[int]:
         """Fast counts of ``group``: those after which its latency curve jumps (:func:`edges`), and its size;
-        every count when the curve has no jumps. A group of ``B`` balanced blocks counts whole rows:
-        its steps are ``B`` times the per-block counts after which its curve (:meth:`group_curve`) jumps."""
+        every count when the curve has no jumps. A group of ``B`` balanced blocks (a grouped conv's
+        channels) keeps whole rows: its steps are ``B * j`` for the per-block counts ``j`` at which every
+        conv around runs its blocked kernel (:meth:`_blocked_at`; regnet_y_400mf's 13 groups of 8: 4 or 8
+        per group), and its size."""
         cached = self.__dict__.setdefault("_steps", {})
         if keep is None and group in cached:
             return cached[group]
