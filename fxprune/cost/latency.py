@@ -81,12 +81,16 @@ def paired_ratio(base, cand, example_inputs, *, repeats: int = 30, warmup: int =
     """``(original ms, candidate ms, ratio)`` of two sessions timed in ``rounds`` alternating rounds, each
     a loop of its own per session, ``repeats`` runs each in all: the medians over all runs, and the median
     over rounds of each round's candidate / original median (a burst of load on a shared machine spoils
-    one round's ratio, not the median of five)."""
+    one round's ratio, not the median of five). Odd rounds time the candidate first."""
     per = max(1, -(-repeats // rounds))
     a, b, ratios = [], [], []
-    for _ in range(rounds):
-        ta = run_times(base, example_inputs, per, warmup)
-        tb = run_times(cand, example_inputs, per, warmup)
+    for k in range(rounds):   # which one goes first alternates too: a steady drift cancels in pairs of rounds
+        if k % 2:
+            tb = run_times(cand, example_inputs, per, warmup)
+            ta = run_times(base, example_inputs, per, warmup)
+        else:
+            ta = run_times(base, example_inputs, per, warmup)
+            tb = run_times(cand, example_inputs, per, warmup)
         a += ta
         b += tb
         ratios.append(statistics.median(tb) / statistics.median(ta))
@@ -219,9 +223,13 @@ def check_target(target, planner) -> None:
         raise ConfigError("planner must be a callable budget -> Plan (see fxprune.pipeline.Pipeline.planner)")
 
 
-def pick(history: list[dict], target: float, key: str):
-    """The passing row with the largest budget ``key``, else (with a warning) the fastest row."""
+def pick(history: list[dict], target: float, key: str, safe: float | None = None):
+    """The row with the largest budget ``key`` among those measured at most ``safe`` (a ratio below the
+    target, when given), else among those at most the target, else (with a warning) the fastest row."""
     passing = [r for r in history if r["ok"]]
+    below = [r for r in passing if safe is not None and r["ratio"] <= safe]
+    if below:
+        return max(below, key=lambda r: r[key])
     if passing:
         return max(passing, key=lambda r: r[key])
     best = min(history, key=lambda r: r["ratio"])
@@ -275,7 +283,7 @@ def search_latency(model: torch.nn.Module, graph, target: float, *, planner, ste
 
 def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 4, repeats: int = 30,
                 warmup: int = 5, rounds: int = 5, threads: int | None = None, progress: bool = False,
-                close: float = 0.9, max_step: float = 1.25, min_seconds: float = 1.0):
+                close: float = 0.9, margin: float = 0.04, max_step: float = 1.25, min_seconds: float = 1.0):
     """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct.
 
     ``planner(t) -> Plan`` plans the fraction ``t`` of the latency a
@@ -284,12 +292,17 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     the median of the rounds' ratios, at least ``min_seconds`` a side). The model's miss is then
     ``a``, the median over the plans measured so far of measured / predicted (one noisy measurement
     moves it less than it would move a correction from the last plan alone), and the next plan asks
-    for ``t = aim / a`` with ``aim`` the middle of the band ``[close * target, target]``: less when
-    the model was optimistic, more when the plans ran faster than needed. Each step's factor is
+    for ``t = aim / a`` with ``aim`` the middle of the band ``[close, 1 - margin] * target``: less
+    when the model was optimistic, more when the plans ran faster than needed (the margin: a plan
+    measured right at the target re-times above it about half the time). Each step's factor is
     clipped to ``[1 / max_step, max_step]`` and ``t`` stays within ``max_step ** 2`` of ``target``.
-    Stops at a plan measured within the band, after ``steps`` plans, or when ``t`` repeats. Returns
-    ``(plan, history)``: the passing plan with the largest budget (else, with a warning, the fastest),
-    and one dict per plan (``predicted`` budget, ``ratio``, ``ok``, ...).
+    A plan measured within the band is timed again, and keeps the slower of its two ratios (on a
+    shared machine a burst of load mostly reads a plan fast: a 0.7 plan measured 0.18 once). Stops at
+    a plan confirmed within the band, after ``steps`` plans, or when ``t`` repeats; the plan returned
+    has passed twice (each candidate in turn is confirmed until one does). Returns
+    ``(plan, history)``: the plan with the largest budget among those measured at most the band's top,
+    else among those at most ``target``, else (with a warning) the fastest; and one dict per plan
+    (``predicted`` budget, ``ratio``, ``ok``, ...).
 
     Example (a fake timing: every plan runs 1.2x slower than its prediction)::
 
@@ -313,24 +326,39 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     check_target(target, planner)
     if steps < 1:
         raise ConfigError(f"steps={steps} must be at least 1")
-    if not 0 < close <= 1 or max_step <= 1:
-        raise ConfigError(f"close={close} must be in (0, 1] and max_step={max_step} above 1")
+    if not 0 < close < 1 - margin <= 1 or max_step <= 1:
+        raise ConfigError(f"close={close} and margin={margin} must make a band 0 < close < 1 - margin <= 1, "
+                          f"and max_step={max_step} must be above 1")
     planner = quiet(planner)
     history, t = [], target
-    aim = target * (1 + close) / 2
+    band = (close * target, (1 - margin) * target)
+    aim = sum(band) / 2
     lo, hi = target / max_step ** 2, min(1.0, target * max_step ** 2)
     with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
                        min_seconds=min_seconds) as time_plan:
+        def confirm(row):   # time it again and keep the slower reading: noise mostly reads a plan fast
+            timed = time_plan(row["plan"])
+            row["ratio"] = max(row["ratio"], timed[2] if len(timed) > 2 else timed[1] / timed[0])
+            row["ok"], row["confirmed"] = row["ratio"] <= target, True
+            if progress:
+                print(f"  confirmed: ratio {row['ratio']:.3f} {'ok' if row['ok'] else 'too slow'}", flush=True)
+
         for _ in range(steps):
             plan = planner(t)
             row = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
-            if close * target <= row["ratio"] <= target:
-                break
+            if band[0] <= row["ratio"] <= band[1]:
+                confirm(row)
+                if band[0] <= row["ratio"] <= band[1]:
+                    break
             miss = max(1e-3, statistics.median(r["ratio"] / r["predicted"] for r in history))
             t = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (miss * t)))))
             if any(abs(r["predicted"] - t) < 1e-3 for r in history):
                 break   # nothing new to try
-    best = pick(history, target, "predicted")
+        while True:   # the plan returned passed twice
+            best = pick(history, target, "predicted", band[1])
+            if best.get("confirmed") or not best["ok"]:
+                break
+            confirm(best)
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
     return plan, history
