@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=None,
-                       help="--latency: candidates measured (default 3 with the latency model, 6 bisecting FLOPs)")
+                       help="--latency: candidates measured (default 4 with the latency model, 6 bisecting FLOPs)")
     prune.add_argument("--latency-search", choices=("model", "flops"), default="model",
                        help="--latency: plan on a measured per-op latency model, then measure and correct (model), "
                             "or bisect the FLOPs budget timing every candidate (flops)")
@@ -217,14 +217,15 @@ def _prune(args) -> int:
     latency_options = None
     latency_model = None
     if args.latency is not None:
-        steps = args.steps or (3 if args.latency_search == "model" else 6)
+        steps = args.steps or (4 if args.latency_search == "model" else 6)
         if args.repeats < 1 or steps < 1:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
         latency_options = {"steps": steps, "repeats": args.repeats, "progress": True}
         latency_model = False if args.latency_search == "flops" else None
         how = "bisecting the FLOPs budget" if args.latency_search == "flops" else "latency model, measured"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
-              f"({how}: at most {steps} candidates, median of {args.repeats} runs each):", flush=True)
+              f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "
+              "rounds, median of the rounds' ratios):", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,

@@ -267,8 +267,8 @@ def test_latency_search_returns_a_faster_plan():
         plan, history = search_latency(model, pipe.graph, 0.5, planner=lambda f: planner(flops=f), steps=2,
                                        repeats=12)
     assert [round(r["flops"], 3) for r in history][0] == 0.5 and len(history) == 2
-    for r in history:
-        assert r["ratio"] == pytest.approx(r["pruned_ms"] / r["original_ms"])
+    for r in history:   # the ratio is the median of the alternating rounds' ratios (paired_ratio)
+        assert r["ratio"] > 0 and r["ok"] == (r["ratio"] <= 0.5)
     passing = [r for r in history if r["ok"]]
     if passing:
         assert plan.meta["flops_budget"] == max(r["flops"] for r in passing)

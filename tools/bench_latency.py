@@ -2,6 +2,7 @@
 
     python tools/bench_latency.py --check             # predicted vs measured latency, unpruned and flops=0.5
     python tools/bench_latency.py                     # latency ratio table: no rounding, round_to=8, defaults, latency=0.5
+    python tools/bench_latency.py --breakdown         # where the time goes: ORT kernel ms per op kind, original vs defaults
 
 ``defaults`` is ``fxprune.compile(model, (x,), method="l2", flops=0.5)`` with nothing else given (round_to
 defaults to fast counts for these convolutional models); ``latency=0.5`` is ``compile(..., latency=0.5)``:
@@ -83,11 +84,116 @@ def check(args):
     print(f"mean |error| vs kernel sum: {100 * statistics.mean(errs):.1f}%, max {100 * max(errs):.1f}%")
 
 
+def kernel_nodes(path, threads, repeats=15, warmup=5):
+    """``[(op type, input shapes, fastest kernel ms)]`` per ORT node, from its profiler."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(np.float32) for i in sess.get_inputs()}
+        for _ in range(warmup + repeats):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    nodes = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            a = e.get("args", {})
+            n = nodes.setdefault(e["name"], [a.get("op_name", ""), [list(d.values())[0] for d in a.get("input_type_shape", [])], []])
+            n[2].append(e["dur"] / 1e3)
+    return [(op, shapes, min(t[len(t) * warmup // (warmup + repeats):] or t)) for op, shapes, t in nodes.values()]
+
+
+def node_kind(op, shapes):
+    """An ORT node's kind, named as the latency model's terms are."""
+    if op.startswith("Reorder"):
+        return "reorder"
+    if op in ("Conv", "FusedConv") and len(shapes) > 1 and len(shapes[0]) == 4:
+        x, w = shapes[0], shapes[1]
+        if x[2] * x[3] == 1:
+            return "conv (SE, 1x1 input)"
+        groups = x[1] // w[1] if w[1] and x[1] % w[1] == 0 else 1   # a blocked conv's input is padded to 16
+        if groups < 2:
+            return "conv"
+        return "dw" if w[1] == 1 else "grouped"
+    return {"Gemm": "gemm", "MatMul": "gemm", "QuickGelu": "silu", "Mul": "mul_se", "ReduceMean": "gap",
+            "GlobalAveragePool": "gap"}.get(op, op)
+
+
+def term_kind(t):
+    if t.kind == "conv" and t.make(t.xs[0], t.ys[0]).h * t.make(t.xs[0], t.ys[0]).w == 1:
+        return "conv (SE, 1x1 input)"
+    return t.kind
+
+
+def breakdown(args):
+    """ORT kernel time per op kind, original vs the defaults' plan (flops=0.5), and the model's prediction."""
+    from collections import defaultdict
+
+    x = torch.randn(1, 3, 224, 224)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = load(name)
+            graph = fxprune.analyze(model, (x,))
+            lm = LatencyModel(graph, threads=args.threads, progress=False)
+            scores = passes.get("l2")(graph, data=None, seed=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+            cols = {}
+            for label, p in (("original", None), ("defaults", plan)):
+                keep = np.ones(graph.num_channels, bool) if p is None else p.mask(graph).numpy()
+                pred = defaultdict(float)
+                for t in lm.terms:
+                    pred[term_kind(t)] += t(keep)
+                path = os.path.join(tmp, f"{name}-{label}.onnx")
+                write_onnx(model if p is None else rewrite(graph, p), (x,), path, dynamic_batch=False)
+                cols[label] = (pred, path)
+            runs = {label: [] for label in cols}
+            for _ in range(max(1, args.rounds)):   # alternating; each node's fastest run over the rounds
+                for label, (_, path) in cols.items():
+                    runs[label].append(kernel_nodes(path, args.threads))
+            rows, tot = [], defaultdict(float)
+            meas = {}
+            for label, rs in runs.items():
+                m, n = defaultdict(float), defaultdict(int)
+                for i, (op, shapes, _) in enumerate(rs[0]):
+                    k = node_kind(op, shapes)
+                    m[k] += min(r[i][2] for r in rs)
+                    n[k] += 1
+                meas[label] = (m, n)
+            kinds = sorted(set().union(*(set(m) for m, _ in meas.values()), *(set(p) for p, _ in cols.values())))
+            for k in kinds + ["total"]:
+                if k == "total":
+                    vals = [sum(meas[lb][0].values()) for lb in cols] + [sum(cols[lb][0].values()) for lb in cols]
+                    nodes = [sum(meas[lb][1].values()) for lb in cols]
+                else:
+                    vals = [meas[lb][0].get(k, 0.0) for lb in cols] + [cols[lb][0].get(k, 0.0) for lb in cols]
+                    nodes = [meas[lb][1].get(k, 0) for lb in cols]
+                rows.append((name, k, f"{nodes[0]}/{nodes[1]}", f"{vals[0]:.3f}", f"{vals[1]:.3f}",
+                             f"{vals[1] / vals[0]:.2f}" if vals[0] > 0 else "-", f"{vals[2]:.3f}", f"{vals[3]:.3f}",
+                             f"{vals[3] / vals[2]:.2f}" if vals[2] > 0 else "-"))
+            print(tabulate(rows, headers=["model", "op kind", "ORT nodes", "kernel ms original", "kernel ms defaults",
+                                          "ratio", "predicted original", "predicted defaults", "ratio"],
+                           tablefmt="github"), flush=True)
+
+
 def configs(model, x, graph, scores, threads):
     def compiled(**kw):
         os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
         pruned = fxprune.compile(model, (x,), method="l2", verify=False, onnx=False, **kw)
-        return fxprune.report(pruned).plan
+        rep = fxprune.report(pruned)
+        if rep.search:   # latency=: the plans fit_latency measured
+            print("  fit_latency: " + ", ".join(f"predicted {r['predicted']:.3f} -> measured {r['ratio']:.3f}"
+                                                for r in rep.search), flush=True)
+        return rep.plan
 
     return {
         "no rounding": lambda: make_plan(graph, scores, flops=0.5),
@@ -144,6 +250,7 @@ def ratios(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="predicted vs measured latency")
+    ap.add_argument("--breakdown", action="store_true", help="kernel ms per op kind, original vs defaults")
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -151,7 +258,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    check(args) if args.check else ratios(args)
+    check(args) if args.check else breakdown(args) if args.breakdown else ratios(args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Three layers:
   recorded apart (in a whole model they sit only where the blocked chain breaks).
 * :class:`LatencyModel` is the analogue of :class:`fxprune.cost.CostModel`: it predicts
   the latency (ms) of a plan from a global keep-mask over a ChannelGraph's channels, as a
-  sum of per-node curves over kept channel counts, so evaluating a mask is cheap.
+  sum of per-node curves over kept channel counts, so evaluating a mask is cheap. Grouped
+  convs keep their groups and narrow them; the layout reorders ORT puts around ops it runs in
+  NCHW (grouped convs, SE scales, global pools) are terms of their own.
 
 How counts behave is measured, not assumed: :func:`probe` sweeps a 1x1 conv's input and
 output channels and a depthwise conv's channels over ``1..64`` and finds the counts
@@ -74,7 +76,8 @@ class LatencyError(FxPruneError):
 @dataclass(frozen=True)
 class Sig:
     """One operator instance. ``kind``: ``"conv"``, ``"gemm"`` (``h`` rows of ``cin`` -> ``cout``),
-    or a per-element op ``"silu"``, ``"sigmoid"``, ``"mul_se"`` (``x * s[N, C, 1, 1]``),
+    ``"reorder"`` (one of ORT's layout reorders of a ``cin x h x w`` tensor, into or out of its
+    blocked NCHWc layout), or a per-element op ``"silu"``, ``"sigmoid"``, ``"mul_se"`` (``x * s[N, C, 1, 1]``),
     ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (two halves).
     Shapes are NCHW; ``h, w`` are the input's spatial size."""
 
@@ -165,6 +168,17 @@ def build_onnx(sig: Sig, seed: int = 0) -> bytes:
             nodes.append(helper.make_node("Relu", ["C"], ["D"]))
             mid = "D"
         nodes.append(helper.make_node("Conv", [mid, "W3"], ["Y"], kernel_shape=[1, 1]))
+        out = [sig.n, sig.cin, sig.h, sig.w]
+    elif sig.kind == "reorder":
+        # a blocked (NCHWc) 1x1 conv, an SE-style scale ORT runs in NCHW, a blocked 1x1 conv again: ORT
+        # reorders the tensor out of and back into its blocked layout (the table keeps half of that)
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, sig.cin, sig.h, sig.w]))
+        weight("W1", (sig.cin, sig.cin, 1, 1))
+        weight("S", (1, sig.cin, 1, 1))
+        weight("W2", (sig.cin, sig.cin, 1, 1))
+        nodes += [helper.make_node("Conv", ["X", "W1"], ["A"], kernel_shape=[1, 1]),
+                  helper.make_node("Mul", ["A", "S"], ["B"]),
+                  helper.make_node("Conv", ["B", "W2"], ["Y"], kernel_shape=[1, 1])]
         out = [sig.n, sig.cin, sig.h, sig.w]
     elif sig.kind in ELEMENTWISE:
         c = sig.cin
@@ -319,6 +333,8 @@ class LatencyTable:
             raise LatencyError(f"{sig}: {exc}") from exc
         ms = sum(v for (op, _), v in per_node.items() if not op.startswith("Reorder"))
         reorder = sum(v for (op, _), v in per_node.items() if op.startswith("Reorder"))
+        if sig.kind == "reorder":   # one reorder: half of the pair around the scale (0 when ORT blocks nothing)
+            return {"ms": reorder / 2, "reorder_ms": 0.0}
         return {"ms": ms, "reorder_ms": reorder}
 
 
@@ -588,7 +604,11 @@ class LatencyModel:
     sit in cache when one op is timed alone: each conv / linear adds its kept weight bytes times
     :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
-    residual adds into the convs: they cost nothing here. ``latency(keep)`` sums the node curves.
+    residual adds into the convs: they cost nothing here. A grouped conv keeps its groups and
+    narrows them (the coupling balances its channels over them): its signature has the kept input
+    and output widths per group. ORT runs grouped convs, SE scales and global pools in NCHW between
+    its blocked (NCHWc) convs: every value it reorders (:func:`reordered`) costs a measured
+    ``"reorder"`` term. ``latency(keep)`` sums the node curves.
     """
 
     def __init__(self, graph, *, batch: int = 1, threads: int = 2, table=None, grid: int = 5,
@@ -607,6 +627,7 @@ class LatencyModel:
             term = self._term(node, mods, steps, grid)
             if term is not None:
                 terms.append(term)
+        terms += [self._per_element(v, "reorder", grid, name=f"{v.name}.reorder") for v in reordered(graph, mods)]
         sigs = [s for t in terms for s in t.sigs()]
         times = self.table.get_many(sigs)
         self.ms_per_byte = ms_per_weight_byte(self.table)
@@ -643,17 +664,22 @@ class LatencyModel:
         if kind is None or len(shape) != 4:
             return None
         src = node.args[0] if kind in ("maxpool", "avgpool", "gap") else node
-        src_shape = tuple(src.meta["tensor_meta"].shape) if kind in ("maxpool", "avgpool", "gap") else shape
-        c = _Count(_channels_along(src, 1, src_shape))
-        h, w = src_shape[2], src_shape[3]
         extra = {}
         if kind in ("maxpool", "avgpool"):
             mod = mods.get(node.target)
             k, s, p = (_pair(getattr(mod, a)) for a in ("kernel_size", "stride", "padding"))
             extra = dict(kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0], pw=p[1])
-        none = _Fixed(0)
+        return self._per_element(src, kind, grid, name=node.name, **extra)
+
+    def _per_element(self, src, kind: str, grid: int, *, name: str, **extra):
+        """A per-element term over ``src``'s channels: measured at the full and half kept count."""
+        n = self.batch
+        src_shape = tuple(src.meta["tensor_meta"].shape)
+        c = _Count(_channels_along(src, 1, src_shape))
+        h, w = src_shape[2], src_shape[3]
         half = max(1, c.size // 2)
-        term = _Term(node.name, kind, c, none, lambda x, y: Sig(kind, n=n, cin=x, h=h, w=w, **extra), FLAT, FLAT, grid)
+        term = _Term(name, kind, c, _Fixed(0), lambda x, y: Sig(kind, n=n, cin=x, h=h, w=w, **extra), FLAT, FLAT,
+                     grid)
         term.xs = sorted({half, c.size}) if c.free else [c.size]
         term.sin = FLAT
         return term
@@ -679,16 +705,19 @@ class LatencyModel:
         if g == cin.size == cout.size:   # depthwise: one count
             return _Term(node.name, "dw", _Fixed(0), cout, lambda x, y: Sig("conv", cin=y, cout=y, groups=y, **geo),
                          FLAT, steps["dw"], grid, 4.0 * kh * kw)
-        # grouped: whole groups go (the coupling ties a group's width together); count groups
-        win, wout = cin.size // g, cout.size // g
-        src = cout if cout.free else cin
-        groups = _GroupCount(src, max(1, src.size // g))
-        term = _Term(node.name, "grouped", _Fixed(0), groups,
-                     lambda x, y: Sig("conv", cin=win * y, cout=wout * y, groups=y, **geo), FLAT, FLAT, grid,
-                     4.0 * kh * kw * win * wout)
-        if groups.free:
-            term.ys = sorted({max(1, int(round(v))) for v in np.linspace(1, g, grid)})
-        return term
+        # grouped: the coupling balances a grouped conv's channels over its groups (every group keeps
+        # the same width, fxprune.labels), so the groups stay and their widths shrink: kept counts are
+        # multiples of g, on both sides (ORT runs it as one im2col + GEMM per group: its time follows
+        # the input width far more than the FLOPs)
+        if cin.size == g:   # one input channel per group (a channel multiplier): groups go whole
+            mult = cout.size // g
+            return _Term(node.name, "grouped", cin, _Fixed(0),
+                         lambda x, y: Sig("conv", cin=x, cout=x * mult, groups=x, **geo), FLAT, FLAT, grid,
+                         4.0 * kh * kw * mult)
+        per_group = Steps(g, (0,), (1.0,) * g)
+        return _Term(node.name, "grouped", cin, cout,
+                     lambda x, y: Sig("conv", cin=_up(x, g), cout=_up(y, g), groups=g, **geo),
+                     per_group, per_group, grid, 4.0 * kh * kw / g)
 
     @staticmethod
     def _depthwise_channels(graph, mods) -> np.ndarray:
@@ -745,17 +774,23 @@ class LatencyModel:
         return {t.name: t(keep) for t in self.terms}
 
     def group_curve(self, group: str, keep=None) -> np.ndarray:
-        """Latency (ms) with ``n = 1..size`` channels of ``group`` kept (its first n), the rest as ``keep``."""
+        """Latency (ms) with ``n = 1..size`` channels of ``group`` kept (its first n), the rest as ``keep``.
+
+        A group of balanced blocks (``g.blocks``, ``[B, k]``: a grouped conv's channels) keeps the same
+        count in every block: its curve is over per-block counts ``j = 1..k`` (``B * j`` kept, each
+        block its first ``j``)."""
         g = self.graph.groups.get(group)
         if g is None:
             raise ConfigError(f"no group '{group}' in this model")
         keep = np.ones(self.graph.num_channels, dtype=bool) if keep is None else np.array(keep, dtype=bool)
         off = self.graph.offsets[group]
         touching = self._touching(group)
-        out = np.zeros(g.size)
-        for n in range(1, g.size + 1):
-            keep[off:off + g.size] = False
-            keep[off:off + n] = True
+        blocks = getattr(g, "blocks", None)
+        rows = off + (blocks.numpy() if blocks is not None else np.arange(g.size)[None, :])
+        out = np.zeros(rows.shape[1])
+        for n in range(1, rows.shape[1] + 1):
+            keep[rows] = False
+            keep[rows[:, :n]] = True
             out[n - 1] = sum(t(keep) for t in touching)
         return out
 
@@ -769,21 +804,52 @@ class LatencyModel:
 
     def steps(self, group: str, keep=None) -> list[int]:
         """Fast counts of ``group``: those after which its latency curve jumps (:func:`edges`), and its size;
-        every count when the curve has no jumps."""
+        every count when the curve has no jumps. A group of ``B`` balanced blocks (a grouped conv's
+        channels) keeps whole rows: its steps are ``B * j`` for the per-block counts ``j`` at which every
+        conv around runs its blocked kernel (:meth:`_blocked_at`; regnet_y_400mf's 13 groups of 8: 4 or 8
+        per group), and its size."""
         cached = self.__dict__.setdefault("_steps", {})
         if keep is None and group in cached:
             return cached[group]
         f = self.group_curve(group, keep)
-        period = max([t.sin.period for t in self._touching(group) if t.cin.free] +
-                     [t.sout.period for t in self._touching(group) if t.cout.free] + [1])
-        # jumps of the curve on the measured block (a jump inside a block is a fallback kernel
-        # winning in the probe's isolated chain, not something to aim for in a deep network)
-        out = [c for c in edges(f, tol=0.0) if c < len(f) and c % period == 0] + [len(f)]
-        if len(out) == 1:   # a smooth curve: every multiple of the block runs as well as any other
-            out = sorted({c for c in range(period, len(f) + 1, period)} | {len(f)})
+        blocks = getattr(self.graph.groups[group], "blocks", None)
+        if blocks is not None:
+            # per-block counts whose totals every conv around runs on its blocked kernel (a residue
+            # of the probe that costs what the next multiple does: padded, not a fallback that breaks
+            # ORT's NCHWc chain and un-fuses the residual adds after it); every count if none is
+            b = blocks.shape[0]
+            per = [j for j in range(1, len(f)) if self._blocked_at(group, j)] + [len(f)]
+            out = [b * j for j in (per if len(per) > 1 else range(1, len(f) + 1))]
+        else:
+            period = max([t.sin.period for t in self._touching(group) if t.cin.free] +
+                         [t.sout.period for t in self._touching(group) if t.cout.free] + [1])
+            # jumps of the curve on the measured block (a jump inside a block is a fallback kernel
+            # winning in the probe's isolated chain, not something to aim for in a deep network)
+            out = [c for c in edges(f, tol=0.0) if c < len(f) and c % period == 0] + [len(f)]
+            if len(out) == 1:   # a smooth curve: every multiple of the block runs as well as any other
+                out = sorted({c for c in range(period, len(f) + 1, period)} | {len(f)})
         if keep is None:
             cached[group] = out
         return out
+
+    def _blocked_at(self, group: str, per: int) -> bool:
+        """Whether every conv touching ``group`` (balanced blocks, ``per`` kept in each, the rest whole) sees
+        a channel count ORT runs on its blocked (NCHWc) kernel. The depthwise probe tells: off those counts
+        its fallback is several times slower (the 1x1 chain's fallback, a plain GEMM, is about as fast in
+        isolation, but in a network it breaks the NCHWc chain: reorders, and residual adds no longer fused)."""
+        g = self.graph.groups[group]
+        off = self.graph.offsets[group]
+        ids = np.arange(off, off + g.size)
+        keep = np.ones(self.graph.num_channels, dtype=bool)
+        keep[(off + g.blocks.numpy())[:, per:]] = False
+        dw = self.family_steps["dw"]
+        for t in self._touching(group):
+            if t.kind not in ("conv", "dw"):
+                continue
+            for count in (t.cin, t.cout):
+                if count.free and np.isin(count.ids, ids).any() and abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
+                    return False
+        return True
 
     def fast_count(self, group: str, n: int, *, down: float = 0.0) -> int:
         """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at
@@ -806,16 +872,77 @@ class _Fixed(_Count):
         return self.size
 
 
-class _GroupCount(_Count):
-    """Kept conv groups: kept positions of a grouped conv's channels divided by the group width."""
+def _conv_layout(mod) -> str | None:
+    """``"blocked"`` for a conv ORT runs in its blocked NCHWc layout (plain and depthwise), ``"plain"`` for
+    a grouped conv (ORT runs it in NCHW), None for anything else."""
+    if not isinstance(mod, torch.nn.Conv2d):
+        return None
+    if mod.groups == 1 or mod.groups == mod.in_channels == mod.out_channels:
+        return "blocked"
+    return "plain"
 
-    __slots__ = ("per",)
 
-    def __init__(self, count: _Count, per: int):
-        self.size, self.fixed, self.ids, self.per = count.size // per, count.fixed, count.ids, per
+def _is_plain(node, mods) -> bool:
+    """Ops ORT runs in NCHW between blocked convs: grouped convs, SE scales (``x * s[N, C, 1, 1]``) and
+    global average pools (exported as ReduceMean)."""
+    if node.op == "call_module":
+        mod = mods.get(node.target)
+        return _conv_layout(mod) == "plain" or LatencyModel._elementwise_module(mod, _shape(node)) == "gap"
+    if node.op == "call_function":
+        return LatencyModel._elementwise_function(node, _shape(node)) in ("mul_se", "gap") or \
+            node.target in (torch.mean,)
+    return False
 
-    def __call__(self, keep) -> int:
-        return max(1, _Count.__call__(self, keep) // self.per)
+
+def _shape(node) -> tuple:
+    return tuple(getattr(node.meta.get("tensor_meta"), "shape", ()) or ()) if hasattr(node, "meta") else ()
+
+
+def _is_blocked(node, mods) -> bool:
+    return node.op == "call_module" and _conv_layout(mods.get(node.target)) == "blocked"
+
+
+def reordered(graph, mods=None) -> list:
+    """The 4-d values ORT reorders between its blocked (NCHWc) layout and NCHW: a blocked conv's output
+    (through per-element ops, BN, activations, adds) read by an op that runs in NCHW (:func:`_is_plain`),
+    and a plain op's output read by a blocked conv. Each value once (its first node after the conv)."""
+    mods = dict(graph.module.named_modules()) if mods is None else mods
+    tensor_args = lambda n: [a for a in n.all_input_nodes if len(_shape(a)) == 4]  # noqa: E731
+
+    def passes_through(n) -> bool:   # same-shape per-element ops: ORT keeps their layout
+        return len(_shape(n)) == 4 and not _is_plain(n, mods) and not _is_blocked(n, mods) and \
+            n.op in ("call_module", "call_function", "call_method") and \
+            all(_shape(a)[1:] == _shape(n)[1:] or _shape(a)[2:] == (1, 1) for a in tensor_args(n))
+
+    def reaches(start, forward: bool, target) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            n = todo.pop()
+            for m in (list(n.users) if forward else tensor_args(n)):
+                if m in seen:
+                    continue
+                seen.add(m)
+                if target(m):
+                    return True
+                if passes_through(m):
+                    todo.append(m)
+        return False
+
+    out = {}
+    for node in graph.module.graph.nodes:
+        if not _is_plain(node, mods):
+            continue
+        for a in tensor_args(node):   # read from a blocked conv: reordered out of NCHWc
+            if _is_blocked(a, mods) or (passes_through(a) and reaches(a, False, lambda m: _is_blocked(m, mods))):
+                out.setdefault(a.name, a)
+        if len(_shape(node)) == 4 and reaches(node, True, lambda m: _is_blocked(m, mods)):
+            out.setdefault(node.name, node)   # read by a blocked conv: reordered into NCHWc
+    return [v for v in out.values() if "tensor_meta" in v.meta]
+
+
+def _up(c: int, m: int) -> int:
+    """``c`` rounded up to a multiple of ``m`` (at least ``m``)."""
+    return max(m, -(-c // m) * m)
 
 
 def _pair(v):
