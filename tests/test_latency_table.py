@@ -500,3 +500,20 @@ def test_reorder_signature_is_a_blocked_chain():
     model = onnx.load_from_string(build_onnx(Sig("reorder", cin=16, h=4, w=4)))
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Conv", "Mul", "Conv"]
+
+
+def test_default_fast_counts_too_coarse_for_a_small_model_fall_back_to_unrounded(monkeypatch):
+    """Groups of 4 channels cannot shrink on blocks of 4: the default then leaves counts unrounded (and says
+    so) rather than miss the budget; a round_to the user gives is kept, and the miss names the rounding."""
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    with pytest.warns(UserWarning, match="not rounded for ONNX Runtime"):
+        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, latency_model=lm, onnx=False))
+    assert rep.plan.meta["round_to"] is None and rep.flops_after <= 0.5 * rep.flops_before
+    with pytest.warns(UserWarning, match=r"cannot be met: .*rounded to round_to='fast'"):
+        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, round_to="fast", latency_model=lm, onnx=False))
+    assert rep.plan.meta["round_to"] == "fast" and rep.plan.meta["met"] is False

@@ -295,10 +295,12 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
     found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count,
                    latency_model)
-    if not found.met:
-        warnings.warn(f"the budget cannot be met: with every prunable channel removed the model keeps "
-                      f"{found.cost:.1%}", stacklevel=2)
     info = budget.info()
+    if not found.met:
+        rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""
+        warnings.warn(f"the budget cannot be met: with every prunable channel removed{rounded} the model keeps "
+                      f"{found.cost:.1%}", stacklevel=2)
+        info["met"] = False
     if round_to == "fast":
         info["round_to"] = "fast"
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**info, **(meta or {})})
