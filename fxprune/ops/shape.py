@@ -73,7 +73,9 @@ def grid_label(ctx, x, out):
     >>> from fxprune.ops.schema import T
     >>> class Ctx:  # what the rule asks of the analysis, for this example
     ...     canonical = staticmethod(lambda lab: lab)
-    ...     heads = lambda self, blocks: print("heads", blocks.tolist())
+    ...     def heads(self, blocks):  # by default: a balance of each head's dims; True: taken
+    ...         print("heads", blocks.tolist())
+    ...         return True
     >>> x = T(torch.arange(6).view(1, 6), (2, 6))
     >>> grid_label(Ctx(), x, torch.arange(6).view(1, 2, 3)).shape
     heads [[0, 1, 2], [3, 4, 5]]
