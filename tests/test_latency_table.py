@@ -341,9 +341,9 @@ def test_fit_latency_corrects_a_model_that_was_optimistic(monkeypatch):
     assert len(history) <= 4
 
 
-def test_fit_latency_does_not_follow_one_noisy_measurement(monkeypatch):
-    """Plans run as predicted, but the second measurement is a burst of load (2x): the correction is the
-    median miss over every plan measured, and no plan is asked for below target / max_step ** 2."""
+def fit_with_noise(monkeypatch, first, then):
+    """``fit_latency`` on a small net whose plans time as the fake table predicts, times ``first`` (one factor
+    per measurement) and then ``then`` for every later one: ``(plan, history)``."""
     import contextlib
 
     from fxprune.cost import latency
@@ -352,14 +352,20 @@ def test_fit_latency_does_not_follow_one_noisy_measurement(monkeypatch):
     graph = fxprune.analyze(net, (X8,))
     lm = LatencyModel(graph, table=FunctionTable(fake))
     scores = {name: torch.arange(g.size, dtype=torch.float) for name, g in graph.groups.items()}
-    noise = itertools.chain([1.12, 2.0], itertools.repeat(1.12))
+    noise = itertools.chain(first, itertools.repeat(then))
 
     @contextlib.contextmanager
     def trials(model, graph, **_):
         yield lambda plan: (10.0, 10.0 * next(noise) * lm.latency(plan.mask(graph).numpy()) / lm.base)
     monkeypatch.setattr(latency, "paired_trials", trials)
-    plan, history = latency.fit_latency(net, graph, 0.5, planner=lambda t: make_plan(graph, scores, latency=t,
-                                                                                     latency_model=lm))
+    return latency.fit_latency(net, graph, 0.5, planner=lambda t: make_plan(graph, scores, latency=t,
+                                                                             latency_model=lm))
+
+
+def test_fit_latency_does_not_follow_one_noisy_measurement(monkeypatch):
+    """Plans run as predicted, but the second measurement is a burst of load (2x): the correction is the
+    median miss over every plan measured, and no plan is asked for below target / max_step ** 2."""
+    plan, history = fit_with_noise(monkeypatch, [1.12, 2.0], 1.12)
     assert all(r["predicted"] >= 0.5 / 1.25 ** 2 - 1e-9 for r in history)
     # after the burst, the median miss (1.12 and 2.0 -> 1.56; then 1.12) brings the plan back up
     assert history[-1]["predicted"] > min(r["predicted"] for r in history)
@@ -369,22 +375,7 @@ def test_fit_latency_does_not_follow_one_noisy_measurement(monkeypatch):
 def test_fit_latency_returns_a_plan_that_passed_twice(monkeypatch):
     """The first plan reads in the band once (a burst of load), then slow when timed again: it is not
     the one returned."""
-    import contextlib
-
-    from fxprune.cost import latency
-
-    net = wide_net()
-    graph = fxprune.analyze(net, (X8,))
-    lm = LatencyModel(graph, table=FunctionTable(fake))
-    scores = {name: torch.arange(g.size, dtype=torch.float) for name, g in graph.groups.items()}
-    noise = itertools.chain([0.93, 1.3], itertools.repeat(1.0))
-
-    @contextlib.contextmanager
-    def trials(model, graph, **_):
-        yield lambda plan: (10.0, 10.0 * next(noise) * lm.latency(plan.mask(graph).numpy()) / lm.base)
-    monkeypatch.setattr(latency, "paired_trials", trials)
-    plan, history = latency.fit_latency(net, graph, 0.5, planner=lambda t: make_plan(graph, scores, latency=t,
-                                                                                     latency_model=lm))
+    plan, history = fit_with_noise(monkeypatch, [0.93, 1.3], 1.0)
     first = history[0]
     assert first["confirmed"] and not first["ok"] and first["ratio"] > 0.5
     best = next(r for r in history if r["plan"] is plan)
