@@ -291,3 +291,26 @@ def test_inspect_shows_the_blocks():
     rows = {r["name"]: r for r in group_rows(graph)}
     assert rows["a"]["blocks"] == (2, 4) and rows["out"]["blocks"] is None
     assert any(line.startswith("| a ") and "8 (2 x 4)" in line for line in group_table(graph).splitlines())
+
+
+def test_heads_split_into_q_k_v_after_the_heads_view_stay_prunable():
+    """GPT-NeoX packs q, k and v per head (``view(b, n, heads, 3 * head_dim).chunk(3, -1)``): the pieces of a
+    head grid are tied position by position, not left to a crash that pins the whole projection."""
+
+    class PackedPerHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 2, 12).transpose(1, 2).chunk(3, dim=-1)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return x + self.o(a.transpose(1, 2).reshape(b, n, 8))
+
+    x = torch.randn(2, 6, 8)
+    graph = fxprune.analyze(PackedPerHead().eval(), (x,))
+    assert graph.groups["qkv"].prunable > 0 and not any("could not be analysed" in str(p) for p in graph.groups["qkv"].pins)
+    pruned = fxprune.compile(PackedPerHead().eval(), (x,), method="l2", ratio=0.5, onnx=True)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] and pruned.get_submodule("qkv").out_features < 24

@@ -25,7 +25,8 @@ def shape_op(fn):
             return _empty_label(ctx, x)
         rest = [a.label if hasattr(a, "label") else a for a in args[1:]]
         if len(varying(x.label)) > 1:  # a grid: moved whole, or merged blocks first; else tied here
-            moved = _grid_moved(ctx, x, fn(expand_to(x.label, x.shape), *rest, **kwargs))
+            out = fn(expand_to(x.label, x.shape), *rest, **kwargs)
+            moved = None if isinstance(out, (tuple, list)) else _grid_moved(ctx, x, out)  # split pieces: tied
             if moved is not None:
                 return moved
             x = tied(ctx, x)
