@@ -126,8 +126,11 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
                           "pass round_to= to choose", stacklevel=2)
             latency_model, round_to = None, None
-    planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                           min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None)
+    def planner_for(round_to):
+        return pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
+                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None)
+
+    planner = planner_for(round_to)
     if latency is None:
         if not (by_default and round_to == "fast"):
             return pipe.build(planner(ratio=ratio, flops=flops, params=params), method=name)
@@ -141,9 +144,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         # the default's fast counts are too coarse for a model this small: unrounded counts meet the budget
         warnings.warn("channel counts not rounded for ONNX Runtime: the fast counts (round_to=\"fast\", the "
                       "default) cannot reach this budget on this model; pass round_to= to choose", stacklevel=2)
-        planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                               min_keep=min_keep, floor=floor, round_to=None)
-        return pipe.build(planner(ratio=ratio, flops=flops, params=params), method=name)
+        return pipe.build(planner_for(None)(ratio=ratio, flops=flops, params=params), method=name)
     if latency_model is False:
         plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
                                        **(latency_options or {}))

@@ -238,11 +238,15 @@ def pick(history: list[dict], target: float, key: str, safe: float | None = None
     return best
 
 
+def timed_ratio(timed: tuple) -> float:
+    """The ratio of a timing ``(original ms, candidate ms[, ratio])``: given, else the medians' quotient."""
+    return timed[2] if len(timed) > 2 else timed[1] / timed[0]
+
+
 def trial_row(history, key, budget, plan, timed: tuple, target, progress):
-    """Record one timed plan; ``timed`` is ``(original ms, candidate ms[, ratio])`` (the ratio defaults
-    to the medians' quotient)."""
+    """Record one timed plan; ``timed`` is ``(original ms, candidate ms[, ratio])`` (:func:`timed_ratio`)."""
     t_base, t_cand = timed[:2]
-    ratio = timed[2] if len(timed) > 2 else t_cand / t_base
+    ratio = timed_ratio(timed)
     row = {key: budget, "original_ms": t_base, "pruned_ms": t_cand, "ratio": ratio,
            "ok": ratio <= target, "plan": plan}
     history.append(row)
@@ -337,8 +341,7 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
                        min_seconds=min_seconds) as time_plan:
         def confirm(row):   # time it again and keep the slower reading: noise mostly reads a plan fast
-            timed = time_plan(row["plan"])
-            row["ratio"] = max(row["ratio"], timed[2] if len(timed) > 2 else timed[1] / timed[0])
+            row["ratio"] = max(row["ratio"], timed_ratio(time_plan(row["plan"])))
             row["ok"], row["confirmed"] = row["ratio"] <= target, True
             if progress:
                 print(f"  confirmed: ratio {row['ratio']:.3f} {'ok' if row['ok'] else 'too slow'}", flush=True)

@@ -297,7 +297,6 @@ def sdpa_rule(ctx, args, kwargs):
         rep = q.shape[-3] // k.shape[-3]        # query heads g * rep ... g * rep + rep - 1
         kl, vl = (lab.repeat_interleave(rep, dim=-3) if lab.shape[-3] > 1 else lab for lab in (kl, vl))
     reason = f"{describe(ctx.node, ctx.gm)} combines them with fixed channels"
-    share = q.shape[-1] / (q.shape[-1] + v.shape[-1])
     ctx.node.meta["fxprune_contract"] = True
     if any(t.label is not None and max(varying(t.label), default=nd) < nd - 2 for t in (q, k, v)):
         # whole heads: head h of q, k and v is one channel, on a dim before the tokens
@@ -307,6 +306,7 @@ def sdpa_rule(ctx, args, kwargs):
         ctx.cost(heads)
         return ctx.canonical(heads)
     qk = ctx.unify(ql, kl, reason)
+    share = q.shape[-1] / (q.shape[-1] + v.shape[-1])
     ctx.cost(qk, share=share)
     ctx.cost(vl, share=1.0 - share)
     return None if v.label is None else ctx.canonical(vl)
