@@ -49,7 +49,7 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
         values = cache.get((m.param, m.dim, p))
         if values is None:  # a member along a dim past the second: reduce from the weight itself
             values = _power(graph.param(m.param).detach().float(), p).movedim(m.dim, 0).flatten(1).sum(1)
-        total += group.reduce(values, m)
+        total += values if m.covers(group.size) else group.reduce(values, m)
     return total
 
 
