@@ -145,3 +145,40 @@ def test_equal_infinities_are_equal_in_mask_equivalence():
     pruned = fxprune.compile(RsqrtOfZeros().eval(), (torch.randn(1, 3, 6, 6),), method="l1", ratio=0.5, onnx=False)
     rep = fxprune.report(pruned)
     assert rep.mask["ok"] and rep.mask["max_rel_diff"] < 1e-5 and rep.plan.removed == 4
+
+
+class LargeCommonLogits(nn.Module):
+    """Logits that share a large common part: a softmax over them amplifies float32 rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 256)
+        self.fc2 = nn.Linear(256, 8)
+        with torch.no_grad():
+            self.fc2.weight.add_(300.0)  # every row: the same large component, plus the small init
+
+    def forward(self, x):
+        return torch.softmax(self.fc2(torch.relu(self.fc1(x))), -1)
+
+
+def test_float32_rounding_is_rechecked_in_float64():
+    """Cutting half of fc2's inputs changes its float32 summation order; the softmax over
+    logits of ~1e4 magnifies that past the tolerance. In float64 the same rewrite agrees."""
+    from fxprune.verify.mask import mask_equivalence
+    torch.manual_seed(0)
+    model, x = LargeCommonLogits().eval(), torch.randn(4, 16)
+    pruned = fxprune.compile(model, (x,), method="l1", ratio=0.5, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.mask["checked_in"] == "float64"
+    assert rep.mask["float32_max_rel_diff"] > 1e-4 > 1e-9 > rep.mask["max_rel_diff"]
+    assert model.fc2.weight.dtype == torch.float32 and pruned.fc2.weight.dtype == torch.float32  # copies only
+    assert "in float64" in str(rep)
+
+    # a rewrite that is wrong fails in both precisions: the float32 figures are what is reported
+    graph = fxprune.analyze(model, (x,))
+    keep = fxprune.make_plan(graph, {g.name: torch.arange(g.size, dtype=torch.float) for g in graph.prunable_groups()},
+                             ratio=0.5).mask(graph)
+    wrong = rewrite(graph, fxprune.make_plan(graph, {g.name: -torch.arange(g.size, dtype=torch.float)
+                                                     for g in graph.prunable_groups()}, ratio=0.5))
+    result = mask_equivalence(graph, keep, wrong, (x,))
+    assert not result["ok"] and "checked_in" not in result and result["max_rel_diff"] > 1e-2
