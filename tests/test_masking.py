@@ -157,25 +157,28 @@ class LargeCommonLogits(nn.Module):
         with torch.no_grad():
             self.fc2.weight.add_(300.0)  # every row: the same large component, plus the small init
 
-    def forward(self, x):
-        return torch.softmax(self.fc2(torch.relu(self.fc1(x))), -1)
+    def forward(self, x):  # the cast is a dtype literal in an export graph
+        return torch.softmax(self.fc2(torch.relu(self.fc1(x)).to(self.fc2.weight.dtype)), -1)
 
 
-def test_float32_rounding_is_rechecked_in_float64():
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_float32_rounding_is_rechecked_in_float64(capture):
     """Cutting half of fc2's inputs changes its float32 summation order; the softmax over
     logits of ~1e4 magnifies that past the tolerance. In float64 the same rewrite agrees."""
     from fxprune.verify.mask import mask_equivalence
     torch.manual_seed(0)
     model, x = LargeCommonLogits().eval(), torch.randn(4, 16)
-    pruned = fxprune.compile(model, (x,), method="l1", ratio=0.5, onnx=False)
+    pruned = fxprune.compile(model, (x,), method="l1", ratio=0.5, onnx=False, capture=capture)
     rep = fxprune.report(pruned)
     assert rep.mask["ok"] and rep.mask["checked_in"] == "float64"
     assert rep.mask["float32_max_rel_diff"] > 1e-4 > 1e-9 > rep.mask["max_rel_diff"]
     assert model.fc2.weight.dtype == torch.float32 and pruned.fc2.weight.dtype == torch.float32  # copies only
     assert "in float64" in str(rep)
 
+    with torch.no_grad():
+        assert float(pruned(x).sum()) == pytest.approx(4.0) and pruned(x).dtype == torch.float32
     # a rewrite that is wrong fails in both precisions: the float32 figures are what is reported
-    graph = fxprune.analyze(model, (x,))
+    graph = fxprune.analyze(model, (x,), capture=capture)
     keep = fxprune.make_plan(graph, {g.name: torch.arange(g.size, dtype=torch.float) for g in graph.prunable_groups()},
                              ratio=0.5).mask(graph)
     wrong = rewrite(graph, fxprune.make_plan(graph, {g.name: -torch.arange(g.size, dtype=torch.float)

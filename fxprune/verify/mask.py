@@ -143,8 +143,8 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
         return result
     finally:
         torch.set_default_dtype(previous)
-    if not again["ok"]:
-        return result
+    if not again["ok"] or again["nodes_compared"] != result["nodes_compared"] or again["nan_nodes"] > result["nan_nodes"]:
+        return result  # (NaNs on both sides compare equal: a run that made new ones proves nothing)
     return {**again, "checked_in": "float64", "float32_max_rel_diff": result["max_rel_diff"],
             "float32_worst_node": result["worst_node"]}
 
@@ -177,6 +177,7 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
     state = dict(graph.module.named_parameters(remove_duplicate=False))
     state.update(graph.module.named_buffers(remove_duplicate=False))
     memo = {id(t): t for t in state.values()}
+    given = pruned
     if dtype is not None:
         memo.update(_in_dtype(_tensors(graph.module), dtype))
         pruned = copy_modules(pruned, _in_dtype(_tensors(pruned), dtype))
@@ -204,6 +205,12 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
                 for b, part in enumerate(new.chunk(channels.shape[0], 1 if dim == 0 else 0)):
                     part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
     masked = copy_modules(graph.module, memo).eval()
+    if dtype is not None:  # an export graph spells `x.to(weight.dtype)` with the dtype as a literal
+        for gm, source in ((masked, graph.module), (pruned, given)):
+            assert gm.graph is not source.graph  # copy_modules copied the graph: edits stay in the copies
+            for n in gm.graph.nodes:
+                n.args = map_aggregate(n.args, lambda a: dtype if a is torch.float32 else a)
+                n.kwargs = map_aggregate(n.kwargs, lambda a: dtype if a is torch.float32 else a)
     with torch.no_grad():
         ref = _Reference(masked, keep)
         _run(ref, inputs, "the masked original")
@@ -217,7 +224,7 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
         tensors_in = [a for a in n.all_input_nodes if "tensor_meta" in a.meta]
         if n.op == "get_attr" or (n.op != "placeholder" and tensors_in and all(a.name in params for a in tensors_in)):
             params.add(n.name)
-    worst, worst_failing, compared = (0.0, None), (0.0, None), 0
+    worst, worst_failing, compared, nan_nodes = (0.0, None), (0.0, None), 0, 0
     for name, value in got.values.items():
         if name not in ref.values or name in params:
             continue
@@ -230,6 +237,7 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
             scale, err = _scale_and_error(a, b)
             rel = err / (scale + 1e-30)
             compared += 1
+            nan_nodes += bool(torch.isnan(a).any())
             worst = max(worst, (rel, name), key=lambda w: w[0])
             if not err <= MASK_RTOL * scale + MASK_ATOL:  # also catches NaN
                 worst_failing = max(worst_failing, (rel, name), key=lambda w: w[0] if w[0] == w[0] else float("inf"))
@@ -243,7 +251,8 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
                    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape), default=0.0)
     approximate = sum(1 for name, g in graph.groups.items() if g.approximate
                       and not bool(keep[graph.offsets[name]:graph.offsets[name] + g.size].all()))
-    return {"ok": ok, "nodes_compared": compared, "approximate_groups": approximate, "max_rel_diff": rel, "worst_node": node,
+    return {"ok": ok, "nodes_compared": compared, "nan_nodes": nan_nodes, "approximate_groups": approximate,
+            "max_rel_diff": rel, "worst_node": node,
             "output_max_abs_diff": out_err, "rtol": MASK_RTOL, "atol": MASK_ATOL}
 
 
