@@ -98,3 +98,33 @@ def test_one_budget_search_serves_every_planner():
     assert Budget(flops=0.5, floor=0.4).min_kept(g) == max(1, -(-4 * g.size // 10), int(g.pinned.sum()))
     with pytest.raises(fxprune.ConfigError, match="exactly one budget"):
         Budget(flops=0.5, ratio=0.5)
+
+
+def test_an_onnx_failure_of_the_unpruned_model_too_is_reported_not_raised(monkeypatch):
+    """When the pruned model's ONNX file fails, the unpruned model is tried: failing too, it is the
+    exporter's limit (the model comes back, checked by mask-equivalence, with a warning); passing, the
+    pruned model's failure is fxprune's, and it raises."""
+    import fxprune.pipeline as pipeline
+    net = model()
+    n_params = sum(p.numel() for p in net.parameters())
+
+    def fails_for(which):
+        def export(module, inputs, *a, **k):
+            pruned = sum(p.numel() for p in module.parameters()) < n_params
+            if which == "both" or pruned:
+                raise RuntimeError("Nodes in a graph must be topologically sorted")
+            return {"ok": True}
+        return export
+
+    monkeypatch.setattr(pipeline, "export_onnx", fails_for("both"))
+    with pytest.warns(UserWarning, match="and so does the unpruned model's"):
+        pruned = fxprune.compile(net, (X,), method="l2", ratio=0.5)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] is None and rep.onnx["unpruned_fails"] and not rep.verified
+    assert "not checkable" in str(rep)
+    with torch.no_grad():
+        assert pruned(X).shape == (1, 10)
+
+    monkeypatch.setattr(pipeline, "export_onnx", fails_for("pruned"))
+    with pytest.raises(fxprune.VerificationError, match="the unpruned model's passes"):
+        fxprune.compile(net, (X,), method="l2", ratio=0.5)

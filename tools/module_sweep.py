@@ -63,7 +63,7 @@ def worker(name: str, onnx: bool) -> dict:
     row.update(status="verified", cls=type(copy).__name__, tracer=rep.capture.get("tracer"),
                params_before=rep.params_before, params_after=rep.params_after,
                mask_rel=rep.mask["max_rel_diff"], modules_compared=rep.mask["module"]["modules_compared"],
-               module_rel=rep.mask["module"]["max_rel_diff"], onnx_abs=rep.onnx["max_abs_diff"] if rep.onnx else None,
+               module_rel=rep.mask["module"]["max_rel_diff"], onnx_abs=rep.onnx.get("max_abs_diff") if rep.onnx else None,
                literal_groups=len({g for g, _ in literal}), first_literal=literal[0][1][:200] if literal else None,
                input_unchanged=all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()),
                wall_s=round(time.perf_counter() - t0, 1))

@@ -167,12 +167,16 @@ def run_fxprune(name: str) -> dict:
     row.update(
         params_after=rep.params_after, flops_before=rep.flops_before, flops_after=rep.flops_after,
         mask_ok=bool(rep.mask and rep.mask["ok"]), ort_ok=bool(rep.onnx and rep.onnx["ok"]),
-        ort_abs=rep.onnx["max_abs_diff"] if rep.onnx else None, groups=rep.groups, pinned_groups=rep.pinned_groups,
+        onnx_unpruned_fails=bool(rep.onnx and rep.onnx.get("unpruned_fails")),
+        onnx_error=(rep.onnx or {}).get("error"),
+        ort_abs=rep.onnx.get("max_abs_diff") if rep.onnx else None, groups=rep.groups, pinned_groups=rep.pinned_groups,
         prunable_groups=rep.prunable_groups, first_pin=rep.first_pin, removed=rep.plan.removed, finite=ok,
         approximate_groups=rep.mask.get("approximate_groups", 0) if rep.mask else 0,
         timings={k: round(v, 3) for k, v in rep.timings.items()}, wall_s=time.perf_counter() - t0,
         mem_peak_mb=zoo._peak_mb())
     row["status"] = zoo.status_of(row, onnx=True)
+    if row["onnx_unpruned_fails"]:
+        row["error"] = f"ONNX not checkable, the unpruned model's file fails too: {row['onnx_error'].splitlines()[0]}"
     return row
 
 

@@ -73,7 +73,9 @@ class Report:
             m = self.mask["module"]
             rows.append(("module copy vs pruned graph", f"{m['modules_compared']} tensors",
                          f"max rel diff {m['max_rel_diff']:.1e}", "ok" if m["ok"] else "FAILED"))
-        if self.onnx:
+        if self.onnx and self.onnx["ok"] is None:
+            rows.append(("ONNX Runtime vs torch", "not checkable", "the unpruned model's ONNX file fails too", "-"))
+        elif self.onnx:
             rows.append(("ONNX Runtime vs torch", f"batches {self.onnx['batches']}",
                          f"max abs diff {self.onnx['max_abs_diff']:.1e}", "ok" if self.onnx["ok"] else "FAILED"))
         else:
