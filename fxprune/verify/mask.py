@@ -139,8 +139,8 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
     try:
         torch.set_default_dtype(torch.float64)  # constants the forward makes (torch.ones, arange().float())
         again = _compare(graph, keep, pruned, inputs, torch.float64)
-    except (VerificationError, RuntimeError, TypeError):  # a model that does not run in float64: the float32 verdict
-        return result
+    except (VerificationError, RuntimeError, TypeError, MemoryError) as exc:  # no float64 run: the float32 verdict
+        return {**result, "float64_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
     finally:
         torch.set_default_dtype(previous)
     if not again["ok"] or again["nodes_compared"] != result["nodes_compared"] or again["nan_nodes"] > result["nan_nodes"]:
@@ -306,7 +306,9 @@ def check_mask(result: dict) -> None:
         raise VerificationError(
             f"the pruned model differs from the masked original at node '{result['worst_node']}' "
             f"(relative difference {result['max_rel_diff']:.2e} > {MASK_RTOL:.0e}). This is a bug in fxprune: "
-            "please report it with the model; meanwhile pass ignore=[...] for the groups around that node.")
+            "please report it with the model; meanwhile pass ignore=[...] for the groups around that node."
+            + (f" (The float64 re-check, which tells float32 rounding from a wrong rewrite, could not run: "
+               f"{result['float64_error']}.)" if result.get("float64_error") else ""))
 
 
 def module_equivalence(module: torch.nn.Module, pruned: fx.GraphModule, inputs: tuple) -> dict:
