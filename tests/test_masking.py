@@ -185,3 +185,14 @@ def test_float32_rounding_is_rechecked_in_float64(capture):
                                                      for g in graph.prunable_groups()}, ratio=0.5))
     result = mask_equivalence(graph, keep, wrong, (x,))
     assert not result["ok"] and "checked_in" not in result and result["max_rel_diff"] > 1e-2
+
+
+class CastsToFloat32(LargeCommonLogits):
+    def forward(self, x):  # `.float()` keeps float32 in the float64 run: fc2 then fails there
+        return torch.softmax(self.fc2(torch.relu(self.fc1(x)).float()), -1)
+
+
+def test_a_float64_recheck_that_cannot_run_is_named_in_the_error():
+    torch.manual_seed(0)
+    with pytest.raises(fxprune.VerificationError, match="float64 re-check.*could not run: RuntimeError"):
+        fxprune.compile(CastsToFloat32().eval(), (torch.randn(4, 16),), method="l1", ratio=0.5, onnx=False)
