@@ -140,7 +140,8 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
         torch.set_default_dtype(torch.float64)  # constants the forward makes (torch.ones, arange().float())
         again = _compare(graph, keep, pruned, inputs, torch.float64)
     except (VerificationError, RuntimeError, TypeError, MemoryError) as exc:  # no float64 run: the float32 verdict
-        return {**result, "float64_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
+        cause = exc.__cause__ or exc  # a node's failure: what the node raised
+        return {**result, "float64_error": f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}"}
     finally:
         torch.set_default_dtype(previous)
     if not again["ok"] or again["nodes_compared"] != result["nodes_compared"] or again["nan_nodes"] > result["nan_nodes"]:
