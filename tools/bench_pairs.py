@@ -52,7 +52,7 @@ def summary(model: str, runs: list[dict]) -> list:
         theirs = [r[f"theirs_{run}"] for r in runs]
         ratios = sorted(t / o for t, o in zip(theirs, ours))
         row += [f"{statistics.median(ours):.3f}", f"{statistics.median(theirs):.3f}",
-                f"**{statistics.median(ratios):.1f}×** ({ratios[0]:.1f}–{ratios[-1]:.1f})"]
+                f"**{statistics.median(ratios):.2f}×** ({ratios[0]:.2f}–{ratios[-1]:.2f})"]
     return row
 
 
