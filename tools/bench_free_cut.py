@@ -13,12 +13,14 @@ fine-tuning). Every cut plans without rounding (``round_to=None``) so that all m
 
 With ``--fmnist``: ResNet-20 of ``tools/bench_accuracy.py`` on Fashion-MNIST instead (base: 3 epochs
 of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 cosine, ``lam=5e-4``;
-2000 test images; one seed), the table of ``results/free_cut_fmnist.md``.
+2000 test images; one base per seed), rows appended to ``results/free_cut_fmnist.jsonl`` and the table of
+``results/free_cut_fmnist.md`` printed from every seed there.
 
     python tools/bench_free_cut.py                     # 3 seeds, 50 % and 25 % of the FLOPs, ~3 min
     python tools/bench_free_cut.py --seeds 0 --targets 0.5
     python tools/bench_free_cut.py --bn                # and a column with BN statistics re-estimated after the cut
-    python tools/bench_free_cut.py --fmnist            # ~30 min on 2 busy CPU cores
+    python tools/bench_free_cut.py --fmnist --seeds 0  # ~15 min a seed on a quiet core; seeds may run side by side
+    python tools/bench_free_cut.py --fmnist --table-only
 """
 from __future__ import annotations
 
@@ -71,33 +73,71 @@ def run(method, base, graph, target, data, epochs, seed, bn=False):
     return before, after, rep.flops_after / rep.flops_before, recal
 
 
-def fmnist(targets, methods=("dwgl", "oicsr", "gsm", "l2")):
+FMNIST_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "free_cut_fmnist.jsonl")
+
+
+def fmnist(targets, seeds, methods=("dwgl", "oicsr", "gsm", "l2"), cache=FMNIST_CACHE):
+    """Per seed: a ResNet-20 base (3 epochs of 8000 Fashion-MNIST samples, lr 0.1 cosine), then each method
+    for 2 epochs of 8000 samples (lr 0.05 cosine, ``lam=5e-4``; the seed sets the data order and the
+    initialisation) and its cut; each result appended to ``cache`` as one JSON line (runs of different
+    seeds may share the file)."""
+    import json
+
     from bench_accuracy import ResNet20, accuracy as acc, train as train_fm
     from fxprune.io.datasets import fashion_mnist
 
     (xtr, ytr), (xte, yte) = fashion_mnist()
     test, x1 = (xte[:2000], yte[:2000]), xtr[:1]
-    base = train_fm(ResNet20(), (xtr, ytr), epochs=3, lr=0.1, samples=8000, seed=0, device="cpu", desc="base").eval()
-    graph = fxprune.analyze(base, (x1,))
-    print(f"base accuracy {acc(base, test, 'cpu'):.4f}\n")
-    print("| FLOPs kept | method | before the cut | right after the cut |")
-    print("|---|---|---|---|")
-    for target in targets:
-        for name in methods:
-            model = copy.deepcopy(base)
-            if name == "gsm":
-                opt = gsm.GSM(model.named_parameters(), graph=graph, flops=target, lr=5e-3, momentum=0.98)
-                train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=0, device="cpu", optimizer=opt)
-            elif name in ("dwgl", "oicsr"):
-                reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target)
-                train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=0, device="cpu", extra_loss=reg)
-            before = acc(model, test, "cpu")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False)
-            rep = fxprune.report(pruned)
-            print(f"| {rep.flops_after / rep.flops_before:.3f} | {name} | {before:.4f} | {acc(pruned, test, 'cpu'):.4f} |",
-                  flush=True)
+    for seed in seeds:
+        torch.manual_seed(seed)
+        base = train_fm(ResNet20(), (xtr, ytr), epochs=3, lr=0.1, samples=8000, seed=seed, device="cpu",
+                        desc=f"base {seed}").eval()
+        graph = fxprune.analyze(base, (x1,))
+        base_acc = acc(base, test, "cpu")
+        for target in targets:
+            for name in methods:
+                model = copy.deepcopy(base)
+                if name == "gsm":
+                    opt = gsm.GSM(model.named_parameters(), graph=graph, flops=target, lr=5e-3, momentum=0.98)
+                    train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu", optimizer=opt)
+                elif name in ("dwgl", "oicsr"):
+                    reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target)
+                    train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu",
+                             extra_loss=reg)
+                before = acc(model, test, "cpu")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False)
+                rep = fxprune.report(pruned)
+                row = {"seed": seed, "target": target, "method": name, "base": base_acc, "before": before,
+                       "after": acc(pruned, test, "cpu"), "flops": rep.flops_after / rep.flops_before}
+                print(row, flush=True)
+                with open(cache, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def fmnist_table(cache=FMNIST_CACHE) -> str:
+    """The Markdown table of every result in ``cache``: mean ± std over seeds, and the largest drop."""
+    import json
+
+    rows = [json.loads(line) for line in open(cache) if line.strip()]
+
+    def ms(v, scale=100):
+        v = [scale * x for x in v]
+        return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+    seeds = sorted({r["seed"] for r in rows})
+    bases = {r["seed"]: r["base"] for r in rows}
+    out = [f"Base accuracy {ms(list(bases.values()))} % over seeds {seeds}.", "",
+           "| FLOPs kept | method | seeds | before the cut (%) | right after the cut (%) | drop, largest over seeds (points) |",
+           "|---|---|---|---|---|---|"]
+    keys = sorted({(r["target"], r["method"]) for r in rows}, key=lambda k: (-k[0], k[1]))
+    for target, method in keys:
+        rs = [r for r in rows if (r["target"], r["method"]) == (target, method)]
+        drop = max(100 * (r["before"] - r["after"]) for r in rs)
+        out.append(f"| {ms([r['flops'] for r in rs], 1)} | {method} | {len(rs)} | {ms([r['before'] for r in rs])} | "
+                   f"{ms([r['after'] for r in rs])} | {drop:+.2f} |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -108,11 +148,15 @@ def main(argv=None):
     p.add_argument("--methods", default="random,l2,l2 + fine-tune,dwgl,dwgl (paper),oicsr,oicsr (paper),gsm,gsm (paper)")
     p.add_argument("--bn", action="store_true", help="add a column: right after the cut, BN statistics re-estimated "
                    "(fxprune.train.recalibrate_bn, one pass over the training images)")
-    p.add_argument("--fmnist", action="store_true", help="Fashion-MNIST ResNet-20 instead of digits (one seed)")
+    p.add_argument("--fmnist", action="store_true", help="Fashion-MNIST ResNet-20 instead of digits (rows appended "
+                   "to results/free_cut_fmnist.jsonl; --table-only prints the table of every seed there)")
+    p.add_argument("--table-only", action="store_true", help="with --fmnist: only print the table from the results")
     cfg = p.parse_args(argv)
     torch.set_num_threads(1)
     if cfg.fmnist:
-        return fmnist([float(t) for t in cfg.targets.split(",")])
+        if not cfg.table_only:
+            fmnist([float(t) for t in cfg.targets.split(",")], [int(x) for x in cfg.seeds.split(",")])
+        return print(fmnist_table())
     data = load()
     (xtr, ytr), (xte, yte) = data
     seeds = [int(s) for s in cfg.seeds.split(",")]
