@@ -122,9 +122,9 @@ def fmnist_table(cache=FMNIST_CACHE) -> str:
 
     rows = [json.loads(line) for line in open(cache) if line.strip()]
 
-    def ms(v, scale=100):
+    def ms(v, scale=100, digits=2):
         v = [scale * x for x in v]
-        return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+        return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
     seeds = sorted({r["seed"] for r in rows})
     bases = {r["seed"]: r["base"] for r in rows}
@@ -135,7 +135,7 @@ def fmnist_table(cache=FMNIST_CACHE) -> str:
     for target, method in keys:
         rs = [r for r in rows if (r["target"], r["method"]) == (target, method)]
         drop = max(100 * (r["before"] - r["after"]) for r in rs)
-        out.append(f"| {ms([r['flops'] for r in rs], 1)} | {method} | {len(rs)} | {ms([r['before'] for r in rs])} | "
+        out.append(f"| {ms([r['flops'] for r in rs], 1, 3)} | {method} | {len(rs)} | {ms([r['before'] for r in rs])} | "
                    f"{ms([r['after'] for r in rs])} | {drop:+.2f} |")
     return "\n".join(out)
 
