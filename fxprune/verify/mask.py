@@ -151,9 +151,7 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
 
 
 def _in_dtype(tensors, dtype):
-    """``{id(t): t converted to dtype}`` for the floating tensors among ``tensors`` (``{}`` without a dtype)."""
-    if dtype is None:
-        return {}
+    """``{id(t): t converted to dtype}`` for the floating tensors among ``tensors``."""
     return {id(t): (torch.nn.Parameter(t.detach().to(dtype), requires_grad=False) if isinstance(t, torch.nn.Parameter)
                     else t.to(dtype)) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
 
