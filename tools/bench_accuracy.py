@@ -1,17 +1,23 @@
 """Accuracy versus FLOPs on Fashion-MNIST: fxprune's methods side by side with Torch-Pruning.
 
-Trains a CIFAR-style ResNet-20 (stem adapted to 28x28x1) on Fashion-MNIST (Debian package
-``dataset-fashion-mnist``), or loads it from ``tools/results/cache/``. Then, for each FLOPs
-target and each method, prunes to the same FLOPs (counted by ``fxprune.cost.count_flops``
-for both libraries), fine-tunes with the same budget (epochs, optimizer, schedule, seed),
-and records test accuracy, params, FLOPs and ONNX Runtime CPU latency at batch 1 and 64.
-Training-time methods (DWGL, OICSR, GSM) spend the first half of the budget on their
-regularised / GSM training and the second half on fine-tuning; the others fine-tune for
-the whole budget. Writes ``accuracy.md``, ``accuracy.json`` and ``accuracy.png`` under
-``--out``.
+Per seed, trains a CIFAR-style ResNet-20 (stem adapted to 28x28x1) on Fashion-MNIST (Debian
+package ``dataset-fashion-mnist``), or loads it from ``tools/results/cache/``. Then, for each
+FLOPs target and each method, prunes to the same FLOPs (counted by ``fxprune.cost.count_flops``
+for both libraries), trains with the same total budget (epochs, samples, optimizer, schedule,
+seed), and records test accuracy, params, FLOPs and ONNX Runtime CPU latency at batch 1 and 64.
+Each method runs in its own protocol: the training-time ones (DWGL, OICSR, GSM) spend the first
+half of the budget on their regularised / GSM training, cut, and fine-tune for the second half;
+the others cut the base and fine-tune for the whole budget. The seed sets the base's
+initialisation, the data order and ``random``'s draw.
 
-    python tools/bench_accuracy.py              # the whole benchmark (about an hour on 2 CPU cores)
-    python tools/bench_accuracy.py --quick      # a 5-minute version on a subset
+Every result is appended to ``accuracy.jsonl`` under ``--out`` (processes for different seeds
+may share it); the table (mean ± std over seeds) and the plot are rebuilt from every row there
+for the chosen setting: ``accuracy.md`` and ``accuracy.png``.
+
+    python tools/bench_accuracy.py --seeds 0        # one seed, CPU setting: about 30 min on a quiet core
+    python tools/bench_accuracy.py --seeds 1,2      # seeds may run side by side, one process each
+    python tools/bench_accuracy.py --table-only     # the table and plot from every seed recorded
+    python tools/bench_accuracy.py --quick          # a 3-minute version on a subset
 """
 from __future__ import annotations
 
@@ -131,7 +137,7 @@ def prune_ours(method, base, target, train_data, cfg):
     if method in TRAINING_TIME:
         pre = cfg.budget // 2
         model = train_time(method, model, x1, train_data, cfg, pre, target)
-    pruned = fxprune.compile(model, (x1,), method=method, flops=target, onnx=False,
+    pruned = fxprune.compile(model, (x1,), method=method, flops=target, onnx=False, seed=cfg.seed,
                              data=calib if method in ("taylor", "curl", "catro") else None)
     return pruned, pre
 
@@ -192,50 +198,69 @@ def latency(model, x1):
 
 # ----------------------------------------------------------------------------- main
 
+SETTINGS = {  # name: (base epochs, base samples per epoch, budget epochs, samples per epoch, test images)
+    "cpu": (4, 15000, 4, 4000, 10000),
+    "gpu": (8, None, 4, 15000, 10000),
+    "quick": (2, 4000, 2, 2000, 2000),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a 5-minute version: data subset, short training, one target")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu",
+                   help="training lengths: cpu (default, ~30 min a seed on one core), gpu (the longer one), quick")
+    p.add_argument("--quick", action="store_true", help="--setting quick, one target, seed 0")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", default=",".join(OURS + THEIRS))
     p.add_argument("--targets", default=None, help="FLOPs fractions kept, comma-separated (default 0.5,0.25)")
     p.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="no training: merge the accuracy.json files of runs made with other --targets into one table")
+    p.add_argument("--table-only", action="store_true", help="no training: the table and plot from accuracy.jsonl")
     cfg = p.parse_args(argv)
-    cfg.seed, cfg.lr, cfg.lam = 0, 0.05, 5e-4
     if cfg.quick:
-        cfg.base_epochs, cfg.budget, cfg.samples, cfg.test_n = 2, 2, 4000, 2000
-        cfg.targets = cfg.targets or "0.5"
-    else:
-        cfg.base_epochs, cfg.budget, cfg.samples, cfg.test_n = 8, 4, 15000, 10000
-        cfg.targets = cfg.targets or "0.5,0.25"
-    if cfg.merge:
-        return merge(cfg)
-    targets = [float(t) for t in cfg.targets.split(",")]
-    methods = cfg.methods.split(",")
-    torch.manual_seed(cfg.seed)
+        cfg.setting, cfg.seeds, cfg.targets = "quick", "0", cfg.targets or "0.5"
+    cfg.base_epochs, cfg.base_samples, cfg.budget, cfg.samples, cfg.test_n = SETTINGS[cfg.setting]
+    cfg.lr, cfg.lam = 0.05, 5e-4
+    cfg.results = os.path.join(cfg.out, "accuracy.jsonl")
+    if not cfg.table_only:
+        targets = [float(t) for t in (cfg.targets or "0.5,0.25").split(",")]
+        for seed in (int(s) for s in cfg.seeds.split(",")):
+            cfg.seed = seed
+            run_seed(cfg, targets, cfg.methods.split(","))
+    write(cfg)
+
+
+def run_seed(cfg, targets, methods):
+    """One seed: its base model, then every (target, method); each row appended to ``cfg.results``."""
+    def record(row):
+        row.update(setting=cfg.setting, seed=cfg.seed, device=cfg.device, when=time.time())
+        with open(cfg.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), file=sys.stderr)
+
     (xtr, ytr), (xte, yte) = fashion_mnist(cfg.data) if cfg.data else fashion_mnist()
     train_data, test_data = (xtr, ytr), (xte[:cfg.test_n], yte[:cfg.test_n])
     os.makedirs(os.path.join(cfg.out, "cache"), exist_ok=True)
-    cache = os.path.join(cfg.out, "cache", f"resnet20_fmnist_{'quick' if cfg.quick else 'full'}.pt")
+    cache = os.path.join(cfg.out, "cache", f"resnet20_fmnist_{cfg.setting}_seed{cfg.seed}.pt")
+    torch.manual_seed(cfg.seed)
     base = ResNet20()
     if os.path.exists(cache):
         base.load_state_dict(torch.load(cache, weights_only=True))
     else:
         t = time.time()
-        base = train(base, train_data, epochs=cfg.base_epochs, lr=0.1, samples=None if not cfg.quick else cfg.samples,
-                     seed=cfg.seed, device=cfg.device, desc="baseline")
+        base = train(base, train_data, epochs=cfg.base_epochs, lr=0.1, samples=cfg.base_samples, seed=cfg.seed,
+                     device=cfg.device, desc=f"baseline, seed {cfg.seed}")
         torch.save(base.state_dict(), cache)
         print(f"baseline trained in {time.time() - t:.0f} s", file=sys.stderr)
     base.eval()
     x1 = xtr[:1]
-    f0, p0 = count_flops(base, (x1,)), count_params(base)
-    rows = [dict(method="baseline", library="-", target=1.0, flops=f0, params=p0, acc=accuracy(base, test_data, cfg.device),
-                 lat1=None, lat64=None, split="-")]
-    rows[0]["lat1"], rows[0]["lat64"] = latency(base, x1)
-    runs = [(t, m) for t in targets for m in methods]
-    for target, method in tqdm(runs, desc="methods", file=sys.stderr):
+    lat1, lat64 = latency(base, x1)
+    record(dict(method="baseline", library="-", target=1.0, flops=count_flops(base, (x1,)),
+                params=count_params(base), acc=accuracy(base, test_data, cfg.device), lat1=lat1, lat64=lat64,
+                split="-"))
+    for target, method in tqdm([(t, m) for t in targets for m in methods], desc=f"seed {cfg.seed}", file=sys.stderr):
+        library = "Torch-Pruning" if method.startswith("tp-") else "fxprune"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -245,72 +270,101 @@ def main(argv=None):
                 model = train(model, train_data, epochs=ft, lr=cfg.lr / 5, samples=cfg.samples, seed=cfg.seed,
                               device=cfg.device, desc=f"{method}@{target}")
             lat1, lat64 = latency(model, x1)
-            rows.append(dict(method=method, library="Torch-Pruning" if method.startswith("tp-") else "fxprune",
-                             target=target, flops=count_flops(model, (x1,)), params=count_params(model),
-                             acc=accuracy(model, test_data, cfg.device), lat1=lat1, lat64=lat64,
-                             split=f"{pre} reg + {ft} ft" if pre else f"{ft} ft"))
+            record(dict(method=method, library=library, target=target, flops=count_flops(model, (x1,)),
+                        params=count_params(model), acc=accuracy(model, test_data, cfg.device), lat1=lat1,
+                        lat64=lat64, split=f"{pre} reg + {ft} ft" if pre else f"{ft} ft"))
         except Exception as exc:  # a method that fails is reported, not hidden
-            rows.append(dict(method=method, library="fxprune", target=target, flops=None, params=None, acc=None,
-                             lat1=None, lat64=None, split=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
-        print(json.dumps(rows[-1]), file=sys.stderr)
-    write(rows, cfg, f0)
+            record(dict(method=method, library=library, target=target, flops=None, params=None, acc=None,
+                        lat1=None, lat64=None, split=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
 
 
-def merge(cfg):
-    """One table and plot from several runs (each run's baseline row is kept, marked with its targets)."""
-    rows = []
-    for path in cfg.merge:
-        with open(path) as f:
-            run = json.load(f)
-        targets = sorted({r["target"] for r in run[1:]}, reverse=True)
-        run[0]["method"] = f"baseline (run for {', '.join(f'{t:.0%}' for t in targets)})"
-        rows.extend(run)
-    rows.sort(key=lambda r: (r["library"] != "-", -r["target"]))
-    write(rows, cfg, rows[0]["flops"], merged=len(cfg.merge))
+def load_rows(cfg):
+    """The newest row of each (seed, target, method) recorded for ``cfg.setting``."""
+    newest = {}
+    if os.path.exists(cfg.results):
+        with open(cfg.results) as f:
+            for row in map(json.loads, f):
+                key = (row["seed"], row["target"], row["method"])
+                if row["setting"] == cfg.setting and row["when"] >= newest.get(key, {"when": -1})["when"]:
+                    newest[key] = row
+    return list(newest.values())
 
 
-def write(rows, cfg, f0, merged=0):
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
-    table = [(r["method"], r["library"], fmt(r["target"], ".0%"), fmt(r["flops"] and r["flops"] / f0, ".1%"),
-              fmt(r["params"], ","), fmt(r["acc"], ".2%"), fmt(r["lat1"], ".3f"), fmt(r["lat64"], ".2f"), r["split"])
-             for r in rows]
-    head = ["method", "library", "target", "FLOPs kept", "params", "test acc", "ORT ms (b=1)", "ORT ms (b=64)", "budget split (epochs)"]
+
+def write(cfg):
+    rows = load_rows(cfg)
+    if not rows:
+        raise SystemExit(f"no rows for setting {cfg.setting!r} in {cfg.results}")
+    f0 = next(r["flops"] for r in rows if r["method"] == "baseline")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    order = OURS + THEIRS
+    keys = sorted(groups, key=lambda k: (-k[0], k[1] != "baseline", order.index(k[1]) if k[1] in order else 99))
+    summary, table = [], []
+    for target, method in keys:
+        ok = [r for r in groups[(target, method)] if r["acc"] is not None]
+        failed = len(groups[(target, method)]) - len(ok)
+        if not ok:
+            table.append((method, "-", f"{target:.0%}", "-", "-", "-", "-", "-", "-",
+                          groups[(target, method)][0]["split"]))
+            continue
+        acc_m, acc_s = mean_std([100 * r["acc"] for r in ok])
+        summary.append(dict(method=method, target=target, flops=mean_std([r["flops"] / f0 for r in ok])[0],
+                            acc=acc_m, std=acc_s, seeds=len(ok)))
+        med = lambda k: sorted(r[k] for r in ok)[len(ok) // 2]  # noqa: E731
+        table.append((method, ok[0]["library"], f"{target:.0%}", f"{summary[-1]['flops']:.1%}",
+                      f"{mean_std([r['params'] for r in ok])[0]:,.0f}", f"{acc_m:.2f} ± {acc_s:.2f}",
+                      str(len(ok)) + (f" ({failed} failed)" if failed else ""),
+                      f"{med('lat1'):.3f}", f"{med('lat64'):.2f}", ok[0]["split"]))
+    head = ["method", "library", "target", "FLOPs kept", "params", "test acc (%)", "seeds", "ORT ms (b=1)",
+            "ORT ms (b=64)", "budget split (epochs)"]
+    seeds = sorted({r["seed"] for r in rows})
     md = tabulate(table, headers=head, tablefmt="github")
-    note = (f"\n\nResNet-20 on Fashion-MNIST; baseline {cfg.base_epochs} epochs; every pruned model gets the same "
-            f"budget of {cfg.budget} epochs of {cfg.samples} samples (SGD, cosine, seed {cfg.seed}); "
-            f"test on {cfg.test_n} images; device {cfg.device}.{' QUICK RUN.' if cfg.quick else ''}"
-            f"{f' Merged from {merged} runs, each with its own baseline (same seed).' if merged else ''}\n")
-    name = "accuracy_quick" if cfg.quick else "accuracy"
+    base_on = f"{cfg.base_samples} samples" if cfg.base_samples else "all 60000 images"
+    note = (f"\n\nResNet-20 on Fashion-MNIST, setting `{cfg.setting}`: baseline {cfg.base_epochs} epochs of {base_on} "
+            f"(SGD lr 0.1, cosine); every pruned model gets the same budget of {cfg.budget} epochs of {cfg.samples} "
+            f"samples (SGD lr {cfg.lr}, then {cfg.lr / 5} for fine-tuning, cosine), the training-time methods "
+            f"half of it before their cut. Test accuracy on {cfg.test_n} test images, mean ± std over seeds "
+            f"{', '.join(map(str, seeds))} (each seed its own baseline, data order and draws); params and FLOPs "
+            f"are means, ORT latencies (2 threads, 20 runs) medians over seeds, timed while other runs shared the "
+            f"machine. Device {rows[0]['device']}. Rows: `{os.path.basename(cfg.results)}`.\n")
+    name = "accuracy" if cfg.setting == "cpu" else f"accuracy_{cfg.setting}"
     with open(os.path.join(cfg.out, f"{name}.md"), "w") as f:
         f.write(md + note)
-    with open(os.path.join(cfg.out, f"{name}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     print(md + note)
+    plot(summary, os.path.join(cfg.out, f"{name}.png"))
+
+
+def plot(summary, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    base = rows[0]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    base = [s for s in summary if s["method"] == "baseline"]
     colors = plt.get_cmap("tab20").colors
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["library"] != "-")):
-        pts = sorted((r["flops"] / f0, r["acc"]) for r in rows if r["method"] == method and r["acc"] is not None)
-        if not pts:
-            continue
-        pts = pts + [(1.0, base["acc"])]
+    for i, method in enumerate(dict.fromkeys(s["method"] for s in summary if s["method"] != "baseline")):
+        pts = sorted((s["flops"], s["acc"], s["std"]) for s in summary if s["method"] == method)
         theirs = method.startswith("tp-")
-        ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], "--" if theirs else "-", marker="s" if theirs else "o",
-                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=method)
+        shift = (i - 6) * 0.002  # keeps the error bars of methods at the same FLOPs apart
+        ax.errorbar([p[0] + shift for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=2,
+                    linestyle="--" if theirs else "-", marker="s" if theirs else "o", markersize=4,
+                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=method)
+    if base:
+        ax.axhline(base[0]["acc"], color="grey", linestyle=":", label=f"baseline ({base[0]['acc']:.2f} %)")
     ax.set_xlabel("FLOPs kept (fraction of ResNet-20)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST, ResNet-20: accuracy vs FLOPs after equal fine-tuning")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("Fashion-MNIST, ResNet-20: accuracy vs FLOPs at an equal training budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out, f"{name}.png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
