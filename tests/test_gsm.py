@@ -17,7 +17,7 @@ register("gsm", gsm.score)
 def test_update_rule_by_hand():
     w = nn.Parameter(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
     lr, beta, wd = 0.1, 0.9, 0.01
-    opt = gsm.GSM([("w", w)], lr=lr, momentum=beta, weight_decay=wd, keep=0.5)     # Q = 3 of 6
+    opt = gsm.GSM([("w", w)], lr=lr, momentum=beta, weight_decay=wd, keep=0.5, grow=0)     # the paper; Q = 3 of 6
     w0 = w.detach().clone()
     w.grad = torch.ones(2, 3)                          # T = |w * g| = w: the 3 largest are row 1
     opt.step()
@@ -33,6 +33,27 @@ def test_update_rule_by_hand():
     assert torch.equal(opt.masks["w"], b2.bool())
     z2 = beta * z1 + wd * w1 + b2 * g2                 # Z <- beta Z + wd W + B * grad
     assert torch.allclose(w.detach(), w1 - lr * z2)    # W <- W - lr Z
+
+
+def test_passive_shrink_by_hand():
+    """The default (``grow=0.05``): after the paper's step, passive entries and their momentum shrink by
+    ``1 - min(ceiling, grow * step)``; active ones follow the paper's rule unchanged."""
+    w = nn.Parameter(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    lr, beta, wd = 0.1, 0.9, 0.01
+    opt = gsm.GSM([("w", w)], lr=lr, momentum=beta, weight_decay=wd, keep=0.5, ceiling=0.08)
+    assert opt.grow == 0.05
+    w0 = w.detach().clone()
+    w.grad = torch.ones(2, 3)                          # active: row 1, as in the paper's test above
+    opt.step()
+    passive = torch.tensor([[1.0, 1, 1], [0, 0, 0]])
+    z1 = (wd * w0 + (1 - passive)) * (1 - 0.05 * passive)          # step 1 shrinks passive entries by 0.05
+    w1 = (w0 - lr * (wd * w0 + (1 - passive))) * (1 - 0.05 * passive)
+    assert torch.allclose(w.detach(), w1) and torch.allclose(opt.state[w]["momentum_buffer"], z1)
+    w.grad = torch.ones(2, 3)
+    opt.step()                                         # step 2: min(ceiling 0.08, 2 * 0.05)
+    z2 = (beta * z1 + wd * w1 + (1 - passive)) * (1 - 0.08 * passive)
+    assert torch.allclose(w.detach(), (w1 - lr * (beta * z1 + wd * w1 + (1 - passive))) * (1 - 0.08 * passive))
+    assert torch.allclose(opt.state[w]["momentum_buffer"], z2)
 
 
 def test_options_and_errors():
