@@ -31,7 +31,7 @@ from .ir import ChannelGraph
 from .partial import compile_parts
 from .pipeline import Pipeline
 from .plan import Plan
-from .plan.budget import default_round_to
+from .plan.budget import default_round_to, kept_importance
 
 DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_round_to
 
@@ -66,9 +66,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
     ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
     importance per millisecond, then the plan is exported, timed against the original and
-    corrected (:func:`fxprune.cost.latency.fit_latency`); ``latency_model=False`` bisects the
-    FLOPs budget instead, timing each candidate (:func:`fxprune.cost.latency.search_latency`);
-    ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
+    corrected (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked plan is found
+    the same way (the FLOPs budget bisected, each candidate timed) and, of the two that meet the
+    target, the one that keeps more of the importance is returned (``report.plan.meta["ranking"]``:
+    ``"per ms"`` or ``"importance"``; ``latency_options={"compare": False}`` skips it).
+    ``latency_model=False`` bisects the FLOPs budget only, timing each candidate
+    (:func:`fxprune.cost.latency.search_latency`); ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
     multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
     given, a model with 2-d convolutions planned from scores gets ``"fast"``
     (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it; methods that
@@ -149,9 +152,33 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
                                        **(latency_options or {}))
     else:
-        plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t),
-                                    **(latency_options or {}))
+        options = dict(latency_options or {})
+        compare = options.pop("compare", True)
+        plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
+        if compare:
+            plan, history = _more_important(model, pipe.graph, latency, planner, plan, history, options)
     return pipe.build(plan, method=name, search=history)
+
+
+_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds")
+
+
+def _more_important(model, graph, latency, planner, plan, history, options):
+    """The latency model's plan against the importance-ranked one (the FLOPs budget bisected on measured
+    latency, :func:`search_latency`): of the two that meet the target, the one keeping more of the importance
+    (:func:`~fxprune.plan.budget.kept_importance`). A latency model's per-channel costs can be wrong
+    for a model (small ones especially), and then its ranking removes more than the latency needs."""
+    other, other_history = search_latency(model, graph, latency, planner=lambda f: planner(flops=f),
+                                          **{k: v for k, v in options.items() if k in _SEARCH_OPTIONS})
+    scores = planner.scores()
+    kept = {"per ms": kept_importance(graph, scores, plan), "importance": kept_importance(graph, scores, other)}
+    met = {"per ms": plan.meta["latency_ratio"] <= latency, "importance": other.meta["latency_ratio"] <= latency}
+    ranking = "importance" if met["importance"] and (not met["per ms"] or kept["importance"] > kept["per ms"]) \
+        else "per ms"
+    best = other if ranking == "importance" else plan
+    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()}})
+    history = [{**r, "ranking": "per ms"} for r in history] + [{**r, "ranking": "importance"} for r in other_history]
+    return best, history
 
 
 def _check_parts(data, latency, latency_model, output, why: str) -> None:

@@ -176,6 +176,11 @@ class Pipeline:
                                latency_model=latency_model, **common)
             graph.timings["plan"] = time.perf_counter() - t1
             return result
+
+        def scored() -> dict:   # the scores every plan is made from (computed by the first plan)
+            return scores
+
+        plan.scores = scored
         return plan
 
     # -- rewrite, verify, report

@@ -403,13 +403,40 @@ def test_compile_latency_uses_the_model_then_measures(monkeypatch):
     net = wide_net()
     lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
     monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 0.9))   # the plan runs a bit faster than predicted
-    rep = fxprune.report(fxprune.compile(net, (X8,), latency=0.5, latency_model=lm, onnx=False))
+    rep = fxprune.report(fxprune.compile(net, (X8,), latency=0.5, latency_model=lm, onnx=False,
+                                         latency_options={"compare": False}))
     first = rep.search[0]
     assert first["predicted"] == 0.5 and first["ok"]
     # measured 0.9x the prediction, below 0.95 of the target: the next plan asks for more, and is kept if it passes
     assert len(rep.search) >= 2 and rep.search[1]["predicted"] > 0.5
     best = max((r for r in rep.search if r["ok"]), key=lambda r: r["predicted"])
     assert rep.plan.meta["latency_budget"] == best["predicted"] and rep.plan.meta["latency_ratio"] <= 0.5
+
+
+def test_compile_latency_keeps_the_plan_with_more_importance(monkeypatch):
+    """By default the latency model's plan (importance per ms) is compared with the importance-ranked one
+    found by bisecting the FLOPs budget, both timed: the one that meets the target and keeps more of the
+    importance is returned, and the search history has both, tagged."""
+    from fxprune.cost import latency
+    from fxprune.plan.budget import kept_importance
+
+    net = wide_net()
+    graph = fxprune.analyze(net, (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 1.0))   # every plan runs as predicted
+    rep = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False))
+    meta = rep.plan.meta
+    rankings = [r["ranking"] for r in rep.search]
+    assert rankings[0] == "per ms" and rankings[-1] == "importance" and rankings == sorted(rankings, reverse=True)
+    scores = fxprune.passes.get("l1")(graph)
+    per_ms = max((r for r in rep.search if r["ranking"] == "per ms" and r["ok"]), key=lambda r: r["predicted"])
+    flops = max((r for r in rep.search if r["ranking"] == "importance" and r["ok"]), key=lambda r: r["flops"])
+    kept = {"per ms": kept_importance(graph, scores, per_ms["plan"]),
+            "importance": kept_importance(graph, scores, flops["plan"])}
+    assert meta["importance_kept"] == {k: round(v, 4) for k, v in kept.items()}
+    assert meta["ranking"] == max(kept, key=kept.get) and meta["latency_ratio"] <= 0.5
+    assert rep.plan.keep == (per_ms if meta["ranking"] == "per ms" else flops)["plan"].keep
+    assert "ranking" in latency.history_table(rep.search)
 
 
 # -- grouped convs, balanced blocks and layout reorders ------------------------------------------

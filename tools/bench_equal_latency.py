@@ -7,6 +7,8 @@ both with ``method="l2"`` and the default rounding (fast counts):
 
 * ``latency planner``: ``fxprune.compile(model, x, latency=T)`` — channels ranked by importance per
   millisecond of a measured per-op latency model, then measured against the original and corrected;
+  compared with the importance-ranked plan at the same measured target, and the one keeping more of the
+  importance returned (the table says which);
 * ``FLOPs budget``: ``fxprune.compile(model, x, latency=T, latency_model=False)`` — the largest FLOPs
   budget (channels ranked by importance, FLOPs counted) whose exported model meets the target,
   found by bisection, every candidate timed.
@@ -149,6 +151,10 @@ def main(argv=None):
             std = 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
             search = (f"predicted {meta['latency_budget']:.3f}" if "latency_budget" in meta
                       else f"FLOPs {meta['flops_budget']:.3f}")
+            if "ranking" in meta:   # the latency planner's two rankings, and the share of importance each kept
+                kept = meta["importance_kept"]
+                search = (f"{meta['ranking']} ranking (importance kept: per ms {kept['per ms']:.3f}, "
+                          f"importance {kept['importance']:.3f}), {search}")
             rows.append((name, arm, f"{count_flops(pruned, (x1,)) / f0:.3f}", f"{count_params(pruned):,}",
                          fmt_ratio(lat[0]), fmt_ratio(lat[1]), f"{mean:.2f} ± {std:.2f}", f"{100 * before:.2f}",
                          f"{search}, searched {meta['latency_ratio']:.3f}"))

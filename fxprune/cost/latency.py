@@ -385,9 +385,15 @@ def bisect_budget(passes, target: float, steps: int) -> float | None:
 
 
 def history_table(history: list[dict]) -> str:
-    """The steps of :func:`search_latency` or :func:`fit_latency` as a table."""
+    """The steps of :func:`search_latency` or :func:`fit_latency` as a table (of both, the rows tagged
+    ``ranking`` by :func:`fxprune.compile`, with a ranking column)."""
+    both = any("ranking" in r for r in history)
     key = "flops" if history and "flops" in history[0] else "predicted"
-    rows = [(i + 1, f"{r[key]:.3f}", f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"{r['ratio']:.3f}",
-             "ok" if r["ok"] else "too slow") for i, r in enumerate(history)]
-    head = "FLOPs budget" if key == "flops" else "predicted latency budget"
-    return tabulate(rows, headers=["step", head, "original ms", "pruned ms", "ratio", ""], tablefmt="github")
+    rows = []
+    for i, r in enumerate(history):
+        kind = "flops" if "flops" in r else "predicted"
+        budget = (r["ranking"], "FLOPs" if kind == "flops" else "predicted latency") if both else ()
+        rows.append((i + 1, *budget, f"{r[kind]:.3f}", f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
+                     f"{r['ratio']:.3f}", "ok" if r["ok"] else "too slow"))
+    head = ["ranking", "budget", "value"] if both else ["FLOPs budget" if key == "flops" else "predicted latency budget"]
+    return tabulate(rows, headers=["step", *head, "original ms", "pruned ms", "ratio", ""], tablefmt="github")

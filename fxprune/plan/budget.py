@@ -306,6 +306,33 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**info, **(meta or {})})
 
 
+def kept_importance(graph, scores: dict[str, torch.Tensor], plan) -> float:
+    """The share of the importance that ``plan`` keeps: over the unpinned channels of every scored
+    prunable group, the normalised scores (:func:`normalized`, :func:`make_plan`'s ranking key) of the
+    kept channels over those of all. Compares two plans made from the same scores.
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 4, 4),))
+    >>> scores = {"0": torch.tensor([1.0, 2.0, 3.0, 2.0])}
+    >>> plan = make_plan(graph, scores, ratio=0.5)      # keeps the channels scored 3 and 2
+    >>> round(kept_importance(graph, scores, plan), 3)
+    0.625
+    """
+    keep = plan.mask(graph)
+    kept = total = 0.0
+    for name, s in scores.items():
+        g = graph.groups.get(name)
+        if g is None or g.prunable == 0:
+            continue
+        free = ~g.pinned
+        v = normalized(s, free)[free]
+        off = graph.offsets[name]
+        kept += float(v[keep[off:off + g.size][free]].sum())
+        total += float(v.sum())
+    return kept / total if total else 1.0
+
+
 def ms_per_channel(graph, groups, latency_model) -> dict[str, float]:
     """Each group's predicted latency saved per channel when half of it goes (the rest kept)."""
     full = np.ones(graph.num_channels, dtype=bool)
