@@ -97,3 +97,25 @@ def test_warmup_cosine_schedule():
     f = ft.warmup_cosine(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_refinement_keeps_the_batch_norm_statistics_by_default():
+    """Refinement's expanded set is mostly distorted copies: its default leaves the BN running statistics
+    (and the BN's forward in eval mode) as they were; ``bn_stats="update"`` is the authors' train mode."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(64, 1, 8, 8) * 3 + 1, torch.randint(0, 3, (64,))
+    stats = (net[1].running_mean.clone(), net[1].running_var.clone())
+    labels = ft.RefinedLabels(torch.randn(64, 3))
+    ft.fit(net, x, y, stage="refine", labels=labels, epochs=1, lr=0.1, progress=False)
+    assert torch.equal(net[1].running_mean, stats[0]) and torch.equal(net[1].running_var, stats[1])
+    assert not torch.equal(net[1].weight, torch.ones(4))  # the affine parameters still trained
+    assert not net.training and not net[1].training
+    ft.fit(net, x, y, stage="refine", labels=labels, epochs=1, lr=0.1, progress=False, bn_stats="update")
+    assert not torch.equal(net[1].running_mean, stats[0])
+    before = net[1].running_mean.clone()
+    ft.fit(net, x, y, stage="ce", epochs=1, progress=False)  # the other stages update them
+    assert not torch.equal(net[1].running_mean, before)
+    with pytest.raises(ConfigError, match="bn_stats"):
+        ft.fit(net, x, y, stage="ce", bn_stats="off")
