@@ -20,7 +20,8 @@ consumer columns; running statistics are buffers and are left out).
   from the trained weights. ``make_plan`` divides each group's scores by their mean
   before the global ranking, which is the cross-group normalisation ``E_i / mean_j E_j``.
 * :func:`prune`: the global greedy loop. Each round removes about ``step`` of the
-  original FLOPs by energy (through :func:`fxprune.make_plan` and
+  original FLOPs by energy (through :func:`fxprune.make_plan` on the original model, each
+  group's energies over the mean of its original channels, see :func:`_round_plan`, and
   :func:`fxprune.rewrite.rewrite`), never more than ``cap`` of any group's original
   channels, then calls the user's ``retrain`` to move features into the survivors,
   until the FLOPs target is met.
@@ -53,7 +54,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -125,10 +125,9 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
           progress: bool = False):
     """The global greedy loop; returns the pruned ``GraphModule``. ``model`` is not changed.
 
-    Each round: analyse the current model, score by energy, and call
-    :func:`fxprune.make_plan` for ``step`` fewer original FLOPs (never below ``flops``),
-    with every group that already lost ``cap`` of its original channels left whole, and
-    no group cut beyond that cap; :func:`fxprune.rewrite.rewrite` cuts; then
+    Each round: analyse the current model, score by energy, and plan (:func:`_round_plan`, with
+    :func:`fxprune.make_plan` on the original model) ``step`` fewer original FLOPs (never below
+    ``flops``), no group cut beyond ``cap`` of its original channels; :func:`fxprune.rewrite.rewrite` cuts; then
     ``retrain(module)`` (your training loop with the OICSR term, for a few epochs; it may
     return a new module or train in place). Stops at the target or when nothing more can
     go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`) and, with
@@ -157,8 +156,7 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     origin = Pipeline(model, example_inputs, verify=verify, onnx=onnx)  # the result is checked in ONNX Runtime
     first = origin.graph
     original = {g.name: torch.arange(g.size) for g in first.groups.values()}
-    min_kept = {g.name: max(1, math.ceil((1 - cap) * g.size)) for g in first.groups.values()}
-    frozen = set(ignore) | (set() if residual else set(residual_groups(first)))
+    frozen = sorted(set(ignore) | (set() if residual else set(residual_groups(first))))
     bar = _progress(progress, max_rounds)
     for _ in range(max_rounds):
         now = count_flops(current, example_inputs) / base
@@ -166,16 +164,7 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
             break
         step_pipe = origin if current is model else Pipeline(current, example_inputs, verify=verify, onnx=False)
         graph = step_pipe.graph
-        target = max(flops, now - step)
-        at_cap = {n for n, g in graph.groups.items() if n in min_kept and g.size <= min_kept[n]}
-        scores = score(graph)
-        plan = Plan({}, {}, {})
-        if any(g.name not in frozen | at_cap for g in graph.prunable_groups()):
-            with warnings.catch_warnings():   # a budget out of reach this round is fine: the loop goes on
-                warnings.filterwarnings("ignore", message="the budget cannot be met")
-                plan = make_plan(graph, scores, flops=min(1.0, target / now), ignore=sorted(frozen | at_cap),
-                                 meta={"method": "oicsr"})
-            plan = _capped(graph, plan, scores, min_kept)
+        plan = _round_plan(first, graph, score(graph), original, max(flops, now - step), cap, frozen)
         if plan.removed == 0:
             warnings.warn(f"OICSR stopped at {now:.1%} of the FLOPs: no group can lose more channels under "
                           f"cap={cap}", stacklevel=2)
@@ -210,18 +199,33 @@ def _merged(checks: list) -> dict | None:
             "rounds": len(checks)}
 
 
-def _capped(graph, plan, scores, min_kept) -> Plan:
-    """Give back a group's best channels where ``plan`` would cut it below its cap."""
+def _round_plan(first, graph, scores, original, target: float, cap: float, frozen) -> Plan:
+    """One round's cut of the current model (``graph``): planned on the original model (``first``) for
+    ``target`` of its FLOPs, each original channel scored by its energy now, a channel already removed
+    by 0, and no group below ``1 - cap`` of its original channels. [I] On the original channels, each
+    group's energies are divided by their mean over all its original channels (the removed ones count as
+    0), not over the ones left: divided by the mean of what is left, a group that lost its weakest
+    channels looks weaker each round and is cut round after round until the cap stops it."""
+    on_first = {}
+    for g in first.prunable_groups():
+        s = torch.zeros(g.size)
+        if g.name in scores and g.name in original:
+            s[original[g.name]] = scores[g.name].float()
+        on_first[g.name] = s
+    with warnings.catch_warnings():  # a budget out of reach this round is fine: the loop goes on
+        warnings.filterwarnings("ignore", message="the budget cannot be met")
+        total = make_plan(first, on_first, flops=target, floor=1 - cap, ignore=frozen, meta={"method": "oicsr"})
     keep = {}
-    for name, kept in plan.keep.items():
-        need = min_kept.get(name, 1) - len(kept)
-        if need > 0:
-            dropped = [i for i in range(graph.groups[name].size) if i not in set(kept)]
-            best = sorted(dropped, key=lambda i: -float(scores[name][i]))[:need]
-            kept = sorted(kept + best)
+    for name, idx in original.items():
+        if name not in graph.groups:
+            continue
+        kept_first = set(total.keep.get(name, range(first.groups[name].size)))
+        kept = [i for i, o in enumerate(idx.tolist()) if o in kept_first]
+        if not kept:  # only channels already gone (energy 0 ties) were kept: keep the strongest one left
+            kept = [int(torch.argmax(scores[name]))] if name in scores else list(range(len(idx)))
         if len(kept) < graph.groups[name].size:
             keep[name] = kept
-    return Plan(keep, {n: graph.groups[n].size for n in keep}, plan.meta)
+    return Plan(keep, {n: graph.groups[n].size for n in keep}, {"method": "oicsr"})
 
 
 def _progress(enabled, total):

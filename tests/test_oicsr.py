@@ -150,3 +150,23 @@ def test_told_the_budget_the_one_shot_cut_is_free(digits_base):
     plain = train(copy.deepcopy(base), xtr, ytr, epochs=3, extra_loss=paper)
     cut = accuracy(fxprune.compile(plain, (x1,), method="oicsr", flops=0.5, onnx=False), xte, yte)
     assert cut < after - 0.2, (cut, after)
+
+
+def test_a_round_normalises_by_the_original_channels():
+    """Group "0" lost 2 of its 4 channels in earlier rounds; its energies left are [2, 6]; group "1" (4, none
+    lost) has [3, 3, 3, 2.9]. Over the original channels (the lost ones count 0) group "0" averages 2, so its
+    2 scores 1.0 against "1"'s 2.9 at 0.975: the round cuts "1". Over what is left (mean 4) it would score
+    0.5 and "0" would be cut again, a group looking weaker each round it loses channels."""
+    def chain(width):
+        return nn.Sequential(nn.Conv2d(1, width, 1, bias=False), nn.Conv2d(width, 4, 1, bias=False),
+                             nn.Conv2d(4, 1, 1, bias=False))
+    x = (torch.randn(1, 1, 8, 8),)
+    first, now = fxprune.analyze(chain(4), x), fxprune.analyze(chain(2), x)
+    original = {"0": torch.tensor([2, 3]), "1": torch.arange(4)}
+    scores = {"0": torch.tensor([2.0, 6.0]), "1": torch.tensor([3.0, 3.0, 3.0, 2.9])}
+    # FLOPs now 14/24 of the original's; one channel of "1" saves 3/24, one of "0" 5/24
+    plan = oicsr._round_plan(first, now, scores, original, target=0.5, cap=0.75, frozen=[])
+    assert plan.keep == {"1": [0, 1, 2]}
+    # the cap counts original channels: "0" keeps at least 2 of its 4 with cap=0.5
+    plan = oicsr._round_plan(first, now, scores, original, target=0.2, cap=0.5, frozen=[])
+    assert "0" not in plan.keep and plan.keep["1"] == [1, 2]  # ties go in index order
