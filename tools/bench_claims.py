@@ -31,7 +31,7 @@
     python tools/bench_claims.py                       # dwgl, oicsr, gsm, 3 seeds (~15 min on 2 CPU cores)
     python tools/bench_claims.py --claims gsm --seeds 0 --gsm-epochs 2
     python tools/bench_claims.py --only catro_subtask  # ~5 min on 2 busy cores
-    python tools/bench_claims.py --only oicsr_fmnist   # ~20 min a seed on a busy core
+    python tools/bench_claims.py --only oicsr_fmnist   # ~12 min a seed on a busy core
     python tools/bench_claims.py --only curl_few --cache /tmp/teachers        # ~50 min on 2 busy cores
     python tools/bench_claims.py --only catro_subtask_fmnist --targets 0.5 --cache /tmp/teachers  # ~10 min a seed
 
