@@ -582,8 +582,7 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
     labeled = [n for n in a.gm.graph.nodes if "fxprune" in n.meta]
     relabel = _Relabel(channel_np, [n.meta["fxprune"] for n in labeled] + list(a.costs.values()))
     for node in labeled:  # collapsed again: ties made after a node was visited can make its label constant along a dim
-        node.meta["fxprune"] = map_aggregate(relabel(node.meta["fxprune"]),
-                                             lambda v: collapse(v) if isinstance(v, torch.Tensor) else v)
+        node.meta["fxprune"] = relabel(node.meta["fxprune"], collapsed=True)
     costs = {k: [(share, [relabel(v) for v in vs]) for share, vs in terms] for k, terms in a.costs.items()}
     node_flops = {n.name: n.meta["flops"] for n in a.gm.graph.nodes if n.meta.get("flops")}
     return ChannelGraph(a.gm, groups, channel_of, offsets, node_flops, example_inputs,
@@ -593,23 +592,33 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
 
 class _Relabel:
     """Maps every label tensor inside some nested values from union-find ids to global
-    channels, all in one numpy lookup (there are hundreds of small labels); calling it on
-    one of those values returns it with its labels replaced, same structure."""
+    channels, all in one numpy lookup (hundreds of small labels, many of them one tensor
+    passed through several nodes: each is mapped once); calling it on one of those values
+    returns it with its labels replaced, same structure, each also collapsed with
+    ``collapsed=True`` (:func:`~fxprune.labels.collapse`, once per label)."""
 
     def __init__(self, channel_of: np.ndarray, values: list):
-        labels: list[torch.Tensor] = []
-        map_aggregate(values, lambda v: labels.append(v) if isinstance(v, torch.Tensor) else None)
+        labels: dict[int, torch.Tensor] = {}
+        map_aggregate(values, lambda v: labels.setdefault(id(v), v) if isinstance(v, torch.Tensor) else None)
         self.mapped: dict[int, torch.Tensor] = {}
+        self._collapsed: dict[int, torch.Tensor | None] = {}
         if labels:
-            ids = np.concatenate([lab.numpy().reshape(-1) for lab in labels])
+            ids = np.concatenate([lab.numpy().reshape(-1) for lab in labels.values()])
             channels = np.where(ids >= 0, channel_of[np.maximum(ids, 0)], FIXED)
-            ends = np.cumsum([lab.numel() for lab in labels]).tolist()
-            for lab, start, end in zip(labels, [0] + ends, ends):
-                self.mapped[id(lab)] = torch.from_numpy(channels[start:end].reshape(lab.shape))
+            ends = np.cumsum([lab.numel() for lab in labels.values()]).tolist()
+            for (key, lab), start, end in zip(labels.items(), [0] + ends, ends):
+                self.mapped[key] = torch.from_numpy(channels[start:end].reshape(lab.shape))
         self._labels = labels  # keeps the ids above from being reused while ``mapped`` is keyed on them
 
-    def __call__(self, value):
-        return map_aggregate(value, lambda v: self.mapped[id(v)] if isinstance(v, torch.Tensor) else v)
+    def __call__(self, value, collapsed: bool = False):
+        return map_aggregate(value, lambda v: (self._collapse(v) if collapsed else self.mapped[id(v)])
+                             if isinstance(v, torch.Tensor) else v)
+
+    def _collapse(self, label: torch.Tensor) -> torch.Tensor | None:
+        key = id(label)
+        if key not in self._collapsed:
+            self._collapsed[key] = collapse(self.mapped[key])
+        return self._collapsed[key]
 
 
 def _producer_name(node: fx.Node) -> str:

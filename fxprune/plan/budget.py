@@ -393,11 +393,12 @@ def value_channel_sets(graph) -> list[np.ndarray]:
     """The distinct channel sets of every value whose positions are all prunable channels."""
     if graph.value_channel_sets is not None:
         return graph.value_channel_sets
-    seen, out = set(), []
+    seen, seen_labels, out = set(), set(), []
     for node in graph.module.graph.nodes:
         labels = node.meta.get("fxprune")
         for lab in labels if isinstance(labels, tuple) else (labels,):
-            if isinstance(lab, torch.Tensor) and lab.numel():
+            if isinstance(lab, torch.Tensor) and lab.numel() and id(lab) not in seen_labels:
+                seen_labels.add(id(lab))  # a label passed through several nodes is one tensor: read once
                 channels = lab.numpy()
                 if channels.min() < 0:
                     continue
