@@ -160,14 +160,16 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     return pipe.build(plan, method=name, search=history)
 
 
-_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds")
+_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds", "margin")
 
 
 def _more_important(model, graph, latency, planner, plan, history, options):
     """The latency model's plan against the importance-ranked one (the FLOPs budget bisected on measured
     latency, :func:`search_latency`): of the two that meet the target, the one keeping more of the importance
-    (:func:`~fxprune.plan.budget.kept_importance`). A latency model's per-channel costs can be wrong
-    for a model (small ones especially), and then its ranking removes more than the latency needs."""
+    (:func:`~fxprune.plan.budget.kept_importance`: normalised scores weighted by FLOPs per channel, the
+    weight the per-ms ranking gives them). A latency model's per-channel costs can be wrong for a model
+    (small ones especially), and then its ranking removes more than the latency needs. ``plan.meta``
+    gets ``ranking``, ``importance_kept`` and ``latency_ratios`` (each plan's measured ratio)."""
     other, other_history = search_latency(model, graph, latency, planner=lambda f: planner(flops=f),
                                           **{k: v for k, v in options.items() if k in _SEARCH_OPTIONS})
     scores = planner.scores()
@@ -176,7 +178,9 @@ def _more_important(model, graph, latency, planner, plan, history, options):
     ranking = "importance" if met["importance"] and (not met["per ms"] or kept["importance"] > kept["per ms"]) \
         else "per ms"
     best = other if ranking == "importance" else plan
-    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()}})
+    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()},
+                      "latency_ratios": {"per ms": plan.meta["latency_ratio"],
+                                         "importance": other.meta["latency_ratio"]}})
     history = [{**r, "ranking": "per ms"} for r in history] + [{**r, "ranking": "importance"} for r in other_history]
     return best, history
 

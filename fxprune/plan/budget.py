@@ -265,7 +265,10 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
 
     ``latency=`` keeps that fraction of the ONNX Runtime latency predicted by ``latency_model``
     (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given);
-    its ranking is importance per millisecond saved. ``round_to="fast"`` rounds each group up
+    its ranking is importance per millisecond saved, each channel's normalised score weighted by its
+    group's FLOPs per channel (:func:`flops_per_channel`): were latency proportional to FLOPs, the same
+    order as a FLOPs budget's, so the latency model moves only channels it finds slow or fast for their
+    FLOPs. ``round_to="fast"`` rounds each group up
     to a count ONNX Runtime runs well (:meth:`~fxprune.cost.latency_table.LatencyModel.fast_count`).
     """
     budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
@@ -289,9 +292,9 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     steps = []
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
-        if budget.latency is not None:  # importance per millisecond saved
-            per_ms = ms_per_channel(graph, groups, latency_model)
-            keys = {name: k / per_ms[name] for name, k in keys.items()}
+        if budget.latency is not None:  # importance (FLOPs-weighted) per millisecond saved
+            weight, per_ms = flops_per_channel(graph, groups), ms_per_channel(graph, groups, latency_model)
+            keys = {name: k * weight[name] / per_ms[name] for name, k in keys.items()}
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
     found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count,
                    latency_model)
@@ -308,8 +311,14 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
 
 def kept_importance(graph, scores: dict[str, torch.Tensor], plan) -> float:
     """The share of the importance that ``plan`` keeps: over the unpinned channels of every scored
-    prunable group, the normalised scores (:func:`normalized`, :func:`make_plan`'s ranking key) of the
-    kept channels over those of all. Compares two plans made from the same scores.
+    prunable group, the normalised scores (:func:`normalized`, :func:`make_plan`'s ranking key), each
+    weighted by its group's FLOPs per channel (:func:`flops_per_channel`), of the kept channels over
+    those of all. Compares two plans made from the same scores.
+
+    The weight makes a channel count with the computation it carries: unweighted, every group's
+    normalised scores sum to its size, and a plan that empties a residual stream shared by a dozen
+    convolutions (or a layer at full resolution) loses as little as one that trims as many channels of
+    one expanded layer. A plan removing most of the FLOPs then read as keeping most of the importance.
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
@@ -318,23 +327,38 @@ def kept_importance(graph, scores: dict[str, torch.Tensor], plan) -> float:
     >>> plan = make_plan(graph, scores, ratio=0.5)      # keeps the channels scored 3 and 2
     >>> round(kept_importance(graph, scores, plan), 3)
     0.625
+
+    Two groups: ``a`` at 8x8 carries 392 FLOPs per channel, ``b`` after a global pooling 12. Unweighted,
+    halving either would keep 0.75; weighted, halving ``a`` keeps about half of the importance:
+
+    >>> class Two(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.c = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 2, 1)
+    ...     def forward(self, x):
+    ...         return self.c(self.b(torch.nn.functional.adaptive_avg_pool2d(self.a(x), 1)))
+    >>> graph = fxprune.analyze(Two(), (torch.randn(1, 3, 8, 8),))
+    >>> scores = {"a": torch.ones(4), "b": torch.ones(4)}
+    >>> half = {name: make_plan(graph, scores, ratio=0.5, ignore=[g for g in scores if g != name]) for name in scores}
+    >>> {name: round(kept_importance(graph, scores, plan), 3) for name, plan in half.items()}
+    {'a': 0.515, 'b': 0.985}
     """
     keep = plan.mask(graph)
+    groups = [graph.groups[name] for name in scores if name in graph.groups and graph.groups[name].prunable]
+    weight = flops_per_channel(graph, groups)
     kept = total = 0.0
-    for name, s in scores.items():
-        g = graph.groups.get(name)
-        if g is None or g.prunable == 0:
-            continue
+    for g in groups:
         free = ~g.pinned
-        v = normalized(s, free)[free]
-        off = graph.offsets[name]
+        v = weight[g.name] * normalized(scores[g.name], free)[free]
+        off = graph.offsets[g.name]
         kept += float(v[keep[off:off + g.size][free]].sum())
         total += float(v.sum())
     return kept / total if total else 1.0
 
 
-def ms_per_channel(graph, groups, latency_model) -> dict[str, float]:
-    """Each group's predicted latency saved per channel when half of it goes (the rest kept)."""
+def cost_per_channel(graph, groups, measure, base: float) -> dict[str, float]:
+    """Each group's ``measure`` (of a global keep-mask; ``base`` unpruned) saved per channel when half of
+    the group goes, the rest of the model kept; at least a millionth of ``base`` over the group's size."""
     full = np.ones(graph.num_channels, dtype=bool)
     out = {}
     for g in groups:
@@ -342,9 +366,21 @@ def ms_per_channel(graph, groups, latency_model) -> dict[str, float]:
         off = graph.offsets[g.name]
         half = max(1, g.size // 2)
         keep[off + half:off + g.size] = False
-        saved = latency_model.base - latency_model.latency(keep)
-        out[g.name] = max(saved / max(1, g.size - half), 1e-6 * latency_model.base / max(1, g.size))
+        saved = base - measure(keep)
+        out[g.name] = max(saved / max(1, g.size - half), 1e-6 * base / max(1, g.size))
     return out
+
+
+def ms_per_channel(graph, groups, latency_model) -> dict[str, float]:
+    """Each group's predicted latency saved per channel (:func:`cost_per_channel`)."""
+    return cost_per_channel(graph, groups, latency_model.latency, latency_model.base)
+
+
+def flops_per_channel(graph, groups) -> dict[str, float]:
+    """Each group's FLOPs saved per channel (:func:`cost_per_channel`, :class:`~fxprune.cost.CostModel`):
+    the weight of its channels in :func:`kept_importance` and in :func:`make_plan`'s latency ranking."""
+    cost = CostModel(graph)
+    return cost_per_channel(graph, groups, cost.flops, cost.base_flops)
 
 
 def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:
