@@ -65,11 +65,14 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
     ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
     ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
-    importance per millisecond, then the plan is exported, timed against the original and
-    corrected (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked plan is found
-    the same way (the FLOPs budget bisected, each candidate timed) and, of the two that meet the
-    target, the one that keeps more of the importance is returned (``report.plan.meta["ranking"]``:
-    ``"per ms"`` or ``"importance"``; ``latency_options={"compare": False}`` skips it).
+    importance per millisecond, then
+    the plan is exported, timed against the original and corrected until it measures within
+    ``[0.9, 0.96] × latency`` (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked
+    plan is found the same way (the FLOPs budget bisected, each candidate timed, aiming at most
+    ``0.96 × latency`` too) and, of the two that meet the target, the one that keeps more of the
+    importance (:func:`fxprune.plan.budget.kept_importance`) is returned (``report.plan.meta["ranking"]``:
+    ``"per ms"`` or ``"importance"``, with each one's ``importance_kept`` and ``latency_ratios``;
+    ``latency_options={"compare": False}`` skips it).
     ``latency_model=False`` bisects the FLOPs budget only, timing each candidate
     (:func:`fxprune.cost.latency.search_latency`); ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
     multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
@@ -166,8 +169,9 @@ _SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_se
 def _more_important(model, graph, latency, planner, plan, history, options):
     """The latency model's plan against the importance-ranked one (the FLOPs budget bisected on measured
     latency, :func:`search_latency`): of the two that meet the target, the one keeping more of the importance
-    (:func:`~fxprune.plan.budget.kept_importance`: normalised scores weighted by FLOPs per channel, the
-    weight the per-ms ranking gives them). A latency model's per-channel costs can be wrong for a model
+    (:func:`~fxprune.plan.budget.kept_importance`: normalised scores weighted by FLOPs per channel and by
+    parameters per channel, the smaller share; unweighted, the share of channels kept would favour the
+    per-ms ranking, which maximises it per millisecond). A latency model's per-channel costs can be wrong for a model
     (small ones especially), and then its ranking removes more than the latency needs. ``plan.meta``
     gets ``ranking``, ``importance_kept`` and ``latency_ratios`` (each plan's measured ratio)."""
     other, other_history = search_latency(model, graph, latency, planner=lambda f: planner(flops=f),
