@@ -21,7 +21,7 @@ SGD + cosine schedule, seed = data order), and its test accuracy reported as mea
 every model (the baseline and each pruned one) is timed against the baseline side by side in ORT at
 batch 1 and 64 (``fxprune.cost.latency.compare_latency``: alternating rounds, each a loop of its own).
 
-    python tools/bench_equal_latency.py               # both models, 3 seeds (about an hour on 2 busy CPU cores)
+    python tools/bench_equal_latency.py               # both models, 3 seeds (25 min on 2 CPU cores at a load of 4-5)
     python tools/bench_equal_latency.py --quick       # a smoke run: tiny training, 1 seed
 """
 from __future__ import annotations
@@ -177,8 +177,8 @@ def write(rows, args, t_start):
             "test acc % (mean ± std)", "acc before fine-tune", "budget found, ratio in search"]
     table = tabulate(rows, headers=head, tablefmt="github")
     note = (f"\n\nFashion-MNIST, 28x28. Baseline: {args.base_epochs} epochs of {args.base_samples} training samples "
-            f"(SGD momentum 0.9, nesterov, weight decay 5e-4, lr 0.1, cosine, batch 128, seed 0). Both "
-            f"arms prune the same baseline with l2 scores to a latency target of {args.target} × the baseline's "
+            f"(SGD momentum 0.9, nesterov, weight decay 5e-4, lr 0.1, cosine, batch 128, seed 0). Every "
+            f"arm prunes the same baseline with l2 scores to a latency target of {args.target} × the baseline's "
             f"(ORT CPU, batch 1, {args.threads} threads, measured in the search), default rounding; each pruned model is "
             f"fine-tuned {args.ft_epochs} epochs of {args.ft_samples} samples (lr {args.lr}, cosine) with seeds "
             f"0..{args.seeds - 1} (data order); accuracy on the first {args.test_n} test images, mean ± sample std over seeds. "
