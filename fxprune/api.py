@@ -65,11 +65,14 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
     ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
     ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
-    importance per millisecond, then the plan is exported, timed against the original and
-    corrected (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked plan is found
-    the same way (the FLOPs budget bisected, each candidate timed) and, of the two that meet the
-    target, the one that keeps more of the importance is returned (``report.plan.meta["ranking"]``:
-    ``"per ms"`` or ``"importance"``; ``latency_options={"compare": False}`` skips it).
+    importance per millisecond, then
+    the plan is exported, timed against the original and corrected until it measures within
+    ``[0.9, 0.96] × latency`` (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked
+    plan is found the same way (the FLOPs budget bisected, each candidate timed, aiming at most
+    ``0.96 × latency`` too) and, of the two that meet the target, the one that keeps more of the
+    importance (:func:`fxprune.plan.budget.kept_importance`) is returned (``report.plan.meta["ranking"]``:
+    ``"per ms"`` or ``"importance"``, with each one's ``importance_kept`` and ``latency_ratios``;
+    ``latency_options={"compare": False}`` skips it).
     ``latency_model=False`` bisects the FLOPs budget only, timing each candidate
     (:func:`fxprune.cost.latency.search_latency`); ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
     multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
@@ -160,14 +163,17 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     return pipe.build(plan, method=name, search=history)
 
 
-_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds")
+_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds", "margin")
 
 
 def _more_important(model, graph, latency, planner, plan, history, options):
     """The latency model's plan against the importance-ranked one (the FLOPs budget bisected on measured
     latency, :func:`search_latency`): of the two that meet the target, the one keeping more of the importance
-    (:func:`~fxprune.plan.budget.kept_importance`). A latency model's per-channel costs can be wrong
-    for a model (small ones especially), and then its ranking removes more than the latency needs."""
+    (:func:`~fxprune.plan.budget.kept_importance`: normalised scores weighted by FLOPs per channel and by
+    parameters per channel, the smaller share; unweighted, the share of channels kept would favour the
+    per-ms ranking, which maximises it per millisecond). A latency model's per-channel costs can be wrong for a model
+    (small ones especially), and then its ranking removes more than the latency needs. ``plan.meta``
+    gets ``ranking``, ``importance_kept`` and ``latency_ratios`` (each plan's measured ratio)."""
     other, other_history = search_latency(model, graph, latency, planner=lambda f: planner(flops=f),
                                           **{k: v for k, v in options.items() if k in _SEARCH_OPTIONS})
     scores = planner.scores()
@@ -176,7 +182,9 @@ def _more_important(model, graph, latency, planner, plan, history, options):
     ranking = "importance" if met["importance"] and (not met["per ms"] or kept["importance"] > kept["per ms"]) \
         else "per ms"
     best = other if ranking == "importance" else plan
-    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()}})
+    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()},
+                      "latency_ratios": {"per ms": plan.meta["latency_ratio"],
+                                         "importance": other.meta["latency_ratio"]}})
     history = [{**r, "ranking": "per ms"} for r in history] + [{**r, "ranking": "importance"} for r in other_history]
     return best, history
 

@@ -2,13 +2,16 @@
 
 For ResNet-20 (``tools/bench_accuracy.py``'s) and a small MobileNetV2-style net (inverted residual
 blocks, depthwise 3x3 convs), both on 28x28x1 inputs: train a baseline once, then prune it to the
-same ONNX Runtime CPU latency target (``--target`` × the original's, batch 1, 2 threads) two ways,
-both with ``method="l2"`` and the default rounding (fast counts):
+same ONNX Runtime CPU latency target (``--target`` × the original's, batch 1, 2 threads) three ways,
+each with ``method="l2"`` and the default rounding (fast counts):
 
 * ``latency planner``: ``fxprune.compile(model, x, latency=T)`` — channels ranked by importance per
   millisecond of a measured per-op latency model, then measured against the original and corrected;
   compared with the importance-ranked plan at the same measured target, and the one keeping more of the
   importance returned (the table says which);
+* ``per-ms ranking only``: the same with ``latency_options={"compare": False}``: the latency model's plan
+  as measured and corrected, whatever the comparison would choose (so that the two rankings are seen
+  side by side at equal latency even when the latency planner returns the importance-ranked plan);
 * ``FLOPs budget``: ``fxprune.compile(model, x, latency=T, latency_model=False)`` — the largest FLOPs
   budget (channels ranked by importance, FLOPs counted) whose exported model meets the target,
   found by bisection, every candidate timed.
@@ -18,7 +21,7 @@ SGD + cosine schedule, seed = data order), and its test accuracy reported as mea
 every model (the baseline and each pruned one) is timed against the baseline side by side in ORT at
 batch 1 and 64 (``fxprune.cost.latency.compare_latency``: alternating rounds, each a loop of its own).
 
-    python tools/bench_equal_latency.py               # both models, 3 seeds (about an hour on 2 busy CPU cores)
+    python tools/bench_equal_latency.py               # both models, 3 seeds (25 min on 2 CPU cores at a load of 4-5)
     python tools/bench_equal_latency.py --quick       # a smoke run: tiny training, 1 seed
 """
 from __future__ import annotations
@@ -84,9 +87,14 @@ class MobileNetS(nn.Module):
 MODELS = {"resnet20": ResNet20, "mobilenet_s": MobileNetS}
 
 
+ARMS = ("latency planner", "per-ms ranking only", "FLOPs budget")
+
+
 def prune(base, x1, target, arm, args):
     options = {"threads": args.threads, "repeats": args.search_repeats, "rounds": 3}
-    kw = {} if arm == "latency planner" else {"latency_model": False}
+    kw = {"latency planner": {}, "per-ms ranking only": {}, "FLOPs budget": {"latency_model": False}}[arm]
+    if arm == "per-ms ranking only":
+        options["compare"] = False
     os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -137,7 +145,7 @@ def main(argv=None):
         print(f"{name}: baseline {base_acc:.4f} ({time.time() - t_start:.0f} s)", flush=True)
         rows.append((name, "baseline", "1.000", f"{p0:,}", "1 (reference)", "1 (reference)", f"{100 * base_acc:.2f}",
                      "-", "-"))
-        for arm in ("latency planner", "FLOPs budget"):
+        for arm in ARMS:
             pruned = prune(base, x1, args.target, arm, args)
             meta = fxprune.report(pruned).plan.meta
             accs, before = [], accuracy(pruned, test, "cpu")
@@ -153,8 +161,10 @@ def main(argv=None):
                       else f"FLOPs {meta['flops_budget']:.3f}")
             if "ranking" in meta:   # the latency planner's two rankings, and the share of importance each kept
                 kept = meta["importance_kept"]
-                search = (f"{meta['ranking']} ranking (importance kept: per ms {kept['per ms']:.3f}, "
-                          f"importance {kept['importance']:.3f}), {search}")
+                ratios = meta.get("latency_ratios", {})
+                search = (f"{meta['ranking']} ranking (importance kept: per ms {kept['per ms']:.3f} at "
+                          f"{ratios.get('per ms', float('nan')):.3f}, importance {kept['importance']:.3f} at "
+                          f"{ratios.get('importance', float('nan')):.3f}), {search}")
             rows.append((name, arm, f"{count_flops(pruned, (x1,)) / f0:.3f}", f"{count_params(pruned):,}",
                          fmt_ratio(lat[0]), fmt_ratio(lat[1]), f"{mean:.2f} ± {std:.2f}", f"{100 * before:.2f}",
                          f"{search}, searched {meta['latency_ratio']:.3f}"))
@@ -167,8 +177,8 @@ def write(rows, args, t_start):
             "test acc % (mean ± std)", "acc before fine-tune", "budget found, ratio in search"]
     table = tabulate(rows, headers=head, tablefmt="github")
     note = (f"\n\nFashion-MNIST, 28x28. Baseline: {args.base_epochs} epochs of {args.base_samples} training samples "
-            f"(SGD momentum 0.9, nesterov, weight decay 5e-4, lr 0.1, cosine, batch 128, seed 0). Both "
-            f"arms prune the same baseline with l2 scores to a latency target of {args.target} × the baseline's "
+            f"(SGD momentum 0.9, nesterov, weight decay 5e-4, lr 0.1, cosine, batch 128, seed 0). Every "
+            f"arm prunes the same baseline with l2 scores to a latency target of {args.target} × the baseline's "
             f"(ORT CPU, batch 1, {args.threads} threads, measured in the search), default rounding; each pruned model is "
             f"fine-tuned {args.ft_epochs} epochs of {args.ft_samples} samples (lr {args.lr}, cosine) with seeds "
             f"0..{args.seeds - 1} (data order); accuracy on the first {args.test_n} test images, mean ± sample std over seeds. "

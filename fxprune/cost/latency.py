@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -258,34 +259,41 @@ def trial_row(history, key, budget, plan, timed: tuple, target, progress):
 
 def search_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                    warmup: int = 5, rounds: int = 5, threads: int | None = None, progress: bool = False,
-                   min_seconds: float = 1.0):
-    """The plan with the largest FLOPs budget whose ORT latency is at most ``target`` × the original's.
+                   min_seconds: float = 1.0, margin: float = 0.04):
+    """The plan with the largest FLOPs budget whose ORT latency is at most ``(1 - margin) * target`` × the
+    original's (else at most ``target``).
 
     ``graph`` is the model's :class:`~fxprune.ir.ChannelGraph`; ``planner(flops) -> Plan`` plans
     a FLOPs budget (:meth:`fxprune.pipeline.Pipeline.planner` makes one for any method).
     Each candidate and the original are timed in ``rounds`` alternating loops of their own
     (``repeats`` runs each in all, and at least ``min_seconds``: :func:`paired_trials`); a candidate's
-    ratio is the median of the rounds' ratios. Returns ``(plan, history)``: ``history`` has one dict per
-    candidate (``flops`` budget, ``original_ms``, ``pruned_ms``, ``ratio``, ``ok``). When no
-    candidate meets the target, warns and returns the fastest one.
+    ratio is the median of the rounds' ratios. The bisection aims below the target by ``margin``, as
+    :func:`fit_latency`'s band does (a plan measured right at the target re-times above it about half the
+    time), so that both searches of :func:`fxprune.compile` return plans held to the same rule. Returns
+    ``(plan, history)``: ``history`` has one dict per candidate (``flops`` budget, ``original_ms``,
+    ``pruned_ms``, ``ratio``, ``ok``: at most ``target``). When no candidate meets the target, warns and
+    returns the fastest one.
     """
     check_target(target, planner)
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin={margin} must be in [0, 1): the fraction of the target kept in reserve")
+    safe = (1 - margin) * target
     planner = quiet(planner)
     history = []
     with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
                        min_seconds=min_seconds) as time_plan:
         def passes(flops):
             plan = planner(flops)
-            return trial_row(history, "flops", flops, plan, time_plan(plan), target, progress)["ok"]
+            return trial_row(history, "flops", flops, plan, time_plan(plan), target, progress)["ratio"] <= safe
 
         bisect_budget(passes, target, steps)
-    best = pick(history, target, "flops")
+    best = pick(history, target, "flops", safe)
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "flops_budget": best["flops"]})
     return plan, history
 
 
-def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 4, repeats: int = 30,
+def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                 warmup: int = 5, rounds: int = 5, threads: int | None = None, progress: bool = False,
                 close: float = 0.9, margin: float = 0.04, max_step: float = 1.25, min_seconds: float = 1.0):
     """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct.
@@ -293,19 +301,24 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     ``planner(t) -> Plan`` plans the fraction ``t`` of the latency a
     :class:`~fxprune.cost.latency_table.LatencyModel` predicts. The first plan asks for ``target``;
     its rewrite is timed against the original side by side (:func:`paired_trials`: alternating rounds,
-    the median of the rounds' ratios, at least ``min_seconds`` a side). The model's miss is then
-    ``a``, the median over the plans measured so far of measured / predicted (one noisy measurement
-    moves it less than it would move a correction from the last plan alone), and the next plan asks
-    for ``t = aim / a`` with ``aim`` the middle of the band ``[close, 1 - margin] * target``: less
-    when the model was optimistic, more when the plans ran faster than needed (the margin: a plan
-    measured right at the target re-times above it about half the time). Each step's factor is
-    clipped to ``[1 / max_step, max_step]`` and ``t`` stays within ``max_step ** 2`` of ``target``.
-    A plan measured within the band is timed again, and keeps the slower of its two ratios (on a
-    shared machine a burst of load mostly reads a plan fast: a 0.7 plan measured 0.18 once). Stops at
-    a plan confirmed within the band, after ``steps`` plans, or when ``t`` repeats; the plan returned
-    has passed twice (each candidate in turn is confirmed until one does). Returns
+    the median of the rounds' ratios, at least ``min_seconds`` a side). The next budget aims at ``aim``,
+    the middle of the band ``[close, 1 - margin] * target`` (the margin: a plan measured right at the
+    target re-times above it about half the time), by :func:`next_budget`: until two budgets bracket
+    ``aim`` (one measured at most ``aim``, a larger one above it), the model's miss ``a``, the median
+    over the budgets so far of measured / predicted (one noisy measurement moves it less than it would
+    move a correction from the last plan alone), gives ``t = aim / a``, each step's factor clipped to
+    ``[1 / max_step, max_step]`` and ``t`` within ``max_step ** 2`` of ``target``; then ``t`` is
+    interpolated within the bracket, which narrows at each step. The miss is no constant factor
+    (measured / predicted fell from 0.80 to 0.54 between plans predicted at 0.7 and 0.5 of a small
+    MobileNet-style net), so the correction alone overshoots or stalls; the bracket converges anyway.
+    A budget that plans the channels of a plan already timed (rounded counts change in steps) is not
+    timed again: its reading counts for the bracket, and the next budget is tried at once. A plan
+    measured within the band is timed again, and keeps the slower of its two ratios (on a shared machine
+    a burst of load mostly reads a plan fast: a 0.7 plan measured 0.18 once). Stops at a plan confirmed
+    within the band, after ``steps`` plans timed, when the bracket closes or when ``t`` repeats; the plan
+    returned has passed twice (each candidate in turn is confirmed until one does). Returns
     ``(plan, history)``: the plan with the largest budget among those measured at most the band's top,
-    else among those at most ``target``, else (with a warning) the fastest; and one dict per plan
+    else among those at most ``target``, else (with a warning) the fastest; and one dict per plan timed
     (``predicted`` budget, ``ratio``, ``ok``, ...).
 
     Example (a fake timing: every plan runs 1.2x slower than its prediction)::
@@ -338,6 +351,8 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     band = (close * target, (1 - margin) * target)
     aim = sum(band) / 2
     lo, hi = target / max_step ** 2, min(1.0, target * max_step ** 2)
+    measured = {}    # a plan's kept channels -> its row: a budget planning the same channels is not timed again
+    points = []      # (budget, ratio) of every budget planned, those of a plan timed before included
     with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
                        min_seconds=min_seconds) as time_plan:
         def confirm(row):   # time it again and keep the slower reading: noise mostly reads a plan fast
@@ -346,17 +361,19 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
             if progress:
                 print(f"  confirmed: ratio {row['ratio']:.3f} {'ok' if row['ok'] else 'too slow'}", flush=True)
 
-        for _ in range(steps):
+        done = False
+        while len(history) < steps and not done:
             plan = planner(t)
-            row = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
-            if band[0] <= row["ratio"] <= band[1]:
-                confirm(row)
+            row = measured.get(plan_key(plan))
+            if row is None:
+                row = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
+                measured[plan_key(plan)] = row
                 if band[0] <= row["ratio"] <= band[1]:
-                    break
-            miss = max(1e-3, statistics.median(r["ratio"] / r["predicted"] for r in history))
-            t = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (miss * t)))))
-            if any(abs(r["predicted"] - t) < 1e-3 for r in history):
-                break   # nothing new to try
+                    confirm(row)
+                    if band[0] <= row["ratio"] <= band[1]:
+                        break
+            points.append((t, row["ratio"]))
+            t, done = next_budget(points, aim, t, lo, hi, max_step)
         while True:   # the plan returned passed twice
             best = pick(history, target, "predicted", band[1])
             if best.get("confirmed") or not best["ok"]:
@@ -365,6 +382,44 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
     return plan, history
+
+
+def plan_key(plan) -> str:
+    """The channels a plan keeps, as text (two budgets often plan the same channels: rounded counts)."""
+    return json.dumps(plan.keep, sort_keys=True)
+
+
+def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: float, hi: float, max_step: float):
+    """:func:`fit_latency`'s next predicted-latency budget, and whether to stop, from ``points``
+    ``(budget, measured ratio)`` so far (``t`` the last budget). Once a budget measured at most ``aim``
+    and a larger one above it bracket ``aim`` (a reading slower than that of a still larger budget is
+    noise, and no end of a bracket), the next one is interpolated between them (a secant, kept
+    off the ends by a tenth of the bracket) and the search stops when the bracket is narrower than 1e-3;
+    before that, ``t`` is corrected by the model's miss, the median of ratio / budget over ``points``,
+    each step clipped to ``[1 / max_step, max_step]`` and the budget to ``[lo, hi]``. Stops when a
+    budget repeats.
+
+    >>> next_budget([(0.5, 0.6)], 0.45, 0.5, 0.3, 0.8, 1.25)               # too slow: less, clipped
+    (0.4, False)
+    >>> t, stop = next_budget([(0.5, 0.6), (0.4, 0.4)], 0.45, 0.4, 0.3, 0.8, 1.25)   # bracketed: interpolated
+    >>> round(t, 3), stop
+    (0.425, False)
+    """
+    below = [p for p in points if p[1] <= aim]
+    low = max(below) if below else None
+    above = [p for p in points if p[1] > aim and low is not None and p[0] > low[0]
+             and not any(q[0] > p[0] and q[1] < p[1] for q in points)]   # not read slower than a larger budget
+    if low is not None and above:
+        high = min(above)
+        width = high[0] - low[0]
+        if width < 1e-3:
+            return t, True
+        guess = low[0] + (aim - low[1]) * width / max(high[1] - low[1], 1e-9)
+        nxt = min(high[0] - 0.1 * width, max(low[0] + 0.1 * width, guess))
+    else:
+        miss = max(1e-3, statistics.median(r / b for b, r in points))
+        nxt = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (miss * t)))))
+    return nxt, any(abs(b - nxt) < 1e-3 for b, _ in points)
 
 
 def bisect_budget(passes, target: float, steps: int) -> float | None:
