@@ -191,8 +191,14 @@ def configs(model, x, graph, scores, threads):
         pruned = fxprune.compile(model, (x,), method="l2", verify=False, onnx=False, **kw)
         rep = fxprune.report(pruned)
         if rep.search:   # latency=: the plans fit_latency measured
-            print("  fit_latency: " + ", ".join(f"predicted {r['predicted']:.3f} -> measured {r['ratio']:.3f}"
-                                                for r in rep.search), flush=True)
+            print("  searches: " + ", ".join(
+                f"{r.get('ranking', '')} " + (f"predicted {r['predicted']:.3f}" if "predicted" in r else
+                                               f"FLOPs {r['flops']:.3f}") + f" -> measured {r['ratio']:.3f}"
+                for r in rep.search), flush=True)
+            meta = rep.plan.meta
+            if "ranking" in meta:
+                print(f"  returned the {meta['ranking']} ranking's plan: importance kept {meta['importance_kept']}, "
+                      f"measured {meta.get('latency_ratios')}", flush=True)
         return rep.plan
 
     return {
