@@ -156,8 +156,13 @@ def claim_oicsr(seeds, flops=0.5, step=0.1, lam=3e-3):
         train(reg_ft, xtr, ytr, epochs=n, lr=0.02, seed=s,
               extra_loss=oicsr.Regularizer(fxprune.analyze(reg_ft, (x1,)), lam=lam, residual=True))
         rows["one-shot + the same epochs with the OICSR term"].append(accuracy(reg_ft, xte, yte))
-    print(f"\n### OICSR: greedy loop against one-shot at equal FLOPs (digits, {ms(kept)} of the FLOPs kept, "
-          f"{ms(epochs_used)} retraining epochs)\n")
+    print_accuracies(f"OICSR: greedy loop against one-shot at equal FLOPs (digits, {ms(kept)} of the FLOPs kept, "
+                     f"{ms(epochs_used)} retraining epochs)", rows)
+
+
+def print_accuracies(title: str, rows: dict) -> None:
+    """A titled markdown table of ``rows`` (``{pruning: [accuracy per seed]}``), mean ± std."""
+    print(f"\n### {title}\n")
     print("| pruning | accuracy |")
     print("|---|---|")
     for name, acc in rows.items():
@@ -213,12 +218,8 @@ def claim_oicsr_fmnist(seeds, flops=0.25, step=0.1, lam=5e-4, samples=8000):
             acc_of(fit(copy.deepcopy(one), n, 0.02, s, reg=True), test, "cpu"))
         print(f"seed {s}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()) + f", {n} rounds, "
               f"FLOPs {target:.3f}", file=sys.stderr, flush=True)
-    print(f"\n### OICSR: greedy loop against one-shot at equal FLOPs (Fashion-MNIST ResNet-20, {ms(kept)} of the "
-          f"FLOPs kept, {ms(epochs_used)} retraining epochs of {samples} samples)\n")
-    print("| pruning | accuracy |")
-    print("|---|---|")
-    for name, acc in rows.items():
-        print(f"| {name} | {ms(acc)} |", flush=True)
+    print_accuracies(f"OICSR: greedy loop against one-shot at equal FLOPs (Fashion-MNIST ResNet-20, {ms(kept)} of the "
+                     f"FLOPs kept, {ms(epochs_used)} retraining epochs of {samples} samples)", rows)
 
 
 # ----------------------------------------------------------------------------- GSM
