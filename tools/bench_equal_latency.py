@@ -92,7 +92,7 @@ ARMS = ("latency planner", "per-ms ranking only", "FLOPs budget")
 
 def prune(base, x1, target, arm, args):
     options = {"threads": args.threads, "repeats": args.search_repeats, "rounds": 3}
-    kw = {"latency planner": {}, "per-ms ranking only": {}, "FLOPs budget": {"latency_model": False}}[arm]
+    kw = {"latency_model": False} if arm == "FLOPs budget" else {}
     if arm == "per-ms ranking only":
         options["compare"] = False
     os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them

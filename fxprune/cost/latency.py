@@ -364,10 +364,10 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
         done = False
         while len(history) < steps and not done:
             plan = planner(t)
-            row = measured.get(plan_key(plan))
+            key = plan_key(plan)
+            row = measured.get(key)
             if row is None:
-                row = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
-                measured[plan_key(plan)] = row
+                row = measured[key] = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
                 if band[0] <= row["ratio"] <= band[1]:
                     confirm(row)
                     if band[0] <= row["ratio"] <= band[1]:

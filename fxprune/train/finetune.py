@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..utils import eval_mode
+from .bn import bn_layers
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, generator: torch.Generator | None = None):
@@ -234,9 +235,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str = "ce"
     kd = KDMixupLoss(temperature, alpha)
     model.train()
     if bn_stats == "frozen":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in bn_layers(model):
+            m.eval()
     if teacher is not None:
         teacher_was = teacher.training
         teacher.eval()
