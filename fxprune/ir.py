@@ -193,7 +193,9 @@ class ChannelGraph:
         mod_name, _, attr = name.rpartition(".")
         if self._modules is None or self._modules[0] is not self.module:
             self._modules = (self.module, dict(self.module.named_modules()))
-        return getattr(self._modules[1][mod_name], attr)
+        module = self._modules[1][mod_name]
+        found = module._parameters.get(attr)  # what getattr finds first, without nn.Module.__getattr__
+        return found if found is not None else getattr(module, attr)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable > 0]

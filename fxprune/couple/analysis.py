@@ -232,8 +232,10 @@ class Analysis:
         self.env: dict[fx.Node, object] = {}
         self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
         self.modules = dict(gm.named_modules())
-        self.params = dict(gm.named_parameters())
-        self.params.update(gm.named_buffers())
+        self.params = {f"{prefix}.{name}" if prefix else name: tensor  # every name, shared ones too
+                       for prefix, module in self.modules.items()
+                       for tensors in (module._parameters, module._buffers)
+                       for name, tensor in tensors.items() if tensor is not None}
         self.sources: dict[fx.Node, object] = {}
 
     def run(self) -> None:
@@ -455,7 +457,7 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
             a.pins.append((torch.from_numpy(np.unique(c[c >= 0])), Pin(node, "a grouped layer reads them with fixed channels")))
         elif c.size and (c >= 0).all() and c.shape[0] > 1:
             pending.append(c)
-    while True:
+    while pending:
         root = a.uf.all_roots()
         top, block_of_id, roots_in_blocks = _group_tops(a, root)
         group_of_root = np.full(a.uf.size, -1, dtype=np.int64)
@@ -491,6 +493,7 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
             c = pending[i]
             a.uf.union(np.broadcast_to(c[:1], c.shape).reshape(-1).copy(), c.reshape(-1).copy())
         pending = [c for i, c in enumerate(pending) if i not in set(bad)]
+    return []
 
 
 def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
