@@ -160,7 +160,9 @@ class Context:
 
     def member(self, param: str, dim: int, ids: torch.Tensor, kind: str, role: str) -> None:
         """Record that ``param``'s slices along ``dim`` follow ``ids`` (one per position)."""
-        self._a.members.append((param, dim, ids.flatten().clone(), kind, role, self.node.name))
+        # not copied: labels are never written in place, and members sharing one label (a conv's
+        # output ids: its weight rows, bias, the norm after it) are then mapped once (_build_graph)
+        self._a.members.append((param, dim, ids.reshape(-1), kind, role, self.node.name))
 
     def balance(self, blocks: torch.Tensor) -> None:
         """The rows of ``blocks`` (ids ``[B, k]``) must keep equal counts, at free positions in each row.
@@ -549,26 +551,36 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
     param_kinds: dict[tuple[str, int], str] = {}
     channel_np = channel_of.numpy()
     if a.members:
-        ids = np.concatenate([m[2].numpy() for m in a.members] + [np.full(1, FIXED)])  # a sentinel:
+        # each distinct label once (many members share one: a conv's rows, its bias, the norm after it)
+        slot_of: dict[tuple, int] = {}
+        distinct: list[torch.Tensor] = []
+        slots = []
+        for m in a.members:
+            key = (m[2].data_ptr(), m[2].numel(), m[2].stride(0))  # 1-D and alive: one key, one content
+            slots.append(slot_of.setdefault(key, len(distinct)))
+            if len(distinct) == slots[-1]:
+                distinct.append(m[2])
+        sizes = np.array([d.numel() for d in distinct])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.concatenate([d.numpy() for d in distinct] + [np.full(1, FIXED)])  # a sentinel:
         # reduceat needs every start inside the array
-        starts = np.cumsum([0] + [m[2].numel() for m in a.members])
         ch_all = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
         owner_all = np.where(ch_all >= 0, group_of_channel_np[np.maximum(ch_all, 0)], -1)
         offset_of_group = np.array([offsets[n] for n in names] or [0], dtype=np.int64)
         index_all = np.where(owner_all >= 0, ch_all - offset_of_group[np.maximum(owner_all, 0)], FIXED)
         lo = np.minimum.reduceat(np.where(owner_all >= 0, owner_all, np.iinfo(np.int64).max), starts[:-1])
         hi = np.maximum.reduceat(owner_all, starts[:-1])
-        hi[starts[1:] == starts[:-1]] = -1  # reduceat gives an empty member its neighbour's value
-    for i, (param, dim, _, kind, role, node) in enumerate(a.members):
-        s, e = starts[i], starts[i + 1]
-        param_channels.setdefault((param, dim), torch.from_numpy(ch_all[s:e]))
+        hi[sizes == 0] = -1  # reduceat gives an empty label its neighbour's value
+        channels = [torch.from_numpy(ch_all[s:e]) for s, e in zip(starts[:-1].tolist(), starts[1:].tolist())]
+    for (param, dim, _, kind, role, node), j in zip(a.members, slots if a.members else ()):
+        param_channels.setdefault((param, dim), channels[j])
         if kind == "consumer" or (param, dim) not in param_kinds:  # a tied table that is read too: the masked
             param_kinds[(param, dim)] = kind  # reference zeroes its removed slices (what the pruned model lacks)
-        if hi[i] < 0:  # no position of this member is a channel
+        if hi[j] < 0:  # no position of this member is a channel
             continue
-        owner, index = owner_all[s:e], index_all[s:e]
-        for gi in ([int(hi[i])] if lo[i] == hi[i] else np.unique(owner[owner >= 0]).tolist()):
-            mine = index if lo[i] == hi[i] else np.where(owner == gi, index, FIXED)
+        owner, index = owner_all[starts[j]:starts[j + 1]], index_all[starts[j]:starts[j + 1]]
+        for gi in ([int(hi[j])] if lo[j] == hi[j] else np.unique(owner[owner >= 0]).tolist()):
+            mine = index if lo[j] == hi[j] else np.where(owner == gi, index, FIXED)
             groups[names[gi]].members.append(Member(param, dim, torch.from_numpy(mine), kind, node, role))
     for name, g in groups.items():
         off = offsets[name]
