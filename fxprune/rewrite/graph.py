@@ -76,17 +76,26 @@ def kept_positions(param_channels: dict, keep: torch.Tensor) -> dict[str, dict[i
     items = list(param_channels.items())
     if not items:
         return {}
-    ch = np.concatenate([c.numpy() for _, c in items])
+    slot_of: dict[int, int] = {}  # many dims share one tensor of channels (a conv's rows, its bias): once each
+    arrays, slots = [], []
+    for _, c in items:
+        slots.append(slot_of.setdefault(id(c), len(arrays)))
+        if slots[-1] == len(arrays):
+            arrays.append(c.numpy())
+    ch = np.concatenate(arrays)
     survives = (ch < 0) | keep.numpy()[np.maximum(ch, 0)]
-    lengths = np.array([len(c) for _, c in items])
+    lengths = np.array([a.shape[0] for a in arrays])
     starts = np.concatenate([[0], np.cumsum(lengths)])
     losing = ~np.logical_and.reduceat(np.append(survives, True), starts[:-1]) & (lengths > 0)
     positions = np.flatnonzero(survives)
     bounds = np.searchsorted(positions, starts)
+    kept: dict[int, torch.Tensor] = {}
     out: dict[str, dict[int, torch.Tensor]] = {}
-    for i in np.flatnonzero(losing).tolist():
-        (param, dim), start = items[i][0], starts[i]
-        out.setdefault(param, {})[dim] = torch.from_numpy(positions[bounds[i]:bounds[i + 1]] - start)
+    for ((param, dim), _), j in zip(items, slots):
+        if losing[j]:
+            if j not in kept:
+                kept[j] = torch.from_numpy(positions[bounds[j]:bounds[j + 1]] - starts[j])
+            out.setdefault(param, {})[dim] = kept[j]
     return out
 
 
