@@ -134,7 +134,8 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     :func:`fxprune.make_plan` on the original model) ``step`` fewer original FLOPs (never below
     ``flops``), no group cut beyond ``cap`` of its original channels; :func:`fxprune.rewrite.rewrite` cuts; then
     ``retrain(module)`` (your training loop with the OICSR term, for a few epochs; it may
-    return a new module or train in place). Stops at the target or when nothing more can
+    return a new module or train in place; :class:`LoopSchedule` gives its rounds one learning-rate
+    schedule, from ``planned_rounds(flops, step)``). Stops at the target or when nothing more can
     go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`) and, with
     ``onnx``, the result in ONNX Runtime.
     ``result.meta["fxprune_oicsr"]`` holds ``"plan"`` (the kept original channels, a
