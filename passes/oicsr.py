@@ -25,6 +25,10 @@ consumer columns; running statistics are buffers and are left out).
   :func:`fxprune.rewrite.rewrite`), never more than ``cap`` of any group's original
   channels, then calls the user's ``retrain`` to move features into the survivors,
   until the FLOPs target is met.
+* :class:`LoopSchedule`: one learning-rate schedule over all the loop's rounds (gradual
+  pruning), for a ``retrain`` that builds a fresh optimizer each round; without it a
+  ``retrain`` that runs its own schedule restarts it at the full rate after every cut.
+  :func:`planned_rounds` is the number of rounds the loop plans.
 
 The paper pruned only the internal channels of ResNet bottlenecks; ``residual=False``
 (the default of :class:`Regularizer` and :func:`prune`) leaves groups written by
@@ -54,6 +58,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -68,7 +73,7 @@ from fxprune.view.report import report as fxprune_report
 from .group_lasso import (GroupLasso, Growing, channel_sq_norms, graph_tensors, residual_groups, select_groups,
                           trainable_members)
 
-__all__ = ["Regularizer", "score", "prune", "residual_groups"]
+__all__ = ["Regularizer", "score", "prune", "residual_groups", "LoopSchedule", "planned_rounds"]
 
 
 class Regularizer(GroupLasso):
@@ -129,7 +134,8 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     :func:`fxprune.make_plan` on the original model) ``step`` fewer original FLOPs (never below
     ``flops``), no group cut beyond ``cap`` of its original channels; :func:`fxprune.rewrite.rewrite` cuts; then
     ``retrain(module)`` (your training loop with the OICSR term, for a few epochs; it may
-    return a new module or train in place). Stops at the target or when nothing more can
+    return a new module or train in place; :class:`LoopSchedule` gives its rounds one learning-rate
+    schedule, from ``planned_rounds(flops, step)``). Stops at the target or when nothing more can
     go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`) and, with
     ``onnx``, the result in ONNX Runtime.
     ``result.meta["fxprune_oicsr"]`` holds ``"plan"`` (the kept original channels, a
@@ -187,6 +193,63 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
         current = origin.finish(current, total, method="oicsr", mask=_merged(checks))
     current.meta["fxprune_oicsr"] = {"plan": total, "rounds": rounds}
     return current
+
+
+def planned_rounds(flops: float, step: float) -> int:
+    """The rounds :func:`prune` plans from the whole model down to ``flops`` in steps of ``step``
+    (each round's target is the FLOPs reached minus ``step``, the last one ``flops``): ``ceil((1 - flops) / step)``.
+    A round that falls short of its target (a cap, a coarse group) can make the loop take one more.
+
+        >>> planned_rounds(0.25, 0.1), planned_rounds(0.5, 0.1), planned_rounds(0.5, 0.5)
+        (8, 5, 1)
+    """
+    if not 0 < flops <= 1 or not 0 < step <= 1:
+        raise ConfigError(f"flops={flops} and step={step} must both be in (0, 1]")
+    return max(1, math.ceil((1 - flops) / step - 1e-9)) if flops < 1 else 0
+
+
+class LoopSchedule:
+    """One cosine learning rate over all the rounds of :func:`prune`: the loop's cuts happen during a
+    single schedule (gradual pruning), not each followed by a fresh schedule from the full rate.
+
+    ``total_steps`` is the optimiser steps of the whole loop (e.g. ``planned_rounds(flops, step) *
+    steps_per_round``). Each round, ``retrain`` builds its optimiser for the new module (at the peak
+    rate) and takes its scheduler from :meth:`attach`: it goes on from the step where the last round's
+    stopped. The factor is ``0.5 * (1 + cos(pi * k / total_steps))`` at global step ``k``, 0 past the end.
+    The optimiser's state (momentum) is not carried from round to round: the parameters change shape.
+
+        >>> import torch
+        >>> sched = LoopSchedule(total_steps=4)
+        >>> lrs = []
+        >>> for _ in range(2):                          # two rounds of two steps each
+        ...     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        ...     lr_sched = sched.attach(opt)
+        ...     for _ in range(2):
+        ...         lrs.append(round(opt.param_groups[0]["lr"], 4))
+        ...         opt.step(); lr_sched.step()
+        >>> lrs, sched.done                             # one cosine 0.1 -> 0 over the 4 steps, not two
+        ([0.1, 0.0854, 0.05, 0.0146], 4)
+    """
+
+    def __init__(self, total_steps: int):
+        if not total_steps >= 1:
+            raise ConfigError(f"total_steps={total_steps} must be at least 1")
+        self.total, self.done = int(total_steps), 0
+
+    def factor(self, k: int) -> float:
+        """The learning-rate multiplier at global step ``k``."""
+        return 0.5 * (1 + math.cos(math.pi * min(k, self.total) / self.total))
+
+    def attach(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """A scheduler for this round's ``optimizer`` that starts at the global step reached so far;
+        each of its ``step()`` calls advances :attr:`done`."""
+        start = self.done
+
+        def at(s):
+            self.done = start + s
+            return self.factor(start + s)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, at)
 
 
 def _merged(checks: list) -> dict | None:

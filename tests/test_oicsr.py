@@ -170,3 +170,51 @@ def test_a_round_normalises_by_the_original_channels():
     # the cap counts original channels: "0" keeps at least 2 of its 4 with cap=0.5
     plan = oicsr._round_plan(first, now, scores, original, target=0.2, cap=0.5, frozen=[])
     assert "0" not in plan.keep and plan.keep["1"] == [1, 2]  # ties go in index order
+
+
+def test_loop_schedule_spans_the_rounds():
+    """One cosine over the whole loop: each round's scheduler goes on from where the last one stopped,
+    so a 4-round loop of 3 steps a round sees the 12 values of one cosine (not 4 restarts at the peak)."""
+    assert oicsr.planned_rounds(0.25, 0.1) == 8 and oicsr.planned_rounds(0.5, 0.1) == 5
+    assert oicsr.planned_rounds(0.6, 0.2) == 2 and oicsr.planned_rounds(1.0, 0.1) == 0
+    sched = oicsr.LoopSchedule(total_steps=12)
+    seen = []
+    for _ in range(4):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+        lr_sched = sched.attach(opt)
+        for _ in range(3):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            lr_sched.step()
+    expected = [0.2 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]
+    assert seen == pytest.approx(expected)
+    assert seen[3] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi / 4)))     # round 2 starts at 0.1707, not 0.2
+    assert sched.done == 12 and sched.factor(20) == 0.0
+    with pytest.raises(ConfigError, match="total_steps"):
+        oicsr.LoopSchedule(0)
+
+
+def test_loop_schedule_in_prune():
+    """``prune`` with a ``retrain`` that attaches to a :class:`LoopSchedule`: the loop plans
+    ``planned_rounds`` rounds, and the learning rate at each round's start follows the one cosine."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(4, 1, 10, 10)
+    rounds = oicsr.planned_rounds(0.6, 0.2)
+    sched = oicsr.LoopSchedule(total_steps=rounds * 2)
+    starts = []
+
+    def retrain(module):
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        lr_sched = sched.attach(opt)
+        starts.append(opt.param_groups[0]["lr"])
+        for _ in range(2):
+            module(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            lr_sched.step()
+
+    small = oicsr.prune(net, (x[:1],), flops=0.6, step=0.2, cap=0.75, retrain=retrain, onnx=False)
+    assert len(small.meta["fxprune_oicsr"]["rounds"]) == rounds == 2
+    assert starts == pytest.approx([0.1, 0.05])                  # cos at steps 0 and 2 of 4
+    assert sched.done == 4

@@ -93,14 +93,17 @@ def batches(x, y, batch, gen, limit=None):
         yield x[idx], y[idx]
 
 
-def train(model, data, *, epochs, lr, samples, seed, device, extra_loss=None, optimizer=None, desc="train"):
-    """SGD with momentum and a cosine schedule; ``samples`` per epoch (None: all)."""
+def train(model, data, *, epochs, lr, samples, seed, device, extra_loss=None, optimizer=None, desc="train",
+          scheduler=None):
+    """SGD with momentum and a cosine schedule; ``samples`` per epoch (None: all). ``scheduler(optimizer)``
+    replaces the cosine over these epochs (e.g. ``oicsr.LoopSchedule.attach``, one schedule across calls)."""
     (x, y) = data
     torch.manual_seed(seed)
     model.to(device).train()
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * math.ceil((samples or len(y)) / 128)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = scheduler(opt) if scheduler is not None else torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     with tqdm(total=steps, desc=desc, leave=False, file=sys.stderr) as bar:
         for _ in range(epochs):

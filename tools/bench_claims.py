@@ -9,7 +9,8 @@
   2 epochs with the OICSR term, then either ``oicsr.prune`` (steps of 10 % of the FLOPs, 1 epoch of
   OICSR retraining after each) or one ``compile(method="oicsr")`` cut followed by as many epochs of
   fine-tuning as the loop retrained.
-  ``oicsr_fmnist``: the same on Fashion-MNIST ResNet-20 at 25 % of the FLOPs (``--targets``' smallest).
+  ``oicsr_fmnist``: the same on Fashion-MNIST ResNet-20 at 25 % of the FLOPs (``--targets``' smallest), at an
+  equal budget: one cosine over all the epochs in both arms, the loop's floor on the one-shot cut too.
 * ``gsm``: unstructured GSM (global top-Q by ``|w * g|``, momentum 0.99, Nesterov) reaches 10x fewer
   non-zero weights on a LeNet-5-style net on Fashion-MNIST within 0.5 point of the dense net,
   without fine-tuning; against global magnitude pruning of the dense net. GSM runs twice from the same
@@ -169,11 +170,18 @@ def print_accuracies(title: str, rows: dict) -> None:
         print(f"| {name} | {ms(acc)} |", flush=True)
 
 
-def claim_oicsr_fmnist(seeds, flops=0.25, step=0.1, lam=5e-4, samples=8000):
+def claim_oicsr_fmnist(seeds, flops=0.25, step=0.1, lam=5e-4, samples=8000, cap=0.8, first=False):
     """The OICSR claim on Fashion-MNIST ResNet-20 (``bench_accuracy``'s), at a deeper cut than on digits,
     where retraining between steps has more to recover: base 3 epochs of ``samples`` (lr 0.1), 2 epochs
-    with the OICSR term, then the greedy loop (1 epoch of OICSR retraining per step) against one cut at
-    the FLOPs the loop reached followed by as many epochs of fine-tuning. 5000 test images."""
+    with the OICSR term, then the greedy loop (1 epoch of OICSR retraining per step, no group below
+    ``1 - cap`` of its channels) against one cut at the FLOPs the loop reached followed by as many epochs
+    of fine-tuning. 5000 test images.
+
+    Equal budget (the default): the loop's rounds run under one cosine learning rate over all its
+    epochs (:class:`oicsr.LoopSchedule`, the cuts happen during it as in gradual pruning), the same
+    schedule as the one-shot arm's fine-tuning, and the one-shot cut keeps the loop's floor
+    (``floor=1 - cap``). ``first=True``: the protocol as first written, each round's epoch a fresh
+    cosine from the full rate and no floor on the one-shot cut."""
     from bench_accuracy import ResNet20, accuracy as acc_of, train as train_of
     from fxprune.io.datasets import fashion_mnist
 
@@ -183,11 +191,13 @@ def claim_oicsr_fmnist(seeds, flops=0.25, step=0.1, lam=5e-4, samples=8000):
     rows = {"base": [], "greedy loop (retrain 1 epoch per step)": [], "one-shot, no fine-tuning": [],
             "one-shot + the same epochs of fine-tuning": [], "one-shot + the same epochs with the OICSR term": []}
     epochs_used, kept = [], []
+    per_epoch = math.ceil(samples / 128)
+    planned = oicsr.planned_rounds(flops, step)
 
-    def fit(model, epochs, lr, seed, reg=False):
+    def fit(model, epochs, lr, seed, reg=False, scheduler=None):
         extra = oicsr.Regularizer(fxprune.analyze(model, (x1,)), lam=lam, residual=True) if reg else None
         return train_of(model, data, epochs=epochs, lr=lr, samples=samples, seed=seed, device="cpu", extra_loss=extra,
-                        desc="oicsr")
+                        desc="oicsr", scheduler=scheduler)
 
     for s in seeds:
         torch.manual_seed(s)
@@ -195,31 +205,42 @@ def claim_oicsr_fmnist(seeds, flops=0.25, step=0.1, lam=5e-4, samples=8000):
         rows["base"].append(acc_of(base, test, "cpu"))
         model = fit(copy.deepcopy(base), 2, 0.05, s, reg=True)
         rounds = []
+        loop_lr = None if first else oicsr.LoopSchedule(planned * per_epoch)
 
         def retrain(module):
             rounds.append(1)
-            fit(module, 1, 0.02, s + len(rounds), reg=True)
+            fit(module, 1, 0.02, s + len(rounds), reg=True, scheduler=None if first else loop_lr.attach)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            greedy = oicsr.prune(model, (x1,), flops=flops, step=step, cap=0.8, residual=True, retrain=retrain,
+            greedy = oicsr.prune(model, (x1,), flops=flops, step=step, cap=cap, residual=True, retrain=retrain,
                                  onnx=False)
         rows["greedy loop (retrain 1 epoch per step)"].append(acc_of(greedy, test, "cpu"))
         n = len(rounds)
         epochs_used.append(n)
+        if n != planned:
+            print(f"seed {s}: the loop took {n} rounds, {planned} planned (its schedule spans {planned} epochs)",
+                  file=sys.stderr, flush=True)
         target = fxprune.cost.count_flops(greedy, (x1,)) / fxprune.cost.count_flops(base, (x1,))
         kept.append(target)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            one = fxprune.compile(model, (x1,), method="oicsr", flops=target, onnx=False, round_to=None)
+            one = fxprune.compile(model, (x1,), method="oicsr", flops=target, onnx=False, round_to=None,
+                                  floor=0.0 if first else 1 - cap)
         rows["one-shot, no fine-tuning"].append(acc_of(one, test, "cpu"))
         rows["one-shot + the same epochs of fine-tuning"].append(acc_of(fit(copy.deepcopy(one), n, 0.02, s), test, "cpu"))
         rows["one-shot + the same epochs with the OICSR term"].append(
             acc_of(fit(copy.deepcopy(one), n, 0.02, s, reg=True), test, "cpu"))
         print(f"seed {s}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()) + f", {n} rounds, "
               f"FLOPs {target:.3f}", file=sys.stderr, flush=True)
+    protocol = ("first protocol: a fresh 1-epoch schedule per round, no floor on the one-shot cut" if first else
+                f"one cosine schedule over all epochs in both arms, floor {1 - cap:.1f} in both")
     print_accuracies(f"OICSR: greedy loop against one-shot at equal FLOPs (Fashion-MNIST ResNet-20, {ms(kept)} of the "
-                     f"FLOPs kept, {ms(epochs_used)} retraining epochs of {samples} samples)", rows)
+                     f"FLOPs kept, {ms(epochs_used)} retraining epochs of {samples} samples; {protocol})", rows)
+    diff = [100 * (a - b) for a, b in zip(rows["greedy loop (retrain 1 epoch per step)"],
+                                          rows["one-shot + the same epochs of fine-tuning"])]
+    print(f"\nloop minus one-shot + fine-tuning, points, per seed {seeds}: " + ", ".join(f"{d:+.2f}" for d in diff)
+          + f"; {ms(diff)}", flush=True)
 
 
 # ----------------------------------------------------------------------------- GSM
@@ -505,6 +526,8 @@ def main(argv=None):
     p.add_argument("--targets", default="0.5,0.25", help="FLOPs kept, for the CATRO and CURL claims")
     p.add_argument("--cache", help="a folder to keep the Fashion-MNIST teachers in, shared between runs")
     p.add_argument("--only", nargs="+", help="these claims only (e.g. --only catro_subtask curl_few)")
+    p.add_argument("--oicsr-first-protocol", action="store_true",
+                   help="oicsr_fmnist as first written: a fresh schedule per round, no floor on the one-shot cut")
     cfg = p.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in cfg.seeds.split(",")]
@@ -512,7 +535,7 @@ def main(argv=None):
     _FM["cache"] = cfg.cache
     claims = {"dwgl": lambda: claim_dwgl(seeds), "oicsr": lambda: claim_oicsr(seeds),
               "gsm": lambda: claim_gsm(seeds, epochs=cfg.gsm_epochs),
-              "oicsr_fmnist": lambda: claim_oicsr_fmnist(seeds, flops=min(targets)),
+              "oicsr_fmnist": lambda: claim_oicsr_fmnist(seeds, flops=min(targets), first=cfg.oicsr_first_protocol),
               "catro_subtask": lambda: claim_catro_subtask(seeds, "digits", targets=targets),
               "catro_subtask_fmnist": lambda: claim_catro_subtask(seeds, "fmnist", targets=targets, ft_epochs=1),
               "curl_few": lambda: claim_curl_few(seeds, targets=targets)}
