@@ -574,10 +574,81 @@ def test_compile_latency_keeps_the_plan_with_more_importance(monkeypatch):
     kept = {"per ms": kept_importance(graph, scores, per_ms["plan"]),
             "importance": kept_importance(graph, scores, flops["plan"])}
     assert meta["importance_kept"] == {k: round(v, 4) for k, v in kept.items()}
-    assert meta["ranking"] == max(kept, key=kept.get) and meta["latency_ratio"] <= 0.5
     assert meta["latency_ratios"] == {"per ms": per_ms["ratio"], "importance": flops["ratio"]}
+    # compared at the lower of the two ratios: the plan that landed lower counts as it is, the other one less
+    lower = min(meta["latency_ratios"], key=meta["latency_ratios"].get)
+    assert meta["compared_at"] == meta["latency_ratios"][lower] and meta["latency_ratio"] <= 0.5
+    assert meta["importance_at"][lower] == meta["importance_kept"][lower]
+    assert all(meta["importance_at"][k] <= meta["importance_kept"][k] for k in kept)
+    at = meta["importance_at"]
+    assert meta["ranking"] == ("importance" if at["importance"] > at["per ms"] else "per ms")
     assert rep.plan.keep == (per_ms if meta["ranking"] == "per ms" else flops)["plan"].keep
     assert "ranking" in latency.history_table(rep.search)
+
+
+class FakePlanner:
+    """A Pipeline.planner stand-in: both budgets plan by FLOPs, the same ranking, a latency budget ``t``
+    planning ``scale * t`` of the FLOPs (``scale`` < 1: a latency model that over-prices what it keeps)."""
+
+    def __init__(self, graph, scores, scale):
+        self.graph, self._scores, self.scale = graph, scores, scale
+
+    def scores(self):
+        return self._scores
+
+    def __call__(self, latency=None, flops=None):
+        return make_plan(self.graph, self._scores, flops=self.scale * latency if flops is None else flops)
+
+
+def compare_rankings(monkeypatch, per_ms_rows, importance_rows, scale):
+    """``_more_important`` on searches that measured ``(budget, ratio)`` rows (the last of each the plan
+    found): ``(meta, kept)``, ``kept`` each found plan's importance kept."""
+    from fxprune.api import _more_important
+    from fxprune.plan.budget import kept_importance
+
+    graph = fxprune.analyze(fine_net(), (X8,))
+    scores = {name: torch.rand(g.size) for name, g in graph.groups.items()}
+    planner = FakePlanner(graph, scores, scale)
+
+    def rows(found, key, plan_budget):
+        history = [{key: b, "ratio": r, "ok": r <= 0.7, "plan": plan_budget(b)} for b, r in found]
+        plan = history[-1]["plan"]
+        plan.meta.update({"latency_ratio": found[-1][1],
+                          ("latency_budget" if key == "predicted" else "flops_budget"): found[-1][0]})
+        return plan, history
+
+    other = rows(importance_rows, "flops", lambda f: planner(flops=f))
+    monkeypatch.setattr(fxprune.api, "search_latency", lambda *a, **k: other)
+    plan, history = rows(per_ms_rows, "predicted", lambda t: planner(latency=t))
+    best, both = _more_important(None, graph, 0.7, planner, plan, history, {})
+    kept = {"per ms": kept_importance(graph, scores, plan), "importance": kept_importance(graph, scores, other[0])}
+    assert len(both) == len(per_ms_rows) + len(importance_rows)
+    assert best is (plan if best.meta["ranking"] == "per ms" else other[0])
+    return best.meta, kept
+
+
+def test_compile_latency_compares_the_rankings_at_equal_latency(monkeypatch):
+    """The per-ms plan landed higher (0.66 against 0.60) and keeps more importance there (0.63 of the FLOPs
+    against 0.62), the comparison before chose it; at 0.60, the latency its search read between its budgets
+    0.6 (0.57) and 0.7 (0.66), it would plan 0.9 x 0.633 = 0.57 of the FLOPs, less than the importance
+    plan's 0.62: the importance-ranked plan is returned."""
+    torch.manual_seed(0)
+    meta, kept = compare_rankings(monkeypatch, [(0.6, 0.57), (0.7, 0.66)], [(0.7, 0.75), (0.62, 0.60)], 0.9)
+    assert kept["per ms"] > kept["importance"]                      # at their own latencies
+    assert meta["compared_at"] == 0.60 and meta["ranking"] == "importance"
+    assert meta["importance_at"]["importance"] == meta["importance_kept"]["importance"]
+    assert meta["importance_at"]["per ms"] < meta["importance_at"]["importance"]
+    # the same, the latency model's plans as dense as the importance ranking's (scale 1): per ms wins at 0.60
+    torch.manual_seed(0)
+    meta, _ = compare_rankings(monkeypatch, [(0.6, 0.57), (0.7, 0.66)], [(0.7, 0.75), (0.62, 0.60)], 1.0)
+    assert meta["ranking"] == "per ms" and meta["importance_at"]["per ms"] > meta["importance_at"]["importance"]
+
+
+def test_compile_latency_compares_a_ranking_that_missed_the_target_as_before(monkeypatch):
+    """A plan above the target is not returned, whatever it keeps, and nothing is re-planned."""
+    torch.manual_seed(0)
+    meta, kept = compare_rankings(monkeypatch, [(0.7, 0.74)], [(0.7, 0.75), (0.6, 0.66)], 1.0)
+    assert meta["ranking"] == "importance" and meta["importance_at"] == meta["importance_kept"]
 
 
 # -- grouped convs, balanced blocks and layout reorders ------------------------------------------
