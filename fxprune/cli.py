@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=None,
-                       help="--latency: candidates measured (default 4 with the latency model, 6 bisecting FLOPs)")
+                       help="--latency: candidates measured (default 4 with the latency model, 6 fitting the FLOPs budget)")
     prune.add_argument("--latency-search", choices=("model", "flops"), default="model",
                        help="--latency: plan on a measured per-op latency model, then measure and correct (model), "
-                            "or bisect the FLOPs budget timing every candidate (flops)")
+                            "or fit the FLOPs budget the same way, timing every candidate (flops)")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
@@ -222,7 +222,7 @@ def _prune(args) -> int:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
         latency_options = {"steps": steps, "repeats": args.repeats, "progress": True}
         latency_model = False if args.latency_search == "flops" else None
-        how = "bisecting the FLOPs budget" if args.latency_search == "flops" else "latency model, measured"
+        how = "fitting the FLOPs budget, measured" if args.latency_search == "flops" else "latency model, measured"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
               f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "
               "rounds, median of the rounds' ratios):", flush=True)

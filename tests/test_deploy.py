@@ -14,7 +14,7 @@ import torchvision
 import fxprune
 from digits import SmallResNet
 from fxprune.errors import ConfigError, PlanError
-from fxprune.cost.latency import bisect_budget, history_table, search_latency
+from fxprune.cost.latency import history_table, search_latency
 
 
 def small_resnet(c: int = 16):
@@ -228,21 +228,6 @@ def test_inception_v3_in_train_mode():
 
 # ----------------------------------------------------------------------------- latency
 
-def test_bisection_finds_the_largest_passing_budget():
-    latency = lambda f: 0.1 + 0.9 * f                       # a monotone latency ratio of the FLOPs budget
-    tried = []
-
-    def passes(f):
-        tried.append(f)
-        return latency(f) <= 0.5
-    best = bisect_budget(passes, 0.5, steps=8)
-    assert tried[0] == 0.5 and len(tried) == 8
-    assert best <= 4 / 9 and best > 4 / 9 - 1 / 2 ** 7     # 4/9 is where latency(f) == 0.5
-    assert bisect_budget(lambda f: False, 0.5, steps=3) is None
-    with pytest.raises(ConfigError):
-        bisect_budget(passes, 0.5, steps=0)
-
-
 class Wide(nn.Module):
     """Convolutions heavy enough that ONNX Runtime's time follows the channel counts."""
 
@@ -266,7 +251,7 @@ def test_latency_search_returns_a_faster_plan():
         warnings.simplefilter("ignore")
         plan, history = search_latency(model, pipe.graph, 0.5, planner=lambda f: planner(flops=f), steps=2,
                                        repeats=12)
-    assert [round(r["flops"], 3) for r in history][0] == 0.5 and len(history) == 2
+    assert [round(r["flops"], 3) for r in history][0] == 0.5 and 1 <= len(history) <= 2
     for r in history:   # the ratio is the median of the alternating rounds' ratios (paired_ratio)
         assert r["ratio"] > 0 and r["ok"] == (r["ratio"] <= 0.5)
     passing = [r for r in history if r["ok"]]
@@ -278,8 +263,8 @@ def test_latency_search_returns_a_faster_plan():
     pruned = fxprune.apply(model, (x,), plan, onnx=False)
     rep = fxprune.report(pruned)
     # which candidate wins depends on wall-clock timings, so only what holds for any of them is
-    # asserted here; the search logic is tested deterministically in
-    # test_bisection_finds_the_largest_passing_budget
+    # asserted here; the search logic is tested deterministically in tests/test_latency_table.py
+    # (test_search_latency_lands_in_its_band)
     assert rep.mask["ok"] and rep.flops_after < rep.flops_before
     assert any(r["flops"] == plan.meta["flops_budget"] for r in history)
 

@@ -7,14 +7,15 @@ each with ``method="l2"`` and the default rounding (fast counts):
 
 * ``latency planner``: ``fxprune.compile(model, x, latency=T)`` — channels ranked by importance per
   millisecond of a measured per-op latency model, then measured against the original and corrected;
-  compared with the importance-ranked plan at the same measured target, and the one keeping more of the
-  importance returned (the table says which);
+  compared with the importance-ranked plan (the FLOPs budget fitted to the same band) at equal measured
+  latency, and the one keeping more of the importance there returned (the table says which, and what
+  each ranking keeps at the lower of the two ratios);
 * ``per-ms ranking only``: the same with ``latency_options={"compare": False}``: the latency model's plan
   as measured and corrected, whatever the comparison would choose (so that the two rankings are seen
   side by side at equal latency even when the latency planner returns the importance-ranked plan);
-* ``FLOPs budget``: ``fxprune.compile(model, x, latency=T, latency_model=False)`` — the largest FLOPs
-  budget (channels ranked by importance, FLOPs counted) whose exported model meets the target,
-  found by bisection, every candidate timed.
+* ``FLOPs budget``: ``fxprune.compile(model, x, latency=T, latency_model=False)`` — the FLOPs
+  budget (channels ranked by importance, FLOPs counted) whose exported model measures within
+  ``[0.9, 0.96] × T``, fitted by the same search, every candidate timed.
 
 Each pruned model is fine-tuned the same way for each of ``--seeds`` seeds (same epochs, samples,
 SGD + cosine schedule, seed = data order), and its test accuracy reported as mean ± std. Latency of
@@ -44,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxprune  # noqa: E402
 from bench_accuracy import ResNet20, accuracy, train  # noqa: E402
 from fxprune.cost import count_flops, count_params  # noqa: E402
-from fxprune.cost.latency import compare_latency  # noqa: E402
+from fxprune.cost.latency import compare_latency, history_table  # noqa: E402
 from fxprune.io.datasets import fashion_mnist  # noqa: E402
 
 
@@ -147,7 +148,10 @@ def main(argv=None):
                      "-", "-"))
         for arm in ARMS:
             pruned = prune(base, x1, args.target, arm, args)
-            meta = fxprune.report(pruned).plan.meta
+            rep = fxprune.report(pruned)
+            meta = rep.plan.meta
+            if rep.search:   # the search's steps, for the log
+                print(f"{name} {arm}: search steps\n{history_table(rep.search)}", flush=True)
             accs, before = [], accuracy(pruned, test, "cpu")
             for seed in range(args.seeds):
                 tuned = train(copy.deepcopy(pruned), (xtr, ytr), epochs=args.ft_epochs, lr=args.lr,
@@ -162,9 +166,12 @@ def main(argv=None):
             if "ranking" in meta:   # the latency planner's two rankings, and the share of importance each kept
                 kept = meta["importance_kept"]
                 ratios = meta.get("latency_ratios", {})
+                at = meta.get("importance_at", kept)
                 search = (f"{meta['ranking']} ranking (importance kept: per ms {kept['per ms']:.3f} at "
                           f"{ratios.get('per ms', float('nan')):.3f}, importance {kept['importance']:.3f} at "
-                          f"{ratios.get('importance', float('nan')):.3f}), {search}")
+                          f"{ratios.get('importance', float('nan')):.3f}; compared at "
+                          f"{meta.get('compared_at', float('nan')):.3f}: per ms {at['per ms']:.3f}, "
+                          f"importance {at['importance']:.3f}), {search}")
             rows.append((name, arm, f"{count_flops(pruned, (x1,)) / f0:.3f}", f"{count_params(pruned):,}",
                          fmt_ratio(lat[0]), fmt_ratio(lat[1]), f"{mean:.2f} ± {std:.2f}", f"{100 * before:.2f}",
                          f"{search}, searched {meta['latency_ratio']:.3f}"))

@@ -4,12 +4,13 @@
 warm-up runs, then the median of ``repeats`` timed runs, in a loop of its own (torch
 and ORT calls interleaved in one loop slow each other 2-3×, see ``docs/design.md``).
 
-:func:`search_latency` finds the plan with the most FLOPs whose latency is at most
-``target`` times the original's: a bisection on the FLOPs budget, where each candidate
-is planned, rewritten, exported and timed. Every candidate's ratio is taken against the
-original timed in the same step, right before it, so drift on a shared machine cancels.
-Latency is not a smooth function of FLOPs: the search assumes it is monotone and reports
-every step in its history.
+:func:`fit_latency` (a latency model's predicted latency) and :func:`search_latency` (the
+FLOPs share) fit a budget to ``target`` times the original's latency with one search,
+:func:`fit_budget`: each candidate is planned, rewritten, exported and timed, and the next
+budget corrected or interpolated (:func:`next_budget`) until a plan measures within
+``[0.9, 0.96] × target``. Every candidate's ratio is taken against the original timed in
+the same step, side by side, so drift on a shared machine cancels. Latency is not a smooth
+function of the budget: the search assumes it is monotone and reports every step in its history.
 
 Example::
 
@@ -235,7 +236,7 @@ def pick(history: list[dict], target: float, key: str, safe: float | None = None
         return max(passing, key=lambda r: r[key])
     best = min(history, key=lambda r: r["ratio"])
     warnings.warn(f"the latency target {target} was not met: the fastest candidate ({key} budget "
-                  f"{best[key]:.3f}) runs at {best['ratio']:.2f} × the original", stacklevel=3)
+                  f"{best[key]:.3f}) runs at {best['ratio']:.2f} × the original", stacklevel=4)
     return best
 
 
@@ -259,35 +260,36 @@ def trial_row(history, key, budget, plan, timed: tuple, target, progress):
 
 def search_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                    warmup: int = 5, rounds: int = 5, threads: int | None = None, progress: bool = False,
-                   min_seconds: float = 1.0, margin: float = 0.04):
-    """The plan with the largest FLOPs budget whose ORT latency is at most ``(1 - margin) * target`` × the
-    original's (else at most ``target``).
+                   min_seconds: float = 1.0, close: float = 0.9, margin: float = 0.04, max_step: float = 1.5):
+    """The FLOPs budget fitted to ``target`` × the original's ORT latency: the same search as
+    :func:`fit_latency` (:func:`fit_budget`), on the FLOPs share instead of a latency model's prediction.
 
     ``graph`` is the model's :class:`~fxprune.ir.ChannelGraph`; ``planner(flops) -> Plan`` plans
     a FLOPs budget (:meth:`fxprune.pipeline.Pipeline.planner` makes one for any method).
-    Each candidate and the original are timed in ``rounds`` alternating loops of their own
-    (``repeats`` runs each in all, and at least ``min_seconds``: :func:`paired_trials`); a candidate's
-    ratio is the median of the rounds' ratios. The bisection aims below the target by ``margin``, as
-    :func:`fit_latency`'s band does (a plan measured right at the target re-times above it about half the
-    time), so that both searches of :func:`fxprune.compile` return plans held to the same rule. Returns
-    ``(plan, history)``: ``history`` has one dict per candidate (``flops`` budget, ``original_ms``,
-    ``pruned_ms``, ``ratio``, ``ok``: at most ``target``). When no candidate meets the target, warns and
-    returns the fastest one.
-    """
-    check_target(target, planner)
-    if not 0 <= margin < 1:
-        raise ConfigError(f"margin={margin} must be in [0, 1): the fraction of the target kept in reserve")
-    safe = (1 - margin) * target
-    planner = quiet(planner)
-    history = []
-    with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
-                       min_seconds=min_seconds) as time_plan:
-        def passes(flops):
-            plan = planner(flops)
-            return trial_row(history, "flops", flops, plan, time_plan(plan), target, progress)["ratio"] <= safe
+    The first candidate asks for ``target`` of the FLOPs; each is timed against the original in
+    ``rounds`` alternating loops of their own (``repeats`` runs each in all, and at least ``min_seconds``:
+    :func:`paired_trials`), its ratio the median of the rounds' ratios; the next budget aims at the middle
+    of the band ``[close, 1 - margin] * target`` (:func:`next_budget`: corrected by the median
+    measured ratio / FLOPs share until two budgets bracket the aim, then interpolated), a plan measured
+    in the band is timed again and keeps the slower reading, and the search stops at one confirmed in the
+    band. The band is the one :func:`fit_latency` aims at, so that both searches of :func:`fxprune.compile`
+    land at about the same latency and are compared there. The FLOPs share predicts latency worse than a
+    latency model does (rounded counts, depthwise convs, fixed costs), so each step may move the budget by
+    ``max_step`` = 1.5 (1.25 there), and the budget is bounded by (0, 1] only.
 
-        bisect_budget(passes, target, steps)
-    best = pick(history, target, "flops", safe)
+    (This replaced a bisection on pass/fail: it knew no lower end to aim at, took every reading at face
+    value, spent its first steps halving from 0 and stopped at whatever passed last: on ResNet-20 at a
+    target of 0.7 it returned a plan measured at 0.575-0.607 while the latency model's plan landed at
+    0.662.)
+
+    Returns ``(plan, history)``: ``history`` has one dict per candidate timed (``flops`` budget,
+    ``original_ms``, ``pruned_ms``, ``ratio``, ``ok``: at most ``target``). When no candidate meets the
+    target, warns and returns the fastest one.
+    """
+    best, history = fit_budget(model, graph, target, planner=planner, key="flops", lo=1e-3, hi=1.0,
+                               steps=steps, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
+                               progress=progress, close=close, margin=margin, max_step=max_step,
+                               min_seconds=min_seconds)
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "flops_budget": best["flops"]})
     return plan, history
@@ -296,7 +298,8 @@ def search_latency(model: torch.nn.Module, graph, target: float, *, planner, ste
 def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps: int = 6, repeats: int = 30,
                 warmup: int = 5, rounds: int = 5, threads: int | None = None, progress: bool = False,
                 close: float = 0.9, margin: float = 0.04, max_step: float = 1.25, min_seconds: float = 1.0):
-    """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct.
+    """Plan ``target`` × the original's ORT latency with a latency model, measure, and correct
+    (:func:`fit_budget`, the budget being the fraction of the latency the model predicts).
 
     ``planner(t) -> Plan`` plans the fraction ``t`` of the latency a
     :class:`~fxprune.cost.latency_table.LatencyModel` predicts. The first plan asks for ``target``;
@@ -340,9 +343,30 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
         >>> [round(r["ratio"], 2) for r in history], 0.45 <= plan.meta["latency_ratio"] <= 0.5
         ([0.6, 0.47], True)
     """
+    best, history = fit_budget(model, graph, target, planner=planner, key="predicted",
+                               lo=target / max_step ** 2, hi=min(1.0, target * max_step ** 2),
+                               steps=steps, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
+                               progress=progress, close=close, margin=margin, max_step=max_step,
+                               min_seconds=min_seconds)
+    plan = best["plan"]
+    plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
+    return plan, history
+
+
+def fit_budget(model: torch.nn.Module, graph, target: float, *, planner, key: str, lo: float, hi: float,
+               steps: int = 6, repeats: int = 30, warmup: int = 5, rounds: int = 5, threads: int | None = None,
+               progress: bool = False, close: float = 0.9, margin: float = 0.04, max_step: float = 1.25,
+               min_seconds: float = 1.0):
+    """The budget search of :func:`fit_latency` (``key="predicted"``) and :func:`search_latency`
+    (``key="flops"``): ``planner(budget) -> Plan``, the first budget ``target``, the next ones from
+    :func:`next_budget` (kept within ``[lo, hi]``) aiming at the middle of ``[close, 1 - margin] * target``,
+    a plan read in the band confirmed by a second timing. Returns ``(row, history)``: the row of the plan
+    picked (:func:`pick`, confirmed when it passed) and every row timed, each keyed by ``key``."""
     check_target(target, planner)
     if steps < 1:
         raise ConfigError(f"steps={steps} must be at least 1")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin={margin} must be in [0, 1): the fraction of the target kept in reserve")
     if not 0 < close < 1 - margin <= 1 or max_step <= 1:
         raise ConfigError(f"close={close} and margin={margin} must make a band 0 < close < 1 - margin <= 1, "
                           f"and max_step={max_step} must be above 1")
@@ -350,7 +374,6 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     history, t = [], target
     band = (close * target, (1 - margin) * target)
     aim = sum(band) / 2
-    lo, hi = target / max_step ** 2, min(1.0, target * max_step ** 2)
     measured = {}    # a plan's kept channels -> its row: a budget planning the same channels is not timed again
     points = []      # (budget, ratio) of every budget planned, those of a plan timed before included
     with paired_trials(model, graph, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
@@ -364,10 +387,9 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
         done = False
         while len(history) < steps and not done:
             plan = planner(t)
-            key = plan_key(plan)
-            row = measured.get(key)
+            row = measured.get(plan_key(plan))
             if row is None:
-                row = measured[key] = trial_row(history, "predicted", t, plan, time_plan(plan), target, progress)
+                row = measured[plan_key(plan)] = trial_row(history, key, t, plan, time_plan(plan), target, progress)
                 if band[0] <= row["ratio"] <= band[1]:
                     confirm(row)
                     if band[0] <= row["ratio"] <= band[1]:
@@ -375,13 +397,11 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
             points.append((t, row["ratio"]))
             t, done = next_budget(points, aim, t, lo, hi, max_step)
         while True:   # the plan returned passed twice
-            best = pick(history, target, "predicted", band[1])
+            best = pick(history, target, key, band[1])
             if best.get("confirmed") or not best["ok"]:
                 break
             confirm(best)
-    plan = best["plan"]
-    plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
-    return plan, history
+    return best, history
 
 
 def plan_key(plan) -> str:
@@ -389,15 +409,50 @@ def plan_key(plan) -> str:
     return json.dumps(plan.keep, sort_keys=True)
 
 
+def bracket(points: list[tuple[float, float]], aim: float):
+    """``(low, high)``: of ``points`` ``(budget, measured ratio)``, the largest budget measured at most
+    ``aim``, and the smallest larger one measured above it (a reading slower than that of a still larger
+    budget is noise, and no end of a bracket); either is None when there is none."""
+    below = [p for p in points if p[1] <= aim]
+    low = max(below) if below else None
+    above = [p for p in points if p[1] > aim and low is not None and p[0] > low[0]
+             and not any(q[0] > p[0] and q[1] < p[1] for q in points)]
+    return low, (min(above) if above else None)
+
+
+def secant(low, high, aim: float) -> float:
+    """The budget between the points ``low`` and ``high`` ``(budget, ratio)`` where the line through them
+    reads ``aim``."""
+    return low[0] + (aim - low[1]) * (high[0] - low[0]) / max(high[1] - low[1], 1e-9)
+
+
+def budget_at(points: list[tuple[float, float]], ratio: float) -> float:
+    """The budget that would measure ``ratio``, read off ``points`` ``(budget, measured ratio)`` the way
+    :func:`next_budget` reads them: the secant within a bracket (clamped to it), else the budget scaled
+    by the median miss (measured ratio / budget), within (0, 1].
+
+    >>> round(budget_at([(0.5, 0.6), (0.4, 0.4)], 0.45), 3)
+    0.425
+    >>> budget_at([(0.5, 0.6)], 0.45)
+    0.375
+    """
+    low, high = bracket(points, ratio)
+    if high is not None:
+        return min(high[0], max(low[0], secant(low, high, ratio)))
+    miss = max(1e-3, statistics.median(r / b for b, r in points))
+    return min(1.0, max(1e-3, ratio / miss))
+
+
 def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: float, hi: float, max_step: float):
-    """:func:`fit_latency`'s next predicted-latency budget, and whether to stop, from ``points``
-    ``(budget, measured ratio)`` so far (``t`` the last budget). Once a budget measured at most ``aim``
-    and a larger one above it bracket ``aim`` (a reading slower than that of a still larger budget is
-    noise, and no end of a bracket), the next one is interpolated between them (a secant, kept
-    off the ends by a tenth of the bracket) and the search stops when the bracket is narrower than 1e-3;
-    before that, ``t`` is corrected by the model's miss, the median of ratio / budget over ``points``,
-    each step clipped to ``[1 / max_step, max_step]`` and the budget to ``[lo, hi]``. Stops when a
-    budget repeats.
+    """:func:`fit_budget`'s next budget, and whether to stop, from ``points`` ``(budget, measured ratio)``
+    so far (``t`` the last budget). Once a budget measured at most ``aim`` and a larger one above it
+    bracket ``aim`` (:func:`bracket`), the next one is interpolated between them (:func:`secant`, kept
+    off the ends by a tenth of the bracket), or halves the bracket when the last two budgets read on the
+    same side of ``aim`` (the Illinois problem of false position: one end read far off the line, a burst
+    of load say, and the secant creeps towards the other end by small steps), and the search stops when
+    the bracket is narrower than 1e-3;
+    before that, ``t`` is corrected by the miss, the median of ratio / budget over ``points``, each step
+    clipped to ``[1 / max_step, max_step]`` and the budget to ``[lo, hi]``. Stops when a budget repeats.
 
     >>> next_budget([(0.5, 0.6)], 0.45, 0.5, 0.3, 0.8, 1.25)               # too slow: less, clipped
     (0.4, False)
@@ -405,38 +460,19 @@ def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: flo
     >>> round(t, 3), stop
     (0.425, False)
     """
-    below = [p for p in points if p[1] <= aim]
-    low = max(below) if below else None
-    above = [p for p in points if p[1] > aim and low is not None and p[0] > low[0]
-             and not any(q[0] > p[0] and q[1] < p[1] for q in points)]   # not read slower than a larger budget
-    if low is not None and above:
-        high = min(above)
+    low, high = bracket(points, aim)
+    if high is not None:
         width = high[0] - low[0]
         if width < 1e-3:
             return t, True
-        guess = low[0] + (aim - low[1]) * width / max(high[1] - low[1], 1e-9)
-        nxt = min(high[0] - 0.1 * width, max(low[0] + 0.1 * width, guess))
+        if len(points) > 2 and (points[-1][1] <= aim) == (points[-2][1] <= aim):
+            nxt = low[0] + width / 2   # the last two on one side: the far end reads off the line, halve instead
+        else:
+            nxt = min(high[0] - 0.1 * width, max(low[0] + 0.1 * width, secant(low, high, aim)))
     else:
         miss = max(1e-3, statistics.median(r / b for b, r in points))
         nxt = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (miss * t)))))
     return nxt, any(abs(b - nxt) < 1e-3 for b, _ in points)
-
-
-def bisect_budget(passes, target: float, steps: int) -> float | None:
-    """Bisect the FLOPs budget in (0, 1]: ``passes(flops) -> bool`` says whether a budget meets the
-    latency target. The first try is ``target`` itself (latency rarely falls faster than FLOPs).
-    Returns the largest budget that passed, or None."""
-    if steps < 1:
-        raise ConfigError(f"steps={steps} must be at least 1")
-    lo, hi, best = 0.0, 1.0, None      # lo: largest budget known to pass (0: none yet); hi: smallest known to fail
-    guess = target
-    for _ in range(steps):
-        if passes(guess):
-            lo, best = guess, guess
-        else:
-            hi = guess
-        guess = (lo + hi) / 2 if lo > 0 else hi / 2
-    return best
 
 
 def history_table(history: list[dict]) -> str:
