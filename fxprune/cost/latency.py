@@ -287,9 +287,7 @@ def search_latency(model: torch.nn.Module, graph, target: float, *, planner, ste
     target, warns and returns the fastest one.
     """
     best, history = fit_budget(model, graph, target, planner=planner, key="flops", lo=1e-3, hi=1.0,
-                               steps=steps, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
-                               progress=progress, close=close, margin=margin, max_step=max_step,
-                               min_seconds=min_seconds)
+                               **_fit_options(locals()))
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "flops_budget": best["flops"]})
     return plan, history
@@ -345,12 +343,19 @@ def fit_latency(model: torch.nn.Module, graph, target: float, *, planner, steps:
     """
     best, history = fit_budget(model, graph, target, planner=planner, key="predicted",
                                lo=target / max_step ** 2, hi=min(1.0, target * max_step ** 2),
-                               steps=steps, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
-                               progress=progress, close=close, margin=margin, max_step=max_step,
-                               min_seconds=min_seconds)
+                               **_fit_options(locals()))
     plan = best["plan"]
     plan.meta.update({"latency": target, "latency_ratio": best["ratio"], "latency_budget": best["predicted"]})
     return plan, history
+
+
+_FIT_OPTIONS = ("steps", "repeats", "warmup", "rounds", "threads", "progress", "close", "margin", "max_step",
+                "min_seconds")
+
+
+def _fit_options(arguments: dict) -> dict:
+    """The options of :func:`fit_budget` among a wrapper's ``locals()`` (its arguments, same names)."""
+    return {name: arguments[name] for name in _FIT_OPTIONS}
 
 
 def fit_budget(model: torch.nn.Module, graph, target: float, *, planner, key: str, lo: float, hi: float,
