@@ -392,9 +392,10 @@ def fit_budget(model: torch.nn.Module, graph, target: float, *, planner, key: st
         done = False
         while len(history) < steps and not done:
             plan = planner(t)
-            row = measured.get(plan_key(plan))
+            seen = plan_key(plan)
+            row = measured.get(seen)
             if row is None:
-                row = measured[plan_key(plan)] = trial_row(history, key, t, plan, time_plan(plan), target, progress)
+                row = measured[seen] = trial_row(history, key, t, plan, time_plan(plan), target, progress)
                 if band[0] <= row["ratio"] <= band[1]:
                     confirm(row)
                     if band[0] <= row["ratio"] <= band[1]:
