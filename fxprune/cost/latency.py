@@ -432,6 +432,11 @@ def secant(low, high, aim: float) -> float:
     return low[0] + (aim - low[1]) * (high[0] - low[0]) / max(high[1] - low[1], 1e-9)
 
 
+def median_miss(points: list[tuple[float, float]]) -> float:
+    """The median of measured ratio / budget over ``points`` ``(budget, measured ratio)`` (at least 1e-3)."""
+    return max(1e-3, statistics.median(r / b for b, r in points))
+
+
 def budget_at(points: list[tuple[float, float]], ratio: float) -> float:
     """The budget that would measure ``ratio``, read off ``points`` ``(budget, measured ratio)`` the way
     :func:`next_budget` reads them: the secant within a bracket (clamped to it), else the budget scaled
@@ -445,8 +450,7 @@ def budget_at(points: list[tuple[float, float]], ratio: float) -> float:
     low, high = bracket(points, ratio)
     if high is not None:
         return min(high[0], max(low[0], secant(low, high, ratio)))
-    miss = max(1e-3, statistics.median(r / b for b, r in points))
-    return min(1.0, max(1e-3, ratio / miss))
+    return min(1.0, max(1e-3, ratio / median_miss(points)))
 
 
 def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: float, hi: float, max_step: float):
@@ -476,8 +480,7 @@ def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: flo
         else:
             nxt = min(high[0] - 0.1 * width, max(low[0] + 0.1 * width, secant(low, high, aim)))
     else:
-        miss = max(1e-3, statistics.median(r / b for b, r in points))
-        nxt = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (miss * t)))))
+        nxt = min(hi, max(lo, t * min(max_step, max(1 / max_step, aim / (median_miss(points) * t)))))
     return nxt, any(abs(b - nxt) < 1e-3 for b, _ in points)
 
 

@@ -550,11 +550,11 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
     param_channels: dict[tuple[str, int], torch.Tensor] = {}
     param_kinds: dict[tuple[str, int], str] = {}
     channel_np = channel_of.numpy()
+    slots: list[int] = []  # each member's index among the distinct labels
     if a.members:
         # each distinct label once (many members share one: a conv's rows, its bias, the norm after it)
         slot_of: dict[tuple, int] = {}
         distinct: list[torch.Tensor] = []
-        slots = []
         for m in a.members:
             key = (m[2].data_ptr(), m[2].numel(), m[2].stride(0))  # 1-D and alive: one key, one content
             slots.append(slot_of.setdefault(key, len(distinct)))
@@ -572,7 +572,7 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
         hi = np.maximum.reduceat(owner_all, starts[:-1])
         hi[sizes == 0] = -1  # reduceat gives an empty label its neighbour's value
         channels = [torch.from_numpy(ch_all[s:e]) for s, e in zip(starts[:-1].tolist(), starts[1:].tolist())]
-    for (param, dim, _, kind, role, node), j in zip(a.members, slots if a.members else ()):
+    for (param, dim, _, kind, role, node), j in zip(a.members, slots):
         param_channels.setdefault((param, dim), channels[j])
         if kind == "consumer" or (param, dim) not in param_kinds:  # a tied table that is read too: the masked
             param_kinds[(param, dim)] = kind  # reference zeroes its removed slices (what the pruned model lacks)
