@@ -137,7 +137,9 @@ def prune(model, example_inputs, *, flops: float = 0.5, step: float = 0.1, cap: 
     return a new module or train in place; :class:`LoopSchedule` gives its rounds one learning-rate
     schedule, from ``planned_rounds(flops, step)``). Stops at the target or when nothing more can
     go. With ``verify`` each cut is checked by mask-equivalence (:mod:`fxprune.verify`) and, with
-    ``onnx``, the result in ONNX Runtime.
+    ``onnx``, the result in ONNX Runtime. Then fine-tune the result without the OICSR term (the
+    paper's last step): the rounds leave the term acting, and the fine-tuning is what brings the
+    loop level with a one-shot cut given as many epochs (``tools/results/claims.md``).
     ``result.meta["fxprune_oicsr"]`` holds ``"plan"`` (the kept original channels, a
     :class:`fxprune.Plan` on ``model``) and ``"rounds"`` (FLOPs fraction after each).
 
