@@ -198,7 +198,7 @@ def test_depthwise_grouped_and_elementwise_nodes():
             super().__init__()
             self.pw = nn.Conv2d(3, 16, 1)
             self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-            self.gc = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.gc = nn.Conv2d(16, 16, 3, padding=1, groups=8)   # 2 per group: off the fake's block of 4
             self.act = nn.SiLU()
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(16, 10)
@@ -217,7 +217,7 @@ def test_depthwise_grouped_and_elementwise_nodes():
     per = lm.node_latency(np.ones(graph.num_channels, dtype=bool))
     assert per["act.reorder"] == pytest.approx(1e-6 * 16 * 64)
     assert per["dw"] == pytest.approx(1e-6 * 16 * 16 * 64 * 9 / 16)
-    assert per["gc"] == pytest.approx(1e-6 * 16 * 16 * 64 * 9 / 4)
+    assert per["gc"] == pytest.approx(1e-6 * 16 * 16 * 64 * 9 / 8)
     assert per["act"] == pytest.approx(1e-6 * 16 * 64)
     assert per["fc"] == pytest.approx(1e-6 * 16 * 10)
 
@@ -655,13 +655,14 @@ def test_compile_latency_compares_a_ranking_that_missed_the_target_as_before(mon
 
 class GroupedNet(nn.Module):
     """A 1x1 conv, a grouped 3x3 conv (4 groups) and a 1x1 conv: the grouped conv's input and output
-    channels are balanced over its 4 groups."""
+    channels are balanced over its 4 groups. 6 per group by default: off the fake table's block of 4, so
+    it runs in NCHW whatever it keeps."""
 
-    def __init__(self):
+    def __init__(self, width=24):
         super().__init__()
-        self.a = nn.Conv2d(3, 16, 1)
-        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.c = nn.Conv2d(16, 8, 1)
+        self.a = nn.Conv2d(3, width, 1)
+        self.b = nn.Conv2d(width, width, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(width, 8, 1)
 
     def forward(self, x):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
@@ -671,10 +672,10 @@ def test_grouped_conv_keeps_its_groups_and_narrows_them():
     graph = fxprune.analyze(GroupedNet().eval(), (X8,))
     lm = LatencyModel(graph, table=FunctionTable(fake))
     ga, gb = graph.groups["a"], graph.groups["b"]
-    assert tuple(ga.blocks.shape) == (4, 4) and tuple(gb.blocks.shape) == (4, 4)
+    assert tuple(ga.blocks.shape) == (4, 6) and tuple(gb.blocks.shape) == (4, 6)
     keep = np.ones(graph.num_channels, dtype=bool)
-    keep[graph.offsets["a"] + ga.blocks[:, 2:].numpy().reshape(-1)] = False   # 2 of 4 inputs per group
-    keep[graph.offsets["b"] + gb.blocks[:, 3:].numpy().reshape(-1)] = False   # 3 of 4 outputs per group
+    keep[graph.offsets["a"] + ga.blocks[:, 2:].numpy().reshape(-1)] = False   # 2 of 6 inputs per group
+    keep[graph.offsets["b"] + gb.blocks[:, 3:].numpy().reshape(-1)] = False   # 3 of 6 outputs per group
     # still 4 groups, 8 -> 12 channels: the fake costs pad(8) * pad(12) * 64 * 9 / 4
     assert lm.node_latency(keep)["b"] == pytest.approx(fake(Sig("conv", cin=8, cout=12, h=8, w=8, kh=3, kw=3,
                                                                 ph=1, pw=1, groups=4)))
@@ -684,14 +685,37 @@ def test_fast_counts_of_balanced_blocks_are_whole_rows():
     graph = fxprune.analyze(GroupedNet().eval(), (X8,))
     lm = LatencyModel(graph, table=FunctionTable(fake))
     for name in ("a", "b"):
-        assert all(c % 4 == 0 for c in lm.steps(name)) and lm.steps(name)[-1] == 16
-        assert all(lm.fast_count(name, n) % 4 == 0 for n in range(1, 17))
+        assert all(c % 4 == 0 for c in lm.steps(name)) and lm.steps(name)[-1] == 24
+        assert all(lm.fast_count(name, n) % 4 == 0 for n in range(1, 25))
     scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
     plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+    assert plan.meta.get("met", True) and {"a", "b"} <= set(plan.keep)
     for name, kept in plan.keep.items():
         rows = graph.groups[name].blocks.numpy()
         per = [int(np.isin(row, kept).sum()) for row in rows]
         assert len(set(per)) == 1, per          # every group keeps the same width
+
+
+def test_grouped_conv_on_the_block_stays_there():
+    """16 channels over 4 groups: 4 per group, on the fake table's block (the 1x1 chain's period, 4). ORT
+    runs such a grouped conv blocked (NCHWc), with no reorder around it; cut to widths off the block it
+    runs in NCHW between two reorders. Its groups' only fast count is then the full width."""
+    from fxprune.cost.latency_table import reordered
+
+    graph = fxprune.analyze(GroupedNet(width=16).eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    assert lm.block == 4 and reordered(graph, block=4) == [] and len(reordered(graph)) == 2
+    full = np.ones(graph.num_channels, dtype=bool)
+    per = lm.node_latency(full)
+    assert per["relu.off_block"] == 0.0 and per["b.off_block"] == 0.0
+    keep = full.copy()
+    rows = graph.offsets["b"] + graph.groups["b"].blocks.numpy()
+    keep[rows[:, 3:].reshape(-1)] = False                  # 3 of 4 outputs per group: off the block
+    cut = lm.node_latency(keep)
+    assert cut["relu.off_block"] == pytest.approx(1e-6 * 16 * 64)    # the input, reordered out of NCHWc
+    assert cut["b.off_block"] == pytest.approx(1e-6 * 12 * 64)    # the output, back into it
+    for name in ("a", "b"):
+        assert lm.steps(name) == [16] and lm.fast_count(name, 5) == 16
 
 
 class SENet(nn.Module):

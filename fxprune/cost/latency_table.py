@@ -581,6 +581,28 @@ class _Term:
         return self.at(self.cin(keep), self.cout(keep))
 
 
+class _OffBlock:
+    """A reorder that ORT adds around a grouped conv blocked at full width (:func:`_conv_layout`) only
+    when its kept widths per group leave the block: then the conv runs in NCHW and the value is
+    reordered out of (its input) or back into (its output) the blocked layout. Costs ``reorder``'s time
+    then, nothing otherwise."""
+
+    def __init__(self, reorder: _Term, conv: _Term):
+        self.inner, self.conv = reorder, conv
+        self.name, self.kind, self.cin, self.cout = reorder.name, reorder.kind, reorder.cin, reorder.cout
+        self.sin, self.sout, self.xs, self.ys = reorder.sin, reorder.sout, reorder.xs, reorder.ys
+
+    def sigs(self):
+        return self.inner.sigs()
+
+    def fill(self, times, ms_per_byte: float = 0.0):
+        self.inner.fill(times, ms_per_byte)
+
+    def __call__(self, keep) -> float:
+        groups, block = self.conv.on_block
+        return 0.0 if _on_block(self.conv.cin(keep), self.conv.cout(keep), groups, block) else self.inner(keep)
+
+
 STREAM_SIG = Sig("gemm", cin=4096, cout=4096)   # 64 MiB of weights: read from memory on every run
 
 
@@ -620,6 +642,7 @@ class LatencyModel:
         self.batch = batch
         steps = probe(self.table)
         self.family_steps = steps
+        self.block = steps["conv"].period   # ORT's NCHWc block, as the 1x1 chain's steps show it
         mods = dict(graph.module.named_modules())
         self._dw_ids = self._depthwise_channels(graph, mods)
         terms = []
@@ -627,7 +650,11 @@ class LatencyModel:
             term = self._term(node, mods, steps, grid)
             if term is not None:
                 terms.append(term)
-        terms += [self._per_element(v, "reorder", grid, name=f"{v.name}.reorder") for v in reordered(graph, mods)]
+                if getattr(term, "on_block", None):   # reordered only once its widths leave the block
+                    terms += [_OffBlock(self._per_element(v, "reorder", grid, name=f"{v.name}.off_block"), term)
+                              for v in (node.args[0], node)]
+        terms += [self._per_element(v, "reorder", grid, name=f"{v.name}.reorder")
+                  for v in reordered(graph, mods, self.block)]
         sigs = [s for t in terms for s in t.sigs()]
         times = self.table.get_many(sigs)
         self.ms_per_byte = ms_per_weight_byte(self.table)
@@ -715,9 +742,13 @@ class LatencyModel:
                          lambda x, y: Sig("conv", cin=x, cout=x * mult, groups=x, **geo), FLAT, FLAT, grid,
                          4.0 * kh * kw * mult)
         per_group = Steps(g, (0,), (1.0,) * g)
-        return _Term(node.name, "grouped", cin, cout,
+        term = _Term(node.name, "grouped", cin, cout,
                      lambda x, y: Sig("conv", cin=_up(x, g), cout=_up(y, g), groups=g, **geo),
                      per_group, per_group, grid, 4.0 * kh * kw / g)
+        # ORT runs it blocked (NCHWc) while its widths per group are multiples of the block, and in NCHW
+        # between reorders once they are not (regnet_x_400mf's 16 per group cut to 8: 45 reorders, not 1)
+        term.on_block = (g, self.block) if _conv_layout(mod, self.block) == "blocked" else None
+        return term
 
     @staticmethod
     def _depthwise_channels(graph, mods) -> np.ndarray:
@@ -819,7 +850,9 @@ class LatencyModel:
             # ORT's NCHWc chain and un-fuses the residual adds after it); every count if none is
             b = blocks.shape[0]
             per = [j for j in range(1, len(f)) if self._blocked_at(group, j)] + [len(f)]
-            out = [b * j for j in (per if len(per) > 1 else range(1, len(f) + 1))]
+            # a grouped conv blocked at full width: only its blocked widths, even when that is the full one
+            strict = any(getattr(t, "on_block", None) for t in self._touching(group))
+            out = [b * j for j in (per if len(per) > 1 or strict else range(1, len(f) + 1))]
         else:
             period = max([t.sin.period for t in self._touching(group) if t.cin.free] +
                          [t.sout.period for t in self._touching(group) if t.cout.free] + [1])
@@ -844,6 +877,8 @@ class LatencyModel:
         keep[(off + g.blocks.numpy())[:, per:]] = False
         dw = self.family_steps["dw"]
         for t in self._touching(group):
+            if getattr(t, "on_block", None) and not _on_block(t.cin(keep), t.cout(keep), *t.on_block):
+                return False
             if t.kind not in ("conv", "dw"):
                 continue
             for count in (t.cin, t.cout):
@@ -872,22 +907,34 @@ class _Fixed(_Count):
         return self.size
 
 
-def _conv_layout(mod) -> str | None:
-    """``"blocked"`` for a conv ORT runs in its blocked NCHWc layout (plain and depthwise), ``"plain"`` for
-    a grouped conv (ORT runs it in NCHW), None for anything else."""
+def _conv_layout(mod, block: int | None = None) -> str | None:
+    """``"blocked"`` for a conv ORT runs in its blocked NCHWc layout, ``"plain"`` for one it runs in NCHW,
+    None for anything else. Plain and depthwise convs are blocked; a grouped conv is blocked when its
+    input and output widths per group are multiples of ``block`` (ORT's NCHWc block, e.g. 16 of 16 on
+    AVX-512; None: grouped convs run in NCHW), else plain.
+
+        >>> import torch
+        >>> [_conv_layout(torch.nn.Conv2d(64, 64, 3, groups=g), 16) for g in (1, 4, 8, 64)]
+        ['blocked', 'blocked', 'plain', 'blocked']
+    """
     if not isinstance(mod, torch.nn.Conv2d):
         return None
     if mod.groups == 1 or mod.groups == mod.in_channels == mod.out_channels:
         return "blocked"
-    return "plain"
+    return "blocked" if block and _on_block(mod.in_channels, mod.out_channels, mod.groups, block) else "plain"
 
 
-def _is_plain(node, mods) -> bool:
-    """Ops ORT runs in NCHW between blocked convs: grouped convs, SE scales (``x * s[N, C, 1, 1]``) and
-    global average pools (exported as ReduceMean)."""
+def _on_block(cin: int, cout: int, groups: int, block: int) -> bool:
+    """Whether a grouped conv of ``cin -> cout`` channels over ``groups`` has per-group widths on ``block``."""
+    return cin % groups == 0 and cout % groups == 0 and (cin // groups) % block == 0 and (cout // groups) % block == 0
+
+
+def _is_plain(node, mods, block: int | None = None) -> bool:
+    """Ops ORT runs in NCHW between blocked convs: grouped convs off the block, SE scales
+    (``x * s[N, C, 1, 1]``) and global average pools (exported as ReduceMean)."""
     if node.op == "call_module":
         mod = mods.get(node.target)
-        return _conv_layout(mod) == "plain" or LatencyModel._elementwise_module(mod, _shape(node)) == "gap"
+        return _conv_layout(mod, block) == "plain" or LatencyModel._elementwise_module(mod, _shape(node)) == "gap"
     if node.op == "call_function":
         return LatencyModel._elementwise_function(node, _shape(node)) in ("mul_se", "gap") or \
             node.target in (torch.mean,)
@@ -898,19 +945,22 @@ def _shape(node) -> tuple:
     return tuple(getattr(node.meta.get("tensor_meta"), "shape", ()) or ()) if hasattr(node, "meta") else ()
 
 
-def _is_blocked(node, mods) -> bool:
-    return node.op == "call_module" and _conv_layout(mods.get(node.target)) == "blocked"
+def _is_blocked(node, mods, block: int | None = None) -> bool:
+    return node.op == "call_module" and _conv_layout(mods.get(node.target), block) == "blocked"
 
 
-def reordered(graph, mods=None) -> list:
+def reordered(graph, mods=None, block: int | None = None) -> list:
     """The 4-d values ORT reorders between its blocked (NCHWc) layout and NCHW: a blocked conv's output
     (through per-element ops, BN, activations, adds) read by an op that runs in NCHW (:func:`_is_plain`),
-    and a plain op's output read by a blocked conv. Each value once (its first node after the conv)."""
+    and a plain op's output read by a blocked conv. Each value once (its first node after the conv).
+    ``block`` is ORT's NCHWc block (:func:`_conv_layout`)."""
     mods = dict(graph.module.named_modules()) if mods is None else mods
     tensor_args = lambda n: [a for a in n.all_input_nodes if len(_shape(a)) == 4]  # noqa: E731
+    plain = lambda n: _is_plain(n, mods, block)  # noqa: E731
+    blocked = lambda n: _is_blocked(n, mods, block)  # noqa: E731
 
     def passes_through(n) -> bool:   # same-shape per-element ops: ORT keeps their layout
-        return len(_shape(n)) == 4 and not _is_plain(n, mods) and not _is_blocked(n, mods) and \
+        return len(_shape(n)) == 4 and not plain(n) and not blocked(n) and \
             n.op in ("call_module", "call_function", "call_method") and \
             all(_shape(a)[1:] == _shape(n)[1:] or _shape(a)[2:] == (1, 1) for a in tensor_args(n))
 
@@ -930,12 +980,12 @@ def reordered(graph, mods=None) -> list:
 
     out = {}
     for node in graph.module.graph.nodes:
-        if not _is_plain(node, mods):
+        if not plain(node):
             continue
         for a in tensor_args(node):   # read from a blocked conv: reordered out of NCHWc
-            if _is_blocked(a, mods) or (passes_through(a) and reaches(a, False, lambda m: _is_blocked(m, mods))):
+            if blocked(a) or (passes_through(a) and reaches(a, False, blocked)):
                 out.setdefault(a.name, a)
-        if len(_shape(node)) == 4 and reaches(node, True, lambda m: _is_blocked(m, mods)):
+        if len(_shape(node)) == 4 and reaches(node, True, blocked):
             out.setdefault(node.name, node)   # read by a blocked conv: reordered into NCHWc
     return [v for v in out.values() if "tensor_meta" in v.meta]
 
