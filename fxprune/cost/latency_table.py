@@ -15,7 +15,8 @@ Three layers:
   the latency (ms) of a plan from a global keep-mask over a ChannelGraph's channels, as a
   sum of per-node curves over kept channel counts, so evaluating a mask is cheap. Grouped
   convs keep their groups and narrow them; the layout reorders ORT puts around ops it runs in
-  NCHW (grouped convs, SE scales, global pools) are terms of their own.
+  NCHW (grouped convs off its NCHWc block, SE scales, global pools) are terms of their own, and a
+  grouped conv on the block pays for two reorders once a plan's widths leave it.
 
 How counts behave is measured, not assumed: :func:`probe` sweeps a 1x1 conv's input and
 output channels and a depthwise conv's channels over ``1..64`` and finds the counts
@@ -628,9 +629,12 @@ class LatencyModel:
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
     residual adds into the convs: they cost nothing here. A grouped conv keeps its groups and
     narrows them (the coupling balances its channels over them): its signature has the kept input
-    and output widths per group. ORT runs grouped convs, SE scales and global pools in NCHW between
-    its blocked (NCHWc) convs: every value it reorders (:func:`reordered`) costs a measured
-    ``"reorder"`` term. ``latency(keep)`` sums the node curves.
+    and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
+    the 1x1 chain probe; :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
+    convs: every value it reorders (:func:`reordered`) costs a measured ``"reorder"`` term. A grouped
+    conv on the block is blocked until a plan's widths per group leave it: then its input and output
+    cost a reorder each (:class:`_OffBlock`), and its groups' fast counts keep it on the block.
+    ``latency(keep)`` sums the node curves.
     """
 
     def __init__(self, graph, *, batch: int = 1, threads: int = 2, table=None, grid: int = 5,
