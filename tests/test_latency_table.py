@@ -771,3 +771,48 @@ def test_default_fast_counts_too_coarse_for_a_small_model_fall_back_to_unrounded
     with pytest.warns(UserWarning, match=r"cannot be met: .*rounded to round_to='fast'"):
         rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, round_to="fast", latency_model=lm, onnx=False))
     assert rep.plan.meta["round_to"] == "fast" and rep.plan.meta["met"] is False
+
+
+class MixedNet(nn.Module):
+    """A MixNet-style mixed depthwise conv: one group's 16 channels split into two chunks of 8, each a
+    depthwise conv of its own kernel size, then concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 16, 1)
+        self.dw3 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw5 = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.out = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        a, b = torch.split(torch.relu(self.pw(x)), [8, 8], dim=1)
+        return self.out(torch.cat([self.dw3(a), self.dw5(b)], 1))
+
+
+def fake_dw(sig):
+    """:func:`fake`, and a depthwise conv off a multiple of 4 channels runs a fallback 3x slower (as ORT's)."""
+    slow = sig.kind == "conv" and sig.groups == sig.cin == sig.cout > 1 and sig.cin % 4
+    return fake(sig) * (3.0 if slow else 1.0)
+
+
+def test_each_chunk_of_a_mixed_depthwise_conv_keeps_a_fast_count():
+    """The fast counts round a group's total; each chunk read by a depthwise conv of its own is rounded
+    too (the table's depthwise kernel is fast on multiples of 4): the scores put the group's best 8
+    channels in the first chunk, so without the chunk rounding the plan keeps 8 and 0 (then 1)."""
+    graph = fxprune.analyze(MixedNet().eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake_dw))
+    name = next(n for n in graph.groups if n.startswith("pw"))
+    off = graph.offsets[name]
+    chunks = [np.arange(off, off + 8), np.arange(off + 8, off + 16)]
+    assert [lm.slice_count(c, 5) for c in chunks] == [8, 8] and lm.slice_count(chunks[0], 3) == 4
+    assert lm.slice_count(np.arange(off, off + 16), 5) == 5          # not a depthwise conv's slice
+    scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
+    scores[name] = torch.cat([torch.arange(10.0, 18.0), torch.arange(1.0, 9.0)])
+    plan = make_plan(graph, scores, ratio=0.5, round_to="fast", latency_model=lm)
+    kept = plan.keep.get(name, list(range(16)))
+    per_chunk = [sum(1 for i in kept if i < 8), sum(1 for i in kept if i >= 8)]
+    assert all(c % 4 == 0 for c in per_chunk) and per_chunk[1] >= 4, per_chunk
+    unrounded = make_plan(graph, scores, ratio=0.5, latency_model=lm)
+    assert sum(1 for i in unrounded.keep[name] if i >= 8) == 1      # the empty chunk's best channel, only
+    rep = fxprune.report(fxprune.apply(MixedNet().eval(), (X8,), plan, onnx=False))
+    assert rep.mask["ok"]

@@ -668,6 +668,9 @@ class LatencyModel:
             t.fill(times[i:i + n], self.ms_per_byte)
             i += n
         self.terms = terms
+        # depthwise convs over a slice of a group (a mixed-kernel conv's chunks): their channel sets
+        self._dw_sets = {np.sort(t.cout.ids).tobytes(): t.cout.ids.size for t in terms
+                         if t.kind == "dw" and t.cout.free}
         self.base = self.latency(np.ones(graph.num_channels, dtype=bool))
 
     # -- building ------------------------------------------------------------------------------
@@ -889,6 +892,18 @@ class LatencyModel:
                 if count.free and np.isin(count.ids, ids).any() and abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
                     return False
         return True
+
+    def slice_count(self, channels: np.ndarray, n: int) -> int:
+        """The count to keep of a slice of a group (``channels``, sorted global ids) that keeps ``n``: when a
+        depthwise conv runs over exactly that slice (MixNet's chunks, one kernel size each), the smallest
+        count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's), or the whole slice;
+        else ``n``. Rounding a group's total leaves its slices anywhere: a chunk of 13 runs the depthwise
+        fallback, several times slower."""
+        size = self._dw_sets.get(np.asarray(channels, dtype=np.int64).tobytes())
+        if size is None or n >= size:
+            return n
+        dw = self.family_steps["dw"]
+        return next((c for c in range(max(n, 1), size) if abs(dw.factor(c) - 1.0) <= PAD_TOL), size)
 
     def fast_count(self, group: str, n: int, *, down: float = 0.0) -> int:
         """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at

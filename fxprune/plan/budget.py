@@ -275,8 +275,10 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     if latency_model is not None and latency_model.graph.num_channels != graph.num_channels:
         raise ConfigError("latency_model was built for another model (its channel graph differs): build it "
                           "with LatencyModel(fxprune.analyze(model, example_inputs))")
+    slice_count = None
     if round_to == "fast":
         budget = replace(budget, round_to=latency_model.fast_count)
+        slice_count = latency_model.slice_count
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     checked_scores(groups, scores)
@@ -293,8 +295,8 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
             per_ms = ms_per_channel(graph, groups, latency_model)
             keys = {name: k / per_ms[name] for name, k in keys.items()}
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
-    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept_count,
-                   latency_model)
+    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count), budget,
+                   kept_count, latency_model)
     info = budget.info()
     if not found.met:
         rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""
@@ -303,7 +305,8 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         info["met"] = False
     if round_to == "fast":
         info["round_to"] = "fast"
-    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts), {**info, **(meta or {})})
+    return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts, slice_count),
+                          {**info, **(meta or {})})
 
 
 def kept_importance(graph, scores: dict[str, torch.Tensor], plan) -> float:
@@ -391,12 +394,14 @@ def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:
     return Plan(keep, {k: graph.groups[k].size for k in keep}, meta)
 
 
-def keep_mask(graph, groups, order, counts) -> np.ndarray:
+def keep_mask(graph, groups, order, counts, slice_count=None) -> np.ndarray:
     """Keep the top ``counts[g]`` channels of each group, then make sure no tensor is left empty.
 
     A value can hold a slice of a group (a ``chunk`` of a shuffled stream): the group
     keeps its floor, yet that slice could lose every channel. Such a slice gets back its
-    best-ranked channel.
+    best-ranked channel. With ``slice_count(channels, n)`` (fast counts:
+    :meth:`~fxprune.cost.latency_table.LatencyModel.slice_count`), a slice keeping ``n`` gets back its
+    best-ranked channels up to the count returned.
     """
     keep = np.ones(graph.num_channels, dtype=bool)
     rank = np.zeros(graph.num_channels)
@@ -415,6 +420,12 @@ def keep_mask(graph, groups, order, counts) -> np.ndarray:
     for channels in value_channel_sets(graph):
         if not keep[channels].any():
             keep[channels[np.argmax(rank[channels])]] = True
+        if slice_count is not None:
+            n = int(keep[channels].sum())
+            want = slice_count(channels, n)
+            if want > n:
+                missing = channels[~keep[channels]]
+                keep[missing[np.argsort(-rank[missing], kind="stable")][:want - n]] = True
     for blocks in blocked:  # a channel given back above: every other block gets back its best one too
         per = keep[blocks].sum(1).max()
         for row in blocks:
