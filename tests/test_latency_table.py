@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxprune
 from fxprune.errors import ConfigError, FxPruneError
@@ -816,3 +817,37 @@ def test_each_chunk_of_a_mixed_depthwise_conv_keeps_a_fast_count():
     assert sum(1 for i in unrounded.keep[name] if i >= 8) == 1      # the empty chunk's best channel, only
     rep = fxprune.report(fxprune.apply(MixedNet().eval(), (X8,), plan, onnx=False))
     assert rep.mask["ok"]
+
+
+class FunctionalConvNet(nn.Module):
+    """Convs called as functions, as timm's "same"-padded ``Conv2dSame`` traces: ``F.pad`` then ``F.conv2d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(16, 3, 3, 3))
+        self.w2 = nn.Parameter(torch.randn(16, 1, 3, 3))
+        self.w3 = nn.Parameter(torch.randn(8, 16, 1, 1))
+
+    def forward(self, x):
+        x = torch.relu(F.conv2d(F.pad(x, [1, 1, 1, 1]), self.w1))
+        x = torch.relu(F.conv2d(x, self.w2, None, 1, 1, 1, 16))
+        return F.conv2d(x, self.w3)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_functional_and_aten_convs_are_timed_and_rounded(capture, monkeypatch):
+    """A conv called as ``F.conv2d`` (fx) or ``aten.conv2d`` (torch.export) is a conv to the latency model
+    as a module is: same terms, same latency, and the default rounding (fast counts) applies to the model."""
+    from fxprune.plan.budget import default_round_to
+
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    net = FunctionalConvNet().eval()
+    graph = fxprune.analyze(net, (X8,), capture=capture)
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    assert sorted(t.kind for t in lm.terms) == ["conv", "conv", "dw"]
+    assert default_round_to(graph) == "fast"
+    modular = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 16, 3, bias=False), nn.ReLU(),
+                            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.ReLU(),
+                            nn.Conv2d(16, 8, 1, bias=False)).eval()
+    reference = LatencyModel(fxprune.analyze(modular, (X8,)), table=FunctionTable(fake))
+    assert lm.base == pytest.approx(reference.base)

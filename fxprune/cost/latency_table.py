@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FxPruneError
+from ..ops.conv import Conv2dSpec, conv2d_spec
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
@@ -678,12 +679,14 @@ class LatencyModel:
         meta = node.meta.get("tensor_meta")
         shape = tuple(getattr(meta, "shape", ()) or ())
         n = self.batch
+        inp = node.args[0] if node.args else None
+        in_shape = tuple(getattr(getattr(inp, "meta", {}).get("tensor_meta"), "shape", ()) or ())
+        spec = conv2d_spec(node, mods)   # a module, F.conv2d (timm's "same" padding) or ATen's (torch.export)
+        if spec is not None:
+            return self._conv(node, spec, inp, in_shape, shape, steps, grid) \
+                if len(in_shape) == 4 and len(shape) == 4 else None
         if node.op == "call_module":
             mod = mods.get(node.target)
-            inp = node.args[0] if node.args else None
-            in_shape = tuple(getattr(getattr(inp, "meta", {}).get("tensor_meta"), "shape", ()) or ())
-            if isinstance(mod, torch.nn.Conv2d) and len(in_shape) == 4 and len(shape) == 4:
-                return self._conv(node, mod, inp, in_shape, shape, steps, grid)
             if isinstance(mod, torch.nn.Linear) and len(in_shape) >= 2:
                 rows = int(np.prod(in_shape[:-1])) // max(1, in_shape[0])
                 cin = _Count(_channels_along(inp, len(in_shape) - 1, in_shape))
@@ -725,7 +728,7 @@ class LatencyModel:
         g = mod.groups
         kh, kw = mod.kernel_size
         sh, sw = mod.stride
-        ph, pw = mod.padding if isinstance(mod.padding, tuple) else (0, 0)
+        ph, pw = mod.padding
         dh, dw = mod.dilation
         h, w = in_shape[2], in_shape[3]
         geo = dict(n=n, h=h, w=w, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
@@ -761,9 +764,10 @@ class LatencyModel:
     def _depthwise_channels(graph, mods) -> np.ndarray:
         ids = []
         for node in graph.module.graph.nodes:
-            mod = mods.get(node.target) if node.op == "call_module" else None
+            mod = conv2d_spec(node, mods)
             meta = node.meta.get("tensor_meta")
-            if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+            if mod is not None and meta is not None and mod.groups > 1 and \
+                    mod.groups == mod.in_channels == mod.out_channels:
                 ch = _channels_along(node, 1, tuple(meta.shape))
                 ids.append(ch[ch >= 0])
         return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
@@ -936,7 +940,7 @@ def _conv_layout(mod, block: int | None = None) -> str | None:
         >>> [_conv_layout(torch.nn.Conv2d(64, 64, 3, groups=g), 16) for g in (1, 4, 8, 64)]
         ['blocked', 'blocked', 'plain', 'blocked']
     """
-    if not isinstance(mod, torch.nn.Conv2d):
+    if not isinstance(mod, (torch.nn.Conv2d, Conv2dSpec)):
         return None
     if mod.groups == 1 or mod.groups == mod.in_channels == mod.out_channels:
         return "blocked"
@@ -951,9 +955,11 @@ def _on_block(cin: int, cout: int, groups: int, block: int) -> bool:
 def _is_plain(node, mods, block: int | None = None) -> bool:
     """Ops ORT runs in NCHW between blocked convs: grouped convs off the block, SE scales
     (``x * s[N, C, 1, 1]``) and global average pools (exported as ReduceMean)."""
+    spec = conv2d_spec(node, mods)
+    if spec is not None:
+        return _conv_layout(spec, block) == "plain"
     if node.op == "call_module":
-        mod = mods.get(node.target)
-        return _conv_layout(mod, block) == "plain" or LatencyModel._elementwise_module(mod, _shape(node)) == "gap"
+        return LatencyModel._elementwise_module(mods.get(node.target), _shape(node)) == "gap"
     if node.op == "call_function":
         return LatencyModel._elementwise_function(node, _shape(node)) in ("mul_se", "gap") or \
             node.target in (torch.mean,)
@@ -965,7 +971,7 @@ def _shape(node) -> tuple:
 
 
 def _is_blocked(node, mods, block: int | None = None) -> bool:
-    return node.op == "call_module" and _conv_layout(mods.get(node.target), block) == "blocked"
+    return _conv_layout(conv2d_spec(node, mods), block) == "blocked"
 
 
 def reordered(graph, mods=None, block: int | None = None) -> list:

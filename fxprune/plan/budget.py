@@ -40,6 +40,7 @@ import torch
 from ..cost import CostModel
 from ..cost.latency_table import LatencyModel
 from ..errors import ConfigError
+from ..ops.conv import conv2d_spec
 from ..utils import paused_gc
 from .plan import Plan
 
@@ -140,7 +141,8 @@ def default_round_to(graph):
         return value
     if text == "fast":
         return "fast"
-    convs = any(isinstance(m, torch.nn.Conv2d) for m in graph.module.modules())
+    mods = dict(graph.module.named_modules())
+    convs = any(conv2d_spec(n, mods) is not None for n in graph.module.graph.nodes)
     return "fast" if convs else None
 
 

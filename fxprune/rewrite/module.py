@@ -23,7 +23,7 @@ Example::
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
-    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False, output="module")
+    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False, output="module", round_to=None)
     >>> type(small).__name__, small[0].out_channels, small[2].in_channels, net[0].out_channels
     ('Sequential', 4, 4, 8)
     >>> fxprune.report(small).mask["module"]["ok"]

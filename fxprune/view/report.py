@@ -4,7 +4,7 @@ Example::
 
     >>> import torch, fxprune
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
-    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False)
+    >>> small = fxprune.compile(net, (torch.randn(1, 3, 8, 8),), ratio=0.5, onnx=False, round_to=None)
     >>> rep = fxprune.report(small)
     >>> rep.params_before, rep.params_after
     (260, 132)
