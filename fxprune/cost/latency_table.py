@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FxPruneError
-from ..ops.conv import Conv2dSpec, conv2d_spec
+from ..ops import Conv2dSpec, conv2d_spec
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX

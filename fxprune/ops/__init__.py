@@ -6,7 +6,37 @@ graphs, handed to the analysis, the rewrite and shape propagation; :data:`ATEN_R
 (:mod:`.aten_table`) adds the ATen spellings of ``torch.export`` graphs.
 """
 from .aten_table import ATEN_RULES
+from .conv import Conv2dSpec
 from .fx_table import FX_RULES
 from .schema import Rule, RuleTable, T
 
-__all__ = ["ATEN_RULES", "FX_RULES", "Rule", "RuleTable", "T"]
+__all__ = ["ATEN_RULES", "FX_RULES", "Conv2dSpec", "Rule", "RuleTable", "T", "conv2d_spec"]
+
+
+def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
+    """The :class:`~.conv.Conv2dSpec` of an fx node that runs a 2-d convolution (not transposed), read by its
+    rule's ``spec`` in either table: an ``nn.Conv2d`` module, ``F.conv2d`` (timm's "same"-padded convs trace
+    to it), ATen's ``conv2d`` / ``convolution`` (``torch.export``); else None. ``modules`` is the graph
+    module's ``dict(named_modules())``.
+
+        >>> import torch, torch.fx
+        >>> class Grouped(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.randn(8, 2, 3, 3))
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.conv2d(x, self.w, None, 2, 1, 1, 2)
+        >>> gm = torch.fx.symbolic_trace(Grouped())
+        >>> _ = torch.fx.passes.shape_prop.ShapeProp(gm).propagate(torch.randn(1, 4, 8, 8))
+        >>> spec = conv2d_spec([n for n in gm.graph.nodes if n.op == "call_function"][0], dict(gm.named_modules()))
+        >>> spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.groups
+        (4, 8, (3, 3), (2, 2), 2)
+    """
+    if node.op not in ("call_module", "call_function"):
+        return None
+    for table in (FX_RULES, ATEN_RULES):
+        rule = table.rule_for(node, modules)
+        if rule.spec is not None:
+            return rule.spec(node, modules)
+    return None
+

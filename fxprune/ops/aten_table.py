@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
-from .conv import (addmm_function, aten_convolution, conv_function, conv_transpose_function, embedding_function, fix_groups,
+from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function, embedding_function, fix_groups,
                    linear_function, resize_conv1d_hf)
 from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
 from .fx_table import FX_RULES
@@ -73,9 +73,10 @@ register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "n
                                          "full_like", "empty_like"))
 register(Rule(normalize_over(1)), *overloads("softmax.int", "log_softmax.int", "_softmax", "_log_softmax"))
 
-register(Rule(conv_function, fix=fix_groups(6)), *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding",
-                                                             "conv2d.padding", "conv3d.padding"))
-register(Rule(aten_convolution, fix=fix_groups(8)), *overloads("convolution", "_convolution"))
+register(Rule(conv_function, fix=fix_groups(6), spec=conv_call_spec(3, 4, 5, 6)),
+         *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"))
+register(Rule(aten_convolution, fix=fix_groups(8), spec=conv_call_spec(3, 4, 5, 8, transposed=6)),
+         *overloads("convolution", "_convolution"))
 register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_transpose2d.input",
                                                    "conv_transpose3d.input"))
 register(Rule(linear_function), *overloads("linear"))

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..labels import along, varying
 from .schema import T, arg, describe, pin_all
@@ -114,59 +112,41 @@ class Conv2dSpec:
     groups: int
 
 
-_CONV2D_CALLS = {  # target -> argument positions of (stride, padding, dilation, groups), and of transposed
-    F.conv2d: (3, 4, 5, 6, None), torch.conv2d: (3, 4, 5, 6, None),
-    torch.ops.aten.conv2d.default: (3, 4, 5, 6, None), torch.ops.aten.conv2d.padding: (3, 4, 5, 6, None),
-    torch.ops.aten.convolution.default: (3, 4, 5, 8, 6),
-}
+def conv_module_spec(node, modules: dict) -> Conv2dSpec | None:
+    """A ``nn.Conv2d`` module's :class:`Conv2dSpec` (None for 1-d and 3-d convs)."""
+    m = modules.get(node.target)
+    if not isinstance(m, nn.Conv2d):
+        return None
+    padding = m.padding if isinstance(m.padding, tuple) else (0, 0)
+    return Conv2dSpec(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(padding),
+                      tuple(m.dilation), m.groups)
 
 
-def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
-    """The :class:`Conv2dSpec` of an fx node that runs a 2-d convolution (not transposed): an ``nn.Conv2d``
-    module, ``F.conv2d`` / ``torch.conv2d`` (timm's "same"-padded convs trace to these), or ATen's
-    ``conv2d`` / ``convolution`` (``torch.export``); else None. ``modules`` is the graph module's
-    ``dict(named_modules())``.
+def conv_call_spec(stride: int, padding: int, dilation: int, groups: int, transposed: int | None = None):
+    """The ``spec`` of a conv call whose stride, padding, dilation, groups (and transposed flag) sit at
+    these argument positions: a :class:`Conv2dSpec` read from the call and its weight's shape, None for a
+    transposed or not 2-d conv."""
 
-        >>> import torch, torch.fx
-        >>> class Same(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.w = torch.nn.Parameter(torch.randn(8, 2, 3, 3))
-        ...     def forward(self, x):
-        ...         return torch.nn.functional.conv2d(x, self.w, None, 2, 1, 1, 2)
-        >>> gm = torch.fx.symbolic_trace(Same())
-        >>> _ = torch.fx.passes.shape_prop.ShapeProp(gm).propagate(torch.randn(1, 4, 8, 8))
-        >>> spec = conv2d_spec([n for n in gm.graph.nodes if n.op == "call_function"][0], dict(gm.named_modules()))
-        >>> spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.groups
-        (4, 8, (3, 3), (2, 2), 2)
-    """
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        if not isinstance(m, nn.Conv2d):
+    def spec(node, modules: dict) -> Conv2dSpec | None:
+        if transposed is not None and arg(node.args, node.kwargs, transposed, "transposed", False):
             return None
-        padding = m.padding if isinstance(m.padding, tuple) else (0, 0)
-        return Conv2dSpec(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(padding),
-                          tuple(m.dilation), m.groups)
-    if node.op != "call_function" or node.target not in _CONV2D_CALLS:
-        return None
-    i_stride, i_padding, i_dilation, i_groups, i_transposed = _CONV2D_CALLS[node.target]
-    if i_transposed is not None and arg(node.args, node.kwargs, i_transposed, "transposed", False):
-        return None
-    weight = arg(node.args, node.kwargs, 1, "weight")
-    meta = getattr(weight, "meta", {}).get("tensor_meta") if weight is not None else None
-    shape = tuple(getattr(meta, "shape", ()) or ())
-    if len(shape) != 4:
-        return None
-    groups = int(arg(node.args, node.kwargs, i_groups, "groups", 1))
+        weight = arg(node.args, node.kwargs, 1, "weight")
+        meta = getattr(weight, "meta", {}).get("tensor_meta") if weight is not None else None
+        shape = tuple(getattr(meta, "shape", ()) or ())
+        if len(shape) != 4:
+            return None
+        g = int(arg(node.args, node.kwargs, groups, "groups", 1))
+        return Conv2dSpec(shape[1] * g, shape[0], shape[2:], _pair(arg(node.args, node.kwargs, stride, "stride"), 1),
+                          _pair(arg(node.args, node.kwargs, padding, "padding"), 0),
+                          _pair(arg(node.args, node.kwargs, dilation, "dilation"), 1), g)
 
-    def pair(v, default):
-        v = default if v is None or isinstance(v, str) else v
-        v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    return spec
 
-    return Conv2dSpec(shape[1] * groups, shape[0], shape[2:], pair(arg(node.args, node.kwargs, i_stride, "stride"), 1),
-                      pair(arg(node.args, node.kwargs, i_padding, "padding"), 0),
-                      pair(arg(node.args, node.kwargs, i_dilation, "dilation"), 1), groups)
+
+def _pair(v, default):
+    v = default if v is None or isinstance(v, str) else v
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def resize_conv(m, node, rw):

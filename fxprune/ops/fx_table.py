@@ -23,7 +23,7 @@ import torchvision
 
 from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
-from .conv import (conv_function, conv_module, fix_conv_function, linear_function, linear_module, resize_conv,
+from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function, linear_module, resize_conv,
                    resize_linear)
 from .elementwise import elementwise, normalize_over, pad, reduce, spatial
 from .formulas import conv_on_meta, linear_on_meta, same_shape
@@ -62,9 +62,10 @@ register(ELEMENTWISE,
 
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
-register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta), nn.Conv1d, nn.Conv2d, nn.Conv3d)
+register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta, spec=conv_module_spec), nn.Conv1d, nn.Conv2d,
+         nn.Conv3d)
 register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-register(Rule(conv_function, fix=fix_conv_function), F.conv1d, F.conv2d, F.conv3d)
+register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5, 6)), F.conv1d, F.conv2d, F.conv3d)
 register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
 register(Rule(linear_function), F.linear)
 register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),

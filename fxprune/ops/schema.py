@@ -50,6 +50,7 @@ class Rule:
     fix: Callable | None = None
     resize: Callable | None = None
     on_meta: Callable | None = None
+    spec: Callable | None = None  # spec(node, modules): a conv's geometry for the cost models (conv.Conv2dSpec)
     grids: bool | None = None  # ``couple`` takes grid labels (see one_axis); default: ``couple.takes_grids``
 
     def __post_init__(self):

@@ -40,7 +40,7 @@ import torch
 from ..cost import CostModel
 from ..cost.latency_table import LatencyModel
 from ..errors import ConfigError
-from ..ops.conv import conv2d_spec
+from ..ops import conv2d_spec
 from ..utils import paused_gc
 from .plan import Plan
 
