@@ -24,14 +24,14 @@ import warnings
 import torch
 
 from . import passes
-from .cost.latency import budget_at, fit_latency, quiet, search_latency
+from .cost.latency import fit_latency, search_latency
 from .cost.latency_table import LatencyError, LatencyModel
 from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
 from .partial import compile_parts
 from .pipeline import Pipeline
 from .plan import Plan
-from .plan.budget import default_round_to, kept_importance
+from .plan.budget import default_round_to
 
 DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_round_to
 
@@ -63,21 +63,20 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     (fraction of the model kept), or ``latency`` (fraction of the original's ONNX Runtime
     CPU latency allowed).
 
-    ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
-    ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
-    importance per millisecond, then
-    the plan is exported, timed against the original and corrected until it measures within
-    ``[0.9, 0.96] × latency`` (:func:`fxprune.cost.latency.fit_latency`); then the importance-ranked
-    plan is found the same way (the FLOPs budget fitted to the same band, each candidate timed) and, of
-    the two that meet the target, the one that keeps more of the importance
-    (:func:`fxprune.plan.budget.kept_importance`) at equal measured latency is returned: the one that
-    landed higher is re-planned (not timed) at the other's ratio from its own search's readings
-    (``report.plan.meta["ranking"]``: ``"per ms"`` or ``"importance"``, with each one's
-    ``importance_kept`` and ``latency_ratios``, and ``compared_at`` and ``importance_at``; see
-    ``_more_important``; ``latency_options={"compare": False}`` skips it).
-    ``latency_model=False`` fits the FLOPs budget only, timing each candidate
-    (:func:`fxprune.cost.latency.search_latency`); ``latency_options`` go to either. ``round_to`` rounds each group's kept count up: to a
-    multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
+    ``latency=t`` fits the FLOPs budget on measured latency: channels ranked by importance, as for
+    ``flops=``, with the fast counts of a :class:`~fxprune.cost.latency_table.LatencyModel` (built here,
+    its ORT kernel times cached per machine, unless given as ``latency_model``), each candidate exported
+    and timed against the original until one measures within ``[0.9, 0.96] × latency``
+    (:func:`fxprune.cost.latency.search_latency`). ``latency_options={"ranking": "per ms"}`` ranks
+    channels by importance per millisecond of the latency model instead (HALP's ranking), its plans
+    measured and corrected the same way (:func:`fxprune.cost.latency.fit_latency`);
+    ``report.plan.meta["ranking"]`` says which. The importance ranking is the default because it
+    fine-tuned better at equal measured latency in every comparison made (Fashion-MNIST, ResNet-20 and
+    a MobileNet-style net; ``tools/results/equal_latency.md``): the per-ms ranking empties the layers
+    that cost most per channel (often the early, full-resolution ones) before others lose any.
+    ``latency_model=False`` plans without a latency model (unrounded counts unless ``round_to`` is given);
+    ``latency_options`` go to the search (``steps``, ``repeats``, ``threads``, ``progress``).
+    ``round_to`` rounds each group's kept count up: to a multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
     given, a model with 2-d convolutions planned from scores gets ``"fast"``
     (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it; methods that
     plan themselves, CURL and CATRO, round only when asked, and their ``latency=`` fits the FLOPs
@@ -120,8 +119,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     if latency is not None and any(b is not None for b in (ratio, flops, params)):
         raise ConfigError("give exactly one budget: latency= cannot be combined with ratio=, flops= or params=")
     own_plan = callable(getattr(criterion, "plan", None))   # CURL, CATRO: no latency model in their planning
-    if latency is not None and latency_model is None:
-        latency_model = False if own_plan else True
+    options = dict(latency_options or {})
+    ranking = options.pop("ranking", "importance")
+    if latency is not None:
+        _check_ranking(ranking, own_plan, name, latency_model)
+        if ranking == "per ms" and latency_model is None:
+            latency_model = True
     by_default = round_to is DEFAULT
     if by_default:
         round_to = None if own_plan else default_round_to(pipe.graph)
@@ -129,7 +132,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         try:
             latency_model = LatencyModel(pipe.graph)
         except LatencyError as exc:
-            if not (by_default and latency is None):
+            if latency_model is True or not by_default:
                 raise
             warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
                           "pass round_to= to choose", stacklevel=2)
@@ -153,79 +156,26 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         warnings.warn("channel counts not rounded for ONNX Runtime: the fast counts (round_to=\"fast\", the "
                       "default) cannot reach this budget on this model; pass round_to= to choose", stacklevel=2)
         return pipe.build(planner_for(None)(ratio=ratio, flops=flops, params=params), method=name)
-    if latency_model is False:
-        plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f),
-                                       **(latency_options or {}))
-    else:
-        options = dict(latency_options or {})
-        compare = options.pop("compare", True)
+    if ranking == "per ms":
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
-        if compare:
-            plan, history = _more_important(model, pipe.graph, latency, planner, plan, history, options)
+    else:
+        plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f), **options)
+    plan.meta["ranking"] = ranking
     return pipe.build(plan, method=name, search=history)
 
 
-_SEARCH_OPTIONS = ("repeats", "warmup", "rounds", "threads", "progress", "min_seconds", "margin")
+RANKINGS = ("importance", "per ms")
 
 
-def _more_important(model, graph, latency, planner, plan, history, options):
-    """The latency model's plan against the importance-ranked one (the FLOPs budget fitted on measured
-    latency, :func:`search_latency`), compared at equal measured latency: of the two that meet the target,
-    the one keeping more of the importance (:func:`~fxprune.plan.budget.kept_importance`: normalised scores
-    weighted by FLOPs per channel and by parameters per channel, the smaller share; unweighted, the share of
-    channels kept would favour the per-ms ranking, which maximises it per millisecond). A latency model's
-    per-channel costs can be wrong for a model (small ones especially), and then its ranking removes more
-    than the latency needs.
-
-    Why at equal latency, and how. Either ranking keeps more importance the more latency it is allowed, so
-    two plans that landed at different measured ratios compare their latencies as much as their rankings
-    (per ms 0.568 kept at 0.662 against importance 0.469 at 0.607, ResNet-20 at a target of 0.7: the plan
-    that landed higher won). Both searches aim at the same band, but land anywhere in it (and outside it
-    when a search runs out of steps). Two ways to remove the difference were set aside:
-
-    - importance per unit of measured latency (kept / ratio) assumes importance falls in proportion to
-      latency. It does not: a ranking removes its least important channels first, so the importance kept
-      is concave in the latency allowed and kept / ratio grows as the plan shrinks; the rule would favour
-      whichever plan landed lower, by an amount that depends on the model, not on the rankings;
-    - re-planning the lower one up to the other's latency and timing it costs more timings, each read
-      with a noise of a few per cent, about the size of the gap it means to close.
-
-    Instead, each ranking is compared at the lower of the two measured ratios, ``r``, a latency both are
-    known to reach. The ranking that landed lower keeps its plan; for the one that landed higher, the
-    budget at which it would measure ``r`` is read off its own search's measurements the way the search
-    reads them (:func:`~fxprune.cost.latency.budget_at`: the secant within the bracket of ``r``, else the
-    median miss), no larger than the budget of its plan, and planned; the importance that plan keeps is
-    exact (scores, no timing). The larger of the two at ``r`` wins (the per-ms plan on a tie, as before),
-    and the winner's own searched plan is returned: if the higher ranking wins, its plan keeps still more
-    at its own (measured, passing) latency. Only the latency comparison moves; nothing is tuned on
-    accuracy after fine-tuning.
-
-    ``plan.meta`` gets ``ranking``, ``importance_kept`` (each plan's own), ``latency_ratios`` (each plan's
-    measured ratio), ``compared_at`` (``r``) and ``importance_at`` (each ranking's importance kept at ``r``)."""
-    other, other_history = search_latency(model, graph, latency, planner=lambda f: planner(flops=f),
-                                          **{k: v for k, v in options.items() if k in _SEARCH_OPTIONS})
-    scores = planner.scores()
-    found = {"per ms": (plan, history, "predicted", lambda t: planner(latency=t)),
-             "importance": (other, other_history, "flops", lambda f: planner(flops=f))}
-    kept = {k: kept_importance(graph, scores, p) for k, (p, *_) in found.items()}
-    ratios = {k: p.meta["latency_ratio"] for k, (p, *_) in found.items()}
-    met = {k: r <= latency for k, r in ratios.items()}
-    at = min(ratios.values())
-    kept_at = dict(kept)
-    if all(met.values()) and ratios["per ms"] != ratios["importance"]:
-        higher = max(ratios, key=ratios.get)
-        p, rows, key, plan_budget = found[higher]
-        budget = min(p.meta["latency_budget" if key == "predicted" else "flops_budget"],
-                     budget_at([(r[key], r["ratio"]) for r in rows], at))
-        kept_at[higher] = min(kept[higher], kept_importance(graph, scores, quiet(plan_budget)(budget)))
-    ranking = "importance" if met["importance"] and (not met["per ms"] or kept_at["importance"] > kept_at["per ms"]) \
-        else "per ms"
-    best = found[ranking][0]
-    best.meta.update({"ranking": ranking, "importance_kept": {k: round(v, 4) for k, v in kept.items()},
-                      "latency_ratios": ratios, "compared_at": at,
-                      "importance_at": {k: round(v, 4) for k, v in kept_at.items()}})
-    history = [{**r, "ranking": "per ms"} for r in history] + [{**r, "ranking": "importance"} for r in other_history]
-    return best, history
+def _check_ranking(ranking, own_plan: bool, name: str, latency_model) -> None:
+    """Raise :class:`ConfigError` unless ``latency_options["ranking"]`` names a ranking this method can use."""
+    if ranking not in RANKINGS:
+        raise ConfigError(f"latency_options ranking={ranking!r}: give one of {', '.join(map(repr, RANKINGS))}")
+    if ranking == "per ms" and own_plan:
+        raise ConfigError(f"method '{name}' chooses its channels itself, so it cannot rank them per millisecond: "
+                          "drop latency_options ranking='per ms' (its latency= fits the FLOPs budget)")
+    if ranking == "per ms" and latency_model is False:
+        raise ConfigError("the per-ms ranking needs a latency model: drop latency_model=False, or the ranking")
 
 
 def _check_parts(data, latency, latency_model, output, why: str) -> None:

@@ -122,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "class (channels counted by literals in its code are kept)")
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=None,
-                       help="--latency: candidates measured (default 4 with the latency model, 6 fitting the FLOPs budget)")
-    prune.add_argument("--latency-search", choices=("model", "flops"), default="model",
-                       help="--latency: plan on a measured per-op latency model, then measure and correct (model), "
-                            "or fit the FLOPs budget the same way, timing every candidate (flops)")
+                       help="--latency: candidates measured (default 6)")
+    prune.add_argument("--latency-ranking", choices=("importance", "per-ms"), default="importance",
+                       help="--latency: rank channels by importance and fit the FLOPs budget on measured latency "
+                            "(importance, the default), or by importance per millisecond of a measured per-op "
+                            "latency model (per-ms, HALP's ranking); either way every candidate is timed")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
@@ -215,14 +216,14 @@ def _prune(args) -> int:
     model = _model(args)
     inputs = _inputs(args)
     latency_options = None
-    latency_model = None
     if args.latency is not None:
-        steps = args.steps or (4 if args.latency_search == "model" else 6)
+        steps = args.steps or 6
         if args.repeats < 1 or steps < 1:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
-        latency_options = {"steps": steps, "repeats": args.repeats, "progress": True}
-        latency_model = False if args.latency_search == "flops" else None
-        how = "fitting the FLOPs budget, measured" if args.latency_search == "flops" else "latency model, measured"
+        ranking = args.latency_ranking.replace("-", " ")
+        latency_options = {"steps": steps, "repeats": args.repeats, "progress": True, "ranking": ranking}
+        how = "importance per ms of the latency model, measured" if ranking == "per ms" else \
+            "fitting the FLOPs budget, measured"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
               f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "
               "rounds, median of the rounds' ratios):", flush=True)
@@ -230,7 +231,6 @@ def _prune(args) -> int:
         warnings.simplefilter("always")
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
-                         latency_model=latency_model,
                          verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output,
                          heads=args.heads)
     for w in caught:

@@ -278,8 +278,9 @@ def test_compile_with_a_latency_budget():
     assert rep.mask["ok"] and rep.plan.meta["latency"] == 0.5
     assert all(len(v) % 4 == 0 for v in rep.plan.keep.values())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    with pytest.raises(ConfigError, match="chooses its own channels"):
-        fxprune.compile(net, (X8,), method="curl", latency=0.5, latency_model=lm, onnx=False)
+    with pytest.raises(ConfigError, match="chooses its channels itself"):
+        fxprune.compile(net, (X8,), method="curl", latency=0.5, latency_model=lm, onnx=False,
+                        latency_options={"ranking": "per ms"})
 
 
 # -- defaults: fast counts, and latency= planned on the model, measured and corrected ----------------
@@ -536,14 +537,15 @@ def test_paired_ratio_is_the_median_of_rounds(monkeypatch):
     assert order == ["base", "cand", "cand", "base", "base", "cand"]      # who goes first alternates
 
 
-def test_compile_latency_uses_the_model_then_measures(monkeypatch):
+def test_compile_latency_per_ms_uses_the_model_then_measures(monkeypatch):
     from fxprune.cost import latency
 
     net = wide_net()
     lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
     monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 0.9))   # the plan runs a bit faster than predicted
     rep = fxprune.report(fxprune.compile(net, (X8,), latency=0.5, latency_model=lm, onnx=False,
-                                         latency_options={"compare": False}))
+                                         latency_options={"ranking": "per ms"}))
+    assert rep.plan.meta["ranking"] == "per ms"
     first = rep.search[0]
     assert first["predicted"] == 0.5 and first["ok"]
     # measured 0.9x the prediction, below 0.95 of the target: the next plan asks for more, and is kept if it passes
@@ -552,104 +554,39 @@ def test_compile_latency_uses_the_model_then_measures(monkeypatch):
     assert rep.plan.meta["latency_budget"] == best["predicted"] and rep.plan.meta["latency_ratio"] <= 0.5
 
 
-def test_compile_latency_keeps_the_plan_with_more_importance(monkeypatch):
-    """By default the latency model's plan (importance per ms) is compared with the importance-ranked one
-    found by bisecting the FLOPs budget, both timed: the one that meets the target and keeps more of the
-    importance is returned, and the search history has both, tagged."""
+def test_compile_latency_ranks_by_importance_by_default(monkeypatch):
+    """By default ``latency=`` fits the FLOPs budget on measured latency: the plan returned is the
+    importance-ranked plan of the budget found, with the latency model's fast counts, and the search's
+    rows are FLOPs budgets."""
     from fxprune.cost import latency
-    from fxprune.plan.budget import kept_importance
 
     net = wide_net()
     graph = fxprune.analyze(net, (X8,))
     lm = LatencyModel(graph, table=FunctionTable(fake))
-    monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 1.0))   # every plan runs as predicted
-    rep = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False))
+    monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 1.3))   # every plan 1.3x slower than predicted
+    rep = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False,
+                                         round_to="fast"))
     meta = rep.plan.meta
-    rankings = [r["ranking"] for r in rep.search]
-    assert rankings[0] == "per ms" and rankings[-1] == "importance" and rankings == sorted(rankings, reverse=True)
+    assert meta["ranking"] == "importance" and "latency_budget" not in meta
+    assert all("flops" in r and "predicted" not in r for r in rep.search)
+    assert rep.search[0]["flops"] == 0.5 and not rep.search[0]["ok"]      # 1.3 x its prediction: too slow
     scores = fxprune.passes.get("l1")(graph)
-    def returned(ranking, key):   # the largest budget measured at most 0.96 of the target (else at most it)
-        rows = [r for r in rep.search if r["ranking"] == ranking and r["ok"]]
-        return max([r for r in rows if r["ratio"] <= 0.48] or rows, key=lambda r: r[key])
-    per_ms, flops = returned("per ms", "predicted"), returned("importance", "flops")
-    kept = {"per ms": kept_importance(graph, scores, per_ms["plan"]),
-            "importance": kept_importance(graph, scores, flops["plan"])}
-    assert meta["importance_kept"] == {k: round(v, 4) for k, v in kept.items()}
-    assert meta["latency_ratios"] == {"per ms": per_ms["ratio"], "importance": flops["ratio"]}
-    # compared at the lower of the two ratios: the plan that landed lower counts as it is, the other one less
-    lower = min(meta["latency_ratios"], key=meta["latency_ratios"].get)
-    assert meta["compared_at"] == meta["latency_ratios"][lower] and meta["latency_ratio"] <= 0.5
-    assert meta["importance_at"][lower] == meta["importance_kept"][lower]
-    assert all(meta["importance_at"][k] <= meta["importance_kept"][k] for k in kept)
-    at = meta["importance_at"]
-    assert meta["ranking"] == ("importance" if at["importance"] > at["per ms"] else "per ms")
-    assert rep.plan.keep == (per_ms if meta["ranking"] == "per ms" else flops)["plan"].keep
-    assert "ranking" in latency.history_table(rep.search)
+    expected = make_plan(graph, scores, flops=meta["flops_budget"], round_to="fast", latency_model=lm)
+    assert rep.plan.keep == expected.keep and meta["round_to"] == "fast"
+    assert 0.45 <= meta["latency_ratio"] <= 0.5
+    assert meta["latency_ratio"] == pytest.approx(1.3 * lm.latency(expected.mask(graph).numpy()) / lm.base)
 
 
-class FakePlanner:
-    """A Pipeline.planner stand-in: both budgets plan by FLOPs, the same ranking, a latency budget ``t``
-    planning ``scale * t`` of the FLOPs (``scale`` < 1: a latency model that over-prices what it keeps)."""
-
-    def __init__(self, graph, scores, scale):
-        self.graph, self._scores, self.scale = graph, scores, scale
-
-    def scores(self):
-        return self._scores
-
-    def __call__(self, latency=None, flops=None):
-        return make_plan(self.graph, self._scores, flops=self.scale * latency if flops is None else flops)
-
-
-def compare_rankings(monkeypatch, per_ms_rows, importance_rows, scale):
-    """``_more_important`` on searches that measured ``(budget, ratio)`` rows (the last of each the plan
-    found): ``(meta, kept)``, ``kept`` each found plan's importance kept."""
-    from fxprune.api import _more_important
-    from fxprune.plan.budget import kept_importance
-
-    graph = fxprune.analyze(fine_net(), (X8,))
-    scores = {name: torch.rand(g.size) for name, g in graph.groups.items()}
-    planner = FakePlanner(graph, scores, scale)
-
-    def rows(found, key, plan_budget):
-        history = [{key: b, "ratio": r, "ok": r <= 0.7, "plan": plan_budget(b)} for b, r in found]
-        plan = history[-1]["plan"]
-        plan.meta.update({"latency_ratio": found[-1][1],
-                          ("latency_budget" if key == "predicted" else "flops_budget"): found[-1][0]})
-        return plan, history
-
-    other = rows(importance_rows, "flops", lambda f: planner(flops=f))
-    monkeypatch.setattr(fxprune.api, "search_latency", lambda *a, **k: other)
-    plan, history = rows(per_ms_rows, "predicted", lambda t: planner(latency=t))
-    best, both = _more_important(None, graph, 0.7, planner, plan, history, {})
-    kept = {"per ms": kept_importance(graph, scores, plan), "importance": kept_importance(graph, scores, other[0])}
-    assert len(both) == len(per_ms_rows) + len(importance_rows)
-    assert best is (plan if best.meta["ranking"] == "per ms" else other[0])
-    return best.meta, kept
-
-
-def test_compile_latency_compares_the_rankings_at_equal_latency(monkeypatch):
-    """The per-ms plan landed higher (0.66 against 0.60) and keeps more importance there (0.63 of the FLOPs
-    against 0.62), the comparison before chose it; at 0.60, the latency its search read between its budgets
-    0.6 (0.57) and 0.7 (0.66), it would plan 0.9 x 0.633 = 0.57 of the FLOPs, less than the importance
-    plan's 0.62: the importance-ranked plan is returned."""
-    torch.manual_seed(0)
-    meta, kept = compare_rankings(monkeypatch, [(0.6, 0.57), (0.7, 0.66)], [(0.7, 0.75), (0.62, 0.60)], 0.9)
-    assert kept["per ms"] > kept["importance"]                      # at their own latencies
-    assert meta["compared_at"] == 0.60 and meta["ranking"] == "importance"
-    assert meta["importance_at"]["importance"] == meta["importance_kept"]["importance"]
-    assert meta["importance_at"]["per ms"] < meta["importance_at"]["importance"]
-    # the same, the latency model's plans as dense as the importance ranking's (scale 1): per ms wins at 0.60
-    torch.manual_seed(0)
-    meta, _ = compare_rankings(monkeypatch, [(0.6, 0.57), (0.7, 0.66)], [(0.7, 0.75), (0.62, 0.60)], 1.0)
-    assert meta["ranking"] == "per ms" and meta["importance_at"]["per ms"] > meta["importance_at"]["importance"]
-
-
-def test_compile_latency_compares_a_ranking_that_missed_the_target_as_before(monkeypatch):
-    """A plan above the target is not returned, whatever it keeps, and nothing is re-planned."""
-    torch.manual_seed(0)
-    meta, kept = compare_rankings(monkeypatch, [(0.7, 0.74)], [(0.7, 0.75), (0.6, 0.66)], 1.0)
-    assert meta["ranking"] == "importance" and meta["importance_at"] == meta["importance_kept"]
+@pytest.mark.parametrize("method, options, why", [
+    ("l1", {"ranking": "per-ms"}, "give one of"),
+    ("l1", {"ranking": "per ms", "latency_model": False}, "needs a latency model"),
+    ("catro", {"ranking": "per ms"}, "chooses its channels itself"),
+])
+def test_compile_latency_ranking_errors(method, options, why):
+    options = dict(options)
+    kw = {"latency_model": options.pop("latency_model")} if "latency_model" in options else {}
+    with pytest.raises(ConfigError, match=why):
+        fxprune.compile(wide_net(), (X8,), method=method, latency=0.5, latency_options=options, **kw)
 
 
 # -- grouped convs, balanced blocks and layout reorders ------------------------------------------

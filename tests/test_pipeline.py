@@ -35,7 +35,6 @@ def routes():
         out["oicsr greedy"] = oicsr.prune(net, (X,), flops=0.6, step=0.2, cap=0.5, residual=True,
                                           retrain=lambda m: None)
         out["latency search"] = fxprune.compile(net, (X,), method="l2", latency=0.9, onnx=False,
-                                                latency_model=False,   # the FLOPs bisection route
                                                 latency_options={"steps": 1, "repeats": 4, "warmup": 1, "rounds": 1})
     return net, out
 
@@ -72,6 +71,7 @@ def test_the_latency_search_is_recorded_in_the_report(results):
     rep = fxprune.report(results[1]["latency search"])
     assert len(rep.search) == 1 and rep.search[0]["flops"] == pytest.approx(0.9)
     assert rep.plan.meta["latency"] == 0.9 and "latency_ratio" in rep.plan.meta
+    assert rep.plan.meta["ranking"] == "importance" and "flops_budget" in rep.plan.meta
 
 
 def test_oicsr_report_merges_the_rounds(results):

@@ -5,17 +5,13 @@ blocks, depthwise 3x3 convs), both on 28x28x1 inputs: train a baseline once, the
 same ONNX Runtime CPU latency target (``--target`` × the original's, batch 1, 2 threads) three ways,
 each with ``method="l2"`` and the default rounding (fast counts):
 
-* ``latency planner``: ``fxprune.compile(model, x, latency=T)`` — channels ranked by importance per
-  millisecond of a measured per-op latency model, then measured against the original and corrected;
-  compared with the importance-ranked plan (the FLOPs budget fitted to the same band) at equal measured
-  latency, and the one keeping more of the importance there returned (the table says which, and what
-  each ranking keeps at the lower of the two ratios);
-* ``per-ms ranking only``: the same with ``latency_options={"compare": False}``: the latency model's plan
-  as measured and corrected, whatever the comparison would choose (so that the two rankings are seen
-  side by side at equal latency even when the latency planner returns the importance-ranked plan);
-* ``FLOPs budget``: ``fxprune.compile(model, x, latency=T, latency_model=False)`` — the FLOPs
-  budget (channels ranked by importance, FLOPs counted) whose exported model measures within
-  ``[0.9, 0.96] × T``, fitted by the same search, every candidate timed.
+* ``latency planner`` (the default ranking, importance): ``fxprune.compile(model, x, latency=T)`` —
+  channels ranked by importance, the FLOPs budget (with the latency model's fast counts) fitted so that
+  the exported model measures within ``[0.9, 0.96] × T``, every candidate timed against the original.
+  This is the FLOPs budget at equal latency of the issue's comparison: ``latency=`` fits it;
+* ``per-ms ranking``: the same with ``latency_options={"ranking": "per ms"}``: channels ranked by
+  importance per millisecond of a measured per-op latency model (HALP's ranking), its plans measured
+  against the original and corrected the same way.
 
 Each pruned model is fine-tuned the same way for each of ``--seeds`` seeds (same epochs, samples,
 SGD + cosine schedule, seed = data order), and its test accuracy reported as mean ± std. Latency of
@@ -88,18 +84,17 @@ class MobileNetS(nn.Module):
 MODELS = {"resnet20": ResNet20, "mobilenet_s": MobileNetS}
 
 
-ARMS = ("latency planner", "per-ms ranking only", "FLOPs budget")
+ARMS = ("latency planner (importance ranking, default)", "per-ms ranking")
 
 
 def prune(base, x1, target, arm, args):
     options = {"threads": args.threads, "repeats": args.search_repeats, "rounds": 3}
-    kw = {"latency_model": False} if arm == "FLOPs budget" else {}
-    if arm == "per-ms ranking only":
-        options["compare"] = False
+    if arm == "per-ms ranking":
+        options["ranking"] = "per ms"
     os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned = fxprune.compile(base, (x1,), method="l2", latency=target, onnx=False, latency_options=options, **kw)
+        pruned = fxprune.compile(base, (x1,), method="l2", latency=target, onnx=False, latency_options=options)
     for w in caught:
         if "latency target" in str(w.message):
             print(f"  warning: {w.message}", flush=True)
@@ -163,15 +158,6 @@ def main(argv=None):
             std = 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
             search = (f"predicted {meta['latency_budget']:.3f}" if "latency_budget" in meta
                       else f"FLOPs {meta['flops_budget']:.3f}")
-            if "ranking" in meta:   # the latency planner's two rankings, and the share of importance each kept
-                kept = meta["importance_kept"]
-                ratios = meta.get("latency_ratios", {})
-                at = meta.get("importance_at", kept)
-                search = (f"{meta['ranking']} ranking (importance kept: per ms {kept['per ms']:.3f} at "
-                          f"{ratios.get('per ms', float('nan')):.3f}, importance {kept['importance']:.3f} at "
-                          f"{ratios.get('importance', float('nan')):.3f}; compared at "
-                          f"{meta.get('compared_at', float('nan')):.3f}: per ms {at['per ms']:.3f}, "
-                          f"importance {at['importance']:.3f}), {search}")
             rows.append((name, arm, f"{count_flops(pruned, (x1,)) / f0:.3f}", f"{count_params(pruned):,}",
                          fmt_ratio(lat[0]), fmt_ratio(lat[1]), f"{mean:.2f} ± {std:.2f}", f"{100 * before:.2f}",
                          f"{search}, searched {meta['latency_ratio']:.3f}"))

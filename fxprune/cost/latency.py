@@ -437,22 +437,6 @@ def median_miss(points: list[tuple[float, float]]) -> float:
     return max(1e-3, statistics.median(r / b for b, r in points))
 
 
-def budget_at(points: list[tuple[float, float]], ratio: float) -> float:
-    """The budget that would measure ``ratio``, read off ``points`` ``(budget, measured ratio)`` the way
-    :func:`next_budget` reads them: the secant within a bracket (clamped to it), else the budget scaled
-    by the median miss (measured ratio / budget), within (0, 1].
-
-    >>> round(budget_at([(0.5, 0.6), (0.4, 0.4)], 0.45), 3)
-    0.425
-    >>> budget_at([(0.5, 0.6)], 0.45)
-    0.375
-    """
-    low, high = bracket(points, ratio)
-    if high is not None:
-        return min(high[0], max(low[0], secant(low, high, ratio)))
-    return min(1.0, max(1e-3, ratio / median_miss(points)))
-
-
 def next_budget(points: list[tuple[float, float]], aim: float, t: float, lo: float, hi: float, max_step: float):
     """:func:`fit_budget`'s next budget, and whether to stop, from ``points`` ``(budget, measured ratio)``
     so far (``t`` the last budget). Once a budget measured at most ``aim`` and a larger one above it

@@ -311,61 +311,6 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
                           {**info, **(meta or {})})
 
 
-def kept_importance(graph, scores: dict[str, torch.Tensor], plan) -> float:
-    """The share of the importance that ``plan`` keeps, counting each channel with what it costs: over the
-    unpinned channels of every scored prunable group, the normalised scores (:func:`normalized`,
-    :func:`make_plan`'s ranking key) of the kept channels over those of all, each weighted by its group's
-    FLOPs per channel, and again each weighted by its parameters per channel (:func:`cost_per_channel`);
-    the smaller of the two shares. Compares two plans made from the same scores.
-
-    Unweighted, every group's normalised scores sum to its size, and the share is about the share of
-    channels kept, wherever they are: a plan that empties a stream shared by a dozen convolutions, or the
-    layers at full resolution, or the wide late layers, reads as keeping most of the importance (on a small
-    MobileNet-style net, 0.84 for a plan keeping 0.24 of the FLOPs). Weighted by FLOPs alone, emptying the
-    late layers (few FLOPs, most parameters) costs little; by parameters alone, emptying the early ones.
-
-    >>> import torch, fxprune
-    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    >>> graph = fxprune.analyze(net, (torch.randn(1, 3, 4, 4),))
-    >>> scores = {"0": torch.tensor([1.0, 2.0, 3.0, 2.0])}
-    >>> plan = make_plan(graph, scores, ratio=0.5)      # keeps the channels scored 3 and 2
-    >>> round(kept_importance(graph, scores, plan), 3)
-    0.625
-
-    Two groups: ``a`` at 8x8 carries 392 FLOPs per channel, ``b`` after a global pooling 12; their
-    parameters per channel are alike (8 and 7). Unweighted, halving either would keep 0.75; halving ``a``
-    keeps about half of the FLOPs-weighted importance, halving ``b`` about three quarters of the
-    parameter-weighted one:
-
-    >>> class Two(torch.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.a, self.b, self.c = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 2, 1)
-    ...     def forward(self, x):
-    ...         return self.c(self.b(torch.nn.functional.adaptive_avg_pool2d(self.a(x), 1)))
-    >>> graph = fxprune.analyze(Two(), (torch.randn(1, 3, 8, 8),))
-    >>> scores = {"a": torch.ones(4), "b": torch.ones(4)}
-    >>> half = {name: make_plan(graph, scores, ratio=0.5, ignore=[g for g in scores if g != name]) for name in scores}
-    >>> {name: round(kept_importance(graph, scores, plan), 3) for name, plan in half.items()}
-    {'a': 0.515, 'b': 0.767}
-    """
-    keep = plan.mask(graph)
-    groups = [graph.groups[name] for name in scores if name in graph.groups and graph.groups[name].prunable]
-    cost = CostModel(graph)
-    shares = []
-    for weight in (cost_per_channel(graph, groups, cost.flops, cost.base_flops),
-                   cost_per_channel(graph, groups, cost.params, cost.base_params)):
-        kept = total = 0.0
-        for g in groups:
-            free = ~g.pinned
-            v = weight[g.name] * normalized(scores[g.name], free)[free]
-            off = graph.offsets[g.name]
-            kept += float(v[keep[off:off + g.size][free]].sum())
-            total += float(v.sum())
-        shares.append(kept / total if total else 1.0)
-    return min(shares)
-
-
 def cost_per_channel(graph, groups, measure, base: float) -> dict[str, float]:
     """Each group's ``measure`` (of a global keep-mask; ``base`` unpruned) saved per channel when half of
     the group goes, the rest of the model kept; at least a millionth of ``base`` over the group's size."""
