@@ -431,17 +431,35 @@ def edges(curve, tol: float = 0.03) -> list[int]:
     return [c + 1 for c in range(len(d)) if d[c] > thr]
 
 
-def find_steps(curve, tol: float = 0.03) -> Steps:
+def find_steps(curve, tol: float = 0.03, period: int | None = None) -> Steps:
     """The period of a latency curve over counts ``1..len(curve)`` and how much slower, or faster,
     each residue runs than the next multiple of it (``slow``). The period is the finest power of two
     whose multiples are (75 %) counts after which the curve jumps (:func:`edges`), doubled while the
     multiples in between cost as much as the next multiple of the double (the kernel pads to it):
     ORT's depthwise conv falls back to a slow kernel off multiples of 4 and pads to blocks of 16.
+    ``period`` given: the slow-downs of that period (:func:`find_period` of another curve, say).
 
     >>> find_steps([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]).period   # plateaus of 4
     4
     >>> find_steps([2, 2, 2, 1, 3, 3, 3, 2, 4, 4, 4, 3])           # off multiples of 4: 3/2, 4/3 slower
     Steps(period=4, residues=(0,), slow=(1.0, 1.417, 1.417, 1.417))
+    """
+    f = np.asarray(curve, dtype=float)
+    n = len(f)
+    period = find_period(f, tol) if period is None else period
+    slow = []
+    for r in range(period):
+        ups = [(c, -(-c // period) * period) for c in range(period + 1, n + 1) if c % period == r]
+        ratios = [f[c - 1] / f[u - 1] for c, u in ups if u <= n]
+        slow.append(1.0 if r == 0 or not ratios else float(statistics.median(ratios)))
+    return Steps(period, (0,), tuple(round(v, 3) for v in slow))
+
+
+def find_period(curve, tol: float = 0.03) -> int:
+    """:func:`find_steps`'s period of ``curve``.
+
+    >>> find_period([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]), find_period([1, 2, 3, 4, 5, 6, 7, 8])
+    (4, 1)
     """
     f = np.asarray(curve, dtype=float)
     n = len(f)
@@ -457,12 +475,7 @@ def find_steps(curve, tol: float = 0.03) -> Steps:
         if not all(f[m - 1] >= (1 - PAD_TOL) * f[m + period - 1] for m in mids):
             break
         period *= 2
-    slow = []
-    for r in range(period):
-        ups = [(c, -(-c // period) * period) for c in range(period + 1, n + 1) if c % period == r]
-        ratios = [f[c - 1] / f[u - 1] for c, u in ups if u <= n]
-        slow.append(1.0 if r == 0 or not ratios else float(statistics.median(ratios)))
-    return Steps(period, (0,), tuple(round(v, 3) for v in slow))
+    return period
 
 
 def probe(table) -> dict[str, Steps]:
@@ -483,10 +496,14 @@ def probe(table) -> dict[str, Steps]:
     out, i = {}, 0
     for fam, ss in sigs.items():
         if entries is not None:   # kernels and reorders: a count off a block pays for the reorders around it
-            curve = [entries[s.key]["ms"] + entries[s.key].get("reorder_ms", 0.0) for s in ss]
+            kernels = [entries[s.key]["ms"] for s in ss]
+            curve = [k + entries[s.key].get("reorder_ms", 0.0) for k, s in zip(kernels, ss)]
+            # the block shows in the kernels' plateaus, and in the reorders a count off it pays; reorders
+            # can also step on a pattern of their own (one thread, on some CPUs: multiples of 4 pay more)
+            # and hide the block from the sum: the coarser of the two periods is the block
+            out[fam] = find_steps(curve, period=max(find_period(curve), find_period(kernels)))
         else:
-            curve = times[i:i + len(ss)]
-        out[fam] = find_steps(curve)
+            out[fam] = find_steps(times[i:i + len(ss)])
         i += len(ss)
     owner._steps = out
     return out
