@@ -31,7 +31,7 @@ from .ir import ChannelGraph
 from .partial import compile_parts
 from .pipeline import Pipeline
 from .plan import Plan
-from .plan.budget import default_round_to
+from .plan.budget import RANKINGS, default_round_to
 
 DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_round_to
 
@@ -63,21 +63,23 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     (fraction of the model kept), or ``latency`` (fraction of the original's ONNX Runtime
     CPU latency allowed).
 
-    ``latency=t`` fits the FLOPs budget on measured latency: channels ranked by importance, as for
-    ``flops=``, with the fast counts of a :class:`~fxprune.cost.latency_table.LatencyModel` (built here,
-    its ORT kernel times cached per machine, unless given as ``latency_model``), each candidate exported
-    and timed against the original until one measures within ``[0.9, 0.96] × latency``
-    (:func:`fxprune.cost.latency.search_latency`). ``latency_options={"ranking": "per ms"}`` ranks
-    channels by importance per millisecond of the latency model instead (HALP's ranking), its plans
-    measured and corrected the same way (:func:`fxprune.cost.latency.fit_latency`);
-    ``report.plan.meta["ranking"]`` says which. The importance ranking is the default because it
-    fine-tuned better at equal measured latency in every comparison made (Fashion-MNIST, ResNet-20 and
-    a MobileNet-style net; ``tools/results/equal_latency.md``): the per-ms ranking empties the layers
-    that cost most per channel (often the early, full-resolution ones) before others lose any.
-    ``latency_model=False`` plans without a latency model (unrounded counts unless ``round_to`` is given);
+    ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
+    ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
+    importance, as for ``flops=``, removed until the model predicts ``t`` of the original's latency,
+    at its fast counts; the plan is exported, timed against the original and re-planned from the
+    measured misses until one measures within ``[0.9, 0.96] × latency``
+    (:func:`fxprune.cost.latency.fit_latency`). ``latency_options={"ranking": "per ms"}`` ranks
+    channels by importance per predicted millisecond instead (HALP's ranking), measured and corrected
+    the same way; ``report.plan.meta["ranking"]`` says which. The importance ranking is the default
+    because at equal measured latency the per-ms ranking never fine-tuned better (worse in four
+    comparisons, the same plan in a fifth: Fashion-MNIST, ResNet-20 and a MobileNet-style net,
+    ``tools/results/equal_latency.md``): it empties the groups that cost most per channel (often the
+    early, full-resolution ones) before others lose any. ``latency_model=False``, and methods that
+    plan themselves (CURL, CATRO), fit the FLOPs budget instead, each candidate timed
+    (:func:`fxprune.cost.latency.search_latency`; unrounded counts unless ``round_to`` is given).
     ``latency_options`` go to the search (``steps``, ``repeats``, ``threads``, ``progress``).
-    ``round_to`` rounds each group's kept count up: to a multiple, or with ``"fast"`` to a count ORT runs well (from the latency model). When not
-    given, a model with 2-d convolutions planned from scores gets ``"fast"``
+    ``round_to`` rounds each group's kept count up: to a multiple, or with ``"fast"`` to a count ORT
+    runs well (from the latency model). When not given, a model with 2-d convolutions planned from scores gets ``"fast"``
     (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it; methods that
     plan themselves, CURL and CATRO, round only when asked, and their ``latency=`` fits the FLOPs
     budget); ``round_to=None`` does not round. ``data`` feeds data-driven criteria. With ``verify`` (the default) the result is checked by
@@ -123,7 +125,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     ranking = options.pop("ranking", "importance")
     if latency is not None:
         _check_ranking(ranking, own_plan, name, latency_model)
-        if ranking == "per ms" and latency_model is None:
+        if latency_model is None and not own_plan:
             latency_model = True
     by_default = round_to is DEFAULT
     if by_default:
@@ -132,14 +134,15 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         try:
             latency_model = LatencyModel(pipe.graph)
         except LatencyError as exc:
-            if latency_model is True or not by_default:
+            if latency is not None or not by_default:
                 raise
             warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
                           "pass round_to= to choose", stacklevel=2)
             latency_model, round_to = None, None
     def planner_for(round_to):
         return pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None)
+                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None,
+                            ranking=ranking)
 
     planner = planner_for(round_to)
     if latency is None:
@@ -156,15 +159,12 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         warnings.warn("channel counts not rounded for ONNX Runtime: the fast counts (round_to=\"fast\", the "
                       "default) cannot reach this budget on this model; pass round_to= to choose", stacklevel=2)
         return pipe.build(planner_for(None)(ratio=ratio, flops=flops, params=params), method=name)
-    if ranking == "per ms":
+    if latency_model and not own_plan:
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
-    else:
+    else:   # no latency model (CURL, CATRO, latency_model=False): fit the FLOPs budget
         plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f), **options)
-    plan.meta["ranking"] = ranking
+        plan.meta["ranking"] = ranking
     return pipe.build(plan, method=name, search=history)
-
-
-RANKINGS = ("importance", "per ms")
 
 
 def _check_ranking(ranking, own_plan: bool, name: str, latency_model) -> None:

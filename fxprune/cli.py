@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--steps", type=int, default=None,
                        help="--latency: candidates measured (default 6)")
     prune.add_argument("--latency-ranking", choices=("importance", "per-ms"), default="importance",
-                       help="--latency: rank channels by importance and fit the FLOPs budget on measured latency "
-                            "(importance, the default), or by importance per millisecond of a measured per-op "
-                            "latency model (per-ms, HALP's ranking); either way every candidate is timed")
+                       help="--latency: plan on a measured per-op latency model with channels ranked by importance "
+                            "(the default) or by importance per millisecond (per-ms, HALP's ranking); either way "
+                            "each plan is measured against the original and corrected")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
@@ -222,8 +222,7 @@ def _prune(args) -> int:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
         ranking = args.latency_ranking.replace("-", " ")
         latency_options = {"steps": steps, "repeats": args.repeats, "progress": True, "ranking": ranking}
-        how = "importance per ms of the latency model, measured" if ranking == "per ms" else \
-            "fitting the FLOPs budget, measured"
+        how = f"latency model, channels ranked by {'importance per ms' if ranking == 'per ms' else 'importance'}"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
               f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "
               "rounds, median of the rounds' ratios):", flush=True)
@@ -253,7 +252,7 @@ def _prune(args) -> int:
         budget = (f"FLOPs budget {meta['flops_budget']:.3f}" if "flops_budget" in meta
                   else f"predicted latency budget {meta['latency_budget']:.3f}")
         print(f"\nONNX Runtime CPU latency: {meta['latency_ratio']:.3f} × the original "
-              f"(target {args.latency}, {budget})")
+              f"(target {args.latency}, {meta.get('ranking', 'importance')} ranking, {budget})")
     if args.out:
         print("\n" + figures_table(rep.onnx))
     if args.plan:

@@ -132,7 +132,8 @@ class Pipeline:
 
     # -- score and plan
     def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
-                ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None):
+                ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None,
+                ranking: str = "importance"):
         """A function ``(ratio=, flops=, params=, latency=) -> Plan`` for ``criterion`` on this model.
 
         A criterion with a ``plan`` attribute chooses its own channels under the budget
@@ -140,7 +141,8 @@ class Pipeline:
         min_keep=, floor=, ignore=, meta=, **method_options)``. Any other criterion is called
         once, ``criterion(graph, data=, seed=, **method_options)``, and its scores are planned
         by :func:`~fxprune.plan.make_plan` for every budget asked (``latency=`` and
-        ``round_to="fast"`` with ``latency_model``, a :class:`~fxprune.cost.latency_table.LatencyModel`).
+        ``round_to="fast"`` with ``latency_model``, a :class:`~fxprune.cost.latency_table.LatencyModel`;
+        ``ranking`` says how a ``latency=`` budget ranks channels).
         """
         if not callable(criterion):
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
@@ -173,7 +175,7 @@ class Pipeline:
                 graph.timings["score"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result = make_plan(graph, scores, ratio=ratio, flops=flops, params=params, latency=latency,
-                               latency_model=latency_model, **common)
+                               latency_model=latency_model, ranking=ranking, **common)
             graph.timings["plan"] = time.perf_counter() - t1
             return result
 

@@ -19,6 +19,7 @@ from fxprune.errors import ConfigError, FxPruneError
 from fxprune.cost.latency_table import (FunctionTable, LatencyError, LatencyModel, LatencyTable, Sig, build_onnx,
                                    cache_path, edges, find_steps, probe)
 from fxprune.plan import make_plan
+from fxprune.plan.budget import RANKINGS
 
 
 def pad(c, b=4):
@@ -596,26 +597,36 @@ def test_compile_latency_per_ms_uses_the_model_then_measures(monkeypatch):
 
 
 def test_compile_latency_ranks_by_importance_by_default(monkeypatch):
-    """By default ``latency=`` fits the FLOPs budget on measured latency: the plan returned is the
-    importance-ranked plan of the budget found, with the latency model's fast counts, and the search's
-    rows are FLOPs budgets."""
+    """By default ``latency=`` plans on the latency model with channels ranked by importance (as for
+    ``flops=``): the plan returned is the importance-ranked plan of the predicted-latency budget found,
+    at the fast counts; ``ranking="per ms"`` ranks by importance per millisecond instead, and at the
+    same predicted latency keeps other channels."""
     from fxprune.cost import latency
 
     net = wide_net()
     graph = fxprune.analyze(net, (X8,))
     lm = LatencyModel(graph, table=FunctionTable(fake))
     monkeypatch.setattr(latency, "paired_trials", fake_timing(lm, 1.3))   # every plan 1.3x slower than predicted
-    rep = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False,
-                                         round_to="fast"))
-    meta = rep.plan.meta
-    assert meta["ranking"] == "importance" and "latency_budget" not in meta
-    assert all("flops" in r and "predicted" not in r for r in rep.search)
-    assert rep.search[0]["flops"] == 0.5 and not rep.search[0]["ok"]      # 1.3 x its prediction: too slow
+    reps = {r: fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False,
+                                              round_to="fast", latency_options={"ranking": r}))
+            for r in ("importance", "per ms")}
     scores = fxprune.passes.get("l1")(graph)
-    expected = make_plan(graph, scores, flops=meta["flops_budget"], round_to="fast", latency_model=lm)
-    assert rep.plan.keep == expected.keep and meta["round_to"] == "fast"
-    assert 0.45 <= meta["latency_ratio"] <= 0.5
-    assert meta["latency_ratio"] == pytest.approx(1.3 * lm.latency(expected.mask(graph).numpy()) / lm.base)
+    for ranking, rep in reps.items():
+        meta = rep.plan.meta
+        assert meta["ranking"] == ranking and all("predicted" in r for r in rep.search)
+        assert rep.search[0]["predicted"] == 0.5 and not rep.search[0]["ok"]     # 1.3 x its prediction: too slow
+        expected = make_plan(graph, scores, latency=meta["latency_budget"], round_to="fast", latency_model=lm,
+                             ranking=ranking)
+        assert rep.plan.keep == expected.keep and meta["round_to"] == "fast"
+        assert meta["latency_ratio"] == pytest.approx(1.3 * lm.latency(expected.mask(graph).numpy()) / lm.base)
+        assert meta["latency_ratio"] <= 0.5       # (the fast counts of this small net step past the band)
+    default = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False,
+                                             round_to="fast"))
+    assert default.plan.keep == reps["importance"].plan.keep and default.plan.meta["ranking"] == "importance"
+    # the two rankings differ: per ms, the costlier group per channel loses more
+    at = {r: make_plan(graph, scores, latency=0.6, latency_model=lm, ranking=r) for r in RANKINGS}
+    assert at["importance"].keep != at["per ms"].keep
+    assert all(lm.latency(p.mask(graph).numpy()) <= 0.6 * lm.base for p in at.values())
 
 
 @pytest.mark.parametrize("method, options, why", [

@@ -35,6 +35,7 @@ def routes():
         out["oicsr greedy"] = oicsr.prune(net, (X,), flops=0.6, step=0.2, cap=0.5, residual=True,
                                           retrain=lambda m: None)
         out["latency search"] = fxprune.compile(net, (X,), method="l2", latency=0.9, onnx=False,
+                                                latency_model=False,   # the FLOPs search (CURL's and CATRO's)
                                                 latency_options={"steps": 1, "repeats": 4, "warmup": 1, "rounds": 1})
     return net, out
 

@@ -252,9 +252,13 @@ def ranked(g, s: torch.Tensor) -> np.ndarray:
     return np.lexsort((np.arange(g.size), key.numpy()))
 
 
+RANKINGS = ("importance", "per ms")   # how a latency= budget ranks channels
+
+
 @paused_gc
 def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None, latency=None,
-              round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None, latency_model=None) -> Plan:
+              round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None, latency_model=None,
+              ranking: str = "importance") -> Plan:
     """Choose the channels to keep under exactly one budget, from per-group scores.
 
     ``scores`` maps each prunable group's name to a tensor of its size (higher means
@@ -266,12 +270,15 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     enough it warns and returns the smallest plan.
 
     ``latency=`` keeps that fraction of the ONNX Runtime latency predicted by ``latency_model``
-    (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given);
-    its ranking is importance per millisecond saved. ``round_to="fast"`` rounds each group up
+    (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given),
+    channels ranked as for ``flops=``, or with ``ranking="per ms"`` by importance per millisecond
+    saved (HALP's ranking). ``round_to="fast"`` rounds each group up
     to a count ONNX Runtime runs well (:meth:`~fxprune.cost.latency_table.LatencyModel.fast_count`).
     """
     budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
                     min_keep=min_keep)
+    if ranking not in RANKINGS:
+        raise ConfigError(f"ranking={ranking!r}: give one of {', '.join(map(repr, RANKINGS))}")
     if latency_model is None and (latency is not None or round_to == "fast"):
         latency_model = LatencyModel(graph)
     if latency_model is not None and latency_model.graph.num_channels != graph.num_channels:
@@ -293,7 +300,7 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     steps = []
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
-        if budget.latency is not None:  # importance per millisecond saved
+        if budget.latency is not None and ranking == "per ms":  # importance per millisecond saved
             per_ms = ms_per_channel(graph, groups, latency_model)
             keys = {name: k / per_ms[name] for name, k in keys.items()}
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
@@ -307,6 +314,8 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         info["met"] = False
     if round_to == "fast":
         info["round_to"] = "fast"
+    if budget.latency is not None:
+        info["ranking"] = ranking
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts, slice_count),
                           {**info, **(meta or {})})
 
