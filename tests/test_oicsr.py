@@ -137,10 +137,15 @@ def test_told_the_budget_the_one_shot_cut_is_free(digits_base):
     assert set(reg.scheduled) <= {"stage1.0.conv1", "stage1.1.conv1", "stage2.conv1"}   # residual=False: streams whole
     assert set(rep.plan.keep) == set(reg.scheduled)
     energies = oicsr.score(fxprune.analyze(model, (x1,)))
-    for name, sched in reg.scheduled.items():                  # the scheduled out-in channels are the ones cut
-        assert sorted(rep.plan.keep[name]) == torch.nonzero(~sched).flatten().tolist(), name
+    for name, sched in reg.scheduled.items():                  # the scheduled out-in channels are cut
+        kept = torch.zeros_like(sched)
+        kept[rep.plan.keep[name]] = True
         e = energies[name] / energies[name].mean()
-        assert float(e[sched].max()) < 0.01 * float(e[~sched].min()), name
+        assert not bool((kept & sched).any()), name
+        # and so is any channel that died in training without being scheduled (seen on one CPU: one of 32, at
+        # 1e-4 of the mean energy), and nothing else: every channel kept is far stronger than those cut
+        assert all(float(v) < 0.01 for v in e[~kept & ~sched]), name
+        assert float(e[~kept].max()) < 0.01 * float(e[kept].min()), name
         gamma = model.get_submodule(name.replace("conv1", "bn1")).weight.detach()
         beta = model.get_submodule(name.replace("conv1", "bn1")).bias.detach()
         assert float(gamma[sched].abs().max()) < 0.05 and float(beta[sched].abs().max()) < 0.05, name
