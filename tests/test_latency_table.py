@@ -235,6 +235,35 @@ def test_steps_and_fast_count():
         lm.steps("nope")
 
 
+def test_batchnorm_with_no_conv_to_fold_into_costs_a_term():
+    """ORT folds a BatchNorm into the conv before it; one that reads a concat (DenseNet), the block's input
+    (pre-activation) or a conv output something else reads too has nothing to fold into, and costs a
+    per-element term over its kept channels."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.bn_a = nn.BatchNorm2d(8)                  # after conv a, its only reader: folded
+            self.bn_cat = nn.BatchNorm2d(16)               # reads a concat: not folded
+            self.bn_b = nn.BatchNorm2d(8)                  # conv b's output is read twice: not folded
+            self.c = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            b = self.b(x)
+            y = torch.cat([self.bn_a(self.a(x)), self.bn_b(b) + b], 1)
+            return self.c(torch.relu(self.bn_cat(y)))
+
+    graph = fxprune.analyze(Net().eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    terms = {t.name: t for t in lm.terms if t.kind == "bn"}
+    assert set(terms) == {"bn_cat", "bn_b"}
+    keep = np.ones(graph.num_channels, dtype=bool)
+    full = lm.node_latency(keep)
+    assert full["bn_cat"] == pytest.approx(1e-6 * 16 * 64) and full["bn_b"] == pytest.approx(1e-6 * 8 * 64)
+    keep[graph.offsets["a"]:graph.offsets["a"] + 4] = False                  # conv a keeps 4 of its 8
+    assert lm.node_latency(keep)["bn_cat"] == pytest.approx(1e-6 * 12 * 64)
+
+
 def test_depthwise_grouped_and_elementwise_nodes():
     class Net(nn.Module):
         def __init__(self):

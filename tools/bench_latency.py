@@ -123,7 +123,9 @@ def node_kind(op, shapes):
         groups = x[1] // w[1] if w[1] and x[1] % w[1] == 0 else 1   # a blocked conv's input is padded to 16
         if groups < 2:
             return "conv"
-        return "dw" if w[1] == 1 else "grouped"
+        if w[1] == 1:   # a 1x1 depthwise conv is how ORT runs a BatchNorm with no conv before it to fold into
+            return "bn" if w[2:] == [1, 1] else "dw"
+        return "grouped"
     return {"Gemm": "gemm", "MatMul": "gemm", "QuickGelu": "silu", "Mul": "mul_se", "ReduceMean": "gap",
             "GlobalAveragePool": "gap"}.get(op, op)
 

@@ -80,7 +80,8 @@ class Sig:
     """One operator instance. ``kind``: ``"conv"``, ``"gemm"`` (``h`` rows of ``cin`` -> ``cout``),
     ``"reorder"`` (one of ORT's layout reorders of a ``cin x h x w`` tensor, into or out of its
     blocked NCHWc layout), or a per-element op ``"silu"``, ``"sigmoid"``, ``"mul_se"`` (``x * s[N, C, 1, 1]``),
-    ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (two halves).
+    ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (two halves), ``"bn"``
+    (a BatchNorm no conv precedes, and its ReLU: a 1x1 depthwise conv, as ORT runs it).
     Shapes are NCHW; ``h, w`` are the input's spatial size."""
 
     kind: str
@@ -118,7 +119,7 @@ class Sig:
         return (self.h, self.w)
 
 
-ELEMENTWISE = ("silu", "sigmoid", "mul_se", "maxpool", "avgpool", "gap", "concat")
+ELEMENTWISE = ("silu", "sigmoid", "mul_se", "maxpool", "avgpool", "gap", "concat", "bn")
 
 
 def build_onnx(sig: Sig, seed: int = 0) -> bytes:
@@ -190,6 +191,13 @@ def build_onnx(sig: Sig, seed: int = 0) -> bytes:
             nodes += [helper.make_node("Sigmoid", ["X"], ["S"]), helper.make_node("Mul", ["X", "S"], ["Y"])]
         elif sig.kind == "sigmoid":
             nodes.append(helper.make_node("Sigmoid", ["X"], ["Y"]))
+        elif sig.kind == "bn":
+            # a BatchNorm with no conv before it to fold into (DenseNet's, pre-activation blocks'): inside a
+            # model ORT runs it, and the ReLU after it, as a blocked 1x1 depthwise conv
+            weight("W", (c, 1, 1, 1))
+            weight("B", (c,))
+            nodes += [helper.make_node("Conv", ["X", "W", "B"], ["N"], kernel_shape=[1, 1], group=c),
+                      helper.make_node("Relu", ["N"], ["Y"])]
         elif sig.kind == "mul_se":
             inputs.append(helper.make_tensor_value_info("S", f32, [sig.n, c, 1, 1]))
             nodes.append(helper.make_node("Mul", ["X", "S"], ["Y"]))
@@ -634,6 +642,12 @@ def ms_per_weight_byte(table) -> float:
     return ms / (4 * STREAM_SIG.cin * STREAM_SIG.cout)
 
 
+
+def _folded(src, mods) -> bool:
+    """Whether ORT folds a BatchNorm reading ``src`` into the conv that makes ``src`` (its only reader)."""
+    return getattr(src, "op", None) in ("call_module", "call_function") and conv2d_spec(src, mods) is not None \
+        and len(src.users) == 1
+
 class LatencyModel:
     """Predict the ORT CPU latency (ms) of a pruned model from a global keep-mask.
 
@@ -645,7 +659,8 @@ class LatencyModel:
     sit in cache when one op is timed alone: each conv / linear adds its kept weight bytes times
     :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
-    residual adds into the convs: they cost nothing here. A grouped conv keeps its groups and
+    residual adds into the convs: they cost nothing here; a BatchNorm with no conv before it to fold
+    into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. A grouped conv keeps its groups and
     narrows them (the coupling balances its channels over them): its signature has the kept input
     and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
     the 1x1 chain probe; :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
@@ -704,6 +719,8 @@ class LatencyModel:
                 if len(in_shape) == 4 and len(shape) == 4 else None
         if node.op == "call_module":
             mod = mods.get(node.target)
+            if isinstance(mod, torch.nn.BatchNorm2d) and len(shape) == 4 and not _folded(inp, mods):
+                return self._per_element(node, "bn", grid, name=node.name)
             if isinstance(mod, torch.nn.Linear) and len(in_shape) >= 2:
                 rows = int(np.prod(in_shape[:-1])) // max(1, in_shape[0])
                 cin = _Count(_channels_along(inp, len(in_shape) - 1, in_shape))
