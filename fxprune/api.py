@@ -79,10 +79,11 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     (:func:`fxprune.cost.latency.search_latency`; unrounded counts unless ``round_to`` is given).
     ``latency_options`` go to the search (``steps``, ``repeats``, ``threads``, ``progress``).
     ``round_to`` rounds each group's kept count up: to a multiple, or with ``"fast"`` to a count ORT
-    runs well (from the latency model). When not given, a model with 2-d convolutions planned from scores gets ``"fast"``
-    (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it; methods that
-    plan themselves, CURL and CATRO, round only when asked, and their ``latency=`` fits the FLOPs
-    budget); ``round_to=None`` does not round. ``data`` feeds data-driven criteria. With ``verify`` (the default) the result is checked by
+    runs well (from the latency model). When not given, a model with 2-d convolutions planned from
+    scores gets ``"fast"`` (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO``
+    overrides it; methods that plan themselves, CURL and CATRO, round only when asked, and their
+    ``latency=`` fits the FLOPs budget); ``round_to=None`` does not round. ``data`` feeds data-driven
+    criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`. ``capture`` picks the tracer: ``"auto"`` (the
     default: ``torch.fx.symbolic_trace``, and ``torch.export`` when that fails), ``"fx"`` or

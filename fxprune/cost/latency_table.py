@@ -642,11 +642,11 @@ def ms_per_weight_byte(table) -> float:
     return ms / (4 * STREAM_SIG.cin * STREAM_SIG.cout)
 
 
-
 def _folded(src, mods) -> bool:
     """Whether ORT folds a BatchNorm reading ``src`` into the conv that makes ``src`` (its only reader)."""
     return getattr(src, "op", None) in ("call_module", "call_function") and conv2d_spec(src, mods) is not None \
         and len(src.users) == 1
+
 
 class LatencyModel:
     """Predict the ORT CPU latency (ms) of a pruned model from a global keep-mask.
@@ -660,9 +660,9 @@ class LatencyModel:
     :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
     residual adds into the convs: they cost nothing here; a BatchNorm with no conv before it to fold
-    into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. A grouped conv keeps its groups and
-    narrows them (the coupling balances its channels over them): its signature has the kept input
-    and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
+    into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. A grouped conv keeps
+    its groups and narrows them (the coupling balances its channels over them): its signature has the
+    kept input and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
     the 1x1 chain probe; :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
     convs: every value it reorders (:func:`reordered`) costs a measured ``"reorder"`` term. A grouped
     conv on the block is blocked until a plan's widths per group leave it: then its input and output
