@@ -508,8 +508,9 @@ def probe(table) -> dict[str, Steps]:
             curve = [k + entries[s.key].get("reorder_ms", 0.0) for k, s in zip(kernels, ss)]
             # the block shows in the kernels' plateaus, and in the reorders a count off it pays; reorders
             # can also step on a pattern of their own (one thread, on some CPUs: multiples of 4 pay more)
-            # and hide the block from the sum: the coarser of the two periods is the block
-            out[fam] = find_steps(curve, period=max(find_period(curve), find_period(kernels)))
+            # and hide the block from the sum: where the sum shows no period, the kernels' is the block
+            period = find_period(curve)
+            out[fam] = find_steps(curve, period=period if period > 1 else find_period(kernels))
         else:
             out[fam] = find_steps(times[i:i + len(ss)])
         i += len(ss)
