@@ -264,6 +264,28 @@ def test_batchnorm_with_no_conv_to_fold_into_costs_a_term():
     assert lm.node_latency(keep)["bn_cat"] == pytest.approx(1e-6 * 12 * 64)
 
 
+def test_a_concat_of_many_inputs_is_timed_with_as_many():
+    """ORT copies each input of a concat on its own: a DenseNet layer's concat of k inputs is timed as a
+    concat of k inputs (``Sig.groups``), a concat of two as before."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.d = nn.Conv2d(12, 2, 1)
+            self.e = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            a, b, c = self.a(x), self.b(x), self.c(x)
+            return self.d(torch.cat([a, b, c], 1)) + self.e(torch.cat([a, b], 1))
+
+    graph = fxprune.analyze(Net().eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    cats = {t.name: t.make(t.xs[-1], 0) for t in lm.terms if t.kind == "concat"}
+    assert {s.cin: s.groups for s in cats.values()} == {12: 3, 8: 1}
+    model = onnx.load_from_string(build_onnx(Sig("concat", cin=12, h=4, w=4, groups=3)))
+    assert len(model.graph.input) == 3 and model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 12
+
+
 def test_depthwise_grouped_and_elementwise_nodes():
     class Net(nn.Module):
         def __init__(self):

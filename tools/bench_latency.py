@@ -127,7 +127,7 @@ def node_kind(op, shapes):
             return "bn" if w[2:] == [1, 1] else "dw"
         return "grouped"
     return {"Gemm": "gemm", "MatMul": "gemm", "QuickGelu": "silu", "Mul": "mul_se", "ReduceMean": "gap",
-            "GlobalAveragePool": "gap"}.get(op, op)
+            "GlobalAveragePool": "gap", "Concat": "concat", "MaxPool": "maxpool", "AveragePool": "avgpool"}.get(op, op)
 
 
 def term_kind(t):

@@ -80,7 +80,8 @@ class Sig:
     """One operator instance. ``kind``: ``"conv"``, ``"gemm"`` (``h`` rows of ``cin`` -> ``cout``),
     ``"reorder"`` (one of ORT's layout reorders of a ``cin x h x w`` tensor, into or out of its
     blocked NCHWc layout), or a per-element op ``"silu"``, ``"sigmoid"``, ``"mul_se"`` (``x * s[N, C, 1, 1]``),
-    ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (two halves), ``"bn"``
+    ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (of ``groups`` inputs, at
+    least two, about equally wide), ``"bn"``
     (a BatchNorm no conv precedes, and its ReLU: a 1x1 depthwise conv, as ORT runs it).
     Shapes are NCHW; ``h, w`` are the input's spatial size."""
 
@@ -207,12 +208,15 @@ def build_onnx(sig: Sig, seed: int = 0) -> bytes:
                                           pads=[sig.ph, sig.pw, sig.ph, sig.pw]))
         elif sig.kind == "gap":
             nodes.append(helper.make_node("ReduceMean", ["X"], ["Y"], axes=[2, 3], keepdims=1))
-        elif sig.kind == "concat":
-            a = max(1, c // 2)
-            inputs[0] = helper.make_tensor_value_info("X", f32, [sig.n, a, sig.h, sig.w])
-            inputs.append(helper.make_tensor_value_info("X2", f32, [sig.n, max(1, c - a), sig.h, sig.w]))
-            nodes.append(helper.make_node("Concat", ["X", "X2"], ["Y"], axis=1))
-            out = [sig.n, a + max(1, c - a), sig.h, sig.w]
+        elif sig.kind == "concat":   # c channels from max(2, groups) inputs of about equal width
+            k = max(2, min(sig.groups, c))
+            a = max(1, c // k)
+            widths = [a] * (k - 1) + [max(1, c - a * (k - 1))]
+            names = ["X"] + [f"X{i + 2}" for i in range(k - 1)]
+            inputs[:] = [helper.make_tensor_value_info(nm, f32, [sig.n, wd, sig.h, sig.w])
+                         for nm, wd in zip(names, widths)]
+            nodes.append(helper.make_node("Concat", names, ["Y"], axis=1))
+            out = [sig.n, sum(widths), sig.h, sig.w]
     else:
         raise LatencyError(f"no ONNX model for signature kind '{sig.kind}'")
     graph = helper.make_graph(nodes, "sig", inputs, [helper.make_tensor_value_info("Y", f32, out)], inits)
@@ -741,6 +745,10 @@ class LatencyModel:
             mod = mods.get(node.target)
             k, s, p = (_pair(getattr(mod, a)) for a in ("kernel_size", "stride", "padding"))
             extra = dict(kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0], pw=p[1])
+        if kind == "concat":   # each input costs a copy of its own: DenseNet joins up to 49
+            parts = node.args[0] if node.args else ()
+            if isinstance(parts, (list, tuple)) and len(parts) > 2:
+                extra = dict(groups=len(parts))
         return self._per_element(src, kind, grid, name=node.name, **extra)
 
     def _per_element(self, src, kind: str, grid: int, *, name: str, **extra):
