@@ -1,6 +1,6 @@
 """The ``fxprune`` command line: ``prune``, ``inspect``, ``export`` and ``bench`` a model.
 
-A model is named ``torchvision:<name>`` (built with ``weights=None``) or
+A model is named ``torchvision:<name>`` (built with ``weights=None``, its random weights drawn from seed 0) or
 ``module.path:factory`` (a callable returning an ``nn.Module``). The input shape
 defaults to the model's native one for torchvision models, else ``1,3,224,224``.
 Models are traced in eval mode; ``--train-mode`` traces them in train mode, which keeps
@@ -47,7 +47,9 @@ def load_model(spec: str) -> torch.nn.Module:
 
         if name not in torchvision.models.list_models():
             raise FxPruneError(f"torchvision has no model '{name}'; see torchvision.models.list_models()")
-        return torchvision.models.get_model(name, weights=None).eval()
+        with torch.random.fork_rng(devices=[]):   # the same random weights every run: reproducible plans
+            torch.manual_seed(0)
+            return torchvision.models.get_model(name, weights=None).eval()
     try:
         factory = getattr(importlib.import_module(source), name)
     except (ImportError, AttributeError) as exc:

@@ -118,6 +118,17 @@ def test_prune_output_module_save(capsys, tmp_path):
     assert code == 0 and c2["prunable"] == 0 and any("test_module_output.py:" in p for p in c2["pins"])
 
 
+def test_a_torchvision_model_is_built_the_same_every_run():
+    """Random weights drawn from seed 0, without touching the caller's random state: the same plan every run."""
+    from fxprune.cli import load_model
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a, b = load_model("torchvision:resnet18"), load_model("torchvision:resnet18")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("ranking, said", [(None, "importance ranking"), ("per-ms", "per ms ranking")])
 def test_prune_latency(capsys, ranking, said):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
