@@ -164,7 +164,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
     else:   # no latency model (CURL, CATRO, latency_model=False): fit the FLOPs budget
         plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f), **options)
-        plan.meta["ranking"] = ranking
+    plan.meta["ranking"] = ranking
     return pipe.build(plan, method=name, search=history)
 
 

@@ -764,15 +764,15 @@ class LatencyModel:
         term.sin = FLAT
         return term
 
-    def _conv(self, node, mod, inp, in_shape, shape, steps, grid):
+    def _conv(self, node, spec, inp, in_shape, shape, steps, grid):
         n = self.batch
         cin = _Count(_channels_along(inp, 1, in_shape))
         cout = _Count(_channels_along(node, 1, shape))
-        g = mod.groups
-        kh, kw = mod.kernel_size
-        sh, sw = mod.stride
-        ph, pw = mod.padding
-        dh, dw = mod.dilation
+        g = spec.groups
+        kh, kw = spec.kernel_size
+        sh, sw = spec.stride
+        ph, pw = spec.padding
+        dh, dw = spec.dilation
         h, w = in_shape[2], in_shape[3]
         geo = dict(n=n, h=h, w=w, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw)
         if g == 1:
@@ -800,17 +800,17 @@ class LatencyModel:
                      per_group, per_group, grid, 4.0 * kh * kw / g)
         # ORT runs it blocked (NCHWc) while its widths per group are multiples of the block, and in NCHW
         # between reorders once they are not (regnet_x_400mf's 16 per group cut to 8: 45 reorders, not 1)
-        term.on_block = (g, self.block) if _conv_layout(mod, self.block) == "blocked" else None
+        term.on_block = (g, self.block) if _conv_layout(spec, self.block) == "blocked" else None
         return term
 
     @staticmethod
     def _depthwise_channels(graph, mods) -> np.ndarray:
         ids = []
         for node in graph.module.graph.nodes:
-            mod = conv2d_spec(node, mods)
+            spec = conv2d_spec(node, mods)
             meta = node.meta.get("tensor_meta")
-            if mod is not None and meta is not None and mod.groups > 1 and \
-                    mod.groups == mod.in_channels == mod.out_channels:
+            if spec is not None and meta is not None and spec.groups > 1 and \
+                    spec.groups == spec.in_channels == spec.out_channels:
                 ch = _channels_along(node, 1, tuple(meta.shape))
                 ids.append(ch[ch >= 0])
         return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)

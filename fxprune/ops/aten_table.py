@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
-from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function, embedding_function, fix_groups,
-                   linear_function, resize_conv1d_hf)
+from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
+                   embedding_function, fix_groups, linear_function, resize_conv1d_hf)
 from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
 from .fx_table import FX_RULES
 from .norm import aten_batch_norm, fix_layer_norm, layer_norm_rule, normalizes_channels

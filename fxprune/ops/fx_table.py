@@ -23,8 +23,8 @@ import torchvision
 
 from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
-from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function, linear_module, resize_conv,
-                   resize_linear)
+from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function,
+                   linear_module, resize_conv, resize_linear)
 from .elementwise import elementwise, normalize_over, pad, reduce, spatial
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_layer_norm, layer_norm_rule, norm_module, normalizes_channels,
