@@ -25,7 +25,7 @@ import torch
 
 from . import passes
 from .cost.latency import fit_latency, search_latency
-from .cost.latency_table import LatencyError, LatencyModel
+from .cost.latency_table import FAST_UNDER, LatencyError, LatencyModel
 from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
 from .partial import compile_parts
@@ -76,13 +76,15 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     ``tools/results/equal_latency.md``): it empties the groups that cost most per channel (often the
     early, full-resolution ones) before others lose any. ``latency_model=False``, and methods that
     plan themselves (CURL, CATRO), fit the FLOPs budget instead, each candidate timed
-    (:func:`fxprune.cost.latency.search_latency`; unrounded counts unless ``round_to`` is given).
+    (:func:`fxprune.cost.latency.search_latency`).
     ``latency_options`` go to the search (``steps``, ``repeats``, ``threads``, ``progress``).
     ``round_to`` rounds each group's kept count up: to a multiple, or with ``"fast"`` to a count ORT
-    runs well (from the latency model). When not given, a model with 2-d convolutions planned from
-    scores gets ``"fast"`` (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO``
-    overrides it; methods that plan themselves, CURL and CATRO, round only when asked, and their
-    ``latency=`` fits the FLOPs budget); ``round_to=None`` does not round. ``data`` feeds data-driven
+    runs well (from the latency model). When not given, a model with 2-d convolutions gets ``"fast"``
+    (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it), whichever
+    method plans; where the fast counts cannot reach the budget (a small model whose groups are one
+    block wide), counts below a group's first fast count stay as the budget needs, the others still
+    rounded (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`, with a warning).
+    ``round_to=None`` does not round. ``data`` feeds data-driven
     criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
     :class:`~fxprune.errors.VerificationError`. ``capture`` picks the tracer: ``"auto"`` (the
@@ -130,7 +132,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             latency_model = True
     by_default = round_to is DEFAULT
     if by_default:
-        round_to = None if own_plan else default_round_to(pipe.graph)
+        round_to = default_round_to(pipe.graph)
     if latency_model is True or (round_to == "fast" and latency_model is None):
         try:
             latency_model = LatencyModel(pipe.graph)
@@ -140,26 +142,16 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
                           "pass round_to= to choose", stacklevel=2)
             latency_model, round_to = None, None
-    def planner_for(round_to):
-        return pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
-                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None,
-                            ranking=ranking)
-
-    planner = planner_for(round_to)
+    planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
+                           min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None,
+                           ranking=ranking)
     if latency is None:
-        if not (by_default and round_to == "fast"):
-            return pipe.build(planner(ratio=ratio, flops=flops, params=params), method=name)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            plan = planner(ratio=ratio, flops=flops, params=params)
-        if plan.meta.get("met", True):
-            for w in caught:
-                warnings.warn(w.message, w.category, stacklevel=2)
-            return pipe.build(plan, method=name)
-        # the default's fast counts are too coarse for a model this small: unrounded counts meet the budget
-        warnings.warn("channel counts not rounded for ONNX Runtime: the fast counts (round_to=\"fast\", the "
-                      "default) cannot reach this budget on this model; pass round_to= to choose", stacklevel=2)
-        return pipe.build(planner_for(None)(ratio=ratio, flops=flops, params=params), method=name)
+        plan = planner(ratio=ratio, flops=flops, params=params)
+        if by_default and plan.meta.get("round_to") == FAST_UNDER:
+            warnings.warn("the fast channel counts (round_to=\"fast\", the default) cannot reach this budget on this "
+                          "model: groups below their first fast count keep what the budget needs (ORT pads them "
+                          "to it); pass round_to= to choose", stacklevel=2)
+        return pipe.build(plan, method=name)
     if latency_model and not own_plan:
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
     else:   # no latency model (CURL, CATRO, latency_model=False): fit the FLOPs budget

@@ -53,6 +53,7 @@ import torch.fx as fx
 
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
+from .cost.latency_table import FastCounts
 from .couple import couple
 from .errors import ConfigError, DataError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
@@ -138,7 +139,8 @@ class Pipeline:
 
         A criterion with a ``plan`` attribute chooses its own channels under the budget
         (CURL, CATRO): ``criterion.plan(graph, data=, seed=, ratio=, flops=, params=, round_to=,
-        min_keep=, floor=, ignore=, meta=, **method_options)``. Any other criterion is called
+        min_keep=, floor=, ignore=, meta=, **method_options)``, ``round_to="fast"`` passed as a
+        :class:`~fxprune.cost.latency_table.FastCounts` of ``latency_model``. Any other criterion is called
         once, ``criterion(graph, data=, seed=, **method_options)``, and its scores are planned
         by :func:`~fxprune.plan.make_plan` for every budget asked (``latency=`` and
         ``round_to="fast"`` with ``latency_model``, a :class:`~fxprune.cost.latency_table.LatencyModel`;
@@ -153,10 +155,16 @@ class Pipeline:
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
         own = getattr(criterion, "plan", None)
         if callable(own):
+            if round_to == "fast":
+                if latency_model is None:
+                    raise ConfigError(f"method '{name}' chooses its own channels: round_to=\"fast\" needs a "
+                                      "latency_model here (fxprune.compile builds one)")
+                common["round_to"] = FastCounts(latency_model)
+
             def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
-                if latency is not None or round_to == "fast":
-                    raise ConfigError(f"method '{name}' chooses its own channels: it takes no latency= budget or "
-                                      'round_to="fast"; use flops= with an integer round_to=')
+                if latency is not None:
+                    raise ConfigError(f"method '{name}' chooses its own channels: it takes no latency= budget "
+                                      "here (fxprune.compile fits its FLOPs budget to a latency)")
                 t0 = time.perf_counter()
                 with _method_errors(name, graph, data):
                     result = own(graph, data=data, seed=seed, ratio=ratio, flops=flops, params=params, **common,

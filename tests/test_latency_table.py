@@ -797,21 +797,28 @@ def test_reorder_signature_is_a_blocked_chain():
     assert [n.op_type for n in model.graph.node] == ["Conv", "Mul", "Conv"]
 
 
-def test_default_fast_counts_too_coarse_for_a_small_model_fall_back_to_unrounded(monkeypatch):
-    """Groups of 4 channels cannot shrink on blocks of 4: the default then leaves counts unrounded (and says
-    so) rather than miss the budget; a round_to the user gives is kept, and the miss names the rounding."""
+def test_default_fast_counts_too_coarse_for_a_small_model_relax_under_the_first_step(monkeypatch):
+    """Groups of 4 channels cannot shrink on blocks of 4: the default then lets a group keep fewer than its
+    first fast count (and says so) rather than miss the budget, while a wider group still lands on its
+    fast counts (unrounded, this plan keeps 9 of its 16)."""
     monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(4, 3)).eval()
-    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
-    with pytest.warns(UserWarning, match="not rounded for ONNX Runtime"):
-        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, latency_model=lm, onnx=False))
-    assert rep.plan.meta["round_to"] is None and rep.flops_after <= 0.5 * rep.flops_before
-    with pytest.warns(UserWarning, match=r"cannot be met: .*rounded to round_to='fast'"):
-        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.5, round_to="fast", latency_model=lm, onnx=False))
-    assert rep.plan.meta["round_to"] == "fast" and rep.plan.meta["met"] is False
+    graph = fxprune.analyze(net, (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    assert lm.steps("0") == [4] and lm.steps("2") == [4, 8, 12, 16]
+    with pytest.warns(UserWarning, match="cannot reach this budget on this model: groups below their first fast"):
+        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.3, latency_model=lm, onnx=False))
+    kept = {name: len(idx) for name, idx in rep.plan.keep.items()}
+    assert rep.plan.meta["round_to"] == "fast, under the first step"
+    assert rep.flops_after <= 0.3 * rep.flops_before
+    assert kept["0"] < 4 and kept["2"] in (4, 8, 12)      # the wide group cut, still on its steps
+    # a multiple the user gives is kept, and the miss names it
+    with pytest.warns(UserWarning, match=r"cannot be met: .*rounded to round_to=4"):
+        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.3, round_to=4, onnx=False))
+    assert rep.plan.meta["round_to"] == 4 and rep.plan.meta["met"] is False
 
 
 class MixedNet(nn.Module):
@@ -891,3 +898,29 @@ def test_functional_and_aten_convs_are_timed_and_rounded(capture, monkeypatch):
                             nn.Conv2d(16, 8, 1, bias=False)).eval()
     reference = LatencyModel(fxprune.analyze(modular, (X8,)), table=FunctionTable(fake))
     assert lm.base == pytest.approx(reference.base)
+
+
+@pytest.mark.parametrize("method", ["curl", "catro"])
+def test_methods_that_plan_themselves_get_the_fast_counts_by_default(monkeypatch, method):
+    """CURL and CATRO choose their own channels; by default their counts land on the fast steps too (every
+    count a multiple of the fake table's block of 4), where unrounded they do not; groups one block wide relax."""
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(48, 3, 8, 8), torch.arange(48) % 3
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    options = dict(flops=0.5, data=(x, y), onnx=False, method_options={"progress": False} if method == "catro" else None)
+    rep = fxprune.report(fxprune.compile(net, (X8,), method=method, latency_model=lm, **options))
+    kept = [len(v) for v in rep.plan.keep.values()]
+    assert rep.plan.meta["round_to"] == "fast" and kept and all(k % 4 == 0 for k in kept)
+    assert rep.flops_after <= 0.5 * rep.flops_before
+    unrounded = fxprune.report(fxprune.compile(net, (X8,), method=method, round_to=None, **options))
+    assert any(len(v) % 4 for v in unrounded.plan.keep.values())
+    small = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()   # groups one block wide
+    lm = LatencyModel(fxprune.analyze(small, (X8,)), table=FunctionTable(fake))
+    with pytest.warns(UserWarning, match="groups below their first fast count"):
+        rep = fxprune.report(fxprune.compile(small, (X8,), method=method, latency_model=lm, **options))
+    assert rep.plan.meta["round_to"] == "fast, under the first step" and rep.flops_after <= 0.5 * rep.flops_before

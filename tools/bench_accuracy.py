@@ -192,11 +192,16 @@ def prune_theirs(method, base, target, train_data, cfg):
     return best, 0
 
 
-def latency(model, x1):
-    from fxprune.cost.latency import ort_latency
+def latency(base, model, x1):
+    """ORT CPU latency (2 threads) of ``model`` side by side with ``base`` at batches 1 and 64
+    (:func:`fxprune.cost.latency.compare_latency`, alternating rounds): the pruned model's median ms and
+    its ratio to the baseline (median over rounds), which holds while other runs share the machine."""
+    from fxprune.cost.latency import compare_latency
 
-    return [ort_latency(model, (x1.expand(b, -1, -1, -1).contiguous(),), repeats=20, threads=2)["median_ms"]
-            for b in (1, 64)]
+    out = {}
+    for r in compare_latency(base, model, (x1,), batches=(1, 64), threads=2, repeats=40, rounds=4):
+        out.update({f"lat{r['batch']}": r["pruned_ms"], f"ratio{r['batch']}": r["ratio"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -258,9 +263,8 @@ def run_seed(cfg, targets, methods):
         print(f"baseline trained in {time.time() - t:.0f} s", file=sys.stderr)
     base.eval()
     x1 = xtr[:1]
-    lat1, lat64 = latency(base, x1)
     record(dict(method="baseline", library="-", target=1.0, flops=count_flops(base, (x1,)),
-                params=count_params(base), acc=accuracy(base, test_data, cfg.device), lat1=lat1, lat64=lat64,
+                params=count_params(base), acc=accuracy(base, test_data, cfg.device), **latency(base, base, x1),
                 split="-"))
     for target, method in tqdm([(t, m) for t in targets for m in methods], desc=f"seed {cfg.seed}", file=sys.stderr):
         library = "Torch-Pruning" if method.startswith("tp-") else "fxprune"
@@ -272,10 +276,9 @@ def run_seed(cfg, targets, methods):
                 ft = cfg.budget - pre
                 model = train(model, train_data, epochs=ft, lr=cfg.lr / 5, samples=cfg.samples, seed=cfg.seed,
                               device=cfg.device, desc=f"{method}@{target}")
-            lat1, lat64 = latency(model, x1)
             record(dict(method=method, library=library, target=target, flops=count_flops(model, (x1,)),
-                        params=count_params(model), acc=accuracy(model, test_data, cfg.device), lat1=lat1,
-                        lat64=lat64, split=f"{pre} reg + {ft} ft" if pre else f"{ft} ft"))
+                        params=count_params(model), acc=accuracy(model, test_data, cfg.device),
+                        **latency(base, model.eval(), x1), split=f"{pre} reg + {ft} ft" if pre else f"{ft} ft"))
         except Exception as exc:  # a method that fails is reported, not hidden
             record(dict(method=method, library=library, target=target, flops=None, params=None, acc=None,
                         lat1=None, lat64=None, split=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
@@ -291,6 +294,14 @@ def load_rows(cfg):
                 if row["setting"] == cfg.setting and row["when"] >= newest.get(key, {"when": -1})["when"]:
                     newest[key] = row
     return list(newest.values())
+
+
+def _ratios(rows, key):
+    """Median (min-max) over seeds of a latency ratio to the baseline; '-' for rows timed before ratios."""
+    vals = sorted(r[key] for r in rows if r.get(key) is not None)
+    if not vals:
+        return "-"
+    return f"{vals[len(vals) // 2]:.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if len(vals) > 1 else f"{vals[0]:.2f}"
 
 
 def mean_std(values):
@@ -319,13 +330,12 @@ def write(cfg):
         acc_m, acc_s = mean_std([100 * r["acc"] for r in ok])
         summary.append(dict(method=method, target=target, flops=mean_std([r["flops"] / f0 for r in ok])[0],
                             acc=acc_m, std=acc_s, seeds=len(ok)))
-        med = lambda k: sorted(r[k] for r in ok)[len(ok) // 2]  # noqa: E731
         table.append((method, ok[0]["library"], f"{target:.0%}", f"{summary[-1]['flops']:.1%}",
                       f"{mean_std([r['params'] for r in ok])[0]:,.0f}", f"{acc_m:.2f} ± {acc_s:.2f}",
                       str(len(ok)) + (f" ({failed} failed)" if failed else ""),
-                      f"{med('lat1'):.3f}", f"{med('lat64'):.2f}", ok[0]["split"]))
-    head = ["method", "library", "target", "FLOPs kept", "params", "test acc (%)", "seeds", "ORT ms (b=1)",
-            "ORT ms (b=64)", "budget split (epochs)"]
+                      _ratios(ok, "ratio1"), _ratios(ok, "ratio64"), ok[0]["split"]))
+    head = ["method", "library", "target", "FLOPs kept", "params", "test acc (%)", "seeds",
+            "ORT × baseline, b=1", "ORT × baseline, b=64", "budget split (epochs)"]
     seeds = sorted({r["seed"] for r in rows})
     md = tabulate(table, headers=head, tablefmt="github")
     base_on = f"{cfg.base_samples} samples" if cfg.base_samples else "all 60000 images"
@@ -334,8 +344,10 @@ def write(cfg):
             f"samples (SGD lr {cfg.lr}, then {cfg.lr / 5} for fine-tuning, cosine), the training-time methods "
             f"half of it before their cut. Test accuracy on {cfg.test_n} test images, mean ± std over seeds "
             f"{', '.join(map(str, seeds))} (each seed its own baseline, data order and draws); params and FLOPs "
-            f"are means, ORT latencies (2 threads, 20 runs) medians over seeds, timed while other runs shared the "
-            f"machine. Device {rows[0]['device']}. Rows: `{os.path.basename(cfg.results)}`.\n")
+            f"are means. ORT latency: each model timed side by side with its seed's baseline (2 threads, 4 "
+            f"alternating rounds of 10 runs each, batches 1 and 64), the median ratio over rounds; the table gives "
+            f"the median over seeds and the range (min-max). Device {rows[0]['device']}. "
+            f"Rows: `{os.path.basename(cfg.results)}`.\n")
     name = "accuracy" if cfg.setting == "cpu" else f"accuracy_{cfg.setting}"
     with open(os.path.join(cfg.out, f"{name}.md"), "w") as f:
         f.write(md + note)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..cost import CostModel
-from ..cost.latency_table import LatencyModel
+from ..cost.latency_table import FastCounts, LatencyModel
 from ..errors import ConfigError
 from ..ops import conv2d_spec
 from ..utils import paused_gc
@@ -107,6 +107,13 @@ class Budget:
         if self.latency is not None:
             info["latency"] = self.latency
         return info
+
+
+def relaxed_rounding(round_to):
+    """What a plan retries with when ``round_to`` cannot meet its budget: the fast counts' relaxed
+    form (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`), or None (no retry) for any other."""
+    relax = getattr(round_to, "relaxed", None)
+    return relax() if callable(relax) else None
 
 
 ROUND_TO_ENV = "FXPRUNE_ROUND_TO"
@@ -286,7 +293,7 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
                           "with LatencyModel(fxprune.analyze(model, example_inputs))")
     slice_count = None
     if round_to == "fast":
-        budget = replace(budget, round_to=latency_model.fast_count)
+        budget = replace(budget, round_to=FastCounts(latency_model))
         slice_count = latency_model.slice_count
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
@@ -297,23 +304,29 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     def kept_count(g, removed):
         return budget.rounded(g, max(g.size - removed, floors[g.name]))
 
-    steps = []
+    keys = None
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
         if budget.latency is not None and ranking == "per ms":  # importance per millisecond saved
             per_ms = ms_per_channel(graph, groups, latency_model)
             keys = {name: k / per_ms[name] for name, k in keys.items()}
-        steps = ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
-    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count), budget,
-                   kept_count, latency_model)
+
+    def searched():
+        steps = [] if keys is None else \
+            ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
+        return search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count),
+                      budget, kept_count, latency_model)
+
+    found = searched()
+    if not found.met and relaxed_rounding(budget.round_to) is not None:
+        budget = replace(budget, round_to=relaxed_rounding(budget.round_to))   # kept_count reads it
+        found = searched()
     info = budget.info()
     if not found.met:
         rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""
         warnings.warn(f"the budget cannot be met: with every prunable channel removed{rounded} the model keeps "
                       f"{found.cost:.1%}", stacklevel=2)
         info["met"] = False
-    if round_to == "fast":
-        info["round_to"] = "fast"
     if budget.latency is not None:
         info["ranking"] = ranking
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts, slice_count),

@@ -5,17 +5,20 @@ Part of :mod:`fxprune.passes.catro`.
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
 
 import numpy as np
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, search
-from fxprune.plan.budget import budget_measure
+from fxprune.plan.budget import budget_measure, relaxed_rounding
 
 # --- outer stage --------------------------------------------------------------------------------
 
 def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = "flops"):
-    """Keep counts per group: the greedy energy-per-FLOP removal order, cut where ``budget`` is met.
+    """Keep counts per group, and the budget they meet: the greedy energy-per-FLOP removal order, cut
+    where ``budget`` is met, each count rounded by its ``round_to`` (retried with the relaxed fast counts
+    where the fast ones cannot meet it: the budget returned says which).
 
     ``curves[g]`` is :func:`~.trace_ratio.energy_curve`; ``kmin[g]`` the least each group keeps;
     ``sets(g, k)`` gives the chosen ``k``-set (for exact FLOPs of non-nested sets). The order
@@ -57,8 +60,14 @@ def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = 
                 keep[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
         return keep
 
-    found = search(graph, groups, steps, mask, budget, lambda g, removed: g.size - removed)
+    def kept(g, removed):
+        return budget.rounded(g, g.size - removed)
+
+    found = search(graph, groups, steps, mask, budget, kept)
+    if not found.met and relaxed_rounding(budget.round_to) is not None:
+        budget = replace(budget, round_to=relaxed_rounding(budget.round_to))   # kept reads it
+        found = search(graph, groups, steps, mask, budget, kept)
     if not found.met:
         raise ConfigError("the budget cannot be met: every group at its floor still exceeds it. "
                           "Lower floor= / min_keep= or ignore fewer groups.")
-    return found.counts
+    return found.counts, budget

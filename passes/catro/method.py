@@ -68,9 +68,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
         >>> [len(v) for v in p.keep.values()]
         [4]
     """
-    budget = Budget(ratio=ratio, flops=flops, params=params, floor=floor, min_keep=min_keep)
-    if round_to is not None:
-        raise ConfigError("catro does not support round_to= (its greedy allocation moves one channel at a time)")
+    budget = Budget(ratio=ratio, flops=flops, params=params, floor=floor, min_keep=min_keep, round_to=round_to)
     if not isinstance(pool_size, int) or pool_size < 1:
         raise ConfigError(f"pool_size={pool_size} must be a positive integer")
     if allocation not in ALLOCATIONS:
@@ -106,7 +104,8 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
             return cache[key]
 
         if ratio is not None:
-            counts = {g.name: max(g.size - int(round(ratio * g.size)), kmin[g.name]) for g in groups}
+            counts = {g.name: budget.rounded(g, max(g.size - int(round(ratio * g.size)), kmin[g.name]))
+                      for g in groups}
             bar.update(len(groups))
         else:
             curves = {}
@@ -115,8 +114,8 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
                 curves[g.name] = energy_curve(b, w, g.pinned, eps, max_iter, objective, reg)
                 bar.update(1)
             bar.set_postfix(stage="allocate")
-            counts = allocate(graph, groups, curves, kmin, budget, sets=best,
-                              price={"greedy": "flops", "uniform": "uniform"}[allocation])
+            counts, budget = allocate(graph, groups, curves, kmin, budget, sets=best,
+                                      price={"greedy": "flops", "uniform": "uniform"}[allocation])
         bar.set_postfix(stage="select")
         drop = torch.zeros(graph.num_channels, dtype=torch.bool)
         keep: dict[str, list[int]] = {}
@@ -145,7 +144,7 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
         local = np.nonzero(final[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
         if len(local) < g.size:
             keep[g.name] = local.tolist()
-    info = {"ratio": ratio, "flops": flops, "params": params, "floor": floor, "samples_per_class": samples_per_class,
+    info = {**budget.info(), "samples_per_class": samples_per_class,
             "classes": None if classes is None else sorted(int(c) for c in classes), "pool_size": pool_size,
             "sequential": sequential, "allocation": allocation, "objective": objective, "features": features,
             "space": space, "step": step, "reg": reg, "point": point}
