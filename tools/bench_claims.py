@@ -149,7 +149,7 @@ def claim_oicsr(seeds, flops=0.5, step=0.1, lam=3e-3):
         epochs_used.append(n)
         target = fxprune.cost.count_flops(greedy, (x1,)) / fxprune.cost.count_flops(base, (x1,))
         kept.append(target)
-        one = fxprune.compile(model, (x1,), method="oicsr", flops=target, onnx=False)
+        one = fxprune.compile(model, (x1,), method="oicsr", flops=target, round_to=None, onnx=False)
         rows["one-shot, no fine-tuning"].append(accuracy(one, xte, yte))
         ft = copy.deepcopy(one)
         train(ft, xtr, ytr, epochs=n, lr=0.02, seed=s)
@@ -515,7 +515,7 @@ def claim_catro_subtask(seeds, dataset="digits", classes=(0, 1, 2), targets=(0.5
                     names[1]: catro.subtask(base, (x1,), classes, (xtr, ytr), flops=t, onnx=False, progress=False,
                                             samples_per_class=samples_per_class),
                     names[2]: Sliced(fxprune.compile(base, (x1,), method="catro", data=(xtr, ytr), flops=t,
-                                                     onnx=False, method_options={"progress": False,
+                                                     round_to=None, onnx=False, method_options={"progress": False,
                                                                                  "samples_per_class": samples_per_class}),
                                      classes),
                     names[3]: Sliced(fxprune.compile(base, (x1,), method="l2", flops=t, round_to=None, onnx=False),

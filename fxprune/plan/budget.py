@@ -280,7 +280,9 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given),
     channels ranked as for ``flops=``, or with ``ranking="per ms"`` by importance per millisecond
     saved (HALP's ranking). ``round_to="fast"`` rounds each group up
-    to a count ONNX Runtime runs well (:meth:`~fxprune.cost.latency_table.LatencyModel.fast_count`).
+    to a count ONNX Runtime runs well (:class:`~fxprune.cost.latency_table.FastCounts`); where those
+    counts cannot meet the budget, the plan is searched again with counts under each group's first
+    fast count left as they are (``meta["round_to"]`` then says ``"fast, under the first step"``).
     """
     budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
                     min_keep=min_keep)
