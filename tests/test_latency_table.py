@@ -924,3 +924,18 @@ def test_methods_that_plan_themselves_get_the_fast_counts_by_default(monkeypatch
     with pytest.warns(UserWarning, match="groups below their first fast count"):
         rep = fxprune.report(fxprune.compile(small, (X8,), method=method, latency_model=lm, **options))
     assert rep.plan.meta["round_to"] == "fast, under the first step" and rep.flops_after <= 0.5 * rep.flops_before
+
+
+def test_a_latency_budget_the_fast_counts_miss_is_not_relaxed():
+    """Counts under the first fast count save FLOPs, not latency: a latency budget the fast counts cannot meet
+    keeps its smallest plan on them (every group at its one step) rather than cutting groups to their floor."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    graph = fxprune.analyze(net, (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake))
+    scores = {g.name: torch.arange(g.size, dtype=torch.float32) + 1 for g in graph.prunable_groups()}
+    with pytest.warns(UserWarning, match="cannot be met"):
+        plan = make_plan(graph, scores, latency=0.05, round_to="fast", latency_model=lm)
+    assert plan.meta["round_to"] == "fast" and plan.meta["met"] is False and plan.keep == {}
+    flops = make_plan(graph, scores, flops=0.3, round_to="fast", latency_model=lm)
+    assert flops.meta["round_to"] == "fast, under the first step" and flops.keep

@@ -281,8 +281,9 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     channels ranked as for ``flops=``, or with ``ranking="per ms"`` by importance per millisecond
     saved (HALP's ranking). ``round_to="fast"`` rounds each group up
     to a count ONNX Runtime runs well (:class:`~fxprune.cost.latency_table.FastCounts`); where those
-    counts cannot meet the budget, the plan is searched again with counts under each group's first
-    fast count left as they are (``meta["round_to"]`` then says ``"fast, under the first step"``).
+    counts cannot meet a FLOPs, parameter or ratio budget, the plan is searched again with counts under
+    each group's first fast count left as they are (``meta["round_to"]`` then says
+    ``"fast, under the first step"``).
     """
     budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
                     min_keep=min_keep)
@@ -320,7 +321,9 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
                       budget, kept_count, latency_model)
 
     found = searched()
-    if not found.met and relaxed_rounding(budget.round_to) is not None:
+    # counts under a group's first fast count save FLOPs, not latency (ORT pads them): a latency budget
+    # the fast counts miss keeps its smallest plan on them
+    if not found.met and budget.latency is None and relaxed_rounding(budget.round_to) is not None:
         budget = replace(budget, round_to=relaxed_rounding(budget.round_to))   # kept_count reads it
         found = searched()
     info = budget.info()
