@@ -49,7 +49,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ from fxprune.io.data import batches
 from fxprune.errors import ConfigError, DataError
 from fxprune.verify.masked import MaskedRunner, sum_over_ranks
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask, make_plan, plan_from_mask, search
-from fxprune.plan.budget import checked_scores, ranked, ranked_steps, relaxed_rounding
+from fxprune.plan.budget import checked_scores, ranked, ranked_steps, search_rounded
 
 KL_DIRECTIONS = ("code", "paper")
 
@@ -193,17 +192,17 @@ def select(graph, scores, *, ratio=None, flops=None, params=None, min_keep_frac:
     order = {g.name: ranked(g, scores[g.name]) for g in groups}
     kmin = {g.name: budget.min_kept(g, at_least=curl_min_kept(g.size, min_keep_frac)) for g in groups}
 
-    def kept(g, removed):
-        return budget.rounded(g, max(g.size - removed, kmin[g.name]))
-
     steps = []
     if budget.ratio is None:
         keys = {g.name: scores[g.name].double().numpy() for g in groups}
         steps = ranked_steps(groups, keys, order, {g.name: g.size - kmin[g.name] for g in groups})
-    found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept)
-    if not found.met and relaxed_rounding(round_to) is not None:
-        budget = replace(budget, round_to=relaxed_rounding(round_to))   # kept reads it
-        found = search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept)
+
+    def searched(budget):
+        def kept(g, removed):
+            return budget.rounded(g, max(g.size - removed, kmin[g.name]))
+        return search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts), budget, kept)
+
+    found, budget = search_rounded(budget, searched)
     if not found.met:
         raise ConfigError(f"the budget cannot be met with min_keep_frac={min_keep_frac}: removing every allowed "
                           "channel still exceeds it. Lower min_keep_frac or protect fewer groups.")

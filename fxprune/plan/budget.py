@@ -109,11 +109,19 @@ class Budget:
         return info
 
 
-def relaxed_rounding(round_to):
-    """What a plan retries with when ``round_to`` cannot meet its budget: the fast counts' relaxed
-    form (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`), or None (no retry) for any other."""
-    relax = getattr(round_to, "relaxed", None)
-    return relax() if callable(relax) else None
+def search_rounded(budget: Budget, searched):
+    """``searched(budget)`` (a :class:`SearchResult`), and where it misses a FLOPs, parameter or ratio budget
+    rounded to the fast counts, ``searched`` again under their relaxed form
+    (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`: counts under a group's first fast count left
+    as they are). Returns the result and the budget it was searched under. A latency budget is not
+    relaxed: those counts save FLOPs, not time (ORT pads them up to the step).
+    """
+    found = searched(budget)
+    relax = getattr(budget.round_to, "relaxed", None)
+    if not found.met and budget.latency is None and callable(relax) and relax() is not None:
+        budget = replace(budget, round_to=relax())
+        found = searched(budget)
+    return found, budget
 
 
 ROUND_TO_ENV = "FXPRUNE_ROUND_TO"
@@ -304,9 +312,6 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     floors = {g.name: budget.min_kept(g) for g in groups}
     order = {g.name: ranked(g, scores[g.name]) for g in groups}
 
-    def kept_count(g, removed):
-        return budget.rounded(g, max(g.size - removed, floors[g.name]))
-
     keys = None
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
@@ -314,18 +319,16 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
             per_ms = ms_per_channel(graph, groups, latency_model)
             keys = {name: k / per_ms[name] for name, k in keys.items()}
 
-    def searched():
+    def searched(budget):
+        def kept_count(g, removed):
+            return budget.rounded(g, max(g.size - removed, floors[g.name]))
+
         steps = [] if keys is None else \
             ranked_steps(groups, keys, order, {g.name: g.size - kept_count(g, g.size) for g in groups})
         return search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count),
                       budget, kept_count, latency_model)
 
-    found = searched()
-    # counts under a group's first fast count save FLOPs, not latency (ORT pads them): a latency budget
-    # the fast counts miss keeps its smallest plan on them
-    if not found.met and budget.latency is None and relaxed_rounding(budget.round_to) is not None:
-        budget = replace(budget, round_to=relaxed_rounding(budget.round_to))   # kept_count reads it
-        found = searched()
+    found, budget = search_rounded(budget, searched)
     info = budget.info()
     if not found.met:
         rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""

@@ -5,13 +5,12 @@ Part of :mod:`fxprune.passes.catro`.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
 
 import numpy as np
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, search
-from fxprune.plan.budget import budget_measure, relaxed_rounding
+from fxprune.plan.budget import budget_measure, search_rounded
 
 # --- outer stage --------------------------------------------------------------------------------
 
@@ -60,13 +59,8 @@ def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = 
                 keep[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
         return keep
 
-    def kept(g, removed):
-        return budget.rounded(g, g.size - removed)
-
-    found = search(graph, groups, steps, mask, budget, kept)
-    if not found.met and relaxed_rounding(budget.round_to) is not None:
-        budget = replace(budget, round_to=relaxed_rounding(budget.round_to))   # kept reads it
-        found = search(graph, groups, steps, mask, budget, kept)
+    found, budget = search_rounded(budget, lambda budget: search(
+        graph, groups, steps, mask, budget, lambda g, removed: budget.rounded(g, g.size - removed)))
     if not found.met:
         raise ConfigError("the budget cannot be met: every group at its floor still exceeds it. "
                           "Lower floor= / min_keep= or ignore fewer groups.")
