@@ -53,7 +53,7 @@ import torch.fx as fx
 
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
-from .cost.latency_table import FastCounts
+from .cost.latency_table import FastCounts, LatencyModel
 from .couple import couple
 from .errors import ConfigError, DataError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
@@ -155,11 +155,8 @@ class Pipeline:
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
         own = getattr(criterion, "plan", None)
         if callable(own):
-            if round_to == "fast":
-                if latency_model is None:
-                    raise ConfigError(f"method '{name}' chooses its own channels: round_to=\"fast\" needs a "
-                                      "latency_model here (fxprune.compile builds one)")
-                common["round_to"] = FastCounts(latency_model)
+            if round_to == "fast":   # as make_plan does: the latency model built here when not given
+                common["round_to"] = FastCounts(latency_model or LatencyModel(graph))
 
             def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
                 if latency is not None:
