@@ -123,7 +123,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             return compile_parts(model, example_inputs, criterion, name, why=why, **parts)
     if latency is not None and any(b is not None for b in (ratio, flops, params)):
         raise ConfigError("give exactly one budget: latency= cannot be combined with ratio=, flops= or params=")
-    own_plan = callable(getattr(criterion, "plan", None))   # CURL, CATRO: no latency model in their planning
+    own_plan = callable(getattr(criterion, "plan", None))   # CURL, CATRO: the latency model only rounds their counts
     options = dict(latency_options or {})
     ranking = options.pop("ranking", "importance")
     if latency is not None:

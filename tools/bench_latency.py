@@ -6,8 +6,8 @@
 
 ``defaults`` is ``fxprune.compile(model, (x,), method="l2", flops=0.5)`` with nothing else given (round_to
 defaults to fast counts for these convolutional models); ``latency=0.5`` is ``compile(..., latency=0.5)``:
-the FLOPs budget (importance ranking, fast counts) fitted so that the exported model measures within
-``[0.45, 0.48]`` of the original's latency, every candidate timed against it (at ``--threads``).
+planned on the latency model (channels ranked by importance, fast counts), each plan measured against the
+original and re-planned from the misses until one measures within ``[0.45, 0.48]`` of its latency (at ``--threads``).
 
 Latency is ORT CPU, batch 1, ``--threads`` intra-op threads (default 2). Two figures per model:
 ``wall`` is the median wall time of ``session.run``; ``kernel`` sums each node's fastest kernel time

@@ -118,8 +118,9 @@ def search_rounded(budget: Budget, searched):
     """
     found = searched(budget)
     relax = getattr(budget.round_to, "relaxed", None)
-    if not found.met and budget.latency is None and callable(relax) and relax() is not None:
-        budget = replace(budget, round_to=relax())
+    relaxed = relax() if callable(relax) and not found.met and budget.latency is None else None
+    if relaxed is not None:
+        budget = replace(budget, round_to=relaxed)
         found = searched(budget)
     return found, budget
 
