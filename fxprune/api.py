@@ -19,21 +19,16 @@ Example::
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import passes
 from .cost.latency import fit_latency, search_latency
-from .cost.latency_table import FAST_UNDER, LatencyError, LatencyModel
 from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
 from .partial import compile_parts
-from .pipeline import Pipeline
+from .pipeline import Pipeline, warn_if_relaxed
 from .plan import Plan
-from .plan.budget import RANKINGS, default_round_to
-
-DEFAULT = "default"   # round_to= not given: see fxprune.plan.budget.default_round_to
+from .plan.budget import DEFAULT, RANKINGS
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
@@ -131,26 +126,13 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         if latency_model is None and not own_plan:
             latency_model = True
     by_default = round_to is DEFAULT
-    if by_default:
-        round_to = default_round_to(pipe.graph)
-    if latency_model is True or (round_to == "fast" and latency_model is None):
-        try:
-            latency_model = LatencyModel(pipe.graph)
-        except LatencyError as exc:
-            if latency is not None or not by_default:
-                raise
-            warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
-                          "pass round_to= to choose", stacklevel=2)
-            latency_model, round_to = None, None
+    round_to, latency_model = pipe.rounding(round_to, latency_model, strict=latency is not None)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None,
                            ranking=ranking)
     if latency is None:
         plan = planner(ratio=ratio, flops=flops, params=params)
-        if by_default and plan.meta.get("round_to") == FAST_UNDER:
-            warnings.warn("the fast channel counts (round_to=\"fast\", the default) cannot reach this budget on this "
-                          "model: groups below their first fast count keep what the budget needs (ORT pads them "
-                          "to it); pass round_to= to choose", stacklevel=2)
+        warn_if_relaxed(plan, by_default)
         return pipe.build(plan, method=name)
     if latency_model and not own_plan:
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)

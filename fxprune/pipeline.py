@@ -53,13 +53,14 @@ import torch.fx as fx
 
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
-from .cost.latency_table import FastCounts, LatencyModel
+from .cost.latency_table import FAST_UNDER, FastCounts, LatencyError, LatencyModel
 from .couple import couple
 from .errors import ConfigError, DataError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
 from .plan import Plan, make_plan
+from .plan.budget import DEFAULT, default_round_to
 from .rewrite import pin_literals, rewrite, rewrite_module
 from .utils import as_tuple, paused_gc
 from .verify import check_mask, mask_equivalence, random_inputs
@@ -132,6 +133,33 @@ class Pipeline:
         return graph
 
     # -- score and plan
+    def rounding(self, round_to=DEFAULT, latency_model=None, *, strict: bool = False):
+        """``(round_to, latency_model)`` for plans on this model.
+
+        ``round_to=DEFAULT`` (not given) becomes :func:`~fxprune.plan.budget.default_round_to`'s choice;
+        ``"fast"`` (and ``latency_model=True``) builds the :class:`~fxprune.cost.latency_table.LatencyModel`
+        unless one is given. When it cannot be built, a default ``"fast"`` falls back to unrounded
+        counts with a warning, unless ``strict`` (a latency budget needs the model) or ``"fast"`` was asked for.
+
+            >>> import torch
+            >>> pipe = Pipeline(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(1, 4),))
+            >>> pipe.rounding(8)
+            (8, None)
+        """
+        by_default = isinstance(round_to, str) and round_to == DEFAULT
+        if by_default:
+            round_to = default_round_to(self.graph)
+        if latency_model is True or (round_to == "fast" and latency_model is None):
+            try:
+                latency_model = LatencyModel(self.graph)
+            except LatencyError as exc:
+                if strict or not by_default:
+                    raise
+                warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
+                              "pass round_to= to choose", stacklevel=3)
+                latency_model, round_to = None, None
+        return round_to, latency_model
+
     def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
                 ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None,
                 ranking: str = "importance"):
@@ -329,3 +357,12 @@ def _method_errors(name: str, graph: ChannelGraph, data):
                     "(l1, l2, bn, random), or make the model's forward batch-independent.")
         raise DataError(f"method '{name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}."
                         f"{hint}") from exc
+
+
+def warn_if_relaxed(plan: Plan, by_default: bool) -> None:
+    """Warn when the default fast counts could not reach the plan's budget (``plan.meta["round_to"]``
+    is :data:`~fxprune.cost.latency_table.FAST_UNDER`): the user did not ask for them."""
+    if by_default and plan.meta.get("round_to") == FAST_UNDER:
+        warnings.warn("the fast channel counts (round_to=\"fast\", the default) cannot reach this budget on this "
+                      "model: groups below their first fast count keep what the budget needs (ORT pads them "
+                      "to it); pass round_to= to choose", stacklevel=3)

@@ -20,6 +20,7 @@ from fxprune.cost.latency_table import (FunctionTable, LatencyError, LatencyMode
                                    cache_path, edges, find_steps, probe)
 from fxprune.plan import make_plan
 from fxprune.plan.budget import RANKINGS
+from passes import catro
 
 
 def pad(c, b=4):
@@ -399,7 +400,7 @@ def test_default_round_to_is_fast_for_convolutional_models(monkeypatch):
 
 def test_default_round_to_builds_no_latency_model_without_convolutions(monkeypatch):
     monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
-    monkeypatch.setattr(fxprune.api, "LatencyModel", lambda *a, **k: pytest.fail("built a latency model"))
+    monkeypatch.setattr(fxprune.pipeline, "LatencyModel", lambda *a, **k: pytest.fail("built a latency model"))
     mlp = nn.Sequential(nn.Linear(8, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
     rep = fxprune.report(fxprune.compile(mlp, (torch.randn(2, 8),), flops=0.5, onnx=False))
     assert rep.plan.meta["round_to"] is None and rep.flops_after <= 0.5 * rep.flops_before
@@ -924,6 +925,24 @@ def test_methods_that_plan_themselves_get_the_fast_counts_by_default(monkeypatch
     with pytest.warns(UserWarning, match="groups below their first fast count"):
         rep = fxprune.report(fxprune.compile(small, (X8,), method=method, latency_model=lm, **options))
     assert rep.plan.meta["round_to"] == "fast, under the first step" and rep.flops_after <= 0.5 * rep.flops_before
+
+
+def test_catro_subtask_gets_the_fast_counts_by_default(monkeypatch):
+    """The sub-task mode plans outside compile: its counts are rounded the same way unless round_to says not."""
+    monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x, y = torch.randn(60, 3, 8, 8), torch.arange(60) % 5
+    lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
+    options = dict(flops=0.5, onnx=False, progress=False)
+    rep = fxprune.report(catro.subtask(net, (X8,), [0, 2], (x, y), latency_model=lm, **options))
+    inner = {k: len(v) for k, v in rep.plan.keep.items() if len(v) != 2}   # the classifier keeps its 2 classes
+    assert rep.plan.meta["round_to"] == "fast" and inner and all(k % 4 == 0 for k in inner.values())
+    assert rep.plan.meta["subtask"] == [0, 2] and rep.flops_after <= 0.5 * rep.flops_before
+    plain = fxprune.report(catro.subtask(net, (X8,), [0, 2], (x, y), round_to=None, **options)).plan
+    assert plain.meta["round_to"] is None and any(len(v) % 4 for k, v in plain.keep.items() if len(v) != 2)
 
 
 def test_a_latency_budget_the_fast_counts_miss_is_not_relaxed():

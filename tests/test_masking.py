@@ -94,6 +94,50 @@ def test_batched_and_cached_equal_one_at_a_time():
     assert 0 < runner.forwards < 0.5 * 16  # measured 6.2 forward-equivalents for 16 masks
 
 
+class InPlace(nn.Module):
+    """In-place ops in the prefix every pass resumes from, and one after it on a value of the prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x), inplace=True)
+        y = F.relu(self.b(y), inplace=True) + y
+        z = self.fc(F.relu(self.c(y)).mean((2, 3)))
+        return z + y.mul_(2.0).mean((1, 2, 3)).unsqueeze(1)   # alters y after the last group's first node
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: SmallResNet(8), (5, 1, 8, 8)), (InPlace, (5, 2, 6, 6))])
+def test_later_runs_resume_the_prefix_and_give_the_same_outputs(make, shape):
+    """Successive runs on one runner (backward elimination's rounds) resume the cached unmasked prefix
+    where it allows, restart it where a run starts earlier, and equal a fresh runner each time."""
+    torch.manual_seed(0)
+    model = _randomise_bn(make())
+    x = torch.randn(shape)
+    graph = fxprune.analyze(model, (x[:1],))
+    groups = graph.prunable_groups()
+    runner = MaskedRunner(graph, (x,), masks_per_forward=2)
+    late, early = groups[-1], groups[0]
+    calls = [[[graph.offsets[late.name] + i] for i in range(3)],
+             [[graph.offsets[late.name] + i, graph.offsets[late.name] + 1] for i in range(2)],
+             [[graph.offsets[early.name]], [graph.offsets[late.name]]],       # starts earlier: a fresh prefix
+             [[graph.offsets[late.name] + 2]]]
+    spent = []
+    for drops in calls:
+        before = runner.forwards
+        got = runner.run(drops)
+        spent.append(runner.forwards - before)
+        fresh = MaskedRunner(graph, (x,), masks_per_forward=2).run(drops)
+        assert torch.equal(got, fresh)
+    fresh = MaskedRunner(graph, (x,), masks_per_forward=2)
+    fresh.run(calls[1])
+    assert spent[1] < fresh.forwards    # the second run resumed the first one's prefix
+
+
 def test_base_drop_and_capture():
     torch.manual_seed(0)
     model = _randomise_bn(SmallResNet(8))

@@ -512,7 +512,8 @@ def claim_catro_subtask(seeds, dataset="digits", classes=(0, 1, 2), targets=(0.5
                 warnings.simplefilter("ignore")
                 models = {
                     names[0]: Sliced(copy.deepcopy(base), classes),
-                    names[1]: catro.subtask(base, (x1,), classes, (xtr, ytr), flops=t, onnx=False, progress=False,
+                    names[1]: catro.subtask(base, (x1,), classes, (xtr, ytr), flops=t, round_to=None, onnx=False,
+                                            progress=False,
                                             samples_per_class=samples_per_class),
                     names[2]: Sliced(fxprune.compile(base, (x1,), method="catro", data=(xtr, ytr), flops=t,
                                                      round_to=None, onnx=False, method_options={"progress": False,

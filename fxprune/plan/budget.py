@@ -126,6 +126,7 @@ def search_rounded(budget: Budget, searched):
 
 
 ROUND_TO_ENV = "FXPRUNE_ROUND_TO"
+DEFAULT = "default"   # round_to= not given: resolved by default_round_to
 
 
 def default_round_to(graph):

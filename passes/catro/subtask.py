@@ -7,17 +7,21 @@ from __future__ import annotations
 import torch
 
 from fxprune.errors import ConfigError
-from fxprune.pipeline import Pipeline
+from fxprune.pipeline import Pipeline, warn_if_relaxed
 from fxprune.plan import Plan
+from fxprune.plan.budget import DEFAULT
 
-from .method import plan
+from .method import score
 
 
-def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, params=None, verify: bool = True,
-            onnx: bool = True, **options):
+def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, params=None, round_to=DEFAULT,
+            latency_model=None, seed: int = 0, verify: bool = True, onnx: bool = True, **options):
     """Prune ``model`` for the classes ``classes`` only; the classifier's outputs shrink to them (in that order
     of ascending class index). Returns the pruned ``GraphModule``; its report's plan records the classes
-    (checked by mask-equivalence with ``verify``, and in ONNX Runtime with ``onnx`` too).
+    (checked by mask-equivalence with ``verify``, and in ONNX Runtime with ``onnx`` too). ``round_to`` as in
+    :func:`fxprune.compile` (not given: the fast counts for a model with 2-d convolutions, from ``latency_model``, a
+    :class:`~fxprune.cost.latency_table.LatencyModel` built when not given); ``options`` go to
+    :func:`~fxprune.passes.catro.plan`.
 
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -36,7 +40,13 @@ def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, par
     head = out_groups[0]
     if not classes or classes[0] < 0 or classes[-1] >= head.size:
         raise ConfigError(f"classes={classes} must be indices of the model's {head.size} outputs")
-    base = plan(graph, data=data, ratio=ratio, flops=flops, params=params, classes=classes, **options)
+    by_default = isinstance(round_to, str) and round_to == DEFAULT
+    round_to, latency_model = pipe.rounding(round_to, latency_model)
+    common = {k: options.pop(k) for k in ("ignore", "min_keep", "floor", "meta") if k in options}
+    planner = pipe.planner(score, "catro", data=data, seed=seed, method_options=dict(options, classes=classes),
+                           round_to=round_to, latency_model=latency_model, **common)
+    base = planner(ratio=ratio, flops=flops, params=params)
+    warn_if_relaxed(base, by_default)
     keep = dict(base.keep)
     keep[head.name] = classes
     sub = Plan(keep, {k: graph.groups[k].size for k in keep}, dict(base.meta, subtask=classes))
