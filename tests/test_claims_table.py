@@ -1,7 +1,6 @@
 """The claim table and plot (``tools/plot_claims.py``) from ``tools/results/claims.json``."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
