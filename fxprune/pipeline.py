@@ -360,9 +360,10 @@ def _method_errors(name: str, graph: ChannelGraph, data):
 
 
 def warn_if_relaxed(plan: Plan, by_default: bool) -> None:
-    """Warn when the default fast counts could not reach the plan's budget (``plan.meta["round_to"]``
-    is :data:`~fxprune.cost.latency_table.FAST_UNDER`): the user did not ask for them."""
-    if by_default and plan.meta.get("round_to") == FAST_UNDER:
+    """Warn when the default fast counts could not reach the plan's budget and it was met with their relaxed
+    form (``plan.meta["missed_fast"]``, ``plan.meta["round_to"]`` :data:`~fxprune.cost.latency_table.FAST_UNDER`):
+    the user did not ask for those counts."""
+    if by_default and plan.meta.get("missed_fast") and plan.meta.get("round_to") == FAST_UNDER:
         warnings.warn("the fast channel counts (round_to=\"fast\", the default) cannot reach this budget on this "
                       "model: groups below their first fast count keep what the budget needs (ORT pads them "
                       "to it); pass round_to= to choose", stacklevel=3)

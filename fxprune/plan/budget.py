@@ -56,6 +56,7 @@ class Budget:
     round_to: object = None  # a multiple, "fast" (counts ONNX Runtime runs well) or (group name, n) -> n
     floor: float = 0.0
     min_keep: int = 1
+    missed_fast: bool = False   # the fast counts could not meet it: searched again relaxed (search_rounded)
 
     def __post_init__(self):
         if sum(b is not None for b in (self.ratio, self.flops, self.params, self.latency)) != 1:
@@ -106,6 +107,8 @@ class Budget:
                 "floor": self.floor}
         if self.latency is not None:
             info["latency"] = self.latency
+        if self.missed_fast:
+            info["missed_fast"] = True
         return info
 
 
@@ -120,7 +123,7 @@ def search_rounded(budget: Budget, searched):
     relax = getattr(budget.round_to, "relaxed", None)
     relaxed = relax() if callable(relax) and not found.met and budget.latency is None else None
     if relaxed is not None:
-        budget = replace(budget, round_to=relaxed)
+        budget = replace(budget, round_to=relaxed, missed_fast=True)
         found = searched(budget)
     return found, budget
 
