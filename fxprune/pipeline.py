@@ -134,31 +134,14 @@ class Pipeline:
 
     # -- score and plan
     def rounding(self, round_to=DEFAULT, latency_model=None, *, strict: bool = False):
-        """``(round_to, latency_model)`` for plans on this model.
-
-        ``round_to=DEFAULT`` (not given) becomes :func:`~fxprune.plan.budget.default_round_to`'s choice;
-        ``"fast"`` (and ``latency_model=True``) builds the :class:`~fxprune.cost.latency_table.LatencyModel`
-        unless one is given. When it cannot be built, a default ``"fast"`` falls back to unrounded
-        counts with a warning, unless ``strict`` (a latency budget needs the model) or ``"fast"`` was asked for.
+        """``(round_to, latency_model)`` for plans on this model: :func:`resolve_rounding` on its graph.
 
             >>> import torch
             >>> pipe = Pipeline(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(1, 4),))
             >>> pipe.rounding(8)
             (8, None)
         """
-        by_default = isinstance(round_to, str) and round_to == DEFAULT
-        if by_default:
-            round_to = default_round_to(self.graph)
-        if latency_model is True or (round_to == "fast" and latency_model is None):
-            try:
-                latency_model = LatencyModel(self.graph)
-            except LatencyError as exc:
-                if strict or not by_default:
-                    raise
-                warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
-                              "pass round_to= to choose", stacklevel=3)
-                latency_model, round_to = None, None
-        return round_to, latency_model
+        return resolve_rounding(self.graph, round_to, latency_model, strict=strict, stacklevel=4)
 
     def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
                 ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None,
@@ -367,3 +350,33 @@ def warn_if_relaxed(plan: Plan, by_default: bool) -> None:
         warnings.warn("the fast channel counts (round_to=\"fast\", the default) cannot reach this budget on this "
                       "model: groups below their first fast count keep what the budget needs (ORT pads them "
                       "to it); pass round_to= to choose", stacklevel=3)
+
+
+def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: bool = False, stacklevel: int = 3):
+    """``(round_to, latency_model)`` for plans on ``graph``, as :func:`fxprune.compile` makes them.
+
+    ``round_to=DEFAULT`` (not given) becomes :func:`~fxprune.plan.budget.default_round_to`'s choice;
+    ``"fast"`` (and ``latency_model=True``) builds the :class:`~fxprune.cost.latency_table.LatencyModel`
+    unless one is given. When it cannot be built, a default ``"fast"`` falls back to unrounded counts with a
+    warning, unless ``strict`` (a latency budget needs the model) or ``"fast"`` was asked for. Whatever
+    schedules channels for a later ``compile`` (the training-time regularizers, GSM) rounds the same way, so
+    that the channels it drives to zero are the ones ``compile`` cuts.
+
+        >>> import torch, fxprune
+        >>> graph = fxprune.analyze(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(1, 4),))
+        >>> resolve_rounding(graph, None), resolve_rounding(graph, 8)
+        ((None, None), (8, None))
+    """
+    by_default = isinstance(round_to, str) and round_to == DEFAULT
+    if by_default:
+        round_to = default_round_to(graph)
+    if latency_model is True or (round_to == "fast" and latency_model is None):
+        try:
+            latency_model = LatencyModel(graph)
+        except LatencyError as exc:
+            if strict or not by_default:
+                raise
+            warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
+                          "pass round_to= to choose", stacklevel=stacklevel)
+            latency_model, round_to = None, None
+    return round_to, latency_model

@@ -61,6 +61,7 @@ import torch
 
 from fxprune.utils import eval_mode
 from fxprune.errors import ConfigError, VerificationError
+from fxprune.plan.budget import DEFAULT
 from fxprune.verify.mask import random_inputs
 
 from .group_lasso import (GroupLasso, Growing, channel_sq_norms, graph_tensors, model_tensors, select_groups,
@@ -89,21 +90,23 @@ class Regularizer(GroupLasso):
 
     ``groups`` restricts it to some group names. Pinned channels get coefficient 0.
     ``flops`` (fraction of the FLOPs kept) adds the budget schedule of the module
-    docstring (``every``, ``grow``, ``ceiling``); ``reg.scheduled`` holds the channels it
+    docstring (``every``, ``grow``, ``ceiling``; its counts rounded by ``round_to`` as ``compile`` rounds
+    them, the fast counts when not given); ``reg.scheduled`` holds the channels it
     drives to zero, ``reg.strength`` the current factor. :meth:`prox` applies both terms
     as a proximal step instead.
     """
 
     def __init__(self, graph, lam: float = 1e-4, schedule: str = "linear", *, normalize: bool = True,
                  groups=None, gamma: float = 2.0, kappa: float = 3.0, d_min: float = 0.1, eps: float = 1e-8,
-                 flops: float | None = None, every: int = 10, grow: float = 1.0, ceiling: float = 1.0):
+                 flops: float | None = None, every: int = 10, grow: float = 1.0, ceiling: float = 1.0,
+                 round_to=DEFAULT):
         terms = []
         self._coef = {}
         selected = select_groups(graph, groups)
         growing = None
         if flops is not None:
             growing = Growing(graph, selected, lambda t: {g.name: relative_importance(graph, g, t) for g in selected},
-                              flops=flops, every=every, grow=grow, ceiling=ceiling)
+                              flops=flops, every=every, grow=grow, ceiling=ceiling, round_to=round_to)
         for g in selected:
             d = directed(g.size, schedule, gamma=gamma, kappa=kappa, d_min=d_min, normalize=normalize)
             d = d * (~g.pinned).float()

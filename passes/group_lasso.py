@@ -32,7 +32,9 @@ import warnings
 import torch
 
 from fxprune.errors import ConfigError
+from fxprune.pipeline import resolve_rounding
 from fxprune.plan import make_plan
+from fxprune.plan.budget import DEFAULT
 
 
 def trainable_members(graph, group, kinds=("producer", "consumer")) -> list:
@@ -195,7 +197,9 @@ class Growing:
     keep a constant strength). Every ``every`` training steps (calls with gradients
     enabled) the channels to remove are chosen again: ``criterion(tensors)`` scores the
     groups in ``groups`` on the current weights and :func:`fxprune.make_plan` picks the
-    lowest under ``flops`` (the other prunable groups are left whole). The penalty is
+    lowest under ``flops`` (the other prunable groups are left whole), its counts rounded by ``round_to``
+    as ``compile`` rounds them (:func:`fxprune.pipeline.resolve_rounding`; not given: the fast counts
+    for a model with 2-d convolutions). The penalty is
 
         rho(t) * sum over scheduled channels i of ||every trainable slice of channel i||^2
 
@@ -218,7 +222,7 @@ class Growing:
     """
 
     def __init__(self, graph, groups, criterion, *, flops: float, every: int = 10, grow: float = 1.0,
-                 ceiling: float = 1.0):
+                 ceiling: float = 1.0, round_to=DEFAULT):
         if not 0 < flops <= 1:
             raise ConfigError(f"flops={flops} is out of range: it is the fraction of the model's FLOPs kept, in (0, 1]")
         if not (isinstance(every, int) and every >= 1):
@@ -231,6 +235,8 @@ class Growing:
         self.ignore = sorted(g.name for g in graph.prunable_groups() if g.name not in self.members)
         self.steps = 0
         self.scheduled: dict[str, torch.Tensor] = {}
+        # rounded as compile(flops=...) will round the cut, so that it takes the channels driven to zero
+        self.round_to, self.latency_model = resolve_rounding(graph, round_to)
 
     @property
     def strength(self) -> float:
@@ -244,7 +250,8 @@ class Growing:
                   if n in self.members}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the budget cannot be met")
-            plan = make_plan(self.graph, scores, flops=self.flops, ignore=self.ignore, meta={"method": "schedule"})
+            plan = make_plan(self.graph, scores, flops=self.flops, ignore=self.ignore, round_to=self.round_to,
+                             latency_model=self.latency_model, meta={"method": "schedule"})
         self.scheduled = {}
         for name, kept in plan.keep.items():
             if name in self.members:

@@ -59,7 +59,9 @@ import warnings
 import torch
 
 from fxprune.errors import ConfigError
+from fxprune.pipeline import resolve_rounding
 from fxprune.plan import make_plan
+from fxprune.plan.budget import DEFAULT
 
 from .group_lasso import channel_sq_norms, graph_tensors, trainable_members
 
@@ -73,7 +75,9 @@ class GSM(torch.optim.SGD):
     the competition to tensors of 2+ dims; ``passive_weight_decay`` (default
     ``weight_decay``) is the decay of passive units, a knob for short runs. ``flops``
     (structured mode) is a FLOPs budget instead of ``keep``; ``every`` the steps between
-    two choices of the active set in that mode; ``grow`` and ``ceiling`` the passive
+    two choices of the active set in that mode, each rounded by ``round_to`` as ``compile`` will
+    round the cut (not given: the fast counts for a model with 2-d convolutions, as ``compile``'s
+    default, so that the cut takes the passive channels); ``grow`` and ``ceiling`` the passive
     shrink (``grow=0``: the paper). The masks of the last step are in ``self.masks``
     (parameter name -> bool tensor) and, in structured mode, ``self.active`` (group name
     -> bool tensor).
@@ -83,7 +87,7 @@ class GSM(torch.optim.SGD):
                  keep: float | None = None, compression: float | None = None, flops: float | None = None, graph=None,
                  model=None, saliency: str = "taylor", kernels_only: bool = True,
                  passive_weight_decay: float | None = None, nesterov: bool = False, every: int = 10,
-                 grow: float | None = None, ceiling: float = 0.2):
+                 grow: float | None = None, ceiling: float = 0.2, round_to=DEFAULT):
         if sum(b is not None for b in (keep, compression, flops)) != 1:
             raise ConfigError("give exactly one of keep= (fraction of weights kept), compression= (1 / keep) "
                               "or flops= (fraction of the FLOPs kept, with graph=)")
@@ -111,6 +115,8 @@ class GSM(torch.optim.SGD):
         self.steps = 0
         self._acc: dict[str, torch.Tensor] = {}
         self.named = self._names(model)
+        # the flops= schedule rounds as compile(flops=...) will round the cut (fxprune.pipeline.resolve_rounding)
+        self.round_to, self.latency_model = resolve_rounding(graph, round_to) if flops is not None else (None, None)
         self.masks: dict[str, torch.Tensor] = {}
         self.active: dict[str, torch.Tensor] = {}
         if graph is not None:
@@ -205,7 +211,8 @@ class GSM(torch.optim.SGD):
         scores = {n: s.float() for n, s in self._acc.items()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the budget cannot be met")
-            plan = make_plan(self.graph, scores, flops=self.flops, meta={"method": "gsm"})
+            plan = make_plan(self.graph, scores, flops=self.flops, round_to=self.round_to,
+                             latency_model=self.latency_model, meta={"method": "gsm"})
         self.active = {}
         for name in sal:
             act = torch.ones(self.graph.groups[name].size, dtype=torch.bool)

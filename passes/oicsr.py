@@ -67,6 +67,7 @@ from fxprune.cost import count_flops
 from fxprune.errors import ConfigError
 from fxprune.pipeline import Pipeline
 from fxprune.plan import Plan, make_plan
+from fxprune.plan.budget import DEFAULT
 from fxprune.utils import as_tuple
 from fxprune.view.report import report as fxprune_report
 
@@ -88,7 +89,7 @@ class Regularizer(GroupLasso):
 
     def __init__(self, graph, lam: float = 1e-4, *, penalty: str = "gl", lam2: float = 0.0, residual: bool = False,
                  groups=None, eps: float = 1e-8, flops: float | None = None, every: int = 10, grow: float = 1.0,
-                 ceiling: float = 1.0):
+                 ceiling: float = 1.0, round_to=DEFAULT):
         if penalty not in ("gl", "growl"):
             raise ConfigError(f"penalty='{penalty}' is unknown: choose 'gl' (group lasso) or 'growl'")
         if penalty == "growl" and not lam2 >= 0:
@@ -99,7 +100,7 @@ class Regularizer(GroupLasso):
         growing = None
         if flops is not None:
             growing = Growing(graph, selected, lambda t: {g.name: energy(graph, g, t) for g in selected},
-                              flops=flops, every=every, grow=grow, ceiling=ceiling)
+                              flops=flops, every=every, grow=grow, ceiling=ceiling, round_to=round_to)
         super().__init__(graph, lam, terms, eps, growing)
 
     def coefficients(self, norms: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

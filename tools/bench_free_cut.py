@@ -9,7 +9,8 @@ with ``keep=target`` and ``grow=0``). For reference: ``random`` and ``l2`` cuts 
 ``l2`` fine-tuned for the same number of epochs after its cut (the budget a baseline gets). With ``--bn``,
 a last column: the cut model with its BN running statistics re-estimated on one pass over the training
 images (:func:`fxprune.train.recalibrate_bn`; weights untouched; for "+ fine-tune" rows, after the
-fine-tuning). Every cut plans without rounding (``round_to=None``) so that all meet the same FLOPs.
+fine-tuning). Every cut plans without rounding (``round_to=None``) so that all meet the same FLOPs, and so
+do the regularizers' and GSM's schedules (they round as the cut does).
 
 With ``--fmnist``: ResNet-20 of ``tools/bench_accuracy.py`` on Fashion-MNIST instead (base: 3 epochs
 of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 cosine, ``lam=5e-4``;
@@ -52,10 +53,10 @@ def run(method, base, graph, target, data, epochs, seed, bn=False):
     paper = setting == "(paper)"
     if name in ("dwgl", "oicsr"):
         cls = dwgl.Regularizer if name == "dwgl" else oicsr.Regularizer
-        reg = cls(graph, lam=1e-4) if paper else cls(graph, lam=1e-4, flops=target)
+        reg = cls(graph, lam=1e-4) if paper else cls(graph, lam=1e-4, flops=target, round_to=None)
         train(model, xtr, ytr, epochs=epochs, extra_loss=reg, seed=seed)
     elif name == "gsm":
-        budget = {"keep": target, "grow": 0} if paper else {"flops": target}
+        budget = {"keep": target, "grow": 0} if paper else {"flops": target, "round_to": None}
         opt = gsm.GSM(model.named_parameters(), graph=graph, lr=5e-3, momentum=0.98, **budget)
         train(model, xtr, ytr, epochs=epochs, optimizer=opt, seed=seed)
     before = accuracy(model, xte, yte)
@@ -98,10 +99,11 @@ def fmnist(targets, seeds, methods=("dwgl", "oicsr", "gsm", "l2"), cache=FMNIST_
             for name in methods:
                 model = copy.deepcopy(base)
                 if name == "gsm":
-                    opt = gsm.GSM(model.named_parameters(), graph=graph, flops=target, lr=5e-3, momentum=0.98)
+                    opt = gsm.GSM(model.named_parameters(), graph=graph, flops=target, lr=5e-3, momentum=0.98,
+                                  round_to=None)
                     train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu", optimizer=opt)
                 elif name in ("dwgl", "oicsr"):
-                    reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target)
+                    reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target, round_to=None)
                     train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu",
                              extra_loss=reg)
                 before = acc(model, test, "cpu")
