@@ -10,7 +10,8 @@ with ``keep=target`` and ``grow=0``). For reference: ``random`` and ``l2`` cuts 
 a last column: the cut model with its BN running statistics re-estimated on one pass over the training
 images (:func:`fxprune.train.recalibrate_bn`; weights untouched; for "+ fine-tune" rows, after the
 fine-tuning). Every cut plans without rounding (``round_to=None``) so that all meet the same FLOPs, and so
-do the regularizers' and GSM's schedules (they round as the cut does).
+do the regularizers' and GSM's schedules (they round as the cut does); ``--defaults`` runs the README recipe
+exactly as written instead, schedules and cuts on ``compile``'s default rounding (the fast counts).
 
 With ``--fmnist``: ResNet-20 of ``tools/bench_accuracy.py`` on Fashion-MNIST instead (base: 3 epochs
 of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 cosine, ``lam=5e-4``;
@@ -20,6 +21,7 @@ of 8000 samples, lr 0.1 cosine; each method 2 epochs of 8000 samples, lr 0.05 co
     python tools/bench_free_cut.py                     # 3 seeds, 50 % and 25 % of the FLOPs, ~3 min
     python tools/bench_free_cut.py --seeds 0 --targets 0.5
     python tools/bench_free_cut.py --bn                # and a column with BN statistics re-estimated after the cut
+    python tools/bench_free_cut.py --defaults --methods dwgl,oicsr,gsm   # the recipe with compile's default rounding
     python tools/bench_free_cut.py --fmnist --seeds 0  # ~15 min a seed on a quiet core; seeds may run side by side
     python tools/bench_free_cut.py --fmnist --table-only
 """
@@ -43,6 +45,10 @@ from fxprune.train import recalibrate_bn  # noqa: E402
 from digits import SmallResNet, accuracy, load, train  # noqa: E402
 
 
+# every schedule and every cut: unrounded, so that all meet the same FLOPs; --defaults: compile's default
+ROUNDING: dict = {"round_to": None}
+
+
 def run(method, base, graph, target, data, epochs, seed, bn=False):
     """(accuracy before the cut, accuracy right after it, FLOPs kept, accuracy after BN re-estimation) for one
     method; the last is None unless ``bn``."""
@@ -53,16 +59,16 @@ def run(method, base, graph, target, data, epochs, seed, bn=False):
     paper = setting == "(paper)"
     if name in ("dwgl", "oicsr"):
         cls = dwgl.Regularizer if name == "dwgl" else oicsr.Regularizer
-        reg = cls(graph, lam=1e-4) if paper else cls(graph, lam=1e-4, flops=target, round_to=None)
+        reg = cls(graph, lam=1e-4) if paper else cls(graph, lam=1e-4, flops=target, **ROUNDING)
         train(model, xtr, ytr, epochs=epochs, extra_loss=reg, seed=seed)
     elif name == "gsm":
-        budget = {"keep": target, "grow": 0} if paper else {"flops": target, "round_to": None}
+        budget = {"keep": target, "grow": 0} if paper else {"flops": target, **ROUNDING}
         opt = gsm.GSM(model.named_parameters(), graph=graph, lr=5e-3, momentum=0.98, **budget)
         train(model, xtr, ytr, epochs=epochs, optimizer=opt, seed=seed)
     before = accuracy(model, xte, yte)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False, seed=seed)
+        pruned = fxprune.compile(model, (x1,), method=name, flops=target, **ROUNDING, onnx=False, seed=seed)
     after = accuracy(pruned, xte, yte)
     if setting == "+ fine-tune":
         train(pruned, xtr, ytr, epochs=epochs, seed=seed)
@@ -100,16 +106,16 @@ def fmnist(targets, seeds, methods=("dwgl", "oicsr", "gsm", "l2"), cache=FMNIST_
                 model = copy.deepcopy(base)
                 if name == "gsm":
                     opt = gsm.GSM(model.named_parameters(), graph=graph, flops=target, lr=5e-3, momentum=0.98,
-                                  round_to=None)
+                                  **ROUNDING)
                     train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu", optimizer=opt)
                 elif name in ("dwgl", "oicsr"):
-                    reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target, round_to=None)
+                    reg = (dwgl if name == "dwgl" else oicsr).Regularizer(graph, lam=5e-4, flops=target, **ROUNDING)
                     train_fm(model, (xtr, ytr), epochs=2, lr=0.05, samples=8000, seed=seed, device="cpu",
                              extra_loss=reg)
                 before = acc(model, test, "cpu")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    pruned = fxprune.compile(model, (x1,), method=name, flops=target, round_to=None, onnx=False)
+                    pruned = fxprune.compile(model, (x1,), method=name, flops=target, **ROUNDING, onnx=False)
                 rep = fxprune.report(pruned)
                 row = {"seed": seed, "target": target, "method": name, "base": base_acc, "before": before,
                        "after": acc(pruned, test, "cpu"), "flops": rep.flops_after / rep.flops_before}
@@ -153,7 +159,13 @@ def main(argv=None):
     p.add_argument("--fmnist", action="store_true", help="Fashion-MNIST ResNet-20 instead of digits (rows appended "
                    "to results/free_cut_fmnist.jsonl; --table-only prints the table of every seed there)")
     p.add_argument("--table-only", action="store_true", help="with --fmnist: only print the table from the results")
+    p.add_argument("--defaults", action="store_true", help="the README recipe exactly as written: schedules and cuts "
+                   "with compile's default rounding (the fast counts), not unrounded")
     cfg = p.parse_args(argv)
+    if cfg.defaults:
+        if cfg.fmnist:
+            p.error("--defaults runs on digits only (the Fashion-MNIST rows share one results file)")
+        ROUNDING.clear()
     torch.set_num_threads(1)
     if cfg.fmnist:
         if not cfg.table_only:
