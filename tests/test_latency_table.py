@@ -902,16 +902,21 @@ def test_functional_and_aten_convs_are_timed_and_rounded(capture, monkeypatch):
     assert lm.base == pytest.approx(reference.base)
 
 
+def classifier(classes: int, samples: int):
+    """Two 3x3 convs of 16 with BN and a linear head (seed 0), and labelled 8x8 inputs for data-driven methods."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes)).eval()
+    return net, (torch.randn(samples, 3, 8, 8), torch.arange(samples) % classes)
+
+
 @pytest.mark.parametrize("method", ["curl", "catro"])
 def test_methods_that_plan_themselves_get_the_fast_counts_by_default(monkeypatch, method):
     """CURL and CATRO choose their own channels; by default their counts land on the fast steps too (every
     count a multiple of the fake table's block of 4), where unrounded they do not; groups one block wide relax."""
     monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
-    x, y = torch.randn(48, 3, 8, 8), torch.arange(48) % 3
+    net, (x, y) = classifier(classes=3, samples=48)
     lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
     options = dict(flops=0.5, data=(x, y), onnx=False, method_options={"progress": False} if method == "catro" else None)
     rep = fxprune.report(fxprune.compile(net, (X8,), method=method, latency_model=lm, **options))
@@ -937,11 +942,7 @@ def test_methods_that_plan_themselves_get_the_fast_counts_by_default(monkeypatch
 def test_catro_subtask_gets_the_fast_counts_by_default(monkeypatch):
     """The sub-task mode plans outside compile: its counts are rounded the same way unless round_to says not."""
     monkeypatch.delenv("FXPRUNE_ROUND_TO", raising=False)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
-    x, y = torch.randn(60, 3, 8, 8), torch.arange(60) % 5
+    net, (x, y) = classifier(classes=5, samples=60)
     lm = LatencyModel(fxprune.analyze(net, (X8,)), table=FunctionTable(fake))
     options = dict(flops=0.5, onnx=False, progress=False)
     rep = fxprune.report(catro.subtask(net, (X8,), [0, 2], (x, y), latency_model=lm, **options))
