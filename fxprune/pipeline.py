@@ -165,9 +165,12 @@ class Pipeline:
         graph = self.graph
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
         own = getattr(criterion, "plan", None)
+        if round_to == "fast" and (callable(own) or getattr(criterion, "relaxed_fast_counts", False)):
+            # as make_plan does: the latency model built here when not given; a criterion whose cut takes the
+            # channels its training schedule drove to zero rounds as that schedule did (resolve_rounding)
+            fast = FastCounts(latency_model or LatencyModel(graph))
+            common["round_to"] = fast.relaxed() if getattr(criterion, "relaxed_fast_counts", False) else fast
         if callable(own):
-            if round_to == "fast":   # as make_plan does: the latency model built here when not given
-                common["round_to"] = FastCounts(latency_model or LatencyModel(graph))
 
             def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
                 if latency is not None:
@@ -352,7 +355,8 @@ def warn_if_relaxed(plan: Plan, by_default: bool) -> None:
                       "to it); pass round_to= to choose", stacklevel=3)
 
 
-def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: bool = False, stacklevel: int = 3):
+def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: bool = False, relaxed: bool = False,
+                     stacklevel: int = 3):
     """``(round_to, latency_model)`` for plans on ``graph``, as :func:`fxprune.compile` makes them.
 
     ``round_to=DEFAULT`` (not given) becomes :func:`~fxprune.plan.budget.default_round_to`'s choice;
@@ -360,7 +364,10 @@ def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: boo
     unless one is given. When it cannot be built, a default ``"fast"`` falls back to unrounded counts with a
     warning, unless ``strict`` (a latency budget needs the model) or ``"fast"`` was asked for. Whatever
     schedules channels for a later ``compile`` (the training-time regularizers, GSM) rounds the same way, so
-    that the channels it drives to zero are the ones ``compile`` cuts.
+    that the channels it drives to zero are the ones ``compile`` cuts: ``relaxed`` gives the fast counts as
+    :meth:`~fxprune.cost.latency_table.FastCounts.relaxed` from the start, as ``compile`` plans the cut of a
+    criterion marked ``relaxed_fast_counts`` (on the strict counts, a schedule over some groups and a cut over
+    all of them can settle on different steps: the cut then takes channels the schedule left whole).
 
         >>> import torch, fxprune
         >>> graph = fxprune.analyze(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), (torch.randn(1, 4),))
@@ -379,4 +386,6 @@ def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: boo
             warnings.warn(f"channel counts not rounded for ONNX Runtime (no latency model: {exc}); "
                           "pass round_to= to choose", stacklevel=stacklevel)
             latency_model, round_to = None, None
+    if relaxed and round_to == "fast":
+        round_to = FastCounts(latency_model).relaxed()
     return round_to, latency_model

@@ -148,6 +148,10 @@ def score(graph, data=None, seed=0):
     return {g.name: relative_importance(graph, g) for g in graph.prunable_groups()}
 
 
+# its cut takes what the schedule drove to zero: both on the relaxed fast counts (fxprune.pipeline.resolve_rounding)
+score.relaxed_fast_counts = True
+
+
 def permute(model, graph, *, importance=None, rtol: float = 1e-4):
     """A copy of ``model`` whose group channels are sorted by descending importance; ``model`` is unchanged.
 

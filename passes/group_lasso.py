@@ -236,7 +236,7 @@ class Growing:
         self.steps = 0
         self.scheduled: dict[str, torch.Tensor] = {}
         # rounded as compile(flops=...) will round the cut, so that it takes the channels driven to zero
-        self.round_to, self.latency_model = resolve_rounding(graph, round_to)
+        self.round_to, self.latency_model = resolve_rounding(graph, round_to, relaxed=True)
 
     @property
     def strength(self) -> float:

@@ -116,7 +116,8 @@ class GSM(torch.optim.SGD):
         self._acc: dict[str, torch.Tensor] = {}
         self.named = self._names(model)
         # the flops= schedule rounds as compile(flops=...) will round the cut (fxprune.pipeline.resolve_rounding)
-        self.round_to, self.latency_model = resolve_rounding(graph, round_to) if flops is not None else (None, None)
+        self.round_to, self.latency_model = resolve_rounding(graph, round_to, relaxed=True) if flops is not None \
+            else (None, None)
         self.masks: dict[str, torch.Tensor] = {}
         self.active: dict[str, torch.Tensor] = {}
         if graph is not None:
@@ -316,3 +317,7 @@ def score(graph, data=None, seed=0):
     tensors = graph_tensors(graph)
     return {g.name: channel_sq_norms(tensors, g, trainable_members(graph, g)).float().sqrt()
             for g in graph.prunable_groups()}
+
+
+# its cut takes what the schedule drove to zero: both on the relaxed fast counts (fxprune.pipeline.resolve_rounding)
+score.relaxed_fast_counts = True

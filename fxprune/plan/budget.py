@@ -310,7 +310,8 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     slice_count = None
     if round_to == "fast":
         budget = replace(budget, round_to=FastCounts(latency_model))
-        slice_count = latency_model.slice_count
+    if isinstance(budget.round_to, FastCounts):   # "fast", or fast counts given (their relaxed form)
+        slice_count = budget.round_to.model.slice_count
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     checked_scores(groups, scores)
