@@ -163,8 +163,10 @@ def _uniform_rounding(budget: Budget) -> Budget:
     a group one block wide cannot follow the split at all, and the groups that can are cut further to meet
     the budget: on the Fashion-MNIST ResNet-20 of ``tools/bench_accuracy.py`` (seed-0 base, ``flops=0.5``, the
     benchmark's fine-tuning with 2 seeds) the strict steps left stage 1's groups of 16 whole and stage 3's
-    residual stream at 16 of 64, 0.830 and 0.833 accuracy at 0.60x the original's ORT latency (batch 1);
-    relaxed, every group follows the split, 0.868 and 0.870 at 0.58x. Other roundings are kept."""
+    residual stream at 16 of 64 (0.48 of the FLOPs): 0.830 and 0.833 accuracy at 0.55x the original's ORT
+    latency at batch 1 and 0.62x at batch 64; relaxed, every group follows the split (0.40 of the FLOPs,
+    stage 1 at 8 of 16, which ORT pads back to 16): 0.868 and 0.870 at 0.58-0.62x and 0.66x (busy
+    machine, side by side with the original). Other roundings are kept."""
     relax = getattr(budget.round_to, "relaxed", None)
     relaxed = relax() if callable(relax) else None
     return replace(budget, round_to=relaxed) if relaxed is not None else budget
