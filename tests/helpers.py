@@ -54,3 +54,21 @@ def prune_and_check(model, inputs, *, method="random", ratio=0.5, onnx=True, see
     for name in must_shrink:
         assert name in rep.plan.keep, f"group '{name}' was not pruned; plan: {list(rep.plan.keep)}"
     return pruned, rep
+
+
+def padded_table(block: int):
+    """A fake ORT kernel table (``sig -> ms``) for :class:`~fxprune.cost.latency_table.FunctionTable`: a conv costs
+    its MACs (1e-6 ms each) with channels padded to blocks of ``block``; a per-element op 1e-6 ms per input
+    element; the probe chain pads its middle count to ``block``."""
+    def pad(c):
+        return -(-c // block) * block
+
+    def table(sig):
+        if sig.kind == "conv":
+            return 1e-6 * pad(sig.cin) * pad(sig.cout) * sig.h * sig.w * sig.kh * sig.kw / sig.groups
+        if sig.kind == "chain":
+            return 2e-6 * sig.cin * pad(sig.cout) * sig.h * sig.w
+        if sig.kind == "gemm":
+            return 1e-6 * sig.cin * sig.cout * sig.h
+        return 1e-6 * sig.cin * sig.h * sig.w
+    return table

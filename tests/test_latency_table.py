@@ -22,22 +22,14 @@ from fxprune.cost.latency_table import (FAST_UNDER, FunctionTable, LatencyError,
 from fxprune.plan import make_plan
 from fxprune.plan.budget import RANKINGS
 from passes import catro
+from helpers import padded_table
 
 
 def pad(c, b=4):
     return -(-c // b) * b
 
 
-def fake(sig):
-    """A conv costs its MACs (1e-6 ms each) with channels padded to blocks of 4; a per-element op 1e-6 ms
-    per input element; the probe chain pads its middle count to 4."""
-    if sig.kind == "conv":
-        return 1e-6 * pad(sig.cin) * pad(sig.cout) * sig.h * sig.w * sig.kh * sig.kw / sig.groups
-    if sig.kind == "chain":
-        return 2e-6 * sig.cin * pad(sig.cout) * sig.h * sig.w
-    if sig.kind == "gemm":
-        return 1e-6 * sig.cin * sig.cout * sig.h
-    return 1e-6 * sig.cin * sig.h * sig.w
+fake = padded_table(4)   # convs padded to blocks of 4
 
 
 @pytest.fixture
