@@ -28,7 +28,7 @@ from .ir import ChannelGraph
 from .partial import compile_parts
 from .pipeline import Pipeline, warn_if_relaxed
 from .plan import Plan
-from .plan.budget import DEFAULT, RANKINGS
+from .plan.budget import DEFAULT, RANKINGS, is_default
 
 
 def analyze(model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
@@ -100,7 +100,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         criterion, name = method, getattr(method, "__name__", "custom")
     else:
         raise ConfigError(f"method must be a registered name or a callable, not {type(method).__name__}")
-    parts = dict(ratio=ratio, flops=flops, params=params, round_to=None if round_to is DEFAULT else round_to,
+    parts = dict(ratio=ratio, flops=flops, params=params, round_to=None if is_default(round_to) else round_to,
                  floor=floor, min_keep=min_keep,
                  ignore=ignore, seed=seed, method_options=method_options, verify=verify, onnx=onnx,
                  leaf_modules=leaf_modules, heads=heads)
@@ -125,7 +125,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         _check_ranking(ranking, own_plan, name, latency_model)
         if latency_model is None and not own_plan:
             latency_model = True
-    by_default = round_to is DEFAULT
+    by_default = is_default(round_to)
     round_to, latency_model = pipe.rounding(round_to, latency_model, strict=latency is not None)
     planner = pipe.planner(criterion, name, data=data, seed=seed, method_options=method_options, ignore=ignore,
                            min_keep=min_keep, floor=floor, round_to=round_to, latency_model=latency_model or None,

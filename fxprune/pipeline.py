@@ -60,7 +60,7 @@ from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
 from .plan import Plan, make_plan
-from .plan.budget import DEFAULT, default_round_to
+from .plan.budget import DEFAULT, default_round_to, is_default
 from .rewrite import pin_literals, rewrite, rewrite_module
 from .utils import as_tuple, paused_gc
 from .verify import check_mask, mask_equivalence, random_inputs
@@ -165,11 +165,12 @@ class Pipeline:
         graph = self.graph
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
         own = getattr(criterion, "plan", None)
-        if round_to == "fast" and (callable(own) or getattr(criterion, "relaxed_fast_counts", False)):
+        relaxed = getattr(criterion, "relaxed_fast_counts", False)
+        if round_to == "fast" and (callable(own) or relaxed):
             # as make_plan does: the latency model built here when not given; a criterion whose cut takes the
             # channels its training schedule drove to zero rounds as that schedule did (resolve_rounding)
             fast = FastCounts(latency_model or LatencyModel(graph))
-            common["round_to"] = fast.relaxed() if getattr(criterion, "relaxed_fast_counts", False) else fast
+            common["round_to"] = fast.relaxed() if relaxed else fast
         if callable(own):
 
             def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:
@@ -374,7 +375,7 @@ def resolve_rounding(graph, round_to=DEFAULT, latency_model=None, *, strict: boo
         >>> resolve_rounding(graph, None), resolve_rounding(graph, 8)
         ((None, None), (8, None))
     """
-    by_default = isinstance(round_to, str) and round_to == DEFAULT
+    by_default = is_default(round_to)
     if by_default:
         round_to = default_round_to(graph)
     if latency_model is True or (round_to == "fast" and latency_model is None):

@@ -112,6 +112,14 @@ class Budget:
         return info
 
 
+def relaxed_rounding(round_to):
+    """The relaxed form of ``round_to`` (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`: counts under a
+    group's first fast count left as they are), or None for a rounding that has none (a multiple, None, a form
+    already relaxed)."""
+    relax = getattr(round_to, "relaxed", None)
+    return relax() if callable(relax) else None
+
+
 def search_rounded(budget: Budget, searched):
     """``searched(budget)`` (a :class:`SearchResult`), and where it misses a FLOPs, parameter or ratio budget
     rounded to the fast counts, ``searched`` again under their relaxed form
@@ -120,8 +128,7 @@ def search_rounded(budget: Budget, searched):
     relaxed: those counts save FLOPs, not time (ORT pads them up to the step).
     """
     found = searched(budget)
-    relax = getattr(budget.round_to, "relaxed", None)
-    relaxed = relax() if callable(relax) and not found.met and budget.latency is None else None
+    relaxed = relaxed_rounding(budget.round_to) if not found.met and budget.latency is None else None
     if relaxed is not None:
         budget = replace(budget, round_to=relaxed, missed_fast=True)
         found = searched(budget)
@@ -130,6 +137,11 @@ def search_rounded(budget: Budget, searched):
 
 ROUND_TO_ENV = "FXPRUNE_ROUND_TO"
 DEFAULT = "default"   # round_to= not given: resolved by default_round_to
+
+
+def is_default(round_to) -> bool:
+    """Whether ``round_to`` was not given (:data:`DEFAULT`): the rounding then chosen is not the user's."""
+    return isinstance(round_to, str) and round_to == DEFAULT
 
 
 def default_round_to(graph):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask
+from fxprune.plan.budget import relaxed_rounding
 from fxprune.verify.masked import FEATURE_POINTS
 
 from ..curl import check_like_examples
@@ -167,8 +168,7 @@ def _uniform_rounding(budget: Budget) -> Budget:
     latency at batch 1 and 0.62x at batch 64; relaxed, every group follows the split (0.40 of the FLOPs,
     stage 1 at 8 of 16, which ORT pads back to 16): 0.868 and 0.870 at 0.58-0.62x and 0.66x (busy
     machine, side by side with the original). Other roundings are kept."""
-    relax = getattr(budget.round_to, "relaxed", None)
-    relaxed = relax() if callable(relax) else None
+    relaxed = relaxed_rounding(budget.round_to)
     return replace(budget, round_to=relaxed) if relaxed is not None else budget
 
 

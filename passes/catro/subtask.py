@@ -9,7 +9,7 @@ import torch
 from fxprune.errors import ConfigError
 from fxprune.pipeline import Pipeline, warn_if_relaxed
 from fxprune.plan import Plan
-from fxprune.plan.budget import DEFAULT
+from fxprune.plan.budget import DEFAULT, is_default
 
 from .method import score
 
@@ -40,7 +40,7 @@ def subtask(model, example_inputs, classes, data, *, flops=None, ratio=None, par
     head = out_groups[0]
     if not classes or classes[0] < 0 or classes[-1] >= head.size:
         raise ConfigError(f"classes={classes} must be indices of the model's {head.size} outputs")
-    by_default = isinstance(round_to, str) and round_to == DEFAULT
+    by_default = is_default(round_to)
     round_to, latency_model = pipe.rounding(round_to, latency_model)
     common = {k: options.pop(k) for k in ("ignore", "min_keep", "floor", "meta") if k in options}
     planner = pipe.planner(score, "catro", data=data, seed=seed, method_options=dict(options, classes=classes),
