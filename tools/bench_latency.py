@@ -126,8 +126,12 @@ def node_kind(op, shapes):
         if w[1] == 1:   # a 1x1 depthwise conv is how ORT runs a BatchNorm with no conv before it to fold into
             return "bn" if w[2:] == [1, 1] else "dw"
         return "grouped"
+    if op in ("MatMul", "FusedMatMul") and len(shapes) > 1 and len(shapes[0]) >= 4 and len(shapes[1]) >= 4:
+        return "attn"   # a product of two activations: q k^T or (softmax) v
     return {"Gemm": "gemm", "MatMul": "gemm", "QuickGelu": "silu", "Mul": "mul_se", "ReduceMean": "gap",
-            "GlobalAveragePool": "gap", "Concat": "concat", "MaxPool": "maxpool", "AveragePool": "avgpool"}.get(op, op)
+            "GlobalAveragePool": "gap", "Concat": "concat", "MaxPool": "maxpool", "AveragePool": "avgpool",
+            "Softmax": "attn", "LayerNormalization": "ln", "SkipLayerNormalization": "ln", "Gelu": "gelu",
+            "BiasGelu": "gelu", "FastGelu": "gelu", "Add": "add"}.get(op, op)
 
 
 def term_kind(t):

@@ -84,7 +84,9 @@ class Sig:
     ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (of ``groups`` inputs, at
     least two, about equally wide), ``"bn"``
     (a BatchNorm no conv precedes, and its ReLU: a 1x1 depthwise conv, as ORT runs it).
-    Shapes are NCHW; ``h, w`` are the input's spatial size."""
+    Shapes are NCHW; ``h, w`` are the input's spatial size. A transformer's ops: ``"ln"``, ``"gelu"`` and
+    ``"add"`` over ``h`` tokens of ``cin`` channels (channels last), and ``"attn"``, self-attention of
+    ``cin`` heads of ``cout`` dims over ``h`` tokens, ``n`` times (batches, or windows)."""
 
     kind: str
     n: int = 1
@@ -122,6 +124,7 @@ class Sig:
 
 
 ELEMENTWISE = ("silu", "sigmoid", "mul_se", "maxpool", "avgpool", "gap", "concat", "bn")
+TOKENWISE = ("ln", "gelu", "add")   # over [n, h tokens, cin channels]
 
 
 def build_onnx(sig: Sig, seed: int = 0) -> bytes:
@@ -185,6 +188,43 @@ def build_onnx(sig: Sig, seed: int = 0) -> bytes:
                   helper.make_node("Mul", ["A", "S"], ["B"]),
                   helper.make_node("Conv", ["B", "W2"], ["Y"], kernel_shape=[1, 1])]
         out = [sig.n, sig.cin, sig.h, sig.w]
+    elif sig.kind in TOKENWISE:
+        # h tokens of cin channels, channels last (a transformer's tensors): the op over the last axis
+        shape = [sig.n, sig.h, sig.cin]
+        inputs.append(helper.make_tensor_value_info("X", f32, shape))
+        out = shape
+        if sig.kind == "ln":
+            weight("G", (sig.cin,))
+            weight("B", (sig.cin,))
+            nodes.append(helper.make_node("LayerNormalization", ["X", "G", "B"], ["Y"], axis=-1))
+        elif sig.kind == "gelu":   # the exporter's erf form; ORT fuses it into one Gelu
+            for name, value in (("R", 2 ** 0.5), ("One", 1.0), ("Half", 0.5)):
+                inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+            nodes += [helper.make_node("Div", ["X", "R"], ["A"]), helper.make_node("Erf", ["A"], ["E"]),
+                      helper.make_node("Add", ["E", "One"], ["P"]), helper.make_node("Mul", ["X", "P"], ["M"]),
+                      helper.make_node("Mul", ["M", "Half"], ["Y"])]
+        else:   # "add": a residual add of two token tensors
+            inputs.append(helper.make_tensor_value_info("X2", f32, shape))
+            nodes.append(helper.make_node("Add", ["X", "X2"], ["Y"]))
+    elif sig.kind == "attn":
+        # self-attention, softmax(q k^T / sqrt(d)) v, over n batches of cin heads of cout dims and h
+        # tokens; q, k and v split from one packed projection [n, h, 3 * cin * cout] and the heads
+        # joined again after, as the exporter writes nn.MultiheadAttention
+        hd, d = sig.cin, sig.cout
+        inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, sig.h, 3 * hd * d]))
+        for name, value in (("S5", [sig.n, sig.h, 3, hd, d]), ("S3", [sig.n, sig.h, hd * d]), ("Ax0", [0])):
+            inits.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+        inits.append(numpy_helper.from_array(np.array(d ** -0.5, dtype=np.float32), "Scale"))
+        nodes += [helper.make_node("Reshape", ["X", "S5"], ["R"]),
+                  helper.make_node("Transpose", ["R"], ["T"], perm=[2, 0, 3, 1, 4]),
+                  helper.make_node("Split", ["T"], ["Q3", "K3", "V3"], axis=0)]
+        nodes += [helper.make_node("Squeeze", [f"{a}3", "Ax0"], [a]) for a in "QKV"]
+        nodes += [helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", ["Q", "Kt"], ["L"]), helper.make_node("Mul", ["L", "Scale"], ["Ls"]),
+                  helper.make_node("Softmax", ["Ls"], ["P"], axis=-1), helper.make_node("MatMul", ["P", "V"], ["O"]),
+                  helper.make_node("Transpose", ["O"], ["Ot"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["Ot", "S3"], ["Y"])]
+        out = [sig.n, sig.h, hd * d]
     elif sig.kind in ELEMENTWISE:
         c = sig.cin
         inputs.append(helper.make_tensor_value_info("X", f32, [sig.n, c, sig.h, sig.w]))
@@ -527,16 +567,19 @@ def probe(table) -> dict[str, Steps]:
 # the model
 
 
-def _channels_along(node, dim: int, shape) -> np.ndarray:
-    """Global channel ids of ``node``'s value along ``dim`` (-1 = fixed)."""
+def _channels_along(node, dim, shape) -> np.ndarray:
+    """Global channel ids of ``node``'s value along ``dim`` (-1 = fixed); along several dims (a tuple:
+    a grid of heads x dims per head), flattened."""
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
     lab = node.meta.get("fxprune") if hasattr(node, "meta") else None
-    size = shape[dim]
+    size = math.prod(shape[d] for d in dims)
     if not isinstance(lab, torch.Tensor) or lab.dim() == 0:
         return np.full(size, -1, dtype=np.int64)
     lab = lab.reshape((1,) * (len(shape) - lab.dim()) + tuple(lab.shape)).expand(tuple(shape))
     idx = [0] * len(shape)
-    idx[dim] = slice(None)
-    return lab[tuple(idx)].numpy().astype(np.int64)
+    for d in dims:
+        idx[d] = slice(None)
+    return lab[tuple(idx)].reshape(-1).numpy().astype(np.int64)
 
 
 class _Count:
@@ -666,7 +709,10 @@ class LatencyModel:
     :func:`ms_per_weight_byte`. SiLU, SE scales, pooling and concat cost a per-element term
     measured at the full and half channel count. ORT folds BN and fuses ReLU / hard-swish and
     residual adds into the convs: they cost nothing here; a BatchNorm with no conv before it to fold
-    into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. A grouped conv keeps
+    into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. In a transformer, layer
+    norms, GELUs and residual adds over tokens cost a per-element term each, and an attention node
+    (``nn.MultiheadAttention``, torchvision's ``shifted_window_attention``, ``scaled_dot_product_attention``)
+    costs its attention (``"attn"``: heads kept, their dims narrowed) and the projections inside it. A grouped conv keeps
     its groups and narrows them (the coupling balances its channels over them): its signature has the
     kept input and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
     the 1x1 chain probe; :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
@@ -691,7 +737,9 @@ class LatencyModel:
         terms = []
         for node in graph.module.graph.nodes:
             term = self._term(node, mods, steps, grid)
-            if term is not None:
+            if isinstance(term, list):   # an attention node: its projections and attention
+                terms += term
+            elif term is not None:
                 terms.append(term)
                 if getattr(term, "on_block", None):   # reordered only once its widths leave the block
                     terms += [_OffBlock(self._per_element(v, "reorder", grid, name=f"{v.name}.off_block"), term)
@@ -723,6 +771,12 @@ class LatencyModel:
         if spec is not None:
             return self._conv(node, spec, inp, in_shape, shape, steps, grid) \
                 if len(in_shape) == 4 and len(shape) == 4 else None
+        attention = self._attention(node, mods, grid)
+        if attention is not None:
+            return attention
+        token = self._token_kind(node, mods, shape)
+        if token is not None:
+            return self._per_token(node, token, grid)
         if node.op == "call_module":
             mod = mods.get(node.target)
             if isinstance(mod, torch.nn.BatchNorm2d) and len(shape) == 4 and not _folded(inp, mods):
@@ -764,6 +818,78 @@ class LatencyModel:
         term.xs = sorted({half, c.size}) if c.free else [c.size]
         term.sin = FLAT
         return term
+
+    def _per_token(self, node, kind: str, grid: int):
+        """A per-element term over a token tensor ``[..., channels]`` (``kind`` in :data:`TOKENWISE`):
+        its rows of kept channels, measured at the full and half count."""
+        shape = tuple(node.meta["tensor_meta"].shape)
+        c = _Count(_channels_along(node, len(shape) - 1, shape))
+        rows = math.prod(shape[:-1]) // max(1, shape[0])
+        term = _Term(node.name, kind, c, _Fixed(0), lambda x, y: Sig(kind, n=self.batch, cin=x, h=rows), FLAT,
+                     FLAT, grid)
+        term.xs = sorted({max(1, c.size // 2), c.size}) if c.free else [c.size]
+        return term
+
+    @staticmethod
+    def _token_kind(node, mods, shape):
+        """``"ln"``, ``"gelu"`` or ``"add"`` for a layer norm, or a GELU or add of two same-shaped values over
+        tokens: channels on the last dim (a 3-D value, or the channel ids say so). ORT fuses a conv net's
+        adds into its convs; these it runs alone."""
+        if len(shape) < 3:
+            return None
+        if node.op == "call_module":
+            kind = {torch.nn.LayerNorm: "ln", torch.nn.GELU: "gelu"}.get(type(mods.get(node.target)))
+        else:
+            kind = _TOKEN_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        if kind is None or kind != "ln" and len(shape) != 3 and \
+                not (_channels_along(node, len(shape) - 1, shape) >= 0).any():
+            return None
+        if kind == "add":
+            values = [a for a in node.args[:2] if hasattr(a, "meta") and "tensor_meta" in a.meta]
+            if len(values) != 2 or any(tuple(v.meta["tensor_meta"].shape) != shape for v in values):
+                return None
+        return kind
+
+    def _attention(self, node, mods, grid):
+        """The terms of a self-attention node, or None: ``nn.MultiheadAttention`` (its packed input
+        projection, attention and output projection), torchvision's ``shifted_window_attention`` (the
+        same per window) or ``scaled_dot_product_attention`` (the attention alone: its projections are
+        linears of their own). Heads stay; the kept dims per head are the kept channels over the heads."""
+        n = self.batch
+        inp = node.args[0] if node.args else None
+        shape = tuple(getattr(getattr(inp, "meta", {}).get("tensor_meta"), "shape", ()) or ())
+        if not shape:
+            return None
+        if node.op == "call_module" and isinstance(mods.get(node.target), torch.nn.MultiheadAttention):
+            mha = mods[node.target]
+            if len(shape) != 3 or any(a is not inp for a in node.args[1:3]):
+                return None
+            heads, tokens = mha.num_heads, shape[1] if mha.batch_first else shape[0]
+            windows = 1
+        elif node.op == "call_function" and node.target is _swin_attention():
+            if len(shape) != 4:
+                return None
+            window = node.args[4] if len(node.args) > 4 else node.kwargs.get("window_size")
+            heads = node.args[5] if len(node.args) > 5 else node.kwargs.get("num_heads")
+            tokens = window[0] * window[1]
+            windows = math.ceil(shape[1] / window[0]) * math.ceil(shape[2] / window[1])
+        elif node.op == "call_function" and node.target in _SDPA and len(shape) >= 4:
+            heads, tokens = shape[-3], shape[-2]
+            kept = _Count(_channels_along(inp, tuple(range(1, len(shape) - 2)) + (len(shape) - 1,), shape))
+            batches = math.prod(shape[1:-3])
+            return _Term(node.name, "attn", _Fixed(0), kept, lambda x, y: Sig(
+                "attn", n=n * batches, cin=heads, cout=max(1, math.ceil(y / (heads * batches))), h=tokens),
+                FLAT, FLAT, grid)
+        else:
+            return None
+        c = _Count(_channels_along(inp, len(shape) - 1, shape))
+        rows = windows * tokens
+        return [_Term(f"{node.name}.in_proj", "gemm", c, c, lambda x, y: Sig("gemm", n=n, cin=x, cout=3 * y, h=rows),
+                      FLAT, FLAT, grid, 12.0),
+                _Term(f"{node.name}.attn", "attn", _Fixed(0), c, lambda x, y: Sig(
+                    "attn", n=n * windows, cin=heads, cout=max(1, math.ceil(y / heads)), h=tokens), FLAT, FLAT, grid),
+                _Term(f"{node.name}.out_proj", "gemm", c, c, lambda x, y: Sig("gemm", n=n, cin=x, cout=y, h=rows),
+                      FLAT, FLAT, grid, 4.0)]
 
     def _conv(self, node, spec, inp, in_shape, shape, steps, grid):
         n = self.batch
@@ -999,6 +1125,21 @@ class FastCounts:
     def relaxed(self) -> "FastCounts | None":
         """The rounding to retry with when this one cannot meet a budget (None: already relaxed)."""
         return None if self.under else FastCounts(self.model, under=True)
+
+
+_TOKEN_FUNCTIONS = {torch.nn.functional.layer_norm: "ln", torch.ops.aten.layer_norm.default: "ln",
+                    torch.nn.functional.gelu: "gelu", torch.ops.aten.gelu.default: "gelu",
+                    operator.add: "add", torch.add: "add", torch.ops.aten.add.Tensor: "add"}
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+
+
+def _swin_attention():
+    """torchvision's ``shifted_window_attention`` (None without torchvision)."""
+    try:
+        from torchvision.models.swin_transformer import shifted_window_attention
+    except ImportError:
+        return None
+    return shifted_window_attention
 
 
 class _Fixed(_Count):
