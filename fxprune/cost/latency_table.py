@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FxPruneError
-from ..ops import Conv2dSpec, conv2d_spec
+from ..ops import Conv2dSpec, conv2d_spec, is_linear
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
@@ -771,6 +771,12 @@ class LatencyModel:
         if spec is not None:
             return self._conv(node, spec, inp, in_shape, shape, steps, grid) \
                 if len(in_shape) == 4 and len(shape) == 4 else None
+        if is_linear(node, mods) and len(in_shape) >= 2 and len(shape) >= 2:
+            rows = int(np.prod(in_shape[:-1])) // max(1, in_shape[0])
+            cin = _Count(_channels_along(inp, len(in_shape) - 1, in_shape))
+            cout = _Count(_channels_along(node, len(shape) - 1, shape))
+            return _Term(node.name, "gemm", cin, cout, lambda x, y: Sig("gemm", n=n, cin=x, cout=y, h=rows),
+                         FLAT, FLAT, grid, 4.0)
         attention = self._attention(node, mods, grid)
         if attention is not None:
             return attention
@@ -781,12 +787,6 @@ class LatencyModel:
             mod = mods.get(node.target)
             if isinstance(mod, torch.nn.BatchNorm2d) and len(shape) == 4 and not _folded(inp, mods):
                 return self._per_element(node, "bn", grid, name=node.name)
-            if isinstance(mod, torch.nn.Linear) and len(in_shape) >= 2:
-                rows = int(np.prod(in_shape[:-1])) // max(1, in_shape[0])
-                cin = _Count(_channels_along(inp, len(in_shape) - 1, in_shape))
-                cout = _Count(_channels_along(node, len(shape) - 1, shape))
-                return _Term(node.name, "gemm", cin, cout, lambda x, y: Sig("gemm", n=n, cin=x, cout=y, h=rows),
-                             FLAT, FLAT, grid, 4.0)
             kind = self._elementwise_module(mod, shape)
         elif node.op == "call_function":
             kind = self._elementwise_function(node, shape)
@@ -871,6 +871,9 @@ class LatencyModel:
                 return None
             window = node.args[4] if len(node.args) > 4 else node.kwargs.get("window_size")
             heads = node.args[5] if len(node.args) > 5 else node.kwargs.get("num_heads")
+            if not isinstance(heads, int) or not isinstance(window, (list, tuple)) or len(window) != 2 or \
+                    not all(isinstance(w, int) for w in window):
+                return None
             tokens = window[0] * window[1]
             windows = math.ceil(shape[1] / window[0]) * math.ceil(shape[2] / window[1])
         elif node.op == "call_function" and node.target in _SDPA and len(shape) >= 4:

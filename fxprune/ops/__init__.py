@@ -5,12 +5,14 @@ per op family; :data:`FX_RULES` (:mod:`.fx_table`) is the table of ``symbolic_tr
 graphs, handed to the analysis, the rewrite and shape propagation; :data:`ATEN_RULES`
 (:mod:`.aten_table`) adds the ATen spellings of ``torch.export`` graphs.
 """
+import torch
+
 from .aten_table import ATEN_RULES
-from .conv import Conv2dSpec
+from .conv import Conv2dSpec, linear_function, linear_module
 from .fx_table import FX_RULES
 from .schema import Rule, RuleTable, T
 
-__all__ = ["ATEN_RULES", "FX_RULES", "Conv2dSpec", "Rule", "RuleTable", "T", "conv2d_spec"]
+__all__ = ["ATEN_RULES", "FX_RULES", "Conv2dSpec", "Rule", "RuleTable", "T", "conv2d_spec", "is_linear"]
 
 
 def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
@@ -40,3 +42,25 @@ def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
             return rule.spec(node, modules)
     return None
 
+
+
+def is_linear(node, modules: dict) -> bool:
+    """Whether an fx node runs a linear layer, ``x @ weight.T + bias`` over ``x``'s last dim, by its row in
+    either table: an ``nn.Linear`` module (or a subclass), ``F.linear``, ATen's ``linear`` (``torch.export``).
+
+        >>> import torch, torch.fx
+        >>> class Proj(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.w = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.randn(2, 4))
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.linear(self.fc(x), self.w).relu()
+        >>> gm = torch.fx.symbolic_trace(Proj())
+        >>> [n.name for n in gm.graph.nodes if is_linear(n, dict(gm.named_modules()))]
+        ['fc', 'linear']
+    """
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), torch.nn.Linear)
+    if node.op != "call_function":
+        return False
+    return any(table.rule_for(node, modules).couple in (linear_function, linear_module) for table in (FX_RULES, ATEN_RULES))
