@@ -44,7 +44,11 @@ MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
 
 
 def load(name):
+    """A torchvision classifier by name, or a timm one as ``timm:NAME`` (random weights, seed 0)."""
     torch.manual_seed(0)
+    if name.startswith("timm:"):
+        import timm
+        return timm.create_model(name[len("timm:"):], pretrained=False).eval()
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
