@@ -113,7 +113,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         try:
             pipe.analyze()
         except TraceError as exc:  # neither tracer follows the root: prune the parts that they follow
-            why = f"the root was not captured: {str(exc).splitlines()[0][:300]}"
+            why = "the root was not captured: " + " ".join(line[:400] for line in str(exc).splitlines()[:2])
             _check_parts(data, latency, latency_model, output, why)
             return compile_parts(model, example_inputs, criterion, name, why=why, **parts)
     if latency is not None and any(b is not None for b in (ratio, flops, params)):

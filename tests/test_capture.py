@@ -72,6 +72,33 @@ def test_fx_alone_raises_trace_error():
         fxprune.analyze(ShapeBranch(), (X,), capture="dynamo")
 
 
+class Cache:
+    """A result type that no pytree is registered for (as a Hugging Face DynamicCache)."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+class ReturnsCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, Cache(y)
+
+
+def test_export_names_an_output_it_cannot_flatten_and_the_fix():
+    """A model returning an object of a type with no pytree (a Hugging Face causal LM with use_cache=True returns
+    a DynamicCache): the error names the type and the fix, not export's generic advice."""
+    with pytest.raises(fxprune.TraceError) as err:
+        fxprune.analyze(ReturnsCache().eval(), (X,), capture="export")
+    message = str(err.value)
+    assert "test_capture.Cache" in message and "cannot flatten" in message and "use_cache=False" in message
+    assert "register_pytree_node" in message and "shape-dependent" not in message
+
+
 def test_export_matches_fx_on_a_plain_cnn():
     torch.manual_seed(0)
     net = SmallResNet(8).eval()

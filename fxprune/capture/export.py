@@ -34,6 +34,7 @@ import contextlib
 import io
 import logging
 import operator
+import re
 import warnings
 
 import torch
@@ -76,9 +77,7 @@ def export(model: torch.nn.Module, example_inputs: tuple, table: RuleTable = ATE
             except Exception as exc:  # export raises many kinds: UserError, GuardOnDataDependentSymNode, ...
                 error = exc
         else:
-            raise TraceError(f"torch.export could not capture the model: {type(error).__name__}: "
-                             f"{first_line(error)}. Fix: make the shape-dependent Python in forward independent of "
-                             "tensor values, or prune the submodules that export separately.") from error
+            raise TraceError(f"torch.export could not capture the model: {_export_failure(error)}") from error
         gm.meta["fxprune_batch"] = "fixed"
     gm.meta["fxprune_training"] = False  # exported in eval mode: BN uses its running statistics, dropout is off
     with eval_mode(gm), torch.no_grad():
@@ -88,6 +87,17 @@ def export(model: torch.nn.Module, example_inputs: tuple, table: RuleTable = ATE
             raise TraceError(f"the exported model failed on the example inputs: {type(exc).__name__}: "
                              f"{first_line(exc)}") from exc
     return gm
+
+
+def _export_failure(error: Exception) -> str:
+    """Why ``torch.export`` raised ``error``, and what to change."""
+    unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(error))
+    if unknown:   # a Hugging Face causal LM returns its key/value cache (a DynamicCache) unless told not to
+        return (f"the model returns a {unknown.group(1)}, which torch.export cannot flatten (no pytree "
+                "registered for it). Fix: have the model return tensors only (a Hugging Face model: use_cache=False "
+                "in its config or call), or register the type with torch.utils._pytree.register_pytree_node.")
+    return (f"{type(error).__name__}: {first_line(error)}. Fix: make the shape-dependent Python in forward "
+            "independent of tensor values, or prune the submodules that export separately.")
 
 
 @contextlib.contextmanager
