@@ -53,3 +53,19 @@ def test_densenet_layer_offsets():
     assert torch.nonzero(nxt.index >= 0).flatten().tolist() == list(range(64, 96))
     readers = {m.param for m in g.members if m.kind == "consumer"}
     assert "features.transition1.conv.weight" in readers and len(readers) == 6
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, scale=None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q):
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=self.scale)
+
+
+def test_attention_flops_do_not_depend_on_which_cpu_kernel_runs():
+    """With and without ``scale=`` (two CPU kernels, one of which flop_counter had no formula for), the
+    attention counts its two products: 2 x 2 x heads x tokens^2 x dims."""
+    q = torch.randn(1, 2, 16, 8)
+    assert count_flops(Attention(), (q,)) == count_flops(Attention(0.125), (q,)) == 4 * 2 * 16 * 16 * 8

@@ -125,3 +125,18 @@ def test_full_families_sweep(tmp_path):
     crashed = {n for (t, n), r in rows.items() if t == "fxprune" and r["status"] == "crash"}
     # known today: the pruned model's reshape keeps stale sizes (mask-equivalence raises); shrink as fixed
     assert crashed <= {"timm:coat_tiny", "timm:edgenext_xx_small", "timm:volo_d1_224"}, crashed
+
+
+def test_bert_flops_budget_is_met_as_the_report_counts(one_thread):
+    """A pruned BERT keeps its attention's original scale (``scale=`` given to ``scaled_dot_product_attention``),
+    which runs on CPU as two ``bmm`` that ``flop_counter`` counts, while the original's call ran a CPU kernel it
+    had no formula for: the report read 0.52 of the FLOPs after ``flops=0.5``. Both now count the attention."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg).eval()   # 128 tokens: the attention holds a third of the FLOPs
+    args = (torch.randint(0, 100, (1, 128)),)
+    rep = fxprune.report(fxprune.compile(model, args, method="l2", flops=0.5, onnx=False, verify=False))
+    assert rep.capture["tracer"] == "export"
+    assert 0.45 * rep.flops_before <= rep.flops_after <= 0.5 * rep.flops_before

@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from ..ops import FX_RULES, RuleTable
+from ..ops.formulas import op_flops
 
 
 class ValueProp:
@@ -182,7 +182,8 @@ def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
 
 
 class _FlopsByNode(TorchDispatchMode):
-    """Counts FLOPs with ``torch.utils.flop_counter.flop_registry`` into ``self.count``.
+    """Counts FLOPs with ``torch.utils.flop_counter``'s formulas (:func:`fxprune.ops.formulas.op_flops`) into
+    ``self.count``.
 
     ``FlopCounterMode`` does the same per module; entering it once per node costs more
     than the whole meta-device forward pass.
@@ -195,9 +196,7 @@ class _FlopsByNode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.count += int(formula(*args, **kwargs, out_val=out))
+        self.count += op_flops(func, args, kwargs, out)
         return out
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture.values import propagate_on_meta
+from ..ops.formulas import EXTRA_FLOP_FORMULAS
 from ..utils import eval_mode
 
 
@@ -30,7 +31,7 @@ def count_params(module: torch.nn.Module) -> int:
 
 def count_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
     """FLOPs of one forward pass in eval mode (a multiply-add counts 2), as ``FlopCounterMode`` counts them."""
-    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         module(*example_inputs)
     return int(counter.get_total_flops())
 
