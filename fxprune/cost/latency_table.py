@@ -961,18 +961,14 @@ class LatencyModel:
 
     @staticmethod
     def _elementwise_function(node, shape):
-        import torch.nn.functional as F
-
-        t = node.target
-        if t in (F.silu,):
-            return "silu"
-        if t in (torch.sigmoid,) and len(shape) == 4 and shape[2] * shape[3] > 1:
+        kind = _ELEMENTWISE_FUNCTIONS.get(node.target)
+        if kind in ("silu", "concat"):
+            return kind
+        if kind == "sigmoid" and len(shape) == 4 and shape[2] * shape[3] > 1:
             return "sigmoid"
-        if t in (F.adaptive_avg_pool2d,) and len(shape) == 4 and shape[2] == shape[3] == 1:
+        if kind == "gap" and len(shape) == 4 and shape[2] == shape[3] == 1:
             return "gap"
-        if t in (torch.cat, torch.concat):
-            return "concat"
-        if t in (operator.mul, torch.mul) and len(shape) == 4:
+        if kind == "mul" and len(shape) == 4:
             others = [a for a in node.args if hasattr(a, "meta") and "tensor_meta" in a.meta]
             if any(tuple(a.meta["tensor_meta"].shape)[2:] == (1, 1) for a in others) and shape[2] * shape[3] > 1:
                 return "mul_se"
@@ -1130,6 +1126,13 @@ class FastCounts:
         return None if self.under else FastCounts(self.model, under=True)
 
 
+_aten = torch.ops.aten
+# the functional and ATen (torch.export) spellings of the per-element ops the model costs
+_ELEMENTWISE_FUNCTIONS = {torch.nn.functional.silu: "silu", _aten.silu.default: "silu", _aten.silu_.default: "silu",
+                          torch.sigmoid: "sigmoid", _aten.sigmoid.default: "sigmoid",
+                          torch.nn.functional.adaptive_avg_pool2d: "gap", _aten.adaptive_avg_pool2d.default: "gap",
+                          torch.cat: "concat", torch.concat: "concat", _aten.cat.default: "concat",
+                          operator.mul: "mul", torch.mul: "mul", _aten.mul.Tensor: "mul"}
 _TOKEN_FUNCTIONS = {torch.nn.functional.layer_norm: "ln", torch.ops.aten.layer_norm.default: "ln",
                     torch.nn.functional.gelu: "gelu", torch.ops.aten.gelu.default: "gelu",
                     operator.add: "add", torch.add: "add", torch.ops.aten.add.Tensor: "add"}
