@@ -1095,3 +1095,28 @@ def test_latency_model_costs_the_linears_and_attention_of_an_exported_graph():
         assert sorted(t.kind for t in lm.terms) == ["attn", "gemm", "gemm", "gemm", "gemm"], capture
         assert lm.base == pytest.approx(4 * token_table(Sig("gemm", cin=8, cout=8, h=5))
                                         + token_table(Sig("attn", cin=2, cout=4, h=5)))
+
+
+class Permutes(nn.Module):
+    """A permute that ORT copies (its reader is a linear), and one it folds into a matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mix = nn.Linear(8, 16), nn.Linear(10, 10)
+
+    def forward(self, x):
+        h = self.fc(x)                                   # [1, 10 tokens, 16 channels]
+        copied = self.mix(h.transpose(1, 2))             # [1, 16, 10]: channels on dim 1
+        scores = torch.matmul(h, h.transpose(1, 2))      # folded into the product
+        return copied.sum() + scores.sum()
+
+
+def test_latency_model_costs_a_permute_as_a_copy_of_its_kept_channels():
+    graph = fxprune.analyze(Permutes().eval(), (torch.randn(1, 10, 8),))
+    seen = []
+    lm = LatencyModel(graph, table=FunctionTable(lambda s: seen.append(s) or token_table(s) or 1e-6 * s.cin * s.h))
+    (term,) = [t for t in lm.terms if t.kind == "transpose"]
+    assert Sig("transpose", cin=16, h=10) in seen
+    keep = np.ones(graph.num_channels, dtype=bool)
+    keep[graph.offsets["fc"] + np.arange(8)] = False
+    assert term(keep) == pytest.approx(1e-6 * 8 * 10)

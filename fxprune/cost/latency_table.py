@@ -124,7 +124,7 @@ class Sig:
 
 
 ELEMENTWISE = ("silu", "sigmoid", "mul_se", "maxpool", "avgpool", "gap", "concat", "bn")
-TOKENWISE = ("ln", "gelu", "add")   # over [n, h tokens, cin channels]
+TOKENWISE = ("ln", "gelu", "add", "transpose")   # over [n, h tokens, cin channels]
 
 
 def build_onnx(sig: Sig, seed: int = 0) -> bytes:
@@ -203,6 +203,9 @@ def build_onnx(sig: Sig, seed: int = 0) -> bytes:
             nodes += [helper.make_node("Div", ["X", "R"], ["A"]), helper.make_node("Erf", ["A"], ["E"]),
                       helper.make_node("Add", ["E", "One"], ["P"]), helper.make_node("Mul", ["X", "P"], ["M"]),
                       helper.make_node("Mul", ["M", "Half"], ["Y"])]
+        elif sig.kind == "transpose":   # a copy into another layout (a permute ORT cannot fold away)
+            out = [sig.n, sig.cin, sig.h]
+            nodes.append(helper.make_node("Transpose", ["X"], ["Y"], perm=[0, 2, 1]))
         else:   # "add": a residual add of two token tensors
             inputs.append(helper.make_tensor_value_info("X2", f32, shape))
             nodes.append(helper.make_node("Add", ["X", "X2"], ["Y"]))
@@ -783,6 +786,8 @@ class LatencyModel:
         token = self._token_kind(node, mods, shape)
         if token is not None:
             return self._per_token(node, token, grid)
+        if _is_permute(node) and len(shape) >= 3:
+            return self._permute(node, shape, grid)
         if node.op == "call_module":
             mod = mods.get(node.target)
             if isinstance(mod, torch.nn.BatchNorm2d) and len(shape) == 4 and not _folded(inp, mods):
@@ -827,6 +832,21 @@ class LatencyModel:
         rows = math.prod(shape[:-1]) // max(1, shape[0])
         term = _Term(node.name, kind, c, _Fixed(0), lambda x, y: Sig(kind, n=self.batch, cin=x, h=rows), FLAT,
                      FLAT, grid)
+        term.xs = sorted({max(1, c.size // 2), c.size}) if c.free else [c.size]
+        return term
+
+    def _permute(self, node, shape, grid):
+        """A permute or transpose that ORT runs as a copy (one whose readers are all matrix products it folds
+        into them is free): every element moved once, the kept ones of its channels."""
+        if node.users and all(_is_product(u) for u in node.users):
+            return None
+        lab = node.meta.get("fxprune")
+        dims = tuple(d for d in range(len(shape)) if isinstance(lab, torch.Tensor) and
+                     d - (len(shape) - lab.dim()) >= 0 and lab.shape[d - (len(shape) - lab.dim())] > 1)
+        c = _Count(_channels_along(node, dims, shape)) if dims else _Fixed(1)
+        rows = math.prod(shape) // max(1, shape[0] * c.size)
+        term = _Term(node.name, "transpose", c, _Fixed(0), lambda x, y: Sig("transpose", n=self.batch, cin=x, h=rows),
+                     FLAT, FLAT, grid)
         term.xs = sorted({max(1, c.size // 2), c.size}) if c.free else [c.size]
         return term
 
@@ -1136,6 +1156,19 @@ _ELEMENTWISE_FUNCTIONS = {torch.nn.functional.silu: "silu", _aten.silu.default: 
 _TOKEN_FUNCTIONS = {torch.nn.functional.layer_norm: "ln", torch.ops.aten.layer_norm.default: "ln",
                     torch.nn.functional.gelu: "gelu", torch.ops.aten.gelu.default: "gelu",
                     operator.add: "add", torch.add: "add", torch.ops.aten.add.Tensor: "add"}
+_PERMUTES = {"permute", "transpose", torch.permute, torch.transpose, _aten.permute.default, _aten.transpose.int}
+_PRODUCTS = {"matmul", "__matmul__", torch.matmul, operator.matmul, torch.bmm, _aten.matmul.default, _aten.bmm.default,
+             torch.nn.functional.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default}
+
+
+def _is_permute(node) -> bool:
+    return node.op in ("call_method", "call_function") and node.target in _PERMUTES
+
+
+def _is_product(node) -> bool:
+    return node.op in ("call_method", "call_function") and node.target in _PRODUCTS
+
+
 _SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 
 
