@@ -535,6 +535,15 @@ def test_fit_latency_does_not_time_a_plan_twice():
     assert t == pytest.approx(0.65)
 
 
+def test_next_budget_does_not_stall_when_the_last_reading_is_the_slowest():
+    """A BERT's search read 0.629 at 0.5, 0.501 at 0.4, then 0.514 at 0.37: the median miss asked for 0.37
+    again and the search stopped with no plan under the target. The last reading's own miss goes on."""
+    from fxprune.cost.latency import next_budget
+
+    t, stop = next_budget([(0.5, 0.629), (0.4, 0.501), (0.37, 0.514)], 0.465, 0.37, 0.32, 0.78, 1.25)
+    assert not stop and t == pytest.approx(0.37 * 0.465 / 0.514)
+
+
 def test_search_latency_keeps_the_margin(monkeypatch):
     """Every plan runs at its FLOPs share: the search aims at the middle of [0.9, 0.96] of the target, so the
     0.5 budget (0.496, under the target but above the band) is passed over for one measured in the band."""
