@@ -31,7 +31,8 @@ def count_params(module: torch.nn.Module) -> int:
 
 def count_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
     """FLOPs of one forward pass in eval mode (a multiply-add counts 2), as ``FlopCounterMode`` counts them."""
-    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    counting = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    with eval_mode(module), torch.no_grad(), counting as counter:
         module(*example_inputs)
     return int(counter.get_total_flops())
 

@@ -84,9 +84,9 @@ class Sig:
     ``"maxpool"``, ``"avgpool"``, ``"gap"`` (global average pool), ``"concat"`` (of ``groups`` inputs, at
     least two, about equally wide), ``"bn"``
     (a BatchNorm no conv precedes, and its ReLU: a 1x1 depthwise conv, as ORT runs it).
-    Shapes are NCHW; ``h, w`` are the input's spatial size. A transformer's ops: ``"ln"``, ``"gelu"`` and
-    ``"add"`` over ``h`` tokens of ``cin`` channels (channels last), and ``"attn"``, self-attention of
-    ``cin`` heads of ``cout`` dims over ``h`` tokens, ``n`` times (batches, or windows)."""
+    Shapes are NCHW; ``h, w`` are the input's spatial size. A transformer's ops: ``"ln"``, ``"gelu"``,
+    ``"add"`` and ``"transpose"`` over ``h`` tokens of ``cin`` channels (channels last), and ``"attn"``,
+    self-attention of ``cin`` heads of ``cout`` dims over ``h`` tokens, ``n`` times (batches, or windows)."""
 
     kind: str
     n: int = 1
@@ -715,10 +715,11 @@ class LatencyModel:
     into (DenseNet's, pre-activation blocks') costs a per-element ``"bn"`` term. In a transformer, layer
     norms, GELUs and residual adds over tokens cost a per-element term each, and an attention node
     (``nn.MultiheadAttention``, torchvision's ``shifted_window_attention``, ``scaled_dot_product_attention``)
-    costs its attention (``"attn"``: heads kept, their dims narrowed) and the projections inside it. A grouped conv keeps
-    its groups and narrows them (the coupling balances its channels over them): its signature has the
-    kept input and output widths per group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from
-    the 1x1 chain probe; :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
+    costs its attention (``"attn"``: heads kept, their dims narrowed) and the projections inside it; a
+    permute that ORT copies costs its elements. A grouped conv keeps its groups and narrows them (the
+    coupling balances its channels over them): its signature has the kept input and output widths per
+    group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from the 1x1 chain probe;
+    :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
     convs: every value it reorders (:func:`reordered`) costs a measured ``"reorder"`` term. A grouped
     conv on the block is blocked until a plan's widths per group leave it: then its input and output
     cost a reorder each (:class:`_OffBlock`), and its groups' fast counts keep it on the block.
@@ -841,8 +842,8 @@ class LatencyModel:
         if node.users and all(_is_product(u) for u in node.users):
             return None
         lab = node.meta.get("fxprune")
-        dims = tuple(d for d in range(len(shape)) if isinstance(lab, torch.Tensor) and
-                     d - (len(shape) - lab.dim()) >= 0 and lab.shape[d - (len(shape) - lab.dim())] > 1)
+        lead = len(shape) - lab.dim() if isinstance(lab, torch.Tensor) else len(shape)   # labels align right
+        dims = tuple(d for d in range(max(0, lead), len(shape)) if lab.shape[d - lead] > 1) if lead >= 0 else ()
         c = _Count(_channels_along(node, dims, shape)) if dims else _Fixed(1)
         rows = math.prod(shape) // max(1, shape[0] * c.size)
         term = _Term(node.name, "transpose", c, _Fixed(0), lambda x, y: Sig("transpose", n=self.batch, cin=x, h=rows),

@@ -63,4 +63,5 @@ def is_linear(node, modules: dict) -> bool:
         return isinstance(modules.get(node.target), torch.nn.Linear)
     if node.op != "call_function":
         return False
-    return any(table.rule_for(node, modules).couple in (linear_function, linear_module) for table in (FX_RULES, ATEN_RULES))
+    rules = (table.rule_for(node, modules) for table in (FX_RULES, ATEN_RULES))
+    return any(rule.couple in (linear_function, linear_module) for rule in rules)
