@@ -1,8 +1,9 @@
 """The ``fxprune`` command line: ``prune``, ``inspect``, ``export`` and ``bench`` a model.
 
-A model is named ``torchvision:<name>`` (built with ``weights=None``, its random weights drawn from seed 0) or
+A model is named ``torchvision:<name>`` (built with ``weights=None``, its random weights drawn from seed 0),
+``timm:<name>`` (``timm.create_model(name, pretrained=False)``, seed 0; timm installed) or
 ``module.path:factory`` (a callable returning an ``nn.Module``). The input shape
-defaults to the model's native one for torchvision models, else ``1,3,224,224``.
+defaults to the model's native one for torchvision and timm models, else ``1,3,224,224``.
 Models are traced in eval mode; ``--train-mode`` traces them in train mode, which keeps
 branches that only run in training (GoogLeNet's and Inception-v3's auxiliary heads).
 
@@ -14,6 +15,7 @@ Example::
     $ fxprune inspect torchvision:resnet18 --graph resnet18.svg
     $ fxprune export torchvision:resnet18 --load r18.pt --out resnet18_pruned.onnx
     $ fxprune bench torchvision:resnet18 --load r18.pt --batch 1 64 --threads 2
+    $ fxprune prune timm:mobilevit_xxs --latency 0.5 --out mobilevit_fast.onnx
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from .view.report import report
 def load_model(spec: str) -> torch.nn.Module:
     """Build the model named by ``spec`` (see the module docstring), in eval mode."""
     if ":" not in spec:
-        raise FxPruneError(f"model '{spec}' is not of the form torchvision:<name> or module.path:factory")
+        raise FxPruneError(f"model '{spec}' is not of the form torchvision:<name>, timm:<name> or module.path:factory")
     source, name = spec.split(":", 1)
     if source == "torchvision":
         import torchvision
@@ -50,6 +52,13 @@ def load_model(spec: str) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):   # the same random weights every run: reproducible plans
             torch.manual_seed(0)
             return torchvision.models.get_model(name, weights=None).eval()
+    if source == "timm":
+        timm = _timm()
+        if not timm.is_model(name):
+            raise FxPruneError(f"timm has no model '{name}'; see timm.list_models()")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name, pretrained=False).eval()
     try:
         factory = getattr(importlib.import_module(source), name)
     except (ImportError, AttributeError) as exc:
@@ -60,8 +69,17 @@ def load_model(spec: str) -> torch.nn.Module:
     return model.eval()
 
 
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise FxPruneError("a timm:<name> model needs timm (pip install timm)") from exc
+    return timm
+
+
 def native_input_shape(spec: str) -> tuple:
-    """The input shape a model expects: torchvision's weights metadata, else 1x3x224x224."""
+    """The input shape a model expects: torchvision's weights metadata or timm's pretrained config, else
+    1x3x224x224."""
     if spec.startswith("torchvision:"):
         import torchvision
 
@@ -72,6 +90,10 @@ def native_input_shape(spec: str) -> tuple:
             return (1, 3, int(crop), int(crop))
         except Exception:  # models without registered weights
             pass
+    if spec.startswith("timm:"):
+        cfg = _timm().models.get_pretrained_cfg(spec.split(":", 1)[1])
+        if cfg is not None and len(getattr(cfg, "input_size", ()) or ()) == 3:
+            return (1, *cfg.input_size)
     return (1, 3, 224, 224)
 
 
@@ -92,12 +114,15 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+MODEL_HELP = "torchvision:<name>, timm:<name> or module.path:factory"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxprune", description="Structured pruning of PyTorch models, verified.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model and export it to ONNX")
-    prune.add_argument("model", help="torchvision:<name> or module.path:factory")
+    prune.add_argument("model", help=MODEL_HELP)
     prune.add_argument("--method", default="l2", help="criterion (l1, l2, bn, taylor, random, ...)")
     budget = prune.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=_fraction, help="fraction of each group's channels removed")
@@ -131,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "each plan is measured against the original and corrected")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
-    inspect.add_argument("model", help="torchvision:<name> or module.path:factory")
+    inspect.add_argument("model", help=MODEL_HELP)
     inspect.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,224,224")
     inspect.add_argument("--train-mode", action="store_true", help="trace in train mode (keeps auxiliary heads)")
     inspect.add_argument("--capture", choices=TRACERS, default="auto",
@@ -146,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default), chains, none, or a module depth: how much to merge in --graph")
 
     export = sub.add_parser("export", help="export a model (or a pruned one) to ONNX, checked in ONNX Runtime")
-    export.add_argument("model", help="torchvision:<name> or module.path:factory (the original architecture)")
+    export.add_argument("model", help=MODEL_HELP + " (the original architecture)")
     source = export.add_mutually_exclusive_group()
     source.add_argument("--load", default=None, help="a file written by fxprune.save / prune --save")
     source.add_argument("--plan", default=None, help="a plan JSON written by prune --plan")
@@ -157,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="do not fail when ONNX Runtime disagrees")
 
     bench = sub.add_parser("bench", help="ONNX Runtime CPU latency of the original and a pruned model, side by side")
-    bench.add_argument("model", help="torchvision:<name> or module.path:factory (the original architecture)")
+    bench.add_argument("model", help=MODEL_HELP + " (the original architecture)")
     pruned = bench.add_mutually_exclusive_group(required=True)
     pruned.add_argument("--load", default=None, help="a file written by fxprune.save / prune --save")
     pruned.add_argument("--plan", default=None, help="a plan JSON written by prune --plan")

@@ -129,6 +129,23 @@ def test_a_torchvision_model_is_built_the_same_every_run():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_a_timm_model_by_name_at_its_native_size(capsys):
+    """``timm:<name>``: built with random weights from seed 0 at the input size of its pretrained config
+    (mobilevit_xxs: 256x256), pruned and verified; an unknown name is a clear error."""
+    pytest.importorskip("timm")
+    from fxprune.cli import load_model, native_input_shape
+
+    assert native_input_shape("timm:mobilevit_xxs") == (1, 3, 256, 256)
+    assert native_input_shape("timm:vit_tiny_patch16_224") == (1, 3, 224, 224)
+    a, b = load_model("timm:resnet10t"), load_model("timm:resnet10t")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    code, out, _ = run(capsys, "prune", "timm:resnet10t", "--input-shape", "1,3,64,64", "--ratio", "0.5",
+                       "--round-to", "none")
+    assert code == 0 and "mask-equivalence" in out and "ok" in out
+    code, _, err = run(capsys, "inspect", "timm:no_such_net")
+    assert code == 2 and "timm has no model 'no_such_net'" in err
+
+
 @pytest.mark.parametrize("ranking, said", [(None, "importance ranking"), ("per-ms", "per ms ranking")])
 def test_prune_latency(capsys, ranking, said):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",

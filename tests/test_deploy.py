@@ -198,6 +198,35 @@ def test_save_load_retraces_a_training_only_branch(tmp_path):
             assert torch.equal(a, b)
 
 
+class OptionalScale(nn.Module):
+    """A forward with an argument that has a default (as timm's attn_mask=None): traced, it is a placeholder."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.b(torch.relu(self.a(x))) * scale
+
+
+def test_save_load_with_an_argument_left_at_its_default(tmp_path):
+    """Saved from a trace of ``forward(x, scale=1.0)`` given x alone, the model loads from x alone (it was
+    'saved with 2 inputs, 1 given': `fxprune bench timm:vit_tiny_patch16_224 --load` failed so), and not
+    from more inputs than the forward takes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned = fxprune.compile(OptionalScale().eval(), (x,), method="l2", ratio=0.5, onnx=False)
+    assert fxprune.report(pruned).capture["tracer"] == "fx"
+    assert [n.name for n in pruned.graph.nodes if n.op == "placeholder"] == ["x", "scale"]
+    path = str(tmp_path / "opt.pt")
+    fxprune.save(pruned, path)
+    loaded = fxprune.load(path, OptionalScale, (x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    with pytest.raises(PlanError, match="saved with 1 to 2 inputs, 3 given"):
+        fxprune.load(path, OptionalScale, (x, None, None))
+
+
 @pytest.mark.slow
 def test_googlenet_traced_in_eval_mode_has_no_aux_heads():
     x = torch.randn(1, 3, 64, 64)

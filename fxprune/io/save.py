@@ -64,6 +64,7 @@ def save(pruned: torch.nn.Module, path) -> None:
     if rep.output == "parts":
         raise ConfigError("a model pruned part by part (fxprune.partial) holds one plan per part, which fxprune.save "
                           "does not write yet: keep it with torch.save(model) or its state_dict")
+    optional = []
     if isinstance(pruned, fx.GraphModule):
         shapes, dtypes = [], []
         for node in pruned.graph.nodes:
@@ -71,6 +72,7 @@ def save(pruned: torch.nn.Module, path) -> None:
                 meta = node.meta.get("tensor_meta")
                 shapes.append(list(meta.shape) if meta is not None else None)
                 dtypes.append(str(meta.dtype) if meta is not None else None)
+                optional.append(bool(node.args))   # an argument with a default (timm's attn_mask=None)
         traced_training = bool(pruned.meta.get("fxprune_training", pruned.training))
     else:
         sig = rep.signature or {}
@@ -85,6 +87,7 @@ def save(pruned: torch.nn.Module, path) -> None:
         "training": bool(pruned.training),
         "input_shapes": shapes,
         "input_dtypes": dtypes,
+        "input_optional": optional,
         "structure": structure(pruned),
         "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu().clone() for k, v in pruned.state_dict().items()},
@@ -150,8 +153,11 @@ def _read(path) -> dict:
 
 def _check_inputs(data, example_inputs) -> None:
     shapes = data["input_shapes"]
-    if len(shapes) != len(example_inputs):
-        raise PlanError(f"the model was saved with {len(shapes)} inputs, {len(example_inputs)} given")
+    optional = data.get("input_optional") or [False] * len(shapes)
+    required = max((i + 1 for i, opt in enumerate(optional) if not opt), default=0)   # the trailing ones may go
+    if not required <= len(example_inputs) <= len(shapes):
+        need = f"{required} to {len(shapes)}" if required < len(shapes) else f"{len(shapes)}"
+        raise PlanError(f"the model was saved with {need} inputs, {len(example_inputs)} given")
     for i, (saved, x) in enumerate(zip(shapes, example_inputs)):
         if saved is None or not isinstance(x, torch.Tensor):
             continue
