@@ -64,7 +64,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FxPruneError
-from ..ops import Conv2dSpec, conv2d_spec, is_linear
+from ..ops import Conv2dSpec, conv2d_spec, is_linear, rule_of
+from ..ops.attention import matmul_rule, mha_module, sdpa_rule, swin_attention_rule
+from ..ops.norm import layer_norm_rule
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
@@ -660,6 +662,14 @@ class _Term:
         return self.at(self.cin(keep), self.cout(keep))
 
 
+def _per_count(name: str, kind: str, count: _Count, make, grid: int) -> _Term:
+    """A term whose time follows one count (a per-element op's channels): ``make(count) -> Sig`` measured at the
+    full and half count, interpolated between."""
+    term = _Term(name, kind, count, _Fixed(0), lambda x, y: make(x), FLAT, FLAT, grid)
+    term.xs = sorted({max(1, count.size // 2), count.size}) if count.free else [count.size]
+    return term
+
+
 class _OffBlock:
     """A reorder that ORT adds around a grouped conv blocked at full width (:func:`_conv_layout`) only
     when its kept widths per group leave the block: then the conv runs in NCHW and the value is
@@ -781,14 +791,15 @@ class LatencyModel:
             cout = _Count(_channels_along(node, len(shape) - 1, shape))
             return _Term(node.name, "gemm", cin, cout, lambda x, y: Sig("gemm", n=n, cin=x, cout=y, h=rows),
                          FLAT, FLAT, grid, 4.0)
-        attention = self._attention(node, mods, grid)
+        couple = _couple(node, mods)   # the op, by its row in the rules tables
+        attention = self._attention(node, couple, mods, grid)
         if attention is not None:
             return attention
-        token = self._token_kind(node, mods, shape)
+        token = self._token_kind(node, couple, mods, shape)
         if token is not None:
             return self._per_token(node, token, grid)
         if _is_permute(node) and len(shape) >= 3:
-            return self._permute(node, shape, grid)
+            return self._permute(node, mods, shape, grid)
         if node.op == "call_module":
             mod = mods.get(node.target)
             if isinstance(mod, torch.nn.BatchNorm2d) and len(shape) == 4 and not _folded(inp, mods):
@@ -816,50 +827,41 @@ class LatencyModel:
         """A per-element term over ``src``'s channels: measured at the full and half kept count."""
         n = self.batch
         src_shape = tuple(src.meta["tensor_meta"].shape)
-        c = _Count(_channels_along(src, 1, src_shape))
         h, w = src_shape[2], src_shape[3]
-        half = max(1, c.size // 2)
-        term = _Term(name, kind, c, _Fixed(0), lambda x, y: Sig(kind, n=n, cin=x, h=h, w=w, **extra), FLAT, FLAT,
-                     grid)
-        term.xs = sorted({half, c.size}) if c.free else [c.size]
-        term.sin = FLAT
-        return term
+        return _per_count(name, kind, _Count(_channels_along(src, 1, src_shape)),
+                          lambda x: Sig(kind, n=n, cin=x, h=h, w=w, **extra), grid)
 
     def _per_token(self, node, kind: str, grid: int):
         """A per-element term over a token tensor ``[..., channels]`` (``kind`` in :data:`TOKENWISE`):
         its rows of kept channels, measured at the full and half count."""
         shape = tuple(node.meta["tensor_meta"].shape)
-        c = _Count(_channels_along(node, len(shape) - 1, shape))
         rows = math.prod(shape[:-1]) // max(1, shape[0])
-        term = _Term(node.name, kind, c, _Fixed(0), lambda x, y: Sig(kind, n=self.batch, cin=x, h=rows), FLAT,
-                     FLAT, grid)
-        term.xs = sorted({max(1, c.size // 2), c.size}) if c.free else [c.size]
-        return term
+        return _per_count(node.name, kind, _Count(_channels_along(node, len(shape) - 1, shape)),
+                          lambda x: Sig(kind, n=self.batch, cin=x, h=rows), grid)
 
-    def _permute(self, node, shape, grid):
+    def _permute(self, node, mods, shape, grid):
         """A permute or transpose that ORT runs as a copy (one whose readers are all matrix products it folds
         into them is free): every element moved once, the kept ones of its channels."""
-        if node.users and all(_is_product(u) for u in node.users):
+        if node.users and all(_couple(u, mods) in (matmul_rule, sdpa_rule) for u in node.users):
             return None
         lab = node.meta.get("fxprune")
         lead = len(shape) - lab.dim() if isinstance(lab, torch.Tensor) else len(shape)   # labels align right
         dims = tuple(d for d in range(max(0, lead), len(shape)) if lab.shape[d - lead] > 1) if lead >= 0 else ()
         c = _Count(_channels_along(node, dims, shape)) if dims else _Fixed(1)
         rows = math.prod(shape) // max(1, shape[0] * c.size)
-        term = _Term(node.name, "transpose", c, _Fixed(0), lambda x, y: Sig("transpose", n=self.batch, cin=x, h=rows),
-                     FLAT, FLAT, grid)
-        term.xs = sorted({max(1, c.size // 2), c.size}) if c.free else [c.size]
-        return term
+        return _per_count(node.name, "transpose", c, lambda x: Sig("transpose", n=self.batch, cin=x, h=rows), grid)
 
     @staticmethod
-    def _token_kind(node, mods, shape):
+    def _token_kind(node, couple, mods, shape):
         """``"ln"``, ``"gelu"`` or ``"add"`` for a layer norm, or a GELU or add of two same-shaped values over
         tokens: channels on the last dim (a 3-D value, or the channel ids say so). ORT fuses a conv net's
         adds into its convs; these it runs alone."""
         if len(shape) < 3:
             return None
-        if node.op == "call_module":
-            kind = {torch.nn.LayerNorm: "ln", torch.nn.GELU: "gelu"}.get(type(mods.get(node.target)))
+        if couple is layer_norm_rule:
+            kind = "ln"
+        elif node.op == "call_module":
+            kind = "gelu" if isinstance(mods.get(node.target), torch.nn.GELU) else None
         else:
             kind = _TOKEN_FUNCTIONS.get(node.target) if node.op == "call_function" else None
         if kind is None or kind != "ln" and len(shape) != 3 and \
@@ -871,7 +873,7 @@ class LatencyModel:
                 return None
         return kind
 
-    def _attention(self, node, mods, grid):
+    def _attention(self, node, couple, mods, grid):
         """The terms of a self-attention node, or None: ``nn.MultiheadAttention`` (its packed input
         projection, attention and output projection), torchvision's ``shifted_window_attention`` (the
         same per window) or ``scaled_dot_product_attention`` (the attention alone: its projections are
@@ -881,13 +883,13 @@ class LatencyModel:
         shape = tuple(getattr(getattr(inp, "meta", {}).get("tensor_meta"), "shape", ()) or ())
         if not shape:
             return None
-        if node.op == "call_module" and isinstance(mods.get(node.target), torch.nn.MultiheadAttention):
+        if couple is mha_module:
             mha = mods[node.target]
             if len(shape) != 3 or any(a is not inp for a in node.args[1:3]):
                 return None
             heads, tokens = mha.num_heads, shape[1] if mha.batch_first else shape[0]
             windows = 1
-        elif node.op == "call_function" and node.target is _swin_attention():
+        elif couple is swin_attention_rule:
             if len(shape) != 4:
                 return None
             window = node.args[4] if len(node.args) > 4 else node.kwargs.get("window_size")
@@ -897,7 +899,7 @@ class LatencyModel:
                 return None
             tokens = window[0] * window[1]
             windows = math.ceil(shape[1] / window[0]) * math.ceil(shape[2] / window[1])
-        elif node.op == "call_function" and node.target in _SDPA and len(shape) >= 4:
+        elif couple is sdpa_rule and len(shape) >= 4:
             heads, tokens = shape[-3], shape[-2]
             kept = _Count(_channels_along(inp, tuple(range(1, len(shape) - 2)) + (len(shape) - 1,), shape))
             batches = math.prod(shape[1:-3])
@@ -1154,32 +1156,21 @@ _ELEMENTWISE_FUNCTIONS = {torch.nn.functional.silu: "silu", _aten.silu.default: 
                           torch.nn.functional.adaptive_avg_pool2d: "gap", _aten.adaptive_avg_pool2d.default: "gap",
                           torch.cat: "concat", torch.concat: "concat", _aten.cat.default: "concat",
                           operator.mul: "mul", torch.mul: "mul", _aten.mul.Tensor: "mul"}
-_TOKEN_FUNCTIONS = {torch.nn.functional.layer_norm: "ln", torch.ops.aten.layer_norm.default: "ln",
-                    torch.nn.functional.gelu: "gelu", torch.ops.aten.gelu.default: "gelu",
-                    operator.add: "add", torch.add: "add", torch.ops.aten.add.Tensor: "add"}
+# ops whose rule row they share with others that cost differently (GELU's with every activation, add's with
+# every per-element op, permute's with every shape op): told apart by spelling
+_TOKEN_FUNCTIONS = {torch.nn.functional.gelu: "gelu", _aten.gelu.default: "gelu",
+                    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add"}
 _PERMUTES = {"permute", "transpose", torch.permute, torch.transpose, _aten.permute.default, _aten.transpose.int}
-_PRODUCTS = {"matmul", "__matmul__", torch.matmul, operator.matmul, torch.bmm, _aten.matmul.default, _aten.bmm.default,
-             torch.nn.functional.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default}
 
 
 def _is_permute(node) -> bool:
     return node.op in ("call_method", "call_function") and node.target in _PERMUTES
 
 
-def _is_product(node) -> bool:
-    return node.op in ("call_method", "call_function") and node.target in _PRODUCTS
-
-
-_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
-
-
-def _swin_attention():
-    """torchvision's ``shifted_window_attention`` (None without torchvision)."""
-    try:
-        from torchvision.models.swin_transformer import shifted_window_attention
-    except ImportError:
-        return None
-    return shifted_window_attention
+def _couple(node, mods):
+    """The ``couple`` function of ``node``'s row in the rules tables (it names the op), or None."""
+    rule = rule_of(node, mods)
+    return rule.couple if rule is not None else None
 
 
 class _Fixed(_Count):

@@ -12,7 +12,7 @@ from .conv import Conv2dSpec, linear_function, linear_module
 from .fx_table import FX_RULES
 from .schema import Rule, RuleTable, T
 
-__all__ = ["ATEN_RULES", "FX_RULES", "Conv2dSpec", "Rule", "RuleTable", "T", "conv2d_spec", "is_linear"]
+__all__ = ["ATEN_RULES", "FX_RULES", "Conv2dSpec", "Rule", "RuleTable", "T", "conv2d_spec", "is_linear", "rule_of"]
 
 
 def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
@@ -34,14 +34,8 @@ def conv2d_spec(node, modules: dict) -> Conv2dSpec | None:
         >>> spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.groups
         (4, 8, (3, 3), (2, 2), 2)
     """
-    if node.op not in ("call_module", "call_function"):
-        return None
-    for table in (FX_RULES, ATEN_RULES):
-        rule = table.rule_for(node, modules)
-        if rule.spec is not None:
-            return rule.spec(node, modules)
-    return None
-
+    rule = rule_of(node, modules)
+    return rule.spec(node, modules) if rule is not None and rule.spec is not None else None
 
 
 def is_linear(node, modules: dict) -> bool:
@@ -61,7 +55,18 @@ def is_linear(node, modules: dict) -> bool:
     """
     if node.op == "call_module":
         return isinstance(modules.get(node.target), torch.nn.Linear)
-    if node.op != "call_function":
-        return False
-    rules = (table.rule_for(node, modules) for table in (FX_RULES, ATEN_RULES))
-    return any(rule.couple in (linear_function, linear_module) for rule in rules)
+    rule = rule_of(node, modules)
+    return rule is not None and rule.couple in (linear_function, linear_module)
+
+
+def rule_of(node, modules: dict) -> Rule | None:
+    """The row of an fx node's op in the tables (the fx table's, else the ATen one's: ``torch.export``), or None
+    for an op neither knows. Other stages (the cost models) tell ops apart by it, not by spellings of their own.
+    ``modules`` is the graph module's ``dict(named_modules())``."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    for table in (FX_RULES, ATEN_RULES):
+        rule = table.rule_for(node, modules)
+        if rule is not table.default:
+            return rule
+    return None

@@ -33,8 +33,11 @@ def op_flops(func, args, kwargs, out) -> int:
     extra = EXTRA_FLOP_FORMULAS.get(packet)
     if extra is None:
         return 0
-    shape = lambda t: t.shape if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return int(extra(*tree_map(shape, args), out_shape=tree_map(shape, out), **kwargs))
+    return int(extra(*tree_map(_shape_of, args), out_shape=tree_map(_shape_of, out), **kwargs))
+
+
+def _shape_of(value):
+    return value.shape if isinstance(value, torch.Tensor) else value
 
 
 def same_shape(module, x):
