@@ -459,3 +459,124 @@ def test_a_size_read_from_one_tensor_shaping_another_pins_not_crashes():
     reasons = [p.reason for p in graph.groups["conv1"].pins]
     assert any("uses a size read from dim 1 of 'conv1'" in r for r in reasons), reasons
     assert pruned(x).shape == (1, 4)
+
+
+# --- RMSNorm and reductions over channels: exact, so a residual stream through them prunes
+
+class MeanSquareNorm(nn.Module):
+    """RMSNorm as Hugging Face's Llama writes it: ``x * rsqrt(x.pow(2).mean(-1) + eps)``, with
+    ``gemma=True`` the weight applied as ``1 + weight`` (Gemma's)."""
+
+    def __init__(self, d, eps=0.5, gemma=False):
+        super().__init__()
+        self.weight, self.eps, self.gemma = nn.Parameter(torch.rand(d) + 0.5), eps, gemma
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * (1.0 + self.weight.float()) if self.gemma else self.weight * x
+
+
+class FunctionalRMSNorm(nn.Module):
+    def __init__(self, d, weight=True, eps=0.5):
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.weight = nn.Parameter(torch.rand(d) + 0.5) if weight else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (self.d,), self.weight, self.eps)
+
+
+class RMSStream(nn.Module):
+    """A pre-norm residual stream of width 24 (the group 'inp') read by every norm; a large ``eps``
+    so that a wrong ``eps`` in the pruned norms shows in the outputs."""
+
+    def __init__(self, norm, d=24, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.norms = nn.ModuleList(norm(d) for _ in range(blocks))
+        self.up = nn.ModuleList(nn.Linear(d, 32) for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(32, d) for _ in range(blocks))
+        self.last, self.head = norm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            h = h + down(F.gelu(up(norm(h))))
+        return self.head(self.last(h))
+
+
+RMS_NORMS = {
+    "nn.RMSNorm": lambda d: nn.RMSNorm(d, eps=0.5),
+    "nn.RMSNorm, no weight, default eps": lambda d: nn.RMSNorm(d, elementwise_affine=False),
+    "x.pow(2).mean(-1)": MeanSquareNorm,
+    "gemma 1 + weight": lambda d: MeanSquareNorm(d, gemma=True),
+    "F.rms_norm": FunctionalRMSNorm,
+    "F.rms_norm, no weight": lambda d: FunctionalRMSNorm(d, weight=False),
+}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("norm", list(RMS_NORMS))
+def test_rms_norm_stream_prunes_exactly(norm, capture):
+    torch.manual_seed(0)
+    model = RMSStream(RMS_NORMS[norm])
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 6)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, capture=capture, round_to=None, must_shrink=["inp"])
+    assert rep.pinned_groups == 1  # the head's outputs only
+    assert not rep.mask.get("checked_in")  # exact in float32: no re-check in float64 was needed
+    assert rep.mask["max_rel_diff"] < 1e-5
+    assert rep.mask["nodes_compared"] >= 10
+    assert len(rep.plan.keep["inp"]) < 24
+
+
+def test_rms_norm_module_copy_rescales_eps_and_weight():
+    torch.manual_seed(0)
+    model = RMSStream(lambda d: nn.RMSNorm(d, eps=0.5)).eval()
+    x = torch.randn(2, 5, 6)
+    copy, rep = prune_and_check(model, (x,), ratio=0.5, output="module", round_to=None, must_shrink=["inp"])
+    n, k = 24, copy.inp.out_features
+    kept = torch.tensor(rep.plan.keep["inp"])
+    assert copy.last.normalized_shape == (k,) and copy.last.eps == pytest.approx(0.5 * n / k)
+    assert torch.allclose(copy.last.weight, model.last.weight[kept] * (n / k) ** 0.5)
+    assert rep.mask["module"]["ok"]
+
+
+def test_mean_over_channels_in_user_code_pins_for_a_module_copy():
+    model = RMSStream(MeanSquareNorm).eval()
+    x = torch.randn(2, 5, 6)
+    graph_out = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None)
+    assert len(fxprune.report(graph_out).plan.keep["inp"]) < 24
+    copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None, output="module")
+    rep = fxprune.report(copy)
+    assert copy.inp.out_features == 24 and "inp" not in rep.plan.keep
+    assert "mean" in rep.first_pin and "test_rules.py" in rep.first_pin and "output='graph'" in rep.first_pin
+
+
+class Reductions(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), op
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h) + self.op(h)
+
+
+@pytest.mark.parametrize("op, prunes", [
+    (lambda h: h.sum(1, keepdim=True), True),
+    (lambda h: torch.mean(h, dim=(1, 2), keepdim=True), True),
+    (lambda h: h.amax(1, keepdim=True), False),  # a removed channel may be the maximum
+    (lambda h: h.mean((2, 3), keepdim=True).sum(1, keepdim=True), True),
+])
+def test_reductions_over_channels(op, prunes):
+    torch.manual_seed(0)
+    model = Reductions(op).eval()
+    for capture in ("fx", "export"):
+        _, rep = prune_and_check(model, (X,), ratio=0.5, capture=capture, round_to=None)
+        assert ("a" in rep.plan.keep) == prunes, capture
+        if not prunes:
+            assert "maximum or minimum" in rep.first_pin

@@ -66,7 +66,7 @@ import torch
 from ..errors import ConfigError, FxPruneError
 from ..ops import Conv2dSpec, conv2d_spec, is_linear, rule_of
 from ..ops.attention import matmul_rule, mha_module, sdpa_rule, swin_attention_rule
-from ..ops.norm import layer_norm_rule
+from ..ops.norm import layer_norm_rule, rms_norm_rule
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
@@ -853,12 +853,12 @@ class LatencyModel:
 
     @staticmethod
     def _token_kind(node, couple, mods, shape):
-        """``"ln"``, ``"gelu"`` or ``"add"`` for a layer norm, or a GELU or add of two same-shaped values over
+        """``"ln"``, ``"gelu"`` or ``"add"`` for a layer norm (or RMSNorm), or a GELU or add of two same-shaped values over
         tokens: channels on the last dim (a 3-D value, or the channel ids say so). ORT fuses a conv net's
         adds into its convs; these it runs alone."""
         if len(shape) < 3:
             return None
-        if couple is layer_norm_rule:
+        if couple in (layer_norm_rule, rms_norm_rule):  # ORT runs RMSNorm as a layer norm without the mean
             kind = "ln"
         elif node.op == "call_module":
             kind = "gelu" if isinstance(mods.get(node.target), torch.nn.GELU) else None

@@ -118,6 +118,12 @@ class Context:
         return getattr(self._a.modules[mod], attr, None) is not None
 
     # -- actions
+    def same_param(self, name: str) -> None:
+        """The node's value is parameter ``name`` position for position (``1 + weight``,
+        ``weight.float()``): its users see that parameter, so it is sliced where they make it
+        a member, and the node recomputes from the slice."""
+        self._a.derived[self.node] = name
+
     def fresh(self, n: int) -> torch.Tensor:
         """New channel ids made by this node (a conv's or linear's output channels)."""
         ids = self._a.uf.new(n)
@@ -239,6 +245,7 @@ class Analysis:
                        for tensors in (module._parameters, module._buffers)
                        for name, tensor in tensors.items() if tensor is not None}
         self.sources: dict[fx.Node, object] = {}
+        self.derived: dict[fx.Node, str] = {}  # nodes that are a parameter position for position (same_param)
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -265,6 +272,8 @@ class Analysis:
             if node in self.later:
                 label = self.later.pop(node)
             out = None if node.op == "output" else self.as_t(node, label)
+            if node in self.derived:
+                out = T(None, out.shape, self.derived.pop(node))
         except Exception as exc:  # a rule that cannot handle an odd call (or returns a label that does not
             # fit the value) pins what the node touches instead of crashing
             pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({type(exc).__name__}: {exc})")

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    embedding_function, fix_groups, linear_function, resize_conv1d_hf)
-from .elementwise import constant_like, elementwise, first_input, normalize_over, pad, reduce, spatial
+from .elementwise import (constant_like, elementwise, first_input, mean_fix, normalize_over, pad, reduce_over,
+                          spatial)
 from .fx_table import FX_RULES
-from .norm import aten_batch_norm, fix_layer_norm, layer_norm_rule, normalizes_channels
+from .norm import aten_batch_norm, fix_layer_norm, fix_rms_norm, layer_norm_rule, normalizes_channels, rms_norm_rule
 from .schema import Rule
 from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, select_rule,
                     shape_op, slice_rule)
@@ -85,6 +86,7 @@ register(Rule(embedding_function), *overloads("embedding"))
 register(Rule(aten_batch_norm), *overloads("batch_norm"))
 register(Rule(normalizes_channels), *overloads("group_norm"))
 register(Rule(layer_norm_rule, fix=fix_layer_norm), *overloads("layer_norm"))  # F.layer_norm's order
+register(Rule(rms_norm_rule, fix=fix_rms_norm), *overloads("rms_norm"))  # F.rms_norm's order
 
 register(Rule(spatial), *overloads(
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -95,7 +97,10 @@ register(Rule(spatial), *overloads(
     "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d"))
 register(Rule(pad), *overloads("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
                                "replication_pad1d", "replication_pad2d"))
-register(Rule(reduce), *overloads("mean.dim", "sum.dim_IntList", "amax", "amin"))
+register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))
+register(Rule(reduce_over(exact=True), fix=mean_fix(torch.ops.aten.sum.dim_IntList, torch.ops.aten.div.Tensor)),
+         *overloads("mean.dim"))
+register(Rule(reduce_over(exact=False)), *overloads("amax", "amin"))
 
 FIX_SHAPE = fix_shape_args()
 register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), *overloads("view", "reshape", "_unsafe_view"))

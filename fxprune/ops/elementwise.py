@@ -5,6 +5,8 @@ Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 """
 from __future__ import annotations
 
+import math
+
 from ..labels import along, varying
 from .schema import arg, broadcast_label, describe, one_axis, tensors
 
@@ -14,6 +16,8 @@ def elementwise(ctx, args, kwargs):
     ins = tensors(args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
+    if derives_param(ctx, ins):
+        return None
 
     def sizes_of(t):
         return (1,) * (nd - len(t.shape)) + tuple(t.shape)
@@ -49,6 +53,20 @@ def elementwise(ctx, args, kwargs):
 
 
 elementwise.takes_grids = True
+
+
+def derives_param(ctx, ins) -> bool:
+    """One parameter and plain numbers in, a value of its shape out (Gemma's ``1 + weight``, a
+    ``weight.float()``): the value stands for the parameter (``ctx.same_param``), so slicing the
+    parameter slices it."""
+    names = {t.param for t in ins}
+    if len(names) != 1 or None in names or any(t.label is not None for t in ins):
+        return False
+    name = names.pop()
+    if tuple(ctx.out_shape) != tuple(next(t.shape for t in ins if t.param == name)):
+        return False
+    ctx.same_param(name)
+    return True
 
 
 def normalize_over(dim_arg_index, dim_name="dim"):
@@ -95,33 +113,77 @@ def pad(ctx, args, kwargs):
     return x.label
 
 
-def reduce(ctx, args, kwargs):
-    """mean/sum/amax over dims: the reduced dims must not carry channels."""
-    x = args[0]
-    dims = arg(args, kwargs, 1, "dim")
-    keepdim = arg(args, kwargs, 2, "keepdim", False)
-    if x.label is None:
-        return None
-    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # ATen's amax(x, []) reduces over all
-        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over every dim")
-        return None
-    dims = sorted({d % len(x.shape) for d in ((dims,) if isinstance(dims, int) else dims)}, reverse=True)
-    if any(d in varying(x.label) for d in dims):
-        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over the channels")
-        return None
-    out = x.label
-    for d in dims:
-        out = out.narrow(d, 0, 1)
-        if not keepdim:
-            out = out.squeeze(d)
-    return out
+def reduce_over(exact: bool):
+    """``mean``/``sum`` (``exact``) and ``amax``/``amin`` over ``dim``.
+
+    Dims that carry no channels keep them. Over the dims that carry channels, an exact
+    reduction passes: a removed channel adds zero to the masked original's sum (the
+    reference zeroes it first: ``fxprune_contract``), and a mean keeps that sum's original
+    divisor (:func:`mean_fix`), so RMSNorm's ``x.pow(2).mean(-1)`` no longer pins a residual
+    stream. The result carries no channels there. A max or min over channels pins them.
+    """
+
+    def rule(ctx, args, kwargs):
+        x = args[0]
+        dims = arg(args, kwargs, 1, "dim")
+        keepdim = arg(args, kwargs, 2, "keepdim", False)
+        if x.label is None:
+            return None
+        if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # ATen's amax(x, []) reduces over all
+            ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over every dim")
+            return None
+        dims = sorted({d % len(x.shape) for d in ((dims,) if isinstance(dims, int) else dims)}, reverse=True)
+        vary = varying(x.label)
+        if any(d in vary for d in dims):
+            if not exact:
+                ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} takes a maximum or minimum over the channels")
+                return None
+            if not set(vary) <= set(dims):
+                ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} reduces over some of the dims that carry channels")
+                return None
+            ctx.node.meta["fxprune_contract"] = True
+            return None
+        out = x.label
+        for d in dims:
+            out = out.narrow(d, 0, 1)
+            if not keepdim:
+                out = out.squeeze(d)
+        return out
+
+    rule.__name__ = "reduce_over"
+    return rule
+
+
+def mean_fix(sum_op, div_op):
+    """A mean over dims that lost channels: ``sum(x, dim) / count`` with the original count,
+    which is the masked original's mean (its removed channels are zeros). The node keeps its
+    name and becomes the division; the sum is a new node before it. ``sum_op``/``div_op`` are
+    the dialect's spellings (a ``call_method`` node uses ``"sum"``/``"div"``)."""
+
+    def fix(node, rw):
+        x = node.args[0]
+        dims = arg(node.args, node.kwargs, 1, "dim")
+        old, new = rw.old_shape(x), rw.new_shape(x)
+        dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
+        count = math.prod(old[d] for d in dims)
+        if count == math.prod(new[d] for d in dims):
+            return
+        sum_target, div_target = ("sum", "div") if node.op == "call_method" else (sum_op, div_op)
+        with node.graph.inserting_before(node):
+            total = node.graph.create_node(node.op, sum_target, node.args, node.kwargs)
+        node.target, node.args, node.kwargs = div_target, (total, count), {}
+
+    return fix
 
 
 def first_input(ctx, args, kwargs):
     """Ops whose output is their first input in another dtype or memory layout (``type_as``,
     ``to``): the other tensor arguments lend only their dtype."""
     x = args[0]
-    return getattr(x, "label", None) if getattr(x, "param", None) is None else None
+    if getattr(x, "param", None) is not None:
+        derives_param(ctx, [x])
+        return None
+    return getattr(x, "label", None)
 
 
 def constant_like(ctx, args, kwargs):

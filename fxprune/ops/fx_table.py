@@ -25,10 +25,11 @@ from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, 
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function,
                    linear_module, resize_conv, resize_linear)
-from .elementwise import elementwise, normalize_over, pad, reduce, spatial
+from .elementwise import elementwise, mean_fix, normalize_over, pad, reduce_over, spatial
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_layer_norm, layer_norm_rule, norm_module, normalizes_channels,
-                   prelu_module, resize_layer_norm, resize_norm, resize_prelu)
+                   prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm, rms_norm_rule,
+                   fix_rms_norm)
 from .schema import Rule, RuleTable
 from .shape import (fix_getitem, fix_shape_args, fix_split, fix_unflatten, getitem_rule, method, module_shape_op,
                     resize_unflatten, shape_op, cat_rule)
@@ -86,7 +87,9 @@ register(Rule(spatial),
 register(Rule(pad), F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
          nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
          nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
-register(Rule(reduce), torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+register(Rule(reduce_over(exact=True)), torch.sum, "sum")
+register(Rule(reduce_over(exact=True), fix=mean_fix(torch.sum, torch.div)), torch.mean, "mean")
+register(Rule(reduce_over(exact=False)), torch.amax, torch.amin, "amax", "amin")
 
 FIX_SHAPE = fix_shape_args()
 for _name in ("view", "reshape", "expand"):
@@ -113,6 +116,8 @@ register(Rule(cat_rule), torch.cat, torch.concat, torch.concatenate, torch.stack
 
 register(Rule(layer_norm_rule, resize=resize_layer_norm, on_meta=same_shape), nn.LayerNorm)
 register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
+register(Rule(rms_norm_rule, resize=resize_rms_norm, on_meta=same_shape), nn.RMSNorm)
+register(Rule(rms_norm_rule, fix=fix_rms_norm), F.rms_norm)
 register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
 register(Rule(sdpa_rule, fix=fix_sdpa), F.scaled_dot_product_attention)
 register(Rule(einsum_rule), torch.einsum)

@@ -1,9 +1,14 @@
 """Rules of normalisations and per-channel parameters: batch and instance norm (exact),
-PReLU, GroupNorm (pins), LayerNorm over channels (approximate: see below).
+PReLU, GroupNorm (pins), LayerNorm over channels (approximate: see below), RMSNorm (exact).
 
 Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 """
 from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
 
 from ..labels import along, varying
 from .schema import arg, describe, pin_all
@@ -109,28 +114,70 @@ def layer_norm_rule(ctx, args, kwargs):
     if ctx.node.op == "call_module":
         m, name = ctx.module(), ctx.node.target
         k = len(m.normalized_shape)
-        weight = f"{name}.weight" if getattr(m, "weight", None) is not None else None
-        bias = f"{name}.bias" if getattr(m, "bias", None) is not None else None
+        params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
+                  for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"))}
     else:
         k = len(arg(args, kwargs, 1, "normalized_shape"))
-        w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
-        if any(t is not None and getattr(t, "param", None) is None for t in (w, b)):
-            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes affine parameters computed at run time")
-        weight, bias = (t.param if t is not None else None for t in (w, b))
+        params = _param_args(ctx, args, kwargs, (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias")))
+        if params is None:
+            return None
+    label, d = _over_trailing(ctx, x, k, params)
+    if d is not None:
+        ctx.node.meta["fxprune_approx"] = d
+    return label
+
+
+def rms_norm_rule(ctx, args, kwargs):
+    """RMSNorm over trailing dims that carry channels: exact under pruning.
+
+    The masked original's mean square counts the removed channels as zeros, over all ``n``
+    positions; the pruned norm's over the ``k`` kept ones. Since
+    ``sum/n + eps = (k/n) (sum/k + eps n/k)``, the pruned norm with ``eps n/k`` and its weight
+    times ``sqrt(n/k)`` (:func:`fix_rms_norm`, :func:`resize_rms_norm`) gives the masked
+    original's outputs, so its groups are exact, unlike a LayerNorm's.
+    """
+    x = args[0]
+    if ctx.node.op == "call_module":
+        m, name = ctx.module(), ctx.node.target
+        k = len(m.normalized_shape)
+        params = {"norm_weight": f"{name}.weight" if m.weight is not None else None}
+    else:
+        k = len(arg(args, kwargs, 1, "normalized_shape"))
+        params = _param_args(ctx, args, kwargs, (("norm_weight", 2, "weight"),))
+        if params is None:
+            return None
+    label, d = _over_trailing(ctx, x, k, params)
+    if d is not None:
+        ctx.node.meta["fxprune_contract"] = True  # the reference zeroes the removed channels first
+    return label
+
+
+def _param_args(ctx, args, kwargs, slots):
+    """``{role: parameter name}`` of a functional norm's affine arguments; None (all pinned)
+    where one is computed at run time."""
+    found = {role: arg(args, kwargs, i, name) for role, i, name in slots}
+    if any(t is not None and getattr(t, "param", None) is None for t in found.values()):
+        pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes affine parameters computed at run time")
+        return None
+    return {role: t.param if t is not None else None for role, t in found.items()}
+
+
+def _over_trailing(ctx, x, k: int, params: dict):
+    """A norm over the last ``k`` dims of ``x``: ``(label, d)``, ``d`` the dim inside them
+    that carries channels (its parameters made members along it), or None where none does."""
     label, nd = x.label, len(x.shape)
     inside = [d for d in varying(label) if d >= nd - k]
     if not inside:
-        return label
+        return label, None
     if len(varying(label)) > 1:
         ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over channels spread over several dims")
-        return None
+        return None, None
     d = inside[0]
     ids = along(label, d, x.shape[d])
-    for role, p in (("norm_weight", weight), ("norm_bias", bias)):
+    for role, p in params.items():
         if p is not None:
             ctx.member(p, d - (nd - k), ids, "producer", role)
-    ctx.node.meta["fxprune_approx"] = d
-    return label
+    return label, d
 
 
 def resize_layer_norm(m, node, rw):
@@ -141,3 +188,51 @@ def resize_layer_norm(m, node, rw):
 def fix_layer_norm(node, rw):
     k = len(arg(node.args, node.kwargs, 1, "normalized_shape"))
     rw.set_arg(node, 1, "normalized_shape", list(rw.new_shape(node)[-k:]))
+
+
+def _eps(eps, x: fx.Node) -> float:
+    """RMSNorm's ``eps``; None means the input dtype's machine epsilon, as torch reads it."""
+    if eps is not None:
+        return float(eps)
+    meta = x.meta.get("val", x.meta.get("tensor_meta"))
+    return torch.finfo(getattr(meta, "dtype", torch.float32)).eps
+
+
+def fix_rms_norm(node, rw):
+    """``rms_norm(x, shape, weight, eps)`` over ``n`` channels of which ``k`` are kept:
+    the kept shape, ``eps n/k``, and the weight times ``sqrt(n/k)`` (a ``mul`` on the weight,
+    which ONNX Runtime folds; without a weight, on the output: the node becomes that ``mul``)."""
+    x = node.args[0]
+    k = len(arg(node.args, node.kwargs, 1, "normalized_shape"))
+    old, new = list(rw.old_shape(x)[-k:]), list(rw.new_shape(x)[-k:])
+    if old == new:
+        return
+    ratio = math.prod(old) / math.prod(new)
+    eps = _eps(arg(node.args, node.kwargs, 3, "eps"), x)
+    rw.set_arg(node, 1, "normalized_shape", new)
+    rw.set_arg(node, 3, "eps", eps * ratio)
+    mul = torch.ops.aten.mul.Tensor if isinstance(node.target, torch._ops.OpOverload) else torch.mul
+    weight = arg(node.args, node.kwargs, 2, "weight")
+    with node.graph.inserting_before(node):
+        if isinstance(weight, fx.Node):
+            node.replace_input_with(weight, node.graph.call_function(mul, (weight, math.sqrt(ratio))))
+            return
+        inner = node.graph.call_function(node.target, node.args, node.kwargs)
+    node.target, node.args, node.kwargs = mul, (inner, math.sqrt(ratio)), {}
+
+
+def resize_rms_norm(m, node, rw):
+    """``nn.RMSNorm``: the kept shape, ``eps n/k`` and the weight times ``sqrt(n/k)`` (see
+    :func:`rms_norm_rule`); one without a weight gets one, ``sqrt(n/k)`` everywhere."""
+    k = len(m.normalized_shape)
+    new = tuple(rw.new_shape(node)[-k:])
+    ratio = math.prod(m.normalized_shape) / math.prod(new)
+    if ratio == 1:
+        return
+    dtype = m.weight.dtype if m.weight is not None else torch.get_default_dtype()
+    m.eps = (m.eps if m.eps is not None else torch.finfo(dtype).eps) * ratio
+    m.normalized_shape = new
+    if m.weight is not None:
+        m.weight.data.mul_(math.sqrt(ratio))  # the copy's own sliced tensor
+    else:
+        m.weight = torch.nn.Parameter(torch.full(new, math.sqrt(ratio)), requires_grad=False)

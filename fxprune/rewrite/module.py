@@ -172,6 +172,9 @@ def _reason(node, gm, change, plan=False) -> str:
         what = f"the keyword arguments {old!r} (the pruned graph passes {new!r})"
     elif isinstance(old, (int, float, tuple, list)):
         what = f"the literal {old!r}"
+    elif callable(old) or isinstance(old, str):  # the op itself changes (a mean becomes sum / original count)
+        what = (f"'{getattr(old, '__name__', old)}' over a fixed count of channels (the pruned graph runs "
+                f"'{getattr(new, '__name__', new)}' there)")
     else:
         what = f"'{getattr(old, '__name__', old)}' with sizes fixed"
     where = f"{describe(node, gm)} writes {what} in the model's code ({source_of(node)}), and its channels"
