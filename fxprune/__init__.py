@@ -13,7 +13,8 @@ The pipeline, one stage per sub-package: :mod:`~fxprune.capture` → :mod:`~fxpr
     True
 """
 from .api import analyze, apply, compile
-from .errors import ConfigError, DataError, FxPruneError, PlanError, RewriteError, TraceError, VerificationError
+from .errors import (ConfigError, DataError, ExportError, FxPruneError, PlanError, RewriteError, TraceError,
+                     VerificationError)
 from .io.onnx import export_onnx
 from .io.save import load, save
 from .ir import ChannelGraph, ChannelGroup, Member, Pin
@@ -23,5 +24,5 @@ from .view.report import Report, report
 
 __all__ = ["analyze", "apply", "compile", "report", "export_onnx", "save", "load", "make_plan", "Plan", "Report",
            "Pipeline", "ChannelGraph", "ChannelGroup", "Member", "Pin", "FxPruneError", "TraceError", "ConfigError",
-           "PlanError", "DataError", "RewriteError", "VerificationError"]
+           "PlanError", "DataError", "RewriteError", "VerificationError", "ExportError"]
 __version__ = "0.1.0"

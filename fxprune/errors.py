@@ -30,3 +30,8 @@ class RewriteError(FxPruneError):
 
 class VerificationError(FxPruneError):
     """The pruned model disagrees with the masked original or with ONNX Runtime."""
+
+
+class ExportError(VerificationError):
+    """``torch.onnx`` could not write the model's ONNX file (an exporter's limit, which the
+    unpruned model may share: :meth:`fxprune.pipeline.Pipeline.finish` then skips the check)."""

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from .capture.partial import FlatCall, PrunedPart, record_calls, unflattenable
 from .cost import count_params
 from .cost.flops import count_flops
-from .errors import ConfigError, FxPruneError, TraceError, VerificationError
+from .errors import ConfigError, ExportError, FxPruneError, TraceError, VerificationError
 from .io.onnx import export_onnx
 from .pipeline import Pipeline
 from .utils import as_tuple, eval_mode
@@ -195,7 +195,7 @@ def _prune_part(qual, module, call, criterion, name, budget, options, *, verify,
         try:
             rep.onnx = info["onnx"] = export_onnx(pruned, flat.example_inputs)
         except VerificationError as exc:
-            if not str(exc).startswith("ONNX export failed"):  # ONNX Runtime disagrees: never keep it
+            if not isinstance(exc, ExportError):  # ONNX Runtime disagrees: never keep it
                 return {"reason": f"captured by {info['tracer']}, pruned, but ONNX Runtime disagrees: "
                                   f"{str(exc).splitlines()[0][:300]}", "final": True}
             info["onnx"] = {"ok": None, "skipped": str(exc).splitlines()[0][:300]}

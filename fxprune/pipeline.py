@@ -55,7 +55,7 @@ from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
 from .cost.latency_table import FAST_UNDER, FastCounts, LatencyError, LatencyModel
 from .couple import couple
-from .errors import ConfigError, DataError, FxPruneError, VerificationError
+from .errors import ConfigError, DataError, ExportError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
 from .ops import FX_RULES
@@ -299,6 +299,8 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 onnx_result = export_onnx(pruned, self.example_inputs)
+            except ExportError as exc:  # the exporter cannot write it (Mixtral's expert routing)
+                onnx_result = self._onnx_fails_unpruned(exc)
             except FxPruneError:
                 raise
             except Exception as exc:  # the checker or ONNX Runtime rejecting the file

@@ -129,3 +129,26 @@ def test_an_onnx_failure_of_the_unpruned_model_too_is_reported_not_raised(monkey
     monkeypatch.setattr(pipeline, "export_onnx", fails_for("pruned"))
     with pytest.raises(fxprune.VerificationError, match="the unpruned model's passes"):
         fxprune.compile(net, (X,), method="l2", ratio=0.5)
+
+
+def test_an_op_the_onnx_exporter_cannot_convert_is_reported_not_raised():
+    """``torch.onnx`` has no conversion for ``cummax``: the pruned model's export fails, and so does the
+    unpruned model's (Mixtral's expert routing fails the same way), so the model comes back checked by
+    mask-equivalence with a warning, not an ``ExportError``."""
+
+    class Cummax(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x + torch.cummax(x, 3).values)))
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="and so does the unpruned model's"):
+        pruned = fxprune.compile(Cummax().eval(), (x,), method="l2", ratio=0.5, round_to=None)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] is None and "ONNX export failed" in rep.onnx["error"]
+    assert pruned.get_submodule("a").out_channels == 8
+    with pytest.raises(fxprune.ExportError):
+        fxprune.export_onnx(pruned, (x,))

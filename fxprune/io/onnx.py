@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from tabulate import tabulate
 
-from ..errors import VerificationError
+from ..errors import ExportError, VerificationError
 from ..verify.mask import ORT_ATOL, ORT_RTOL, random_inputs
 
 PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes of weights above which ONNX needs external data
@@ -160,5 +160,5 @@ def _export(module, inputs, path, names, dynamic, external=False):
             torch.onnx.export(module, inputs, path, input_names=names, dynamic_shapes=dynamic,
                               external_data=external, dynamo=True, verbose=False)
         except Exception as exc:
-            raise VerificationError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}\n"
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}\n"
                                     f"{buf.getvalue()[-2000:]}") from exc
