@@ -247,6 +247,35 @@ class LayerNormChannels(nn.Module):  # ConvNeXt-style: permute, LayerNorm over c
         return x + y.permute(0, 3, 1, 2)
 
 
+class RMSNormChannels(LayerNormChannels):  # the same with nn.RMSNorm (a large eps: a wrong rescale shows)
+    def __init__(self, c):
+        super().__init__(c)
+        self.norm = nn.RMSNorm(c, eps=0.3)
+
+
+class MeanSquareChannels(LayerNormChannels):  # RMSNorm as Hugging Face's Gemma writes it: mean, rsqrt, 1 + weight
+    def __init__(self, c):
+        super().__init__(c)
+        self.norm = None
+        self.weight = nn.Parameter(torch.rand(c) - 0.5)
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 0.3) * (1.0 + self.weight)
+        return x + self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class SpatialGate(nn.Module):  # CBAM-style: a gate from the mean and sum over the channels
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+        self.out = c
+
+    def forward(self, x):
+        stats = torch.cat([x.mean(1, keepdim=True), x.sum(1, keepdim=True) / 8], 1)
+        return x * torch.sigmoid(self.conv(stats))
+
+
 class PixelShuffle(nn.Module):  # 2x up with PixelShuffle, pooled back down
     def __init__(self, c):
         super().__init__()
@@ -295,7 +324,7 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
-          HeadsMatmul, HeadsGQA, HeadsGQAFused]
+          HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate]
 
 
 class Net(nn.Module):
