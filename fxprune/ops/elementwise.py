@@ -163,6 +163,8 @@ def mean_fix(sum_op, div_op):
     def fix(node, rw):
         x = node.args[0]
         dims = arg(node.args, node.kwargs, 1, "dim")
+        if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+            return  # a mean over every dim pinned its channels (reduce_over)
         old, new = rw.old_shape(x), rw.new_shape(x)
         dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
         count = math.prod(old[d] for d in dims)
