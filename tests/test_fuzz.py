@@ -276,6 +276,18 @@ class SpatialGate(nn.Module):  # CBAM-style: a gate from the mean and sum over t
         return x * torch.sigmoid(self.conv(stats))
 
 
+class LayerScale(nn.Module):  # timm's conv LayerScale on a residual, and an embedding computed at run time
+    def __init__(self, c):
+        super().__init__()
+        self.body = cbr(c, c, 3)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.out = c
+
+    def forward(self, x):
+        x = x + self.body(x).mul(self.gamma.reshape(1, -1, 1, 1))
+        return x + torch.cos(torch.arange(self.out, dtype=x.dtype) * 0.7).view(1, -1, 1, 1)
+
+
 class PixelShuffle(nn.Module):  # 2x up with PixelShuffle, pooled back down
     def __init__(self, c):
         super().__init__()
@@ -324,7 +336,8 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
-          HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate]
+          HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
+          LayerScale]
 
 
 class Net(nn.Module):

@@ -417,9 +417,11 @@ def test_unknown_op_pins_with_reason():
     a = graph.groups["a.0"]
     assert a.prunable == 0
     assert any("flip" in p.reason for p in a.pins)
-    assert graph.groups["b.0"].prunable == 0  # b meets a's fixed channels in the add
+    # b meets a's fixed channels in the add: b still prunes, the add reading a's value at b's kept positions
+    assert graph.groups["b.0"].prunable == 8
     pruned, rep = prune_and_check(Unknown(), (X,), onnx=False)
-    assert rep.plan.keep == {}
+    assert list(rep.plan.keep) == ["b.0"] and pruned.get_submodule("out").in_channels == len(rep.plan.keep["b.0"])
+    assert any(n.target is torch.index_select for n in pruned.graph.nodes)
 
 
 def test_model_output_is_pinned():
@@ -582,3 +584,46 @@ def test_reductions_over_channels(op, prunes):
         assert ("a" in rep.plan.keep) == prunes, capture
         if not prunes:  # pinned by the reduction, with its reason
             assert rep.first_pin.startswith(("amax", "mean")), rep.first_pin
+
+
+# --- a tensor without channels that varies along theirs: read at the kept positions
+
+class LayerScaleConv(nn.Module):
+    """timm's conv LayerScale (``x.mul(gamma.reshape(1, -1, 1, 1))``) on a residual stream, and a
+    channel embedding computed at run time (``sin`` of a frequency ramp) added to it."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.c = c
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.body(h).mul(self.gamma.reshape(1, -1, 1, 1))
+        freq = torch.arange(self.c, dtype=h.dtype, device=h.device) * 0.3
+        h = h + torch.sin(freq).view(1, -1, 1, 1)
+        return self.head(torch.where(freq.view(1, -1, 1, 1) > 1.0, h, -h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_fixed_tensor_along_the_channels_is_gathered(capture):
+    torch.manual_seed(0)
+    model = LayerScaleConv().eval()
+    pruned, rep = prune_and_check(model, (X,), ratio=0.5, capture=capture, round_to=None, must_shrink=["stem"])
+    kept = len(rep.plan.keep["stem"])
+    gathers = [n for n in pruned.graph.nodes if n.target is torch.index_select]
+    assert len(gathers) >= 3 and kept < 12  # gamma, the embedding, the where's condition
+    assert all(int(getattr(pruned, g.args[2].target).numel()) == kept for g in gathers)
+    assert rep.mask["max_rel_diff"] < 1e-5
+
+
+def test_a_fixed_tensor_along_the_channels_pins_them_for_a_module_copy():
+    model = LayerScaleConv().eval()
+    copy = fxprune.compile(model, (X,), ratio=0.5, onnx=False, round_to=None, output="module")
+    rep = fxprune.report(copy)
+    assert copy.stem.out_channels == 12 and "stem" not in rep.plan.keep
+    assert "kept positions" in rep.first_pin and "test_rules.py" in rep.first_pin
+    assert copy.body[0].out_channels < 24  # the MLP's inner width still prunes

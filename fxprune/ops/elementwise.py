@@ -12,7 +12,12 @@ from .schema import arg, broadcast_label, describe, one_axis, tensors
 
 
 def elementwise(ctx, args, kwargs):
-    """Same-position ops (activations, add, mul with broadcasting, dropout, clamp, ...)."""
+    """Same-position ops (activations, add, mul with broadcasting, dropout, clamp, ...).
+
+    A tensor without channels that varies along the one dim that carries them (a parameter
+    reshaped to ``[1, C, 1, 1]``, an embedding computed at run time) keeps the op exact when the
+    pruned graph takes only its kept positions: the node is marked ``fxprune_gather`` and the
+    rewrite puts an ``index_select`` before it (ONNX Runtime folds it on a constant)."""
     ins = tensors(args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
@@ -37,6 +42,7 @@ def elementwise(ctx, args, kwargs):
     if len(varying(result)) > 1 and any(t.param is not None for t in ins):
         result = one_axis(ctx, result)  # a grid meets a parameter: its positions are tied across blocks
     vary = varying(result)
+    gathers = []
     for t in ins:
         sizes = sizes_of(t)
         if t.param is not None:
@@ -48,8 +54,21 @@ def elementwise(ctx, args, kwargs):
                     else:
                         ctx.member(t.param, d - (nd - len(t.shape)), along(result, d, sizes[d]), "producer", "scale")
         elif t.label is None and any(sizes[d] > 1 for d in vary):
-            ctx.pin(result, f"'{ctx.node.name}' combines them with a tensor whose channels are fixed")
+            where = _position(t, args, kwargs)
+            if len(vary) == 1 and where is not None:  # LayerScale's gamma.view(1, -1, 1, 1), a computed embedding
+                gathers.append((where, vary[0] - (nd - len(t.shape))))
+            else:
+                ctx.pin(result, f"'{ctx.node.name}' combines them with a tensor whose channels are fixed")
+    if gathers:
+        ctx.node.meta["fxprune_gather"] = (vary[0], gathers)
     return result
+
+
+def _position(t, args, kwargs):
+    """Where tensor ``t`` is among the node's own arguments: an index into ``args``, a ``kwargs``
+    key, or None (inside a container)."""
+    found = [i for i, a in enumerate(args) if a is t] + [k for k, a in kwargs.items() if a is t]
+    return found[0] if found else None
 
 
 elementwise.takes_grids = True

@@ -231,6 +231,27 @@ def replace_permutation(node: fx.Node, rw, root: torch.nn.Module) -> bool:
     return True
 
 
+def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
+    """At rewrite time: the operands of elementwise ``node`` that carry no channels but vary along
+    its channel dim (``node.meta["fxprune_gather"]``, see :func:`fxprune.ops.elementwise.elementwise`)
+    are read at the kept positions only, through ``index_select``."""
+    d, operands = node.meta["fxprune_gather"]
+    kept = torch.nonzero(rw.kept_along(node, d)).flatten()
+    if kept.numel() == rw.old_shape(node)[d]:
+        return
+    name = f"_fxprune_gather_{node.name}"
+    root.register_buffer(name, kept, persistent=False)
+    with node.graph.inserting_before(node):
+        index = node.graph.get_attr(name)
+        for where, dim in operands:
+            src = node.args[where] if isinstance(where, int) else node.kwargs[where]
+            picked = node.graph.call_function(torch.index_select, (src, dim, index))
+            if isinstance(where, int):
+                node.update_arg(where, picked)
+            else:
+                node.update_kwarg(where, picked)
+
+
 def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
     (what the graph's targets name), without its graph and generated code."""
@@ -265,6 +286,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
             continue
         if "fxprune_perm" in node.meta and replace_permutation(node, rw, root):  # a channel shuffle
             continue
+        if "fxprune_gather" in node.meta:
+            gather_kept(node, rw, root)
         rule = graph.table.rule_for(node, modules)
         try:
             if rule.resize is not None and node.target not in resized:

@@ -157,6 +157,7 @@ def _channels(node: fx.Node) -> torch.Tensor:
 
 _UNCHECKED = object()
 _SHUFFLE = object()
+_GATHER = object()
 
 
 def _reason(node, gm, change, plan=False) -> str:
@@ -168,6 +169,11 @@ def _reason(node, gm, change, plan=False) -> str:
         return (f"{describe(node, gm)} ({source_of(node)}) ends a channel shuffle, which the pruned graph replaces "
                 "by a gather of the kept channels in the shuffled order; a module copy runs the shuffle unchanged, "
                 "so its channels are kept (output='graph' prunes them)")
+    if old is _GATHER:
+        return (f"{describe(node, gm)} ({source_of(node)}) combines them with a tensor that has no channels of its own "
+                "but varies along theirs (a reshaped parameter, a computed embedding): the pruned graph reads it at the "
+                "kept positions, a module copy runs that code unchanged, so its channels are kept (output='graph' "
+                "prunes them)")
     if isinstance(old, dict):  # keyword arguments the graph rewrite adds (sdpa's scale when head_dim shrinks)
         what = f"the keyword arguments {old!r} (the pruned graph passes {new!r})"
     elif isinstance(old, (int, float, tuple, list)):
@@ -303,10 +309,10 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     for node in scratch.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if "fxprune_perm" in node.meta:  # a shuffle the graph rewrite turns into index_select
+        if "fxprune_perm" in node.meta or "fxprune_gather" in node.meta:  # the graph rewrite adds index_select
             ch = _channels(node)
             if ch.numel() and not bool(keep[ch].all()):
-                found.append((original[node], ch, (_SHUFFLE, None), None))
+                found.append((original[node], ch, (_SHUFFLE if "fxprune_perm" in node.meta else _GATHER, None), None))
             continue
         rule = table.rule_for(node, modules)
         if rule.fix is None or _resized_by(original[node], table, model) is not None:
