@@ -200,3 +200,54 @@ def test_timm_attention_loses_whole_heads(fused):
     assert len(rep.plan.keep["1.qkv"]) == 2
     assert pruned.get_submodule("1.qkv").out_features == 24 and pruned.get_submodule("1.proj").in_features == 8
     assert rep.mask["ok"] and rep.onnx["ok"]
+
+
+class RotaryAtRunTime(nn.Module):
+    """Llama's attention as Hugging Face writes it: cos/sin computed in ``forward`` from an ``inv_freq``
+    buffer and the positions, 4 query heads of 8 dims on 2 key/value heads (``repeat_kv``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads, self.kv, self.head_dim = 4, 2, 8
+        self.inp = nn.Linear(5, 16)
+        self.q, self.o = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, 8, 2).float() / 8))
+        self.out = nn.Linear(16, 3)
+
+    def rotate_half(self, x):  # halves at a literal (Llama's x.shape[-1] // 2 is one once exported; traced by fx,
+        return torch.cat((-x[..., 4:], x[..., :4]), dim=-1)  # a size read from the channels pins them)
+
+    def forward(self, x):
+        t = self.inp(x)
+        b, n, _ = t.shape
+        freqs = torch.arange(n, dtype=t.dtype)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        q = self.q(t).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k(t).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v(t).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = q * cos + self.rotate_half(q) * sin, k * cos + self.rotate_half(k) * sin
+        k = k[:, :, None].expand(b, self.kv, 2, n, self.head_dim).reshape(b, self.heads, n, self.head_dim)
+        v = v[:, :, None].expand(b, self.kv, 2, n, self.head_dim).reshape(b, self.heads, n, self.head_dim)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(t + self.o(a.transpose(1, 2).reshape(b, n, -1)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_per_head_dims_prune_under_rotary_embeddings_computed_at_run_time(capture):
+    """cos/sin carry no channels but vary along head_dim: the pruned graph reads them at each head's kept
+    dims, and rotate_half ties dim i to dim i + 4, so q and k lose dims in pairs."""
+    torch.manual_seed(0)
+    m = RotaryAtRunTime().eval()
+    graph = fxprune.analyze(m, (X,), capture=capture)
+    assert all(g.prunable == g.size for g in graph.groups.values() if g.name != "out")  # nothing pinned but the output
+    pruned = fxprune.compile(m, (X,), method="l2", ratio=0.5, round_to=None, capture=capture)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] and rep.mask["max_rel_diff"] < 1e-5
+    b, b0 = pruned.get_parameter("q.bias"), m.q.bias
+    kept = [int(torch.nonzero(b0 == value)[0]) for value in b]  # the original rows q kept (by their biases)
+    per_head = [[i % 8 for i in kept if i // 8 == h] for h in range(4)]
+    assert 0 < len(kept) < 32 and len({len(p) for p in per_head}) == 1  # every head keeps as many dims
+    assert all(sorted((i + 4) % 8 for i in p) == sorted(p) for p in per_head)  # in rotary pairs
+    assert pruned.get_parameter("k.weight").shape[0] == len(kept) // 2  # k's heads keep as many as q's

@@ -17,7 +17,7 @@ def elementwise(ctx, args, kwargs):
     A tensor without channels that varies along the one dim that carries them (a parameter
     reshaped to ``[1, C, 1, 1]``, an embedding computed at run time) keeps the op exact when the
     pruned graph takes only its kept positions: the node is marked ``fxprune_gather`` and the
-    rewrite puts an ``index_select`` before it (ONNX Runtime folds it on a constant)."""
+    rewrite puts an ``index_select`` before it (the ONNX export folds it on a constant)."""
     ins = tensors(args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
@@ -55,12 +55,14 @@ def elementwise(ctx, args, kwargs):
                         ctx.member(t.param, d - (nd - len(t.shape)), along(result, d, sizes[d]), "producer", "scale")
         elif t.label is None and any(sizes[d] > 1 for d in vary):
             where = _position(t, args, kwargs)
-            if len(vary) == 1 and where is not None:  # LayerScale's gamma.view(1, -1, 1, 1), a computed embedding
-                gathers.append((where, vary[0] - (nd - len(t.shape))))
+            dims = [d - (nd - len(t.shape)) for d in vary]
+            if len(vary) <= 2 and where is not None and min(dims) >= 0:
+                # LayerScale's gamma.view(1, -1, 1, 1), a computed embedding, rotary cos/sin over heads x dims
+                gathers.append((where, dims))
             else:
                 ctx.pin(result, f"'{ctx.node.name}' combines them with a tensor whose channels are fixed")
     if gathers:
-        ctx.node.meta["fxprune_gather"] = (vary[0], gathers)
+        ctx.node.meta["fxprune_gather"] = (vary, gathers)
     return result
 
 

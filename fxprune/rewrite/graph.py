@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..capture.values import meta_shapes
 from ..errors import RewriteError
-from ..labels import kept_along, kept_shape, varying
+from ..labels import kept_along, kept_mask, kept_shape, varying
 from ..ops.schema import describe
 from ..utils import paused_gc
 
@@ -233,19 +233,33 @@ def replace_permutation(node: fx.Node, rw, root: torch.nn.Module) -> bool:
 
 def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: the operands of elementwise ``node`` that carry no channels but vary along
-    its channel dim (``node.meta["fxprune_gather"]``, see :func:`fxprune.ops.elementwise.elementwise`)
-    are read at the kept positions only, through ``index_select``."""
-    d, operands = node.meta["fxprune_gather"]
-    kept = torch.nonzero(rw.kept_along(node, d)).flatten()
-    if kept.numel() == rw.old_shape(node)[d]:
+    its channel dims (``node.meta["fxprune_gather"]``, see :func:`fxprune.ops.elementwise.elementwise`)
+    are read at the kept positions only: ``index_select`` along one dim; over a grid (blocks x
+    positions, each block keeping its own), the operand broadcast over both dims, flattened there,
+    selected and unflattened to the kept sizes."""
+    dims, operands = node.meta["fxprune_gather"]
+    label, old, new = node.meta["fxprune"], rw.old_shape(node), rw.new_shape(node)
+    mask = kept_mask(label, rw.keep).expand(*[old[d] if d in dims else 1 for d in range(len(old))])
+    flat = torch.nonzero(mask.reshape([old[d] for d in dims]).flatten()).flatten()
+    if flat.numel() == math.prod(old[d] for d in dims):
         return
     name = f"_fxprune_gather_{node.name}"
-    root.register_buffer(name, kept, persistent=False)
-    with node.graph.inserting_before(node):
-        index = node.graph.get_attr(name)
-        for where, dim in operands:
+    root.register_buffer(name, flat, persistent=False)
+    g = node.graph
+    with g.inserting_before(node):
+        index = g.get_attr(name)
+        for where, cdims in operands:
             src = node.args[where] if isinstance(where, int) else node.kwargs[where]
-            picked = node.graph.call_function(torch.index_select, (src, dim, index))
+            if len(cdims) == 1:
+                picked = g.call_function(torch.index_select, (src, cdims[0], index))
+            else:
+                sizes, offset = meta_shapes(src), len(old) - len(meta_shapes(src))
+                wide = g.call_method("expand", (src, *[old[c + offset] if c in cdims and sizes[c] == 1 else -1
+                                                        for c in range(len(sizes))]))
+                last = g.call_function(torch.flatten, (g.call_function(torch.movedim, (wide, cdims, [-2, -1])), -2))
+                picked = g.call_function(torch.index_select, (last, -1, index))
+                picked = g.call_function(torch.unflatten, (picked, -1, [new[d] for d in dims]))
+                picked = g.call_function(torch.movedim, (picked, [-2, -1], cdims))
             if isinstance(where, int):
                 node.update_arg(where, picked)
             else:
