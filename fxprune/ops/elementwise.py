@@ -14,10 +14,11 @@ from .schema import arg, broadcast_label, describe, one_axis, tensors
 def elementwise(ctx, args, kwargs):
     """Same-position ops (activations, add, mul with broadcasting, dropout, clamp, ...).
 
-    A tensor without channels that varies along the one dim that carries them (a parameter
-    reshaped to ``[1, C, 1, 1]``, an embedding computed at run time) keeps the op exact when the
-    pruned graph takes only its kept positions: the node is marked ``fxprune_gather`` and the
-    rewrite puts an ``index_select`` before it (the ONNX export folds it on a constant)."""
+    A tensor without channels that varies along the dims that carry them (a parameter reshaped
+    to ``[1, C, 1, 1]``, an embedding computed at run time, rotary ``cos``/``sin`` over a heads x
+    dims grid) keeps the op exact when the pruned graph takes only its kept positions: the node
+    is marked ``fxprune_gather`` and the rewrite reads it there
+    (:func:`fxprune.rewrite.graph.gather_kept`; the ONNX export folds it on a constant)."""
     ins = tensors(args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
@@ -66,14 +67,14 @@ def elementwise(ctx, args, kwargs):
     return result
 
 
+elementwise.takes_grids = True
+
+
 def _position(t, args, kwargs):
     """Where tensor ``t`` is among the node's own arguments: an index into ``args``, a ``kwargs``
     key, or None (inside a container)."""
     found = [i for i, a in enumerate(args) if a is t] + [k for k, a in kwargs.items() if a is t]
     return found[0] if found else None
-
-
-elementwise.takes_grids = True
 
 
 def derives_param(ctx, ins) -> bool:
