@@ -86,6 +86,10 @@ class ChannelGroup:
     #: exactly once) whose rows must keep equal counts, at positions free within each row (the input
     #: channels of each group of a grouped convolution)
     blocks: torch.Tensor | None = None
+    #: slices of weights computed at run time (timm's standardised convs): ``Member``s whose ``param`` names the
+    #: node computing the weight (:meth:`ChannelGraph.computed_value`); magnitude criteria score by them, the
+    #: rewrite reads the weight at the kept positions instead of slicing it
+    computed: list[Member] = field(default_factory=list)
 
     def balanced(self, keep) -> bool:
         """Whether a bool keep-mask over this group's channels keeps as many channels in every block.
@@ -197,6 +201,34 @@ class ChannelGraph:
         found = module._parameters.get(attr)  # what getattr finds first, without nn.Module.__getattr__
         return found if found is not None else getattr(module, attr)
 
+    def computed_value(self, name: str) -> torch.Tensor | None:
+        """The value of node ``name`` computed from the module's parameters and buffers alone (a weight the
+        model standardises at each call), or None where it reads an input."""
+        nodes = {n.name: n for n in self.module.graph.nodes}
+        env: dict[str, object] = {}
+
+        def value(n):
+            if n.name not in env:
+                if n.op == "placeholder":
+                    raise LookupError(n.name)
+                args = torch.fx.node.map_arg(n.args, value)
+                kwargs = torch.fx.node.map_arg(n.kwargs, value)
+                if n.op == "get_attr":
+                    env[n.name] = _attr(self.module, n.target)
+                elif n.op == "call_function":
+                    env[n.name] = n.target(*args, **kwargs)
+                elif n.op == "call_method":
+                    env[n.name] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    env[n.name] = self.module.get_submodule(n.target)(*args, **kwargs)
+            return env[n.name]
+
+        try:
+            with torch.no_grad():
+                return value(nodes[name])
+        except LookupError:
+            return None
+
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable > 0]
 
@@ -209,6 +241,12 @@ class ChannelGraph:
         if n > 12:
             lines.append(f"  ... {n - 12} more")
         return "\n".join(lines)
+
+
+def _attr(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _unique(items) -> list:

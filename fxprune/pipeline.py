@@ -62,6 +62,7 @@ from .ops import FX_RULES
 from .plan import Plan, make_plan
 from .plan.budget import DEFAULT, default_round_to, is_default
 from .rewrite import pin_literals, rewrite, rewrite_module
+from .rewrite.graph import weight_gathers
 from .utils import as_tuple, paused_gc
 from .verify import check_mask, mask_equivalence, random_inputs
 from .verify.mask import check_module, module_equivalence
@@ -220,6 +221,12 @@ class Pipeline:
         t0 = time.perf_counter()
         pruned = rewrite(graph, plan)
         rewrite_s = time.perf_counter() - t0
+        gathered = weight_gathers(pruned)
+        if gathered:
+            warnings.warn(f"{len(gathered)} convolutions compute their weights at run time (standardised weights, "
+                          f"as timm's StdConv2d; first: '{gathered[0]}'): the pruned graph reads each weight at the "
+                          "kept channels, so their FLOPs drop, but the parameters the weights are computed from keep "
+                          "their size", stacklevel=3)
         mask_result = None
         if self.verify:
             t0 = time.perf_counter()

@@ -39,16 +39,23 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
     another is read once.
     """
     total = torch.zeros(group.size)
-    if members is None:
-        members = [m for m in group.members if m.role not in STATISTICS]
+    if members is None:  # with the slices of weights computed at run time (group.computed)
+        members = [m for m in group.members if m.role not in STATISTICS] + list(group.computed)
     cache = {} if cache is None else cache
+    computed = {m.param for m in group.computed}
     for m in members:
-        if (m.param, 0, p) not in cache:
-            for dim, sums in _slice_sums(graph.param(m.param).detach().float(), p).items():
-                cache[(m.param, dim, p)] = sums
+        if (m.param, "tensor", p) not in cache:
+            w = graph.computed_value(m.param) if m.param in computed else graph.param(m.param)
+            cache[(m.param, "tensor", p)] = w
+            if w is not None:
+                for dim, sums in _slice_sums(w.detach().float(), p).items():
+                    cache[(m.param, dim, p)] = sums
+        w = cache[(m.param, "tensor", p)]
+        if w is None:   # a weight computed from the model's inputs: no magnitude of its own
+            continue
         values = cache.get((m.param, m.dim, p))
         if values is None:  # a member along a dim past the second: reduce from the weight itself
-            values = _power(graph.param(m.param).detach().float(), p).movedim(m.dim, 0).flatten(1).sum(1)
+            values = _power(w.detach().float(), p).movedim(m.dim, 0).flatten(1).sum(1)
         total += values if m.covers(group.size) else group.reduce(values, m)
     return total
 

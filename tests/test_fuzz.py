@@ -288,6 +288,21 @@ class LayerScale(nn.Module):  # timm's conv LayerScale on a residual, and an emb
         return x + torch.cos(torch.arange(self.out, dtype=x.dtype) * 0.7).view(1, -1, 1, 1)
 
 
+class GroupNorms(nn.Module):  # GroupNorms of 4 groups, one per channel and one group (a large eps shows a wrong one)
+    def __init__(self, c):
+        super().__init__()
+        self.pre = nn.Conv2d(c, 8, 1)
+        self.norm = nn.GroupNorm(4, 8, eps=0.3)
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.GroupNorm(12, 12, eps=0.3), nn.SiLU(),
+                                  nn.Conv2d(12, 8, 1))
+        self.last = nn.GroupNorm(1, 8, eps=0.3)
+        self.out = 8
+
+    def forward(self, x):
+        y = self.norm(self.pre(x))
+        return self.last(y + self.body(y))
+
+
 class PixelShuffle(nn.Module):  # 2x up with PixelShuffle, pooled back down
     def __init__(self, c):
         super().__init__()
@@ -337,7 +352,7 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
           HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
-          LayerScale]
+          LayerScale, GroupNorms]
 
 
 class Net(nn.Module):

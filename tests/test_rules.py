@@ -627,3 +627,177 @@ def test_a_fixed_tensor_along_the_channels_pins_them_for_a_module_copy():
     assert copy.stem.out_channels == 12 and "stem" not in rep.plan.keep
     assert "kept positions" in rep.first_pin and "test_rules.py" in rep.first_pin
     assert copy.body[0].out_channels < 24  # the MLP's inner width still prunes
+
+
+class GroupNormStream(nn.Module):
+    """A residual stream of 16 channels normalised by ``norm(16)`` before each block; a block's inner
+    width (32) by a functional ``group_norm`` of 8 groups; a large ``eps`` so a wrong one shows."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norms = nn.ModuleList(norm(16) for _ in range(2))
+        self.up = nn.ModuleList(nn.Conv2d(16, 32, 1) for _ in range(2))
+        self.gw = nn.ParameterList(nn.Parameter(torch.rand(32) + 0.5) for _ in range(2))
+        self.down = nn.ModuleList(nn.Conv2d(32, 16, 3, padding=1) for _ in range(2))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for norm, up, gw, down in zip(self.norms, self.up, self.gw, self.down):
+            h = h + down(F.silu(F.group_norm(up(norm(h)), 8, gw, -gw, eps=0.3)))
+        return self.head(h)
+
+
+GROUP_NORMS = {  # norm over the stream, the stream's kept-count granularity
+    "4 groups": (lambda c: nn.GroupNorm(4, c, eps=0.3), 4),
+    "one per channel": (lambda c: nn.GroupNorm(c, c, eps=0.3), 1),
+}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("norm", list(GROUP_NORMS))
+def test_group_norm_prunes_whole_groups_exactly(norm, capture):
+    torch.manual_seed(0)
+    make, per = GROUP_NORMS[norm]
+    model = GroupNormStream(make)
+    pruned, rep = prune_and_check(model, (X,), ratio=0.5, capture=capture, round_to=None,
+                                  must_shrink=["stem", "up.0", "up.1"])
+    assert rep.mask["approximate_groups"] == 0 and rep.mask["max_rel_diff"] < 1e-5
+    # each group of a norm is one channel of the plan, kept or removed whole
+    state = pruned.state_dict()
+    for conv, width in (("stem", per), ("up.0", 4), ("up.1", 4)):
+        assert rep.plan.sizes[conv] == model.get_submodule(conv).out_channels // width
+        assert state[f"{conv}.weight"].shape[0] == len(rep.plan.keep[conv]) * width
+
+
+def test_group_norm_module_copy_keeps_channels_per_group():
+    torch.manual_seed(0)
+    model = GroupNormStream(lambda c: nn.GroupNorm(4, c, eps=0.3)).eval()
+    copy, rep = prune_and_check(model, (X,), ratio=0.5, output="module", round_to=None, must_shrink=["stem"])
+    assert copy.norms[0].num_channels == copy.stem.out_channels == 8
+    assert copy.norms[0].num_groups == 2  # 4 channels per group, as before
+    assert "up.0" not in rep.plan.keep   # the literal 8 groups of the functional call: a copy keeps them
+    assert "literal 8" in rep.first_pin and "test_rules.py" in rep.first_pin
+
+
+def test_group_norm_of_one_group_prunes_approximately_like_a_layer_norm():
+    torch.manual_seed(0)
+    model = GroupNormStream(lambda c: nn.GroupNorm(1, c, eps=0.3))
+    pruned, rep = prune_and_check(model, (X,), ratio=0.5, round_to=None, must_shrink=["stem"])
+    assert rep.mask["approximate_groups"] == 1   # the stream; the inner widths stay exact
+    norm = pruned.get_submodule("norms.0")
+    assert norm.num_groups == 1 and norm.num_channels == 8
+
+
+def test_powers_and_unary_ops_are_elementwise():
+    class Star(nn.Module):  # MetaFormer's StarReLU: s * relu(x) ** 2 + b
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x)) ** 2
+            return self.b(0.8 * y + torch.square(y).add(1).reciprocal().log() + y.sin())
+
+    prune_and_check(Star(), (X,), ratio=0.5, round_to=None, must_shrink=["a"])
+
+
+class StdConv(nn.Conv2d):  # weight standardisation at every call (timm's StdConv2d, BiT, NF-Nets)
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class NormedConv(nn.Conv2d):  # weight normalisation written out: each row's norm is its gain g
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.g = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        w = self.g * self.weight / self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ComputedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = StdConv(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(8, 16)
+        self.b = NormedConv(16, 16, 3, padding=1)
+        self.head = StdConv(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.norm(self.a(x))))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_weights_computed_at_run_time_are_read_at_the_kept_channels(capture):
+    torch.manual_seed(0)
+    model = ComputedWeights()
+    with torch.no_grad():
+        model.b.g[8:] = 4.0   # b's last 8 rows are large after normalisation: l2 sees it
+    with pytest.warns(UserWarning, match="compute their weights at run time"):
+        pruned, rep = prune_and_check(model, (X,), method="l2", ratio=0.5, capture=capture, round_to=None,
+                                      must_shrink=["b"])
+    assert rep.plan.keep["b"] == list(range(8, 16))
+    assert rep.flops_after < 0.4 * rep.flops_before and rep.mask["max_rel_diff"] < 1e-5
+    assert pruned.state_dict()["b.weight"].shape == (16, 16, 3, 3)   # computed from: kept whole
+    index_selects = [n for n in pruned.graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]
+    assert len(index_selects) == 4   # the kept rows of a, rows and columns of b, columns of head
+
+
+def test_weights_computed_at_run_time_pin_for_a_module_copy():
+    copy, rep = prune_and_check(ComputedWeights(), (X,), ratio=0.5, output="module", round_to=None)
+    assert copy.b.out_channels == 16 and "weight computed at run time" in rep.first_pin
+
+
+class TokensBN(nn.Module):  # LeViT's linear + BatchNorm1d over tokens: bn(x.flatten(0, 1)).reshape_as(x)
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(cin, cout), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.fc(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class RollsAndNorms(nn.Module):
+    """Swin's shifted windows (``torch.roll`` over positions), a roll over the channels (a permutation),
+    ConvNeXt-V2's global response norm (``torch.norm`` over positions, then a mean over the channels),
+    cosine attention's ``F.normalize`` and ``linalg.vector_norm`` over the channels, LeViT's tokens BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.fc1 = nn.Linear(16, 32)
+        self.gamma, self.beta = nn.Parameter(torch.rand(32)), nn.Parameter(torch.rand(32))
+        self.fc2 = nn.Linear(32, 16)
+        self.tok1, self.tok2 = TokensBN(16, 24), TokensBN(24, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)                      # [B, H, W, C]
+        x = torch.roll(x, shifts=(1, 1), dims=(1, 2))
+        y = F.gelu(self.fc1(x))
+        gx = torch.norm(y, p=2, dim=(1, 2), keepdim=True)           # GRN: over positions
+        y = self.gamma * (y * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + y
+        y = self.fc2(y).roll(3, dims=3)                              # a roll of the channels
+        x = x + F.normalize(y, dim=-1) * torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp(max=4.0)
+        t = self.tok2(F.relu(self.tok1(x.flatten(1, 2))))
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rolls_vector_norms_and_reshape_as(capture):
+    torch.manual_seed(0)
+    model = RollsAndNorms()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    pruned, rep = prune_and_check(model, (X,), ratio=0.5, capture=capture, round_to=None,
+                                  must_shrink=["embed", "fc1", "tok1.fc"])
+    assert rep.pinned_groups == 1 and rep.mask["approximate_groups"] == 0   # the head's outputs only
+    assert rep.mask["max_rel_diff"] < 1e-5

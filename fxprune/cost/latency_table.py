@@ -1059,6 +1059,9 @@ class LatencyModel:
         else:
             period = max([t.sin.period for t in self._touching(group) if t.cin.free] +
                          [t.sout.period for t in self._touching(group) if t.cout.free] + [1])
+            # the block counts positions; a channel tied over several (a GroupNorm's group, a whole head)
+            # fills that many: its counts on the block are multiples of period / gcd(period, width)
+            period //= math.gcd(period, self._width(group))
             # jumps of the curve on the measured block (a jump inside a block is a fallback kernel
             # winning in the probe's isolated chain, not something to aim for in a deep network)
             out = [c for c in edges(f, tol=0.0) if c < len(f) and c % period == 0] + [len(f)]
@@ -1067,6 +1070,15 @@ class LatencyModel:
         if keep is None:
             cached[group] = out
         return out
+
+    def _width(self, group: str) -> int:
+        """Positions per channel of ``group`` in the values its terms read (1 unless channels were tied
+        over several positions; the smallest where terms differ)."""
+        g = self.graph.groups[group]
+        ids = np.arange(self.graph.offsets[group], self.graph.offsets[group] + g.size)
+        widths = [int(np.isin(c.ids, ids).sum()) // g.size for t in self._touching(group) for c in (t.cin, t.cout)
+                  if c.free and np.isin(c.ids, ids).any()]
+        return max(1, min(widths, default=1))
 
     def _blocked_at(self, group: str, per: int) -> bool:
         """Whether every conv touching ``group`` (balanced blocks, ``per`` kept in each, the rest whole) sees

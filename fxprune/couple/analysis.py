@@ -170,6 +170,12 @@ class Context:
         # output ids: its weight rows, bias, the norm after it) are then mapped once (_build_graph)
         self._a.members.append((param, dim, ids.reshape(-1), kind, role, self.node.name))
 
+    def computed(self, node: fx.Node, dim: int, ids: torch.Tensor, kind: str) -> None:
+        """Record that the value of ``node`` (a weight computed from parameters at run time) has slices along
+        ``dim`` that follow ``ids``: not a parameter to slice, but what magnitude criteria score the channels by
+        (:attr:`fxprune.ir.ChannelGroup.computed`)."""
+        self._a.computed.append((node.name, dim, ids.reshape(-1), kind))
+
     def balance(self, blocks: torch.Tensor) -> None:
         """The rows of ``blocks`` (ids ``[B, k]``) must keep equal counts, at free positions in each row.
 
@@ -236,6 +242,7 @@ class Analysis:
         self.balances: list[tuple[torch.Tensor, str]] = []
         self.later: dict[fx.Node, torch.Tensor] = {}
         self.grouped: list[tuple[str, int, torch.Tensor]] = []
+        self.computed: list[tuple[str, int, torch.Tensor, str]] = []
         self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
         self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
@@ -591,6 +598,13 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
         for gi in ([int(hi[j])] if lo[j] == hi[j] else np.unique(owner[owner >= 0]).tolist()):
             mine = index if lo[j] == hi[j] else np.where(owner == gi, index, FIXED)
             groups[names[gi]].members.append(Member(param, dim, torch.from_numpy(mine), kind, node, role))
+    for value, dim, ids, kind in a.computed:  # computed weights' slices: scored, not sliced
+        ids = ids.numpy()
+        ch = np.where(ids >= 0, channel_np[np.maximum(ids, 0)], FIXED)
+        owner = np.where(ch >= 0, group_of_channel_np[np.maximum(ch, 0)], -1)
+        for gi in np.unique(owner[owner >= 0]).tolist():
+            index = np.where(owner == gi, ch - offsets[names[gi]], FIXED)
+            groups[names[gi]].computed.append(Member(value, dim, torch.from_numpy(index), kind, value))
     for name, g in groups.items():
         off = offsets[name]
         g.pinned = pinned[off:off + g.size].clone()

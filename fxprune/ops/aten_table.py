@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    embedding_function, fix_groups, linear_function, resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, first_input, mean_fix, normalize_over, pad, reduce_over,
-                          spatial)
+from .elementwise import (constant_like, elementwise, first_input, mean_fix, norm_over, normalize_over, pad,
+                          reduce_over, spatial)
 from .fx_table import FX_RULES
-from .norm import aten_batch_norm, fix_layer_norm, fix_rms_norm, layer_norm_rule, normalizes_channels, rms_norm_rule
+from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
+                   rms_norm_rule)
 from .schema import Rule
-from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, select_rule,
-                    shape_op, slice_rule)
+from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, expand_as_rule, reshape_as_rule,
+                    select_rule, shape_op, slice_rule)
 
 ATEN_RULES = FX_RULES.extended("aten")
 register = ATEN_RULES.register
@@ -84,7 +85,7 @@ register(Rule(linear_function), *overloads("linear"))
 register(Rule(addmm_function), *overloads("addmm"))
 register(Rule(embedding_function), *overloads("embedding"))
 register(Rule(aten_batch_norm), *overloads("batch_norm"))
-register(Rule(normalizes_channels), *overloads("group_norm"))
+register(Rule(group_norm_rule, fix=fix_group_norm), *overloads("group_norm"))  # F.group_norm's order
 register(Rule(layer_norm_rule, fix=fix_layer_norm), *overloads("layer_norm"))  # F.layer_norm's order
 register(Rule(rms_norm_rule, fix=fix_rms_norm), *overloads("rms_norm"))  # F.rms_norm's order
 
@@ -101,6 +102,8 @@ register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.ops.aten.sum.dim_IntList, torch.ops.aten.div.Tensor)),
          *overloads("mean.dim"))
 register(Rule(reduce_over(exact=False)), *overloads("amax", "amin"))
+register(Rule(norm_over(1, "ord")), *overloads("linalg_vector_norm"))
+register(Rule(norm_over(1, "p")), *overloads("norm.ScalarOpt_dim"))
 
 FIX_SHAPE = fix_shape_args()
 register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), *overloads("view", "reshape", "_unsafe_view"))
@@ -113,6 +116,8 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
                    ("unbind.int", torch.unbind), ("roll", torch.roll)):
     register(Rule(shape_op(_fn)), *overloads(_name))
+register(Rule(reshape_as_rule), *overloads("reshape_as"))
+register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
 register(Rule(shape_op(torch.chunk), fix=fix_split_aten), *overloads("chunk"))
 register(Rule(slice_rule, fix=fix_slice), *overloads("slice.Tensor"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.fx as fx
 import torch.nn as nn
 
 from ..labels import along, varying
@@ -23,7 +24,8 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     if groups == 1:
         out = ctx.fresh(c_out)
-        ctx.member(weight, in_dim, ins, "consumer", "weight")
+        if weight is not None:
+            ctx.member(weight, in_dim, ins, "consumer", "weight")
         ctx.cost(out, ins)
     elif transposed:
         ctx.pin(label, f"grouped transposed {describe(ctx.node, ctx.gm)} is not supported")
@@ -46,10 +48,37 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
         else:
             ctx.pin(out, f"grouped {describe(ctx.node, ctx.gm)} has one output channel per group")
         ctx.cost(out, ins)
-    ctx.member(weight, out_dim, out, "producer", "weight")
+    if weight is not None:
+        ctx.member(weight, out_dim, out, "producer", "weight")
     if bias is not None:
         ctx.member(bias, 0, out, "producer", "bias")
     return out.view((1, c_out) + (1,) * (nd - 2))
+
+
+def _conv_call(ctx, args, kwargs, groups, transposed=False):
+    """A conv called as a function: on parameters, or on a weight computed at run time.
+
+    A computed weight without channels of its own (timm's ``StdConv2d`` and NF-Nets standardise theirs
+    at every call) is read at the kept positions: ``conv(x, W)[kept_out] = conv(x[kept_in], W[kept_out,
+    kept_in])`` whatever made ``W``, so the rewrite selects its rows and columns
+    (``node.meta["fxprune_weight_gather"]``, :func:`fxprune.rewrite.graph.gather_weight`); the parameters it
+    is computed from stay whole. A grouped conv on such a weight pins.
+    """
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if w.param is not None and (b is None or b.param is not None):
+        return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=transposed)
+    if groups != 1 or w.label is not None or (b is not None and b.param is None):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
+    ctx.node.meta["fxprune_weight_gather"] = ((1 if len(args) > 1 else "weight"), (1, 0) if transposed else (0, 1))
+    ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
+    out = _conv(ctx, x, None, b.param if b is not None else None, 1, transposed=transposed)
+    node = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("weight")
+    if out is not None and isinstance(node, fx.Node):
+        out_dim, in_dim = (1, 0) if transposed else (0, 1)
+        ctx.computed(node, out_dim, out.reshape(-1), "producer")
+        if x.label is not None and varying(x.label) == [1]:
+            ctx.computed(node, in_dim, along(x.label, 1, x.shape[1]), "consumer")
+    return out
 
 
 def conv_module(ctx, args, kwargs):
@@ -59,20 +88,13 @@ def conv_module(ctx, args, kwargs):
 
 
 def conv_function(ctx, args, kwargs):
-    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    groups = arg(args, kwargs, 6, "groups", 1)
-    if w.param is None or (b is not None and b.param is None):
-        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
-    return _conv(ctx, x, w.param, b.param if b is not None else None, groups)
+    return _conv_call(ctx, args, kwargs, arg(args, kwargs, 6, "groups", 1))
 
 
 def aten_convolution(ctx, args, kwargs):
     """``aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)``."""
-    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     transposed, groups = arg(args, kwargs, 6, "transposed", False), arg(args, kwargs, 8, "groups", 1)
-    if w.param is None or (b is not None and b.param is None):
-        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
-    return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=bool(transposed))
+    return _conv_call(ctx, args, kwargs, groups, transposed=bool(transposed))
 
 
 def conv_transpose_function(ctx, args, kwargs):

@@ -176,6 +176,43 @@ def reduce_over(exact: bool):
     return rule
 
 
+def _exact_order(p) -> bool:
+    """Whether a ``p``-norm of the masked original equals the norm of the kept entries: zeros add
+    nothing to ``sum |x|^p`` for ``p > 0`` (and to a maximum of ``|x|``); ``p <= 0`` counts or inverts them."""
+    if isinstance(p, str):
+        return p == "fro"
+    return p is None or float(p) > 0
+
+
+def norm_over(order: int, order_name: str):
+    """Vector norms (``torch.linalg.vector_norm``, ``torch.norm``, ATen's ``linalg_vector_norm``): a
+    reduction as :func:`reduce_over`'s, exact over the channels for an order ``p > 0``; the order sits at
+    argument ``order``, then ``dim`` and ``keepdim``."""
+    def rule(ctx, args, kwargs):
+        exact = _exact_order(arg(args, kwargs, order, order_name, 2))
+        rest = tuple(args[order + 1:order + 3])
+        return reduce_over(exact)(ctx, (args[0],) + rest, {k: v for k, v in kwargs.items() if k != order_name})
+
+    rule.__name__ = "norm_over"
+    return rule
+
+
+def normalize_rule(ctx, args, kwargs):
+    """``F.normalize(x, p, dim)``: ``x`` over its ``p``-norm along ``dim``. Over the channels it is exact for
+    ``p > 0`` (the norm of the kept channels is the masked original's; the reference zeroes the removed
+    ones first); along another dim the channels pass."""
+    x = args[0]
+    dim = arg(args, kwargs, 2, "dim", 1)
+    if x.label is None:
+        return None
+    if dim % len(x.shape) in varying(x.label):
+        if not _exact_order(arg(args, kwargs, 1, "p", 2.0)) or len(varying(x.label)) > 1:
+            ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} normalises over the channels")
+            return None
+        ctx.node.meta["fxprune_contract"] = True
+    return x.label
+
+
 def mean_fix(sum_op, div_op):
     """A mean over dims that lost channels: ``sum(x, dim) / count`` with the original count,
     which is the masked original's mean (its removed channels are zeros). The node keeps its

@@ -25,14 +25,16 @@ from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, 
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function,
                    linear_module, resize_conv, resize_linear)
-from .elementwise import elementwise, mean_fix, normalize_over, pad, reduce_over, spatial
+from .elementwise import (elementwise, mean_fix, norm_over, normalize_over, normalize_rule, pad, reduce_over,
+                          spatial)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
-from .norm import (batch_norm_function, fix_layer_norm, layer_norm_rule, norm_module, normalizes_channels,
+from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
+                   norm_module, local_response_norm_rule, resize_group_norm,
                    prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm, rms_norm_rule,
                    fix_rms_norm)
 from .schema import Rule, RuleTable
 from .shape import (fix_getitem, fix_shape_args, fix_split, fix_unflatten, getitem_rule, method, module_shape_op,
-                    resize_unflatten, shape_op, cat_rule)
+                    reshape_as_rule, expand_as_rule, resize_unflatten, shape_op, cat_rule)
 
 FX_RULES = RuleTable("fx")
 register = FX_RULES.register
@@ -45,12 +47,14 @@ register(Rule(elementwise, on_meta=same_shape),
          nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, torchvision.ops.StochasticDepth)
 register(ELEMENTWISE,
          # arithmetic
-         operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+         operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.abs,
          operator.iadd, operator.isub, operator.imul, operator.itruediv,
-         torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.sqrt,
-         torch.rsqrt, torch.pow, torch.maximum, torch.minimum, torch.clamp, torch.where,
-         "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "sqrt",
-         "rsqrt", "pow", "clamp", "clamp_", "clamp_min", "clamp_max", "clone", "detach", "to", "float",
+         torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt,
+         torch.rsqrt, torch.pow, torch.square, torch.reciprocal, torch.erf, torch.sin, torch.cos, torch.maximum,
+         torch.minimum, torch.clamp, torch.where,
+         "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "log", "sqrt",
+         "rsqrt", "pow", "square", "reciprocal", "erf", "sin", "cos", "clamp", "clamp_", "clamp_min", "clamp_max",
+         "clone", "detach", "to", "float",
          "half", "double", "type_as", "contiguous", "sigmoid", "sigmoid_", "tanh", "relu", "relu_",
          # activations and dropout, functional spellings (modules above)
          F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
@@ -74,8 +78,9 @@ register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)
 register(Rule(batch_norm_function), F.batch_norm, F.instance_norm)
 register(Rule(prelu_module, resize=resize_prelu, on_meta=same_shape), nn.PReLU)
-register(Rule(normalizes_channels, on_meta=same_shape), nn.GroupNorm, nn.LocalResponseNorm)
-register(Rule(normalizes_channels), F.group_norm)
+register(Rule(group_norm_rule, resize=resize_group_norm, on_meta=same_shape), nn.GroupNorm)
+register(Rule(group_norm_rule, fix=fix_group_norm), F.group_norm)
+register(Rule(local_response_norm_rule, on_meta=same_shape), nn.LocalResponseNorm)
 register(Rule(spatial),
          nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -90,11 +95,18 @@ register(Rule(pad), F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.Constant
 register(Rule(reduce_over(exact=True)), torch.sum, "sum")
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.sum, torch.div)), torch.mean, "mean")
 register(Rule(reduce_over(exact=False)), torch.amax, torch.amin, "amax", "amin")
+register(Rule(norm_over(1, "ord")), torch.linalg.vector_norm)
+register(Rule(norm_over(1, "p")), torch.norm, "norm")
+register(Rule(normalize_rule), F.normalize)
 
 FIX_SHAPE = fix_shape_args()
 for _name in ("view", "reshape", "expand"):
     register(Rule(shape_op(method(_name)), fix=FIX_SHAPE), _name)
 register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), torch.reshape)
+register(Rule(reshape_as_rule), "reshape_as")
+register(Rule(expand_as_rule), "expand_as")
+register(Rule(shape_op(torch.roll)), torch.roll)
+register(Rule(shape_op(method("roll"))), "roll")
 register(Rule(shape_op(method("unflatten")), fix=fix_unflatten), "unflatten")
 register(Rule(shape_op(torch.unflatten), fix=fix_unflatten), torch.unflatten)
 for _fn in (torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.movedim,

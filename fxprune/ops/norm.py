@@ -1,5 +1,6 @@
 """Rules of normalisations and per-channel parameters: batch and instance norm (exact),
-PReLU, GroupNorm (pins), LayerNorm over channels (approximate: see below), RMSNorm (exact).
+PReLU, GroupNorm (exact, by whole groups; one group as a LayerNorm), LayerNorm over channels
+(approximate: see below), RMSNorm (exact), LocalResponseNorm (pins).
 
 Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 """
@@ -85,13 +86,70 @@ def resize_prelu(m, node, rw):
     m.num_parameters = m.weight.shape[0]
 
 
-def normalizes_channels(ctx, args, kwargs):
-    """GroupNorm: statistics over groups of channels."""
+def local_response_norm_rule(ctx, args, kwargs):
+    """LocalResponseNorm: each channel's output reads its neighbours' (pins)."""
     x = args[0]
     if 1 in varying(x.label):
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} normalises over the channels (approximate; not pruned)")
         return None
     return x.label
+
+
+def group_norm_rule(ctx, args, kwargs):
+    """GroupNorm: statistics over each of ``G`` groups of ``C / G`` channels; pruned by whole groups (exact).
+
+    A group that loses all of its channels leaves the other groups' statistics as they were, so the
+    channels of each group are tied into one (as whole attention heads are) and the pruned norm is
+    ``GroupNorm(G', C')`` with the same ``C / G`` per group (:func:`fix_group_norm`,
+    :func:`resize_group_norm`). With ``G = C`` every channel prunes alone. With one group (timm's
+    ``GroupNorm1``, a LayerNorm over channels and positions) the norm spans every channel: it is
+    pruned as a LayerNorm is, approximately (the pruned norm's statistics are the kept channels').
+    """
+    x = args[0]
+    if ctx.node.op == "call_module":
+        m, name = ctx.module(), ctx.node.target
+        groups = m.num_groups
+        params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
+                  for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"))}
+    else:
+        groups = arg(args, kwargs, 1, "num_groups")
+        params = _param_args(ctx, args, kwargs, (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias")))
+        if params is None:
+            return None
+    vary = varying(x.label)
+    if not vary:
+        return x.label
+    if vary != [1] or not isinstance(groups, int):
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
+        return None
+    ids = along(x.label, 1, x.shape[1])
+    if groups == 1:   # a LayerNorm over channels and positions: approximate, as a LayerNorm's groups
+        ctx.node.meta["fxprune_approx"] = 1
+    else:
+        rows = ids.reshape(groups, -1)
+        ctx.unify(rows[:, :1], rows, f"{describe(ctx.node, ctx.gm)} normalises groups of "
+                                     f"{rows.shape[1]} channels: a group is pruned whole")
+    for role, p in params.items():
+        if p is not None:
+            ctx.member(p, 0, ids, "producer", role)
+    return x.label
+
+
+def _groups_kept(rw, node, x, groups: int) -> int:
+    """GroupNorm's kept group count: its kept channels over the (unchanged) channels per group; one
+    group stays one."""
+    return 1 if groups == 1 else rw.new_shape(x)[1] // (rw.old_shape(x)[1] // groups)
+
+
+def fix_group_norm(node, rw):
+    """``group_norm(x, num_groups, ...)`` (``F.group_norm``'s and ATen's order): the kept groups."""
+    groups = arg(node.args, node.kwargs, 1, "num_groups")
+    rw.set_arg(node, 1, "num_groups", _groups_kept(rw, node, node.args[0], groups))
+
+
+def resize_group_norm(m, node, rw):
+    m.num_groups = _groups_kept(rw, node, node.args[0], m.num_groups)
+    m.num_channels = rw.new_shape(node)[1]
 
 
 # ----------------------------------------------------------------------------- transformers

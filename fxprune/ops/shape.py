@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from ..labels import FIXED, along, expand_to, grid_of, varying
-from .schema import T, arg, one_axis, pin_all, tied
+from .schema import T, arg, describe, one_axis, pin_all, tied
 
 
 def shape_op(fn):
@@ -46,6 +46,50 @@ def shape_op(fn):
 
     shape_op_rule.takes_grids = True
     return shape_op_rule
+
+
+def reshape_as_rule(ctx, args, kwargs):
+    """``x.reshape_as(other)``: a reshape to ``other``'s shape (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``).
+    The pruned model reads that shape from the pruned ``other``, so the result's channels are tied to
+    ``other``'s, position by position."""
+    other = args[1]
+    shape = tuple(other.shape)
+    out = shape_op(lambda t, *_: t.reshape(shape))(ctx, args[:1], {})
+    if out is None and other.label is None:
+        return None
+    if out is None or other.label is None:
+        ctx.pin(out if out is not None else other.label,
+                f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor whose channels differ")
+        return None
+    return ctx.canonical(ctx.unify(out, other.label, f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor "
+                                                     "whose channels differ"))
+
+
+def expand_as_rule(ctx, args, kwargs):
+    """``x.expand_as(other)`` (``torch.export``'s spelling of ``F.normalize``'s division): ``x`` broadcast
+    to ``other``'s shape, which the pruned model reads from the pruned ``other``. Along the dims where ``x``
+    is not broadcast the two carry the same channels; along those where it is, the result has ``other``'s
+    (its values are constant there, so it is pruned as ``other`` is).
+    """
+    x, other = args[0], args[1]
+    if other.label is None:   # other keeps its shape: so must x
+        if varying(x.label):
+            ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor whose channels are fixed")
+            return None
+        return x.label
+    pad = len(other.shape) - len(x.shape)
+    ones = {d for d in range(len(other.shape)) if d < pad or x.shape[d - pad] == 1}
+    vary, mine = set(varying(other.label)), {d + pad for d in varying(x.label)}
+    reason = f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor whose channels differ"
+    if vary <= ones and not mine:   # x's values are constant along other's channels
+        return other.label
+    if vary & ones:
+        ctx.pin(other.label, f"{describe(ctx.node, ctx.gm)} broadcasts over some of the dims that carry channels")
+        ctx.pin(x.label, reason)
+        return None
+    own = torch.full((1,) * len(other.shape), FIXED, dtype=torch.long) if x.label is None else \
+        x.label.reshape((1,) * pad + tuple(x.label.shape))
+    return ctx.canonical(ctx.unify(own, other.label, reason))
 
 
 def _empty(ctx) -> bool:

@@ -266,6 +266,35 @@ def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
                 node.update_kwarg(where, picked)
 
 
+def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
+    """At rewrite time: a conv's weight computed at run time (``node.meta["fxprune_weight_gather"]``, see
+    :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows) and kept input
+    channels (its columns), by ``index_select``."""
+    where, (out_dim, in_dim) = node.meta["fxprune_weight_gather"]
+    picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
+    x = node.args[0]
+    for dim, source, side in ((out_dim, node, "out"), (in_dim, x, "in")):
+        size = rw.old_shape(source)[1]
+        kept = torch.nonzero(kept_along(source.meta.get("fxprune"), 1, size, rw.keep)).flatten()
+        if kept.numel() == size:
+            continue
+        name = f"_fxprune_weight_{side}_{node.name}"
+        root.register_buffer(name, kept, persistent=False)
+        with node.graph.inserting_before(node):
+            picked = node.graph.call_function(torch.index_select, (picked, dim, node.graph.get_attr(name)))
+    if isinstance(where, int):
+        node.update_arg(where, picked)
+    else:
+        node.update_kwarg(where, picked)
+
+
+def weight_gathers(gm: fx.GraphModule) -> list[str]:
+    """The convs of a rewritten graph that read a computed weight at kept positions (:func:`gather_weight`)."""
+    prefixes = ("_fxprune_weight_out_", "_fxprune_weight_in_")
+    return sorted({n.target.removeprefix(p) for n in gm.graph.nodes if n.op == "get_attr"
+                   for p in prefixes if n.target.startswith(p)})
+
+
 def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     """A plain module with ``gm``'s submodules, parameters, buffers and tensor attributes
     (what the graph's targets name), without its graph and generated code."""
@@ -302,6 +331,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
             continue
         if "fxprune_gather" in node.meta:
             gather_kept(node, rw, root)
+        if "fxprune_weight_gather" in node.meta:
+            gather_weight(node, rw, root)
         rule = graph.table.rule_for(node, modules)
         try:
             if rule.resize is not None and node.target not in resized:

@@ -171,7 +171,8 @@ def _reason(node, gm, change, plan=False) -> str:
                 "so its channels are kept (output='graph' prunes them)")
     if old is _GATHER:
         return (f"{describe(node, gm)} ({source_of(node)}) combines them with a tensor that has no channels of its own "
-                "but varies along theirs (a reshaped parameter, a computed embedding): the pruned graph reads it at the "
+                "but varies along theirs (a reshaped parameter, a computed embedding, a weight computed at run time): "
+                "the pruned graph reads it at the "
                 "kept positions, a module copy runs that code unchanged, so its channels are kept (output='graph' "
                 "prunes them)")
     if isinstance(old, dict):  # keyword arguments the graph rewrite adds (sdpa's scale when head_dim shrinks)
@@ -309,7 +310,8 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     for node in scratch.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if "fxprune_perm" in node.meta or "fxprune_gather" in node.meta:  # the graph rewrite adds index_select
+        if any(k in node.meta for k in ("fxprune_perm", "fxprune_gather", "fxprune_weight_gather")):
+            # the graph rewrite adds index_select
             ch = _channels(node)
             if ch.numel() and not bool(keep[ch].all()):
                 found.append((original[node], ch, (_SHUFFLE if "fxprune_perm" in node.meta else _GATHER, None), None))

@@ -29,6 +29,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import VerificationError
 from ..labels import kept_along, kept_mask, select_kept
+from ..ops import rule_of
+from ..ops.norm import group_norm_rule
+from ..ops.schema import arg
 from ..rewrite.graph import copy_modules
 from ..rewrite.scopes import module_calls
 from ..utils import eval_mode
@@ -70,8 +73,8 @@ class _Reference(_Capture):
 
     ``fxprune_contract`` (a matmul or einsum summing over channels, q @ k^T): the removed
     channels of its inputs are zeroed first, as their producers are not. ``fxprune_approx``
-    (a LayerNorm over channels, see "approximate" groups): the norm is recomputed over the
-    kept channels only, as the pruned model computes it.
+    (a LayerNorm over channels, or a GroupNorm of one group; see "approximate" groups): the norm is
+    recomputed over the kept channels only, as the pruned model computes it.
     """
 
     def __init__(self, gm, keep):
@@ -107,6 +110,17 @@ class _Reference(_Capture):
         kept = torch.nonzero(kept_along(n.meta["fxprune"], d, x.shape[d], self.keep)).flatten()
         if kept.numel() == x.shape[d]:
             return out
+        if _is_group_norm(n, self.module):   # one group (see fxprune.ops.norm.group_norm_rule)
+            if n.op == "call_module":
+                m = self.module.get_submodule(n.target)
+                weight, bias, eps = m.weight, m.bias, m.eps
+            else:
+                weight, bias, eps = (arg(args, kwargs, i, name) for i, name in ((2, "weight"), (3, "bias"), (4, "eps")))
+            xk = x.index_select(1, kept)
+            wk = weight.index_select(0, kept) if weight is not None else None
+            bk = bias.index_select(0, kept) if bias is not None else None
+            yk = torch.nn.functional.group_norm(xk, 1, wk, bk, 1e-5 if eps is None else eps)
+            return out.index_copy(1, kept, yk)
         if n.op == "call_module":
             m = self.module.get_submodule(n.target)
             k, weight, bias, eps = len(m.normalized_shape), m.weight, m.bias, m.eps
@@ -121,6 +135,11 @@ class _Reference(_Capture):
         bk = bias.index_select(pd, kept) if bias is not None else None
         yk = torch.nn.functional.layer_norm(xk, xk.shape[x.dim() - k:], wk, bk, eps)
         return out.index_copy(d, kept, yk)
+
+
+def _is_group_norm(n: fx.Node, module) -> bool:
+    rule = rule_of(n, dict(module.named_modules()))
+    return rule is not None and rule.couple is group_norm_rule
 
 
 def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple) -> dict:
