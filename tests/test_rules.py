@@ -707,7 +707,7 @@ class StdConv(nn.Conv2d):  # weight standardisation at every call (timm's StdCon
     def forward(self, x):
         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
                          eps=1e-6).reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class NormedConv(nn.Conv2d):  # weight normalisation written out: each row's norm is its gain g
@@ -726,10 +726,11 @@ class ComputedWeights(nn.Module):
         self.a = StdConv(3, 16, 3, padding=1)
         self.norm = nn.GroupNorm(8, 16)
         self.b = NormedConv(16, 16, 3, padding=1)
+        self.dw = StdConv(16, 16, 3, padding=1, groups=16)
         self.head = StdConv(16, 4, 1)
 
     def forward(self, x):
-        return self.head(F.relu(self.b(F.relu(self.norm(self.a(x))))))
+        return self.head(F.relu(self.dw(F.relu(self.b(F.relu(self.norm(self.a(x))))))))
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
@@ -745,7 +746,7 @@ def test_weights_computed_at_run_time_are_read_at_the_kept_channels(capture):
     assert rep.flops_after < 0.4 * rep.flops_before and rep.mask["max_rel_diff"] < 1e-5
     assert pruned.state_dict()["b.weight"].shape == (16, 16, 3, 3)   # computed from: kept whole
     index_selects = [n for n in pruned.graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]
-    assert len(index_selects) == 4   # the kept rows of a, rows and columns of b, columns of head
+    assert len(index_selects) == 5   # the kept rows of a, rows and columns of b, rows of dw, columns of head
 
 
 def test_weights_computed_at_run_time_pin_for_a_module_copy():

@@ -62,21 +62,23 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     at every call) is read at the kept positions: ``conv(x, W)[kept_out] = conv(x[kept_in], W[kept_out,
     kept_in])`` whatever made ``W``, so the rewrite selects its rows and columns
     (``node.meta["fxprune_weight_gather"]``, :func:`fxprune.rewrite.graph.gather_weight`); the parameters it
-    is computed from stay whole. A grouped conv on such a weight pins.
+    is computed from stay whole. A depthwise conv reads its kept rows (one per channel); another grouped conv
+    on such a weight pins.
     """
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     if w.param is not None and (b is None or b.param is not None):
         return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=transposed)
-    if groups != 1 or w.label is not None or (b is not None and b.param is None):
+    depthwise = groups > 1 and not transposed and x.shape[1] == groups
+    if (groups != 1 and not depthwise) or w.label is not None or (b is not None and b.param is None):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
-    ctx.node.meta["fxprune_weight_gather"] = ((1 if len(args) > 1 else "weight"), (1, 0) if transposed else (0, 1))
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    ctx.node.meta["fxprune_weight_gather"] = ((1 if len(args) > 1 else "weight"), (out_dim, None if depthwise else in_dim))
     ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
-    out = _conv(ctx, x, None, b.param if b is not None else None, 1, transposed=transposed)
+    out = _conv(ctx, x, None, b.param if b is not None else None, groups, transposed=transposed)
     node = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("weight")
     if out is not None and isinstance(node, fx.Node):
-        out_dim, in_dim = (1, 0) if transposed else (0, 1)
         ctx.computed(node, out_dim, out.reshape(-1), "producer")
-        if x.label is not None and varying(x.label) == [1]:
+        if not depthwise and x.label is not None and varying(x.label) == [1]:
             ctx.computed(node, in_dim, along(x.label, 1, x.shape[1]), "consumer")
     return out
 

@@ -269,11 +269,13 @@ def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
 def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: a conv's weight computed at run time (``node.meta["fxprune_weight_gather"]``, see
     :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows) and kept input
-    channels (its columns), by ``index_select``."""
+    channels (its columns; a depthwise conv's, one per group, stay), by ``index_select``."""
     where, (out_dim, in_dim) = node.meta["fxprune_weight_gather"]
     picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
     x = node.args[0]
     for dim, source, side in ((out_dim, node, "out"), (in_dim, x, "in")):
+        if dim is None:   # a depthwise conv's weight has one column per group
+            continue
         size = rw.old_shape(source)[1]
         kept = torch.nonzero(kept_along(source.meta.get("fxprune"), 1, size, rw.keep)).flatten()
         if kept.numel() == size:
