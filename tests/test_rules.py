@@ -802,3 +802,25 @@ def test_rolls_vector_norms_and_reshape_as(capture):
                                   must_shrink=["embed", "fc1", "tok1.fc"])
     assert rep.pinned_groups == 1 and rep.mask["approximate_groups"] == 0   # the head's outputs only
     assert rep.mask["max_rel_diff"] < 1e-5
+
+
+class ParamMatmul(nn.Module):  # SwiftFormer's additive attention: a 2-d parameter multiplied in, as a linear layer
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 16)
+        self.w_g = nn.Parameter(torch.randn(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q = F.normalize(self.q(x), dim=-1)
+        return self.head(torch.relu(q @ self.w_g) + torch.einsum("bnc,cd->bnd", q, self.w_g))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_matmul_by_a_parameter_is_a_linear_layer(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(ParamMatmul(), (torch.randn(2, 5, 6),), ratio=0.5, capture=capture,
+                                  round_to=None, must_shrink=["q"])
+    state = pruned.state_dict()
+    assert state["w_g"].shape == (8, 4) and state["q.weight"].shape == (8, 6)   # rows follow q, columns are new
+    assert rep.mask["max_rel_diff"] < 1e-5

@@ -27,9 +27,9 @@ def _contract(ctx, operands, out_letters):
         if found is not False:
             return found
         operands = [(tied(ctx, t), letters) for t, letters in operands]
+    if any(t.param is not None for t, _ in operands):
+        return _by_parameter(ctx, operands, out_letters)
     for t, letters in operands:
-        if t.param is not None:
-            return pin_all(ctx, [t for t, _ in operands], {}, f"{describe(ctx.node, ctx.gm)} multiplies by a parameter")
         vary = varying(t.label)
         if len(vary) > 1:
             return pin_all(ctx, [t for t, _ in operands], {},
@@ -62,6 +62,34 @@ def _contract(ctx, operands, out_letters):
     shape = [1] * len(out_letters)
     shape[d] = -1
     return result[kept_out[0]].view(shape)
+
+
+def _by_parameter(ctx, operands, out_letters):
+    """``x @ W`` with ``W`` a 2-d parameter (SwiftFormer's ``query @ w_g``) is a linear layer: ``W``'s summed
+    letter reads ``x``'s channels there (its slices along that dim are consumers), its other letter makes
+    new channels (producers), which the result carries. Any other use of a parameter pins."""
+    params = [(t, letters) for t, letters in operands if t.param is not None]
+    others = [(t, letters) for t, letters in operands if t.param is None]
+    reason = f"{describe(ctx.node, ctx.gm)} multiplies by a parameter"
+    if len(params) != 1 or len(others) != 1:
+        return pin_all(ctx, [t for t, _ in operands], {}, reason)
+    (w, wl), (x, xl) = params[0], others[0]
+    summed = [c for c in wl if c in xl and c not in out_letters]
+    made = [c for c in wl if c not in xl and c in out_letters]
+    vary = varying(x.label)
+    if len(wl) != 2 or len(summed) != 1 or len(made) != 1 or any(xl[d] != summed[0] for d in vary):
+        return pin_all(ctx, [t for t, _ in operands], {}, reason)
+    ds, dm = wl.index(summed[0]), wl.index(made[0])
+    ids = None
+    if vary:
+        ids = along(x.label, vary[0], x.shape[vary[0]])
+        ctx.member(w.param, ds, ids, "consumer", "weight")
+    fresh = ctx.fresh(w.shape[dm])
+    ctx.member(w.param, dm, fresh, "producer", "weight")
+    ctx.cost(fresh, *([ids] if ids is not None else []))
+    shape = [1] * len(out_letters)
+    shape[out_letters.index(made[0])] = -1
+    return fresh.view(shape)
 
 
 def _contract_grids(ctx, operands, out_letters):
