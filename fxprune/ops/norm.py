@@ -135,7 +135,7 @@ def group_norm_rule(ctx, args, kwargs):
     return x.label
 
 
-def _groups_kept(rw, node, x, groups: int) -> int:
+def _groups_kept(rw, x, groups: int) -> int:
     """GroupNorm's kept group count: its kept channels over the (unchanged) channels per group; one
     group stays one."""
     return 1 if groups == 1 else rw.new_shape(x)[1] // (rw.old_shape(x)[1] // groups)
@@ -144,11 +144,11 @@ def _groups_kept(rw, node, x, groups: int) -> int:
 def fix_group_norm(node, rw):
     """``group_norm(x, num_groups, ...)`` (``F.group_norm``'s and ATen's order): the kept groups."""
     groups = arg(node.args, node.kwargs, 1, "num_groups")
-    rw.set_arg(node, 1, "num_groups", _groups_kept(rw, node, node.args[0], groups))
+    rw.set_arg(node, 1, "num_groups", _groups_kept(rw, node.args[0], groups))
 
 
 def resize_group_norm(m, node, rw):
-    m.num_groups = _groups_kept(rw, node, node.args[0], m.num_groups)
+    m.num_groups = _groups_kept(rw, node.args[0], m.num_groups)
     m.num_channels = rw.new_shape(node)[1]
 
 
