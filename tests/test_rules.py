@@ -824,3 +824,25 @@ def test_a_matmul_by_a_parameter_is_a_linear_layer(capture):
     state = pruned.state_dict()
     assert state["w_g"].shape == (8, 4) and state["q.weight"].shape == (8, 6)   # rows follow q, columns are new
     assert rep.mask["max_rel_diff"] < 1e-5
+
+
+class TransposedWeights(nn.Module):  # Falcon's linear layer: x @ weight.T (+ bias), in its spellings
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(16, 6))
+        self.b = nn.Parameter(torch.randn(12, 16))
+        self.c = nn.Parameter(torch.randn(3, 12))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.a.t())
+        h = torch.relu(h @ self.b.transpose(0, 1))
+        return h @ self.c.permute(1, 0) + h @ self.c.T
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_matmul_by_a_transposed_parameter_is_a_linear_layer(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(TransposedWeights(), (torch.randn(2, 5, 6),), ratio=0.5, capture=capture,
+                                  round_to=None)
+    state = pruned.state_dict()
+    assert state["a"].shape == (8, 6) and state["b"].shape == (6, 8) and state["c"].shape == (3, 6)

@@ -116,6 +116,7 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
                    ("unbind.int", torch.unbind), ("roll", torch.roll)):
     register(Rule(shape_op(_fn)), *overloads(_name))
+register(Rule(shape_op(lambda t: t.permute(*reversed(range(t.dim()))))), *overloads("numpy_T"))  # x.T
 register(Rule(reshape_as_rule), *overloads("reshape_as"))
 register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))

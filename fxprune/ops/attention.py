@@ -27,7 +27,7 @@ def _contract(ctx, operands, out_letters):
         if found is not False:
             return found
         operands = [(tied(ctx, t), letters) for t, letters in operands]
-    if any(t.param is not None for t, _ in operands):
+    if any(t.param is not None or t.transposed is not None for t, _ in operands):
         return _by_parameter(ctx, operands, out_letters)
     for t, letters in operands:
         vary = varying(t.label)
@@ -65,15 +65,19 @@ def _contract(ctx, operands, out_letters):
 
 
 def _by_parameter(ctx, operands, out_letters):
-    """``x @ W`` with ``W`` a 2-d parameter (SwiftFormer's ``query @ w_g``) is a linear layer: ``W``'s summed
+    """``x @ W`` with ``W`` a 2-d parameter (SwiftFormer's ``query @ w_g``; Falcon's ``x @ weight.T``, its dims
+    swapped) is a linear layer: ``W``'s summed
     letter reads ``x``'s channels there (its slices along that dim are consumers), its other letter makes
     new channels (producers), which the result carries. Any other use of a parameter pins."""
-    params = [(t, letters) for t, letters in operands if t.param is not None]
-    others = [(t, letters) for t, letters in operands if t.param is None]
+    params = [(t, letters) for t, letters in operands if t.param is not None or t.transposed is not None]
+    others = [(t, letters) for t, letters in operands if t.param is None and t.transposed is None]
     reason = f"{describe(ctx.node, ctx.gm)} multiplies by a parameter"
     if len(params) != 1 or len(others) != 1:
         return pin_all(ctx, [t for t, _ in operands], {}, reason)
     (w, wl), (x, xl) = params[0], others[0]
+    name = w.param or w.transposed
+    if w.transposed is not None:   # weight.T: the value's dim d is the parameter's dim 1 - d
+        wl = wl[::-1]
     summed = [c for c in wl if c in xl and c not in out_letters]
     made = [c for c in wl if c not in xl and c in out_letters]
     vary = varying(x.label)
@@ -83,9 +87,9 @@ def _by_parameter(ctx, operands, out_letters):
     ids = None
     if vary:
         ids = along(x.label, vary[0], x.shape[vary[0]])
-        ctx.member(w.param, ds, ids, "consumer", "weight")
-    fresh = ctx.fresh(w.shape[dm])
-    ctx.member(w.param, dm, fresh, "producer", "weight")
+        ctx.member(name, ds, ids, "consumer", "weight")
+    fresh = ctx.fresh(w.shape[::-1][dm] if w.transposed is not None else w.shape[dm])
+    ctx.member(name, dm, fresh, "producer", "weight")
     ctx.cost(fresh, *([ids] if ids is not None else []))
     shape = [1] * len(out_letters)
     shape[out_letters.index(made[0])] = -1

@@ -34,7 +34,8 @@ from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_no
                    fix_rms_norm)
 from .schema import Rule, RuleTable
 from .shape import (fix_getitem, fix_shape_args, fix_split, fix_unflatten, getitem_rule, method, module_shape_op,
-                    reshape_as_rule, expand_as_rule, resize_unflatten, shape_op, cat_rule)
+                    reshape_as_rule, expand_as_rule, attribute_rule,
+                    resize_unflatten, shape_op, cat_rule)
 
 FX_RULES = RuleTable("fx")
 register = FX_RULES.register
@@ -103,6 +104,7 @@ FIX_SHAPE = fix_shape_args()
 for _name in ("view", "reshape", "expand"):
     register(Rule(shape_op(method(_name)), fix=FIX_SHAPE), _name)
 register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), torch.reshape)
+register(Rule(attribute_rule), getattr)   # x.T, x.mT
 register(Rule(reshape_as_rule), "reshape_as")
 register(Rule(expand_as_rule), "expand_as")
 register(Rule(shape_op(torch.roll)), torch.roll)

@@ -65,6 +65,9 @@ class T:
     label: torch.Tensor | None
     shape: tuple
     param: str | None = None
+    #: a 2-d parameter's transpose (``weight.T``): its name (``param`` stays None: only rules that read this
+    #: take it as that parameter, with its dims swapped)
+    transposed: str | None = None
 
 
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -106,8 +109,8 @@ def pin_all(ctx, args, kwargs, reason):
     """Pin every channel of every tensor input, and fix every parameter input whole."""
     for t in tensors(args, kwargs):
         ctx.pin(t.label, reason)
-        if t.param is not None:
-            ctx.fix_param(t.param, reason)
+        if t.param is not None or t.transposed is not None:
+            ctx.fix_param(t.param or t.transposed, reason)
     return None
 
 

@@ -20,6 +20,11 @@ def shape_op(fn):
     def shape_op_rule(ctx, args, kwargs):
         x = args[0]
         if x.label is None:
+            if getattr(x, "param", None) is not None and len(x.shape) == 2:   # weight.T: a transposed parameter
+                positions = torch.arange(x.shape[0] * x.shape[1]).view(x.shape)
+                out = fn(positions, *args[1:], **kwargs)
+                if isinstance(out, torch.Tensor) and out.shape == positions.t().shape and torch.equal(out, positions.t()):
+                    ctx.transposed_param(x.param)
             return None
         if _empty(ctx):
             return _empty_label(ctx, x)
@@ -46,6 +51,17 @@ def shape_op(fn):
 
     shape_op_rule.takes_grids = True
     return shape_op_rule
+
+
+def attribute_rule(ctx, args, kwargs):
+    """``getattr(x, name)`` as ``symbolic_trace`` records a tensor attribute: ``x.T`` and ``x.mT`` move
+    positions as their permutes do; any other attribute pins."""
+    name = args[1]
+    if name == "T":
+        return shape_op(lambda t, *_: t.permute(*reversed(range(t.dim()))))(ctx, args[:1], {})
+    if name == "mT":
+        return shape_op(lambda t, *_: t.transpose(-2, -1))(ctx, args[:1], {})
+    return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} reads the attribute '{name}'")
 
 
 def reshape_as_rule(ctx, args, kwargs):
