@@ -214,7 +214,7 @@ class ChannelGraph:
                 args = torch.fx.node.map_arg(n.args, value)
                 kwargs = torch.fx.node.map_arg(n.kwargs, value)
                 if n.op == "get_attr":
-                    env[n.name] = _attr(self.module, n.target)
+                    env[n.name] = self.param(n.target)
                 elif n.op == "call_function":
                     env[n.name] = n.target(*args, **kwargs)
                 elif n.op == "call_method":
@@ -241,12 +241,6 @@ class ChannelGraph:
         if n > 12:
             lines.append(f"  ... {n - 12} more")
         return "\n".join(lines)
-
-
-def _attr(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _unique(items) -> list:

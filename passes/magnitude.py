@@ -34,9 +34,9 @@ def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
 def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.Tensor:
     """Sum over members (default: every weight member) of ``sum |w|^p`` per channel of ``group``.
 
-    ``cache`` (a dict shared across groups) keeps each parameter's per-slice sums along
-    its first two dims, so a conv weight read as rows by one group and as columns by
-    another is read once.
+    ``cache`` (a dict shared across groups) keeps each parameter (or computed weight) and its
+    per-slice sums along its first two dims, so a conv weight read as rows by one group and as
+    columns by another is read once.
     """
     total = torch.zeros(group.size)
     if members is None:  # with the slices of weights computed at run time (group.computed)
@@ -44,15 +44,14 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
     cache = {} if cache is None else cache
     computed = {m.param for m in group.computed}
     for m in members:
-        if (m.param, "tensor", p) not in cache:
-            w = graph.computed_value(m.param) if m.param in computed else graph.param(m.param)
-            cache[(m.param, "tensor", p)] = w
-            if w is not None:
-                for dim, sums in _slice_sums(w.detach().float(), p).items():
-                    cache[(m.param, dim, p)] = sums
-        w = cache[(m.param, "tensor", p)]
+        if m.param not in cache:
+            cache[m.param] = graph.computed_value(m.param) if m.param in computed else graph.param(m.param)
+        w = cache[m.param]
         if w is None:   # a weight computed from the model's inputs: no magnitude of its own
             continue
+        if (m.param, 0, p) not in cache:
+            for dim, sums in _slice_sums(w.detach().float(), p).items():
+                cache[(m.param, dim, p)] = sums
         values = cache.get((m.param, m.dim, p))
         if values is None:  # a member along a dim past the second: reduce from the weight itself
             values = _power(w.detach().float(), p).movedim(m.dim, 0).flatten(1).sum(1)

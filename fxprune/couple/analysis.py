@@ -122,12 +122,12 @@ class Context:
         """The node's value is parameter ``name`` position for position (``1 + weight``,
         ``weight.float()``): its users see that parameter, so it is sliced where they make it
         a member, and the node recomputes from the slice."""
-        self._a.derived[self.node] = name
+        self._a.derived[self.node] = {"param": name}
 
     def transposed_param(self, name: str) -> None:
         """The node's value is 2-d parameter ``name`` transposed (Falcon's ``x @ weight.T``): a rule that
         takes it (:func:`fxprune.ops.attention.matmul_rule`) makes that parameter a member, dims swapped."""
-        self._a.derived[self.node] = ("T", name)
+        self._a.derived[self.node] = {"transposed": name}
 
     def fresh(self, n: int) -> torch.Tensor:
         """New channel ids made by this node (a conv's or linear's output channels)."""
@@ -257,7 +257,7 @@ class Analysis:
                        for tensors in (module._parameters, module._buffers)
                        for name, tensor in tensors.items() if tensor is not None}
         self.sources: dict[fx.Node, object] = {}
-        self.derived: dict[fx.Node, object] = {}  # nodes that are a parameter (same_param), or ("T", name)
+        self.derived: dict[fx.Node, dict] = {}  # nodes that stand for a parameter: their T's fields (same_param, ...)
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -285,8 +285,7 @@ class Analysis:
                 label = self.later.pop(node)
             out = None if node.op == "output" else self.as_t(node, label)
             if node in self.derived:
-                name = self.derived.pop(node)
-                out = T(None, out.shape, None, name[1]) if isinstance(name, tuple) else T(None, out.shape, name)
+                out = T(None, out.shape, **self.derived.pop(node))
         except Exception as exc:  # a rule that cannot handle an odd call (or returns a label that does not
             # fit the value) pins what the node touches instead of crashing
             pin_all(ctx, args, kwargs, f"{describe(node, self.gm)} could not be analysed ({type(exc).__name__}: {exc})")

@@ -35,7 +35,7 @@ from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm
                    rms_norm_rule)
 from .schema import Rule
 from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, expand_as_rule, reshape_as_rule,
-                    select_rule, shape_op, slice_rule)
+                    reversed_dims, select_rule, shape_op, slice_rule)
 
 ATEN_RULES = FX_RULES.extended("aten")
 register = ATEN_RULES.register
@@ -116,7 +116,7 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
                    ("unbind.int", torch.unbind), ("roll", torch.roll)):
     register(Rule(shape_op(_fn)), *overloads(_name))
-register(Rule(shape_op(lambda t: t.permute(*reversed(range(t.dim()))))), *overloads("numpy_T"))  # x.T
+register(Rule(shape_op(reversed_dims)), *overloads("numpy_T"))  # x.T
 register(Rule(reshape_as_rule), *overloads("reshape_as"))
 register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))

@@ -75,9 +75,9 @@ def _by_parameter(ctx, operands, out_letters):
     if len(params) != 1 or len(others) != 1:
         return pin_all(ctx, [t for t, _ in operands], {}, reason)
     (w, wl), (x, xl) = params[0], others[0]
-    name = w.param or w.transposed
+    name, wshape = w.param or w.transposed, tuple(w.shape)
     if w.transposed is not None:   # weight.T: the value's dim d is the parameter's dim 1 - d
-        wl = wl[::-1]
+        wl, wshape = wl[::-1], wshape[::-1]
     summed = [c for c in wl if c in xl and c not in out_letters]
     made = [c for c in wl if c not in xl and c in out_letters]
     vary = varying(x.label)
@@ -88,7 +88,7 @@ def _by_parameter(ctx, operands, out_letters):
     if vary:
         ids = along(x.label, vary[0], x.shape[vary[0]])
         ctx.member(name, ds, ids, "consumer", "weight")
-    fresh = ctx.fresh(w.shape[::-1][dm] if w.transposed is not None else w.shape[dm])
+    fresh = ctx.fresh(wshape[dm])
     ctx.member(name, dm, fresh, "producer", "weight")
     ctx.cost(fresh, *([ids] if ids is not None else []))
     shape = [1] * len(out_letters)

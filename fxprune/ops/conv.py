@@ -72,10 +72,11 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     if (groups != 1 and not depthwise) or w.label is not None or (b is not None and b.param is None):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
-    ctx.node.meta["fxprune_weight_gather"] = ((1 if len(args) > 1 else "weight"), (out_dim, None if depthwise else in_dim))
+    where = 1 if len(args) > 1 else "weight"
+    ctx.node.meta["fxprune_weight_gather"] = (where, (out_dim, None if depthwise else in_dim))
     ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
     out = _conv(ctx, x, None, b.param if b is not None else None, groups, transposed=transposed)
-    node = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("weight")
+    node = ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where]
     if out is not None and isinstance(node, fx.Node):
         ctx.computed(node, out_dim, out.reshape(-1), "producer")
         if not depthwise and x.label is not None and varying(x.label) == [1]:

@@ -35,11 +35,15 @@ def _channel_norm(ctx, x, params):
     return label
 
 
-def norm_module(ctx, args, kwargs):
+def _module_params(ctx, roles=(("norm_weight", "weight"), ("norm_bias", "bias"))) -> dict:
+    """``{role: parameter name}`` of the norm module the node calls (None where it has no such tensor)."""
     m, name = ctx.module(), ctx.node.target
-    params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
-              for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"),
-                                 ("running_mean", "running_mean"), ("running_var", "running_var"))}
+    return {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None for role, attr in roles}
+
+
+def norm_module(ctx, args, kwargs):
+    params = _module_params(ctx, (("norm_weight", "weight"), ("norm_bias", "bias"),
+                                  ("running_mean", "running_mean"), ("running_var", "running_var")))
     return _channel_norm(ctx, args[0], params)
 
 
@@ -107,10 +111,7 @@ def group_norm_rule(ctx, args, kwargs):
     """
     x = args[0]
     if ctx.node.op == "call_module":
-        m, name = ctx.module(), ctx.node.target
-        groups = m.num_groups
-        params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
-                  for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"))}
+        groups, params = ctx.module().num_groups, _module_params(ctx)
     else:
         groups = arg(args, kwargs, 1, "num_groups")
         params = _param_args(ctx, args, kwargs, (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias")))
@@ -170,10 +171,7 @@ def layer_norm_rule(ctx, args, kwargs):
     """
     x = args[0]
     if ctx.node.op == "call_module":
-        m, name = ctx.module(), ctx.node.target
-        k = len(m.normalized_shape)
-        params = {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None
-                  for role, attr in (("norm_weight", "weight"), ("norm_bias", "bias"))}
+        k, params = len(ctx.module().normalized_shape), _module_params(ctx)
     else:
         k = len(arg(args, kwargs, 1, "normalized_shape"))
         params = _param_args(ctx, args, kwargs, (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias")))

@@ -53,12 +53,17 @@ def shape_op(fn):
     return shape_op_rule
 
 
+def reversed_dims(t, *_):
+    """``t.T`` (``numpy_T``): every dim reversed."""
+    return t.permute(*reversed(range(t.dim())))
+
+
 def attribute_rule(ctx, args, kwargs):
     """``getattr(x, name)`` as ``symbolic_trace`` records a tensor attribute: ``x.T`` and ``x.mT`` move
     positions as their permutes do; any other attribute pins."""
     name = args[1]
     if name == "T":
-        return shape_op(lambda t, *_: t.permute(*reversed(range(t.dim()))))(ctx, args[:1], {})
+        return shape_op(reversed_dims)(ctx, args[:1], {})
     if name == "mT":
         return shape_op(lambda t, *_: t.transpose(-2, -1))(ctx, args[:1], {})
     return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} reads the attribute '{name}'")
@@ -71,14 +76,11 @@ def reshape_as_rule(ctx, args, kwargs):
     other = args[1]
     shape = tuple(other.shape)
     out = shape_op(lambda t, *_: t.reshape(shape))(ctx, args[:1], {})
-    if out is None and other.label is None:
-        return None
+    reason = f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor whose channels differ"
     if out is None or other.label is None:
-        ctx.pin(out if out is not None else other.label,
-                f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor whose channels differ")
+        ctx.pin(out if out is not None else other.label, reason)
         return None
-    return ctx.canonical(ctx.unify(out, other.label, f"{describe(ctx.node, ctx.gm)} takes its shape from a tensor "
-                                                     "whose channels differ"))
+    return ctx.canonical(ctx.unify(out, other.label, reason))
 
 
 def expand_as_rule(ctx, args, kwargs):

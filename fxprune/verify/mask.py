@@ -80,6 +80,7 @@ class _Reference(_Capture):
     def __init__(self, gm, keep):
         super().__init__(gm)
         self.keep = keep
+        self._modules = dict(gm.named_modules())
 
     def run_node(self, n):
         if n.meta.get("fxprune_contract") or n.meta.get("fxprune_approx") is not None:
@@ -110,7 +111,7 @@ class _Reference(_Capture):
         kept = torch.nonzero(kept_along(n.meta["fxprune"], d, x.shape[d], self.keep)).flatten()
         if kept.numel() == x.shape[d]:
             return out
-        if _is_group_norm(n, self.module):   # one group (see fxprune.ops.norm.group_norm_rule)
+        if _is_group_norm(n, self._modules):   # one group (see fxprune.ops.norm.group_norm_rule)
             if n.op == "call_module":
                 m = self.module.get_submodule(n.target)
                 weight, bias, eps = m.weight, m.bias, m.eps
@@ -137,8 +138,8 @@ class _Reference(_Capture):
         return out.index_copy(d, kept, yk)
 
 
-def _is_group_norm(n: fx.Node, module) -> bool:
-    rule = rule_of(n, dict(module.named_modules()))
+def _is_group_norm(n: fx.Node, modules: dict) -> bool:
+    rule = rule_of(n, modules)
     return rule is not None and rule.couple is group_norm_rule
 
 
