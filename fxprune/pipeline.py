@@ -224,9 +224,10 @@ class Pipeline:
         gathered = weight_gathers(pruned)
         if gathered:
             warnings.warn(f"{len(gathered)} convolutions compute their weights at run time (standardised weights, "
-                          f"as timm's StdConv2d; first: '{gathered[0]}'): the pruned graph reads each weight at the "
-                          "kept channels, so their FLOPs drop, but the parameters the weights are computed from keep "
-                          "their size", stacklevel=3)
+                          f"as timm's StdConv2d; first: '{gathered[0]}'): the pruned graph reads those weights at the "
+                          "kept channels where the parameters they are computed from cannot be sliced (the input "
+                          "columns of a weight standardised row by row: its statistics span them), so their FLOPs "
+                          "drop, but those parameters keep that part of their size", stacklevel=3)
         mask_result = None
         if self.verify:
             t0 = time.perf_counter()

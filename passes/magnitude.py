@@ -23,6 +23,8 @@ import torch
 from fxprune.utils import paused_gc
 
 STATISTICS = ("running_mean", "running_var")
+#: not scored: a weight standardised at run time is scored on its computed value (group.computed), not its source
+UNSCORED = STATISTICS + ("weight source",)
 
 
 def per_position(tensor: torch.Tensor, dim: int, fn) -> torch.Tensor:
@@ -40,7 +42,7 @@ def group_power_sums(graph, group, p: float, members=None, cache=None) -> torch.
     """
     total = torch.zeros(group.size)
     if members is None:  # with the slices of weights computed at run time (group.computed)
-        members = [m for m in group.members if m.role not in STATISTICS] + list(group.computed)
+        members = [m for m in group.members if m.role not in UNSCORED] + list(group.computed)
     cache = {} if cache is None else cache
     computed = {m.param for m in group.computed}
     for m in members:

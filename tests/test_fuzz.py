@@ -303,6 +303,26 @@ class GroupNorms(nn.Module):  # GroupNorms of 4 groups, one per channel and one 
         return self.last(y + self.body(y))
 
 
+class StdConv(nn.Conv2d):  # timm's StdConv2d: the weight standardised row by row at every call
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Standardised(nn.Module):  # BiT / NF-Net style: standardised plain, grouped and depthwise convs, a residual
+    def __init__(self, c):
+        super().__init__()
+        self.pre = StdConv(c, 8, 1)
+        self.body = nn.Sequential(StdConv(8, 12, 1), nn.ReLU(), StdConv(12, 12, 3, padding=1, groups=3), nn.ReLU(),
+                                  StdConv(12, 12, 3, padding=1, groups=12), nn.ReLU(), StdConv(12, 4, 1))
+        self.out = 8
+
+    def forward(self, x):
+        y = F.relu(self.pre(x))
+        return y + self.body(y).repeat_interleave(2, dim=1)
+
+
 class PixelShuffle(nn.Module):  # 2x up with PixelShuffle, pooled back down
     def __init__(self, c):
         super().__init__()
@@ -352,7 +372,7 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
           HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
-          LayerScale, GroupNorms]
+          LayerScale, GroupNorms, Standardised]
 
 
 class Net(nn.Module):

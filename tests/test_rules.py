@@ -703,11 +703,152 @@ def test_powers_and_unary_ops_are_elementwise():
     prune_and_check(Star(), (X,), ratio=0.5, round_to=None, must_shrink=["a"])
 
 
+class FusedArithmetic(nn.Module):  # ConvNeXt-V2's GRN: torch.addcmul(bias, weight, x * nx) + x; addcdiv, lerp
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(1, 8, 1, 1)), nn.Parameter(torch.rand(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.addcmul(self.bias, self.weight, y * 0.5, value=2.0) + y
+        y = y.addcdiv(y, y.abs() + 1.0).lerp(y.sin(), 0.3) + torch.lerp(y, torch.zeros_like(y), self.weight)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_addcmul_addcdiv_and_lerp_are_elementwise(capture):
+    torch.manual_seed(0)
+    pruned, _ = prune_and_check(FusedArithmetic(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["a"])
+    assert pruned.state_dict()["weight"].shape[1] == 4
+
+
+class CatBias(nn.Module):  # BEiT's and Swin V2's qkv: F.linear(x, qkv.weight, cat((q_bias, k_bias, v_bias)))
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Linear(6, 16), nn.Linear(16, 48, bias=False), nn.Linear(16, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.rand(16)), nn.Parameter(torch.rand(16))
+        self.register_buffer("k_bias", torch.zeros(16), persistent=False)
+
+    def forward(self, x):
+        x = self.embed(x)
+        q, k, v = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))).chunk(3, -1)
+        return self.head(F.relu(q) * k + v + x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bias_computed_at_run_time_is_read_at_the_kept_outputs(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(CatBias(), (torch.randn(2, 5, 6),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["embed"])   # q, k and v are tied to the stream
+    assert pruned.state_dict()["qkv.weight"].shape == (24, 8)
+    assert pruned.state_dict()["q_bias"].shape == (16,)   # computed from: kept whole, read at the kept outputs
+    assert len([n for n in pruned.graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]) == 1
+
+
+class Repeats(nn.Module):  # GCViT's global query repeated over windows (batch); channels repeated or tiled
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        q = y.mean((2, 3), keepdim=True).repeat_interleave(x.shape[0] // 2, dim=0)   # over the batch
+        y = self.b((y + q).repeat_interleave(2, dim=1))                                # each channel twice
+        return self.head(torch.tile(y, (1, 2, 1, 1)) + y.repeat(1, 2, 1, 1))         # the channels tiled
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_repeats_and_tiles_tie_each_channel_to_its_copies(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(Repeats(), (torch.randn(2, 3, 8, 8),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["a", "b"])
+    state = pruned.state_dict()
+    assert state["b.weight"].shape == (4, 8, 1, 1) and state["head.weight"].shape == (4, 8, 1, 1)
+
+
+class VarianceNorms(nn.Module):  # timm's SimpleNorm (x * rsqrt(var(x) + eps)) over channels, a std, a var over positions
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)                                     # [B, H, W, C]
+        y = y * torch.rsqrt(torch.var(y, dim=(-1,), keepdim=True) + 1e-5) * self.weight
+        y = y + y.std(-1).unsqueeze(-1) + y.var(dim=(1, 2), keepdim=True, unbiased=False)
+        return self.head(F.gelu(self.fc(y)) + y).mean((1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_variance_over_the_channels_keeps_the_masked_originals_count(capture):
+    torch.manual_seed(0)
+    pruned, _ = prune_and_check(VarianceNorms(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["a"])
+    assert pruned.state_dict()["weight"].shape == (4,)
+
+
+class RelPosBias(nn.Module):  # timm's RelPosMlp: a bias per head, mlp(coords)[index.view(-1)], as sdpa's mask
+    def __init__(self, dim=16, heads=4, n=6):
+        super().__init__()
+        self.heads, self.n = heads, n
+        self.embed, self.qkv, self.proj, self.head = nn.Linear(5, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), \
+            nn.Linear(dim, 3)
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads))
+        self.register_buffer("coords", torch.randn(2 * n - 1, 2))
+        self.register_buffer("index", (torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1))
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.mlp(self.coords)[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, -1))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_table_read_at_an_index_of_positions_keeps_its_channels(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(RelPosBias(), (torch.randn(2, 6, 5),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["embed", "qkv"])
+    assert pruned.state_dict()["qkv.weight"].shape == (24, 8)   # every head keeps 2 of its 4 dims
+    assert pruned.state_dict()["mlp.2.weight"].shape == (4, 4)  # one bias per head: the 4 heads stay
+
+
+class SizeSlice(nn.Module):  # Hiera's h, w = x.shape[1:3] on a channels-last map: sizes of positions, not channels
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.randn(1, 8, 3, 3))
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        h, w = x.shape[1:3]
+        x = x + F.interpolate(self.pos, size=(h, w), mode="bilinear").permute(0, 2, 3, 1)
+        return self.head(F.relu(self.fc(x)) + x).mean((1, 2))
+
+
+def test_sizes_sliced_from_a_shape_read_only_those_dims():
+    pruned, rep = prune_and_check(SizeSlice(), (X,), ratio=0.5, round_to=None, must_shrink=["embed"])
+    assert pruned.state_dict()["embed.weight"].shape == (4, 3, 2, 2)   # the interpolated table: read at the kept channels
+
+
 class StdConv(nn.Conv2d):  # weight standardisation at every call (timm's StdConv2d, BiT, NF-Nets)
     def forward(self, x):
         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
                          eps=1e-6).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv(nn.Conv2d):  # NF-Nets' ScaledStdConv2d: a gain per row as the standardisation's weight
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
 
 
 class NormedConv(nn.Conv2d):  # weight normalisation written out: each row's norm is its gain g
@@ -723,7 +864,7 @@ class NormedConv(nn.Conv2d):  # weight normalisation written out: each row's nor
 class ComputedWeights(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = StdConv(3, 16, 3, padding=1)
+        self.a = ScaledStdConv(3, 16, 3, padding=1)
         self.norm = nn.GroupNorm(8, 16)
         self.b = NormedConv(16, 16, 3, padding=1)
         self.dw = StdConv(16, 16, 3, padding=1, groups=16)
@@ -744,14 +885,75 @@ def test_weights_computed_at_run_time_are_read_at_the_kept_channels(capture):
                                       must_shrink=["b"])
     assert rep.plan.keep["b"] == list(range(8, 16))
     assert rep.flops_after < 0.4 * rep.flops_before and rep.mask["max_rel_diff"] < 1e-5
-    assert pruned.state_dict()["b.weight"].shape == (16, 16, 3, 3)   # computed from: kept whole
+    # standardised or normalised row by row: the rows of what the weights are computed from are sliced,
+    # their columns (which the statistics span) read at the kept positions at run time
+    state = pruned.state_dict()
+    assert state["b.weight"].shape == (8, 16, 3, 3) and state["b.g"].shape == (8, 1, 1, 1)
+    assert state["a.weight"].shape == (8, 3, 3, 3) and state["a.gain"].shape == (8, 1, 1, 1)
+    assert state["dw.weight"].shape == (8, 1, 3, 3) and state["head.weight"].shape == (4, 16, 1, 1)
     index_selects = [n for n in pruned.graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]
-    assert len(index_selects) == 5   # the kept rows of a, rows and columns of b, rows of dw, columns of head
+    assert len(index_selects) == 2   # the kept columns of b and head
+
+
+class WeightNormed(nn.Module):  # nn.utils.parametrizations.weight_norm: torch._weight_norm(v, g, dim) at every call
+    def __init__(self, dim=0):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.a = wn(nn.Conv1d(3, 16, 3, padding=1), dim=dim)
+        self.b = wn(nn.Conv1d(16, 8, 3, padding=1), dim=dim)
+        self.head = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_weight_norm_along_the_rows_slices_v_and_g(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(WeightNormed(), (torch.randn(2, 3, 12),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["a", "b"])
+    state = pruned.state_dict()
+    assert state["a.parametrizations.weight.original0"].shape == (8, 1, 1)     # g
+    assert state["a.parametrizations.weight.original1"].shape == (8, 3, 3)     # v: its columns are the input's
+    assert state["b.parametrizations.weight.original1"].shape == (4, 16, 3)    # read at the kept inputs at run time
+    across = WeightNormed(dim=2)   # normalised across the rows: kept whole (their weights are read at the kept)
+    pruned, rep = prune_and_check(across, (torch.randn(2, 3, 12),), ratio=0.5, round_to=None, capture=capture)
+    assert pruned.state_dict()["a.parametrizations.weight.original1"].shape == (16, 3, 3)
+
+
+class GroupedComputed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = StdConv(3, 16, 3, padding=1)
+        self.grouped = StdConv(16, 24, 3, padding=1, groups=4)   # 4 input and 6 output channels per group
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.grouped(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_grouped_conv_on_a_computed_weight_reads_each_groups_columns(capture):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="compute their weights at run time"):
+        pruned, rep = prune_and_check(GroupedComputed(), (X,), method="l2", ratio=0.5, capture=capture,
+                                      round_to=None, must_shrink=["a", "grouped"])
+    state = pruned.state_dict()
+    assert state["a.weight"].shape == (8, 3, 3, 3) and state["grouped.weight"].shape == (12, 4, 3, 3)
+    assert state["head.weight"].shape == (4, 12, 1, 1)
+    kept = torch.tensor(rep.plan.keep["a"]).view(4, 2) % 4   # balanced: 2 of each group's 4 inputs
+    gathers = [n for n in pruned.graph.nodes if n.target in (torch.gather, torch.ops.aten.gather.default)]
+    assert len(gathers) == 1
+    index = getattr(pruned, gathers[0].args[2].target)
+    assert index.shape == (12, 2, 3, 3)
+    assert torch.equal(index[::3, :, 0, 0], kept)   # each kept output row reads its own group's kept columns
 
 
 def test_weights_computed_at_run_time_pin_for_a_module_copy():
     copy, rep = prune_and_check(ComputedWeights(), (X,), ratio=0.5, output="module", round_to=None)
-    assert copy.b.out_channels == 16 and "weight computed at run time" in rep.first_pin
+    # the weight's computation (and its reshape(1, out_channels, -1)) is code the copy runs unchanged: the pin names it
+    assert copy.b.out_channels == 16 and copy.a.out_channels == 16
+    assert "a module copy runs that code unchanged" in rep.first_pin
 
 
 class TokensBN(nn.Module):  # LeViT's linear + BatchNorm1d over tokens: bn(x.flatten(0, 1)).reshape_as(x)

@@ -21,6 +21,7 @@ import types
 
 import torch
 import torch.fx as fx
+from torch.nn.utils.parametrize import is_parametrized
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..errors import TraceError
@@ -42,6 +43,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if is_parametrized(m) or type(m).__module__ in ("torch.nn.utils.parametrize", "torch.nn.utils.parametrizations"):
+            return False   # a weight computed at every call (weight_norm): traced, so that the rules see how
         return super().is_leaf_module(m, qualname)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:

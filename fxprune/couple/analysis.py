@@ -124,6 +124,20 @@ class Context:
         a member, and the node recomputes from the slice."""
         self._a.derived[self.node] = {"param": name}
 
+    def seeded_rows(self) -> torch.Tensor | None:
+        """The ids seeded on the rows of the parameters this node's weight is computed from
+        (:meth:`Analysis.seed_rows`), or None: the rule either takes them (:meth:`take_rows`) or pins them."""
+        seed = self._a.row_seeds.get(self.node)
+        return None if seed is None else seed[0]
+
+    def take_rows(self) -> torch.Tensor:
+        """The seeded ids (:meth:`seeded_rows`) are channels this node makes; the parameters' rows follow them."""
+        ids, params = self._a.row_seeds.pop(self.node)
+        self._a.blocks.append((self.node, ids))
+        for param in params:
+            self.member(param, 0, ids, "producer", "weight source")
+        return ids
+
     def transposed_param(self, name: str) -> None:
         """The node's value is 2-d parameter ``name`` transposed (Falcon's ``x @ weight.T``): a rule that
         takes it (:func:`fxprune.ops.attention.matmul_rule`) makes that parameter a member, dims swapped."""
@@ -258,16 +272,50 @@ class Analysis:
                        for name, tensor in tensors.items() if tensor is not None}
         self.sources: dict[fx.Node, object] = {}
         self.derived: dict[fx.Node, dict] = {}  # nodes that stand for a parameter: their T's fields (same_param, ...)
+        self.row_seeds: dict[fx.Node, tuple[torch.Tensor, list[str]]] = {}  # conv node -> (ids, parameters)
+        self.row_labels: dict[fx.Node, torch.Tensor] = {}  # get_attr node -> ids of its rows
 
     def run(self) -> None:
+        self.seed_rows()
         for node in self.gm.graph.nodes:
             self.env[node] = self.visit(node)
+        for node in list(self.row_seeds):  # a rule that never took its seed (it pinned the node): kept whole
+            ctx = Context(self, node)
+            ctx.pin(ctx.take_rows(), f"{describe(node, self.gm)} could not take the rows of its computed weight")
+
+    def seed_rows(self) -> None:
+        """Label the rows of parameters a conv's weight is computed from (timm's ``StdConv2d``: the weight
+        standardised at every call) with the conv's output channels, before the walk, so that the rules
+        on the way from the parameters to the weight carry them: where they arrive as the weight's rows,
+        the parameters are sliced by rows like any conv weight (:meth:`Context.seeded_rows`).
+
+        A parameter is seeded when its first dim is the output's channel count, the weight depends on
+        parameters and buffers alone (never on the model's inputs) and nothing else reads the parameter."""
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            rows = self.table.rule_for(node, self.modules).weight_rows
+            weight = rows(node) if rows is not None else None
+            shape = meta_shapes(node)
+            if not isinstance(weight, fx.Node) or weight.op == "get_attr" or not isinstance(shape, tuple) \
+                    or len(shape) < 2:
+                continue
+            within: set = set()
+            sources = _parameter_sources(weight, self.params, within)
+            seeded = [s for s in sources or () if s not in self.row_labels and all(u in within for u in s.users)
+                      and self.params[s.target].dim() >= 1 and self.params[s.target].shape[0] == shape[1]]
+            if seeded:
+                ids = self.uf.new(shape[1])
+                self.row_seeds[node] = (ids, sorted({s.target for s in seeded}))
+                self.row_labels.update(dict.fromkeys(seeded, ids))
 
     def visit(self, node: fx.Node):
         if node.op == "placeholder":
             return self.as_t(node, None)
         if node.op == "get_attr":
             value = self.params.get(node.target)
+            if node in self.row_labels:  # rows seeded with a conv's output channels (seed_rows)
+                return self.as_t(node, self.row_labels[node].reshape((-1,) + (1,) * (value.dim() - 1)))
             if isinstance(value, torch.Tensor):
                 return T(None, tuple(value.shape), node.target)
             return node.meta.get("value")
@@ -311,6 +359,10 @@ class Analysis:
         elif n.op == "call_function" and n.target is operator.getitem and tensor_arg is not None \
                 and isinstance(self.size_sources(tensor_arg), tuple) and isinstance(n.args[1], int):
             found = {(self.size_sources(tensor_arg)[1], n.args[1])}
+        elif n.op == "call_function" and n.target is operator.getitem and tensor_arg is not None \
+                and isinstance(self.size_sources(tensor_arg), tuple) and isinstance(n.args[1], slice):
+            t = self.size_sources(tensor_arg)[1]   # h, w = x.shape[1:3]: those dims only
+            found = {(t, d) for d in range(*n.args[1].indices(len(meta_shapes(t) or ())))}
         else:
             for a in n.all_input_nodes:
                 if meta_shapes(a) is None:
@@ -398,6 +450,25 @@ class Analysis:
 
 
 _OPAQUE = object()
+
+
+def _parameter_sources(node: fx.Node, params: dict, seen: set) -> list[fx.Node] | None:
+    """The ``get_attr`` nodes of tensors that ``node`` is computed from, or None where it depends on
+    anything else (an input of the model); ``seen`` collects ``node`` and the nodes it is computed by."""
+    found, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            if isinstance(params.get(n.target), torch.Tensor):
+                found.append(n)
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return None
+        todo.extend(n.all_input_nodes)
+    return found
 
 
 HEADS = ("dims", "whole")

@@ -27,15 +27,15 @@ import torch.nn.functional as F
 
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
-                   embedding_function, fix_groups, linear_function, resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, first_input, mean_fix, norm_over, normalize_over, pad,
-                          reduce_over, spatial)
+                   conv_weight_rows, embedding_function, fix_groups, linear_function, resize_conv1d_hf)
+from .elementwise import (constant_like, elementwise, filled_like, first_input, mean_fix, norm_over, normalize_over,
+                          pad, reduce_over, spatial, variance_fix, variance_over)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
-                   rms_norm_rule)
+                   rms_norm_rule, weight_norm_rule)
 from .schema import Rule
-from .shape import (cat_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten, expand_as_rule, reshape_as_rule,
-                    reversed_dims, select_rule, shape_op, slice_rule)
+from .shape import (aten_index_rule, cat_rule, expand_as_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten,
+                    reshape_as_rule, reversed_dims, select_rule, shape_op, slice_rule)
 
 ATEN_RULES = FX_RULES.extended("aten")
 register = ATEN_RULES.register
@@ -66,18 +66,20 @@ register(Rule(elementwise), *with_inplace(
     "div.Scalar", "div.Tensor_mode", "rsub.Tensor", "rsub.Scalar", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
     "reciprocal", "erf", "sin", "cos", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
     "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "where.self", "floor", "ceil", "round", "sign",
+    "addcmul", "addcdiv", "lerp.Scalar", "lerp.Tensor",
     # dropout (eval mode: identity)
     "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
     # copies, aliases, layout
     "clone", "contiguous", "detach", "alias", "lift_fresh_copy"))
 register(Rule(first_input), *overloads("to.dtype", "to.dtype_layout", "to.device", "to.other", "type_as", "_to_copy"))
-register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like",
-                                         "full_like", "empty_like"))
+register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "new_empty", "empty_like"))
+register(Rule(filled_like), *overloads("zeros_like", "ones_like", "full_like"))
 register(Rule(normalize_over(1)), *overloads("softmax.int", "log_softmax.int", "_softmax", "_log_softmax"))
 
-register(Rule(conv_function, fix=fix_groups(6), spec=conv_call_spec(3, 4, 5, 6)),
+register(Rule(conv_function, fix=fix_groups(6), spec=conv_call_spec(3, 4, 5, 6), weight_rows=conv_weight_rows()),
          *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"))
-register(Rule(aten_convolution, fix=fix_groups(8), spec=conv_call_spec(3, 4, 5, 8, transposed=6)),
+register(Rule(aten_convolution, fix=fix_groups(8), spec=conv_call_spec(3, 4, 5, 8, transposed=6),
+              weight_rows=conv_weight_rows(transposed=6)),
          *overloads("convolution", "_convolution"))
 register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_transpose2d.input",
                                                    "conv_transpose3d.input"))
@@ -102,6 +104,8 @@ register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.ops.aten.sum.dim_IntList, torch.ops.aten.div.Tensor)),
          *overloads("mean.dim"))
 register(Rule(reduce_over(exact=False)), *overloads("amax", "amin"))
+register(Rule(variance_over, fix=variance_fix(False)), *overloads("var.correction", "var.dim"))
+register(Rule(variance_over, fix=variance_fix(True)), *overloads("std.correction", "std.dim"))
 register(Rule(norm_over(1, "ord")), *overloads("linalg_vector_norm"))
 register(Rule(norm_over(1, "p")), *overloads("norm.ScalarOpt_dim"))
 
@@ -114,10 +118,14 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("squeeze.dims", torch.squeeze), ("movedim.int", torch.movedim), ("t", torch.t),
                    ("pixel_shuffle", F.pixel_shuffle), ("pixel_unshuffle", F.pixel_unshuffle),
                    ("channel_shuffle", torch.channel_shuffle), ("native_channel_shuffle", torch.channel_shuffle),
-                   ("unbind.int", torch.unbind), ("roll", torch.roll)):
+                   ("unbind.int", torch.unbind), ("roll", torch.roll),
+                   ("repeat_interleave.self_int", torch.repeat_interleave), ("repeat", torch.Tensor.repeat),
+                   ("tile", torch.tile)):
     register(Rule(shape_op(_fn)), *overloads(_name))
 register(Rule(shape_op(reversed_dims)), *overloads("numpy_T"))  # x.T
 register(Rule(reshape_as_rule), *overloads("reshape_as"))
+register(Rule(aten_index_rule), *overloads("index.Tensor"))
+register(Rule(weight_norm_rule), *overloads("_weight_norm"))
 register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
 register(Rule(shape_op(torch.chunk), fix=fix_split_aten), *overloads("chunk"))

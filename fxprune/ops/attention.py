@@ -320,7 +320,12 @@ def sdpa_rule(ctx, args, kwargs):
         if t.param is not None or any(d == nd - 2 for d in varying(t.label)):
             return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} sees channels on its token dim")
     if getattr(mask, "label", None) is not None:
-        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} has a mask that carries channels")
+        # a bias per head (a relative position table made by a layer with one output per head): where q, k and
+        # v prune dims within each head, the heads stay, so the bias keeps its channels and the rest goes on
+        per_head_dims = all(t.label is None or nd - 1 in varying(t.label) for t in (q, k, v))
+        if not per_head_dims or any(d >= nd - 2 for d in varying(mask.label)):
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} has a mask that carries channels")
+        ctx.pin(mask.label, f"{describe(ctx.node, ctx.gm)} adds a bias per head: the heads stay")
     if q.label is None and k.label is None and v.label is None:
         return None
     fixed = torch.full((1,) * nd, FIXED, dtype=torch.long)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -14,7 +15,8 @@ from ..labels import along, varying
 from .schema import T, arg, describe, pin_all
 
 
-def _conv(ctx, x, weight, bias, groups, transposed=False):
+def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
+    """A conv's channels; ``out``: its output channels' ids when they were made already (:func:`_conv_call`)."""
     nd = len(ctx.out_shape)
     label, c_in, c_out = x.label, x.shape[1], ctx.out_shape[1]
     if label is not None and any(d != 1 for d in varying(label)):
@@ -23,7 +25,7 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
     ins = along(label, 1, c_in)
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     if groups == 1:
-        out = ctx.fresh(c_out)
+        out = ctx.fresh(c_out) if out is None else out
         if weight is not None:
             ctx.member(weight, in_dim, ins, "consumer", "weight")
         ctx.cost(out, ins)
@@ -32,7 +34,9 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
         return None
     elif c_in // groups == 1:
         # A depthwise conv can lose whole groups: each output channel follows its input channel.
-        out = ins.repeat_interleave(c_out // groups)
+        follows = ins.repeat_interleave(c_out // groups)
+        out = follows if out is None else ctx.unify(follows, out, f"depthwise {describe(ctx.node, ctx.gm)}'s "
+                                                                  "computed weight rows follow its channels")
         ctx.cost(out)
     else:
         # A grouped conv keeps its groups: each group keeps as many input channels as the others
@@ -40,9 +44,10 @@ def _conv(ctx, x, weight, bias, groups, transposed=False):
         # input columns are cut group by group (grouped_member).
         blocks = ins.view(groups, c_in // groups)
         ctx.balance(blocks)
-        ctx.grouped_member(weight, in_dim, blocks)
+        if weight is not None:
+            ctx.grouped_member(weight, in_dim, blocks)
         ctx.node.meta["fxprune_grouped"] = groups
-        out = ctx.fresh(c_out)
+        out = ctx.fresh(c_out) if out is None else out
         if c_out // groups > 1:
             ctx.balance(out.view(groups, c_out // groups))
         else:
@@ -60,28 +65,62 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
 
     A computed weight without channels of its own (timm's ``StdConv2d`` and NF-Nets standardise theirs
     at every call) is read at the kept positions: ``conv(x, W)[kept_out] = conv(x[kept_in], W[kept_out,
-    kept_in])`` whatever made ``W``, so the rewrite selects its rows and columns
-    (``node.meta["fxprune_weight_gather"]``, :func:`fxprune.rewrite.graph.gather_weight`); the parameters it
-    is computed from stay whole. A depthwise conv reads its kept rows (one per channel); another grouped conv
-    on such a weight pins.
+    kept_in])`` whatever made ``W``, so the rewrite selects its columns, and its rows unless they are
+    the parameters' own (``node.meta["fxprune_weight_gather"]``, :func:`fxprune.rewrite.graph.gather_weight`).
+    The rows are the parameters' own where the analysis seeded the parameters' rows with the output channels
+    (:meth:`~fxprune.couple.analysis.Analysis.seed_rows`) and every op on the way kept them as rows
+    (a standardisation is row by row): the parameters are then sliced by rows. Their columns stay whole
+    (a standardisation's statistics span them). A depthwise conv has one column per group; a grouped conv
+    reads each group's kept columns (balanced: as many in each group) by one ``gather``.
     """
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     if w.param is not None and (b is None or b.param is not None):
         return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=transposed)
     depthwise = groups > 1 and not transposed and x.shape[1] == groups
-    if (groups != 1 and not depthwise) or w.label is not None or (b is not None and b.param is None):
+    own_rows = _own_rows(ctx, w)
+    if own_rows is None and ctx.seeded_rows() is not None:
+        ctx.pin(ctx.take_rows(), f"{describe(ctx.node, ctx.gm)} takes a weight whose rows are mixed on the way "
+                                 "from its parameters")
+    if (groups != 1 and transposed) or (w.label is not None and own_rows is None) or (
+            b is not None and b.param is None):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
     where = 1 if len(args) > 1 else "weight"
-    ctx.node.meta["fxprune_weight_gather"] = (where, (out_dim, None if depthwise else in_dim))
+    rows = None if own_rows is None else ctx.take_rows()
+    ctx.node.meta["fxprune_weight_gather"] = (where, (out_dim if rows is None else None,
+                                                      None if depthwise else in_dim))
     ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
-    out = _conv(ctx, x, None, b.param if b is not None else None, groups, transposed=transposed)
+    out = _conv(ctx, x, None, b.param if b is not None else None, groups, transposed=transposed, out=rows)
     node = ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where]
     if out is not None and isinstance(node, fx.Node):
         ctx.computed(node, out_dim, out.reshape(-1), "producer")
-        if not depthwise and x.label is not None and varying(x.label) == [1]:
+        if groups == 1 and x.label is not None and varying(x.label) == [1]:
             ctx.computed(node, in_dim, along(x.label, 1, x.shape[1]), "consumer")
     return out
+
+
+def _own_rows(ctx, w):
+    """The seeded ids (:meth:`~fxprune.couple.analysis.Context.seeded_rows`) when the computed weight ``w``
+    carries exactly them as its rows, one per row, and no other channels; else None."""
+    seed = ctx.seeded_rows()
+    if seed is None or w.label is None or varying(w.label) != [0]:
+        return None
+    rows = along(w.label, 0, w.shape[0])
+    if rows is None or not bool((rows >= 0).all()) or not torch.equal(ctx.canonical(rows), ctx.canonical(seed)):
+        return None
+    return seed
+
+
+def conv_weight_rows(transposed: int | None = None):
+    """The ``weight_rows`` of a conv call (a :class:`~.schema.Rule` field): its weight (argument 1), whose
+    rows are its output channels, for a conv that is not transposed (``transposed``: that flag's position)."""
+
+    def weight_rows(node):
+        if transposed is not None and arg(node.args, node.kwargs, transposed, "transposed", False):
+            return None
+        return arg(node.args, node.kwargs, 1, "weight")
+
+    return weight_rows
 
 
 def conv_module(ctx, args, kwargs):
@@ -229,10 +268,17 @@ def linear_module(ctx, args, kwargs):
 
 
 def linear_function(ctx, args, kwargs):
+    """``F.linear(x, weight, bias)`` on parameters. A bias computed at run time without channels of its own
+    (BEiT's and Swin V2's ``cat((q_bias, k_bias, v_bias))``) is read at the kept outputs:
+    ``linear(x, W, b)[kept] = linear(x, W[kept], b[kept])`` (``node.meta["fxprune_weight_gather"]``)."""
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    if w.param is None or (b is not None and b.param is None):
+    computed_bias = b is not None and b.param is None and b.label is None and len(b.shape) == 1
+    if w.param is None or (b is not None and b.param is None and not computed_bias):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
-    return _linear(ctx, x, w.param, b.param if b is not None else None)
+    out = _linear(ctx, x, w.param, b.param if b is not None and not computed_bias else None)
+    if computed_bias:
+        ctx.node.meta["fxprune_weight_gather"] = (2 if len(args) > 2 else "bias", (0, None), -1)
+    return out
 
 
 def addmm_function(ctx, args, kwargs):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..labels import along, varying
 from .schema import arg, broadcast_label, describe, one_axis, tensors
 
@@ -237,6 +239,57 @@ def mean_fix(sum_op, div_op):
     return fix
 
 
+def _variance_args(args, kwargs):
+    """``(dims, keepdim, correction)`` of a ``var``/``std`` call in any spelling (``torch.var(x, dim, unbiased,
+    keepdim)``, ``correction=``, ATen's ``var.correction``/``var.dim``); dims None: over every dim."""
+    dims = arg(args, kwargs, 1, "dim")
+    unbiased = kwargs.get("unbiased", args[2] if len(args) > 2 and isinstance(args[2], bool) else True)
+    if isinstance(dims, bool):   # torch.var(x, unbiased)
+        dims, unbiased = None, dims
+    correction = kwargs.get("correction")
+    correction = (1 if unbiased else 0) if correction is None else correction
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    if isinstance(dims, int):
+        dims = (dims,)
+    return (tuple(dims) if dims else None), bool(keepdim), correction
+
+
+def variance_over(ctx, args, kwargs):
+    """``var`` and ``std`` over ``dim``: as a sum (:func:`reduce_over`), exact over the channels with the
+    masked original's count (:func:`variance_fix`): timm's ``SimpleNorm``, a LayerNorm written with ``var``."""
+    dims, keepdim, _ = _variance_args(args, kwargs)
+    return reduce_over(True)(ctx, (args[0], list(dims) if dims else None, keepdim), {})
+
+
+def variance_fix(root_of_variance: bool):
+    """A variance over dims that lost channels, recomputed as the masked original's: with ``N`` the original
+    count and ``m = sum(x) / N``, ``(sum((x - m)^2) + (N - n) m^2) / (N - correction)`` over the ``n`` kept
+    positions (each removed one is a zero, ``m`` away from the mean); ``std`` is its square root."""
+
+    def fix(node, rw):
+        x = node.args[0]
+        dims, keepdim, correction = _variance_args(node.args, node.kwargs)
+        if dims is None:
+            return   # over every dim: reduce_over pinned its channels
+        old, new = rw.old_shape(x), rw.new_shape(x)
+        dims = tuple(sorted({d % len(old) for d in dims}))
+        count, kept = math.prod(old[d] for d in dims), math.prod(new[d] for d in dims)
+        if count == kept:
+            return
+        g = node.graph
+        with g.inserting_before(node):
+            mean = g.call_function(torch.div, (g.call_function(torch.sum, (x, dims), {"keepdim": True}), count))
+            dev = g.call_function(torch.sub, (x, mean))
+            squares = g.call_function(torch.sum, (g.call_function(torch.mul, (dev, dev)), dims), {"keepdim": keepdim})
+            mean_out = mean if keepdim else g.call_function(torch.squeeze, (mean, dims))
+            removed = g.call_function(torch.mul, (g.call_function(torch.mul, (mean_out, mean_out)), count - kept))
+            variance = g.call_function(torch.div, (g.call_function(torch.add, (squares, removed)), count - correction))
+        node.op, node.kwargs = "call_function", {}
+        node.target, node.args = (torch.sqrt, (variance,)) if root_of_variance else (torch.clone, (variance,))
+
+    return fix
+
+
 def first_input(ctx, args, kwargs):
     """Ops whose output is their first input in another dtype or memory layout (``type_as``,
     ``to``): the other tensor arguments lend only their dtype."""
@@ -245,6 +298,13 @@ def first_input(ctx, args, kwargs):
         derives_param(ctx, [x])
         return None
     return getattr(x, "label", None)
+
+
+def filled_like(ctx, args, kwargs):
+    """``zeros_like``, ``ones_like``, ``full_like``: a tensor of one value in its input's shape. Every channel
+    holds the same value, so it carries its input's channels (pruned, it is made in the pruned shape)."""
+    x = args[0]
+    return None if getattr(x, "param", None) is not None else getattr(x, "label", None)
 
 
 def constant_like(ctx, args, kwargs):

@@ -23,13 +23,13 @@ import torchvision
 
 from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
-from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, fix_conv_function, linear_function,
-                   linear_module, resize_conv, resize_linear)
-from .elementwise import (elementwise, mean_fix, norm_over, normalize_over, normalize_rule, pad, reduce_over,
-                          spatial)
+from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
+                   linear_function, linear_module, resize_conv, resize_linear)
+from .elementwise import (elementwise, filled_like, mean_fix, norm_over, normalize_over, normalize_rule, pad,
+                          reduce_over, spatial, variance_fix, variance_over)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
-                   norm_module, local_response_norm_rule, resize_group_norm,
+                   norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
                    prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm, rms_norm_rule,
                    fix_rms_norm)
 from .schema import Rule, RuleTable
@@ -52,8 +52,8 @@ register(ELEMENTWISE,
          operator.iadd, operator.isub, operator.imul, operator.itruediv,
          torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt,
          torch.rsqrt, torch.pow, torch.square, torch.reciprocal, torch.erf, torch.sin, torch.cos, torch.maximum,
-         torch.minimum, torch.clamp, torch.where,
-         "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "log", "sqrt",
+         torch.minimum, torch.clamp, torch.where, torch.addcmul, torch.addcdiv, torch.lerp,
+         "addcmul", "addcdiv", "lerp", "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "log", "sqrt",
          "rsqrt", "pow", "square", "reciprocal", "erf", "sin", "cos", "clamp", "clamp_", "clamp_min", "clamp_max",
          "clone", "detach", "to", "float",
          "half", "double", "type_as", "contiguous", "sigmoid", "sigmoid_", "tanh", "relu", "relu_",
@@ -66,12 +66,15 @@ register(ELEMENTWISE,
          # timm's fx-wrapped ``scores if mask is None else scores + mask`` (by name: timm is not imported)
          "timm.layers.attention.maybe_add_mask")
 
+register(Rule(filled_like), torch.zeros_like, torch.ones_like, torch.full_like)
+register(Rule(weight_norm_rule), torch._weight_norm)
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
 register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta, spec=conv_module_spec), nn.Conv1d, nn.Conv2d,
          nn.Conv3d)
 register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5, 6)), F.conv1d, F.conv2d, F.conv3d)
+register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5, 6), weight_rows=conv_weight_rows()),
+         F.conv1d, F.conv2d, F.conv3d)
 register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
 register(Rule(linear_function), F.linear)
 register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
@@ -96,6 +99,8 @@ register(Rule(pad), F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.Constant
 register(Rule(reduce_over(exact=True)), torch.sum, "sum")
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.sum, torch.div)), torch.mean, "mean")
 register(Rule(reduce_over(exact=False)), torch.amax, torch.amin, "amax", "amin")
+register(Rule(variance_over, fix=variance_fix(False)), torch.var, "var")
+register(Rule(variance_over, fix=variance_fix(True)), torch.std, "std")
 register(Rule(norm_over(1, "ord")), torch.linalg.vector_norm)
 register(Rule(norm_over(1, "p")), torch.norm, "norm")
 register(Rule(normalize_rule), F.normalize)
@@ -109,6 +114,12 @@ register(Rule(reshape_as_rule), "reshape_as")
 register(Rule(expand_as_rule), "expand_as")
 register(Rule(shape_op(torch.roll)), torch.roll)
 register(Rule(shape_op(method("roll"))), "roll")
+# copies of positions (a channel repeated is tied to its copies; the pruned op repeats the kept ones)
+register(Rule(shape_op(torch.repeat_interleave)), torch.repeat_interleave)
+register(Rule(shape_op(method("repeat_interleave"))), "repeat_interleave")
+register(Rule(shape_op(torch.tile)), torch.tile)
+register(Rule(shape_op(method("repeat"))), "repeat")
+register(Rule(shape_op(method("tile"))), "tile")
 register(Rule(shape_op(method("unflatten")), fix=fix_unflatten), "unflatten")
 register(Rule(shape_op(torch.unflatten), fix=fix_unflatten), torch.unflatten)
 for _fn in (torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.movedim,

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..labels import along, varying
-from .schema import arg, describe, pin_all
+from .schema import T, arg, describe, pin_all
 
 
 def _channel_norm(ctx, x, params):
@@ -60,14 +60,29 @@ def aten_batch_norm(ctx, args, kwargs):
 
 
 def _batch_norm_call(ctx, args, kwargs, slots):
+    """A batch norm call on parameters; an affine weight or bias computed from parameters whose rows carry
+    channels (NF-Nets' ``gain * scale`` of a standardised conv weight, :meth:`~fxprune.couple.analysis.
+    Analysis.seed_rows`) is tied to the channels it scales."""
     x = args[0]
-    params = {}
+    params, computed = {}, []
     for role, i in slots:
         t = arg(args, kwargs, i, role.replace("norm_", ""))
-        if t is not None and getattr(t, "param", None) is None:
+        ids = along(t.label, 0, t.shape[0]) if isinstance(t, T) and t.label is not None and t.param is None \
+            and role in ("norm_weight", "norm_bias") and varying(t.label) == [0] else None
+        if ids is not None:
+            computed.append(ids)
+        elif t is not None and getattr(t, "param", None) is None:
             return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes statistics computed at run time")
         params[role] = t.param if t is not None else None
-    return _channel_norm(ctx, x, params)
+    label = _channel_norm(ctx, x, params)
+    for ids in computed:
+        channels = along(label, 1, x.shape[1]) if label is not None and varying(label) == [1] else None
+        if channels is None:
+            return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} scales channels by a computed tensor")
+        shape = (1, -1) + (1,) * (label.dim() - 2)
+        label = ctx.unify(channels.reshape(shape), ids.reshape(shape),
+                          f"{describe(ctx.node, ctx.gm)} scales each channel by a computed tensor's row")
+    return label
 
 
 def resize_norm(m, node, rw):
@@ -292,3 +307,20 @@ def resize_rms_norm(m, node, rw):
         m.weight.data.mul_(math.sqrt(ratio))  # the copy's own sliced tensor
     else:
         m.weight = torch.nn.Parameter(torch.full(new, math.sqrt(ratio)), requires_grad=False)
+
+
+def weight_norm_rule(ctx, args, kwargs):
+    """``torch._weight_norm(v, g, dim)``, the weight of ``nn.utils.parametrizations.weight_norm``: each slice
+    along ``dim`` of ``v`` scaled by ``g`` over its norm. Along ``dim=0`` (the default: a conv's or linear's
+    rows) the rows pass, ``v``'s and ``g``'s tied; another ``dim`` mixes the rows (pins)."""
+    v, g = args[0], args[1]
+    dim = arg(args, kwargs, 2, "dim", 0)
+    labels = [t.label for t in (v, g) if isinstance(t, T) and t.label is not None]
+    if not labels:
+        return None
+    if dim % len(v.shape) != 0 or any(varying(lab) not in ([0], []) for lab in labels):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} normalises a weight across its rows")
+    rows = along(labels[0], 0, v.shape[0])
+    for lab in labels[1:]:
+        rows = ctx.unify(rows, along(lab, 0, v.shape[0]), f"{describe(ctx.node, ctx.gm)} scales each row by its gain")
+    return rows.reshape((-1,) + (1,) * (len(v.shape) - 1))

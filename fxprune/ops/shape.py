@@ -310,11 +310,38 @@ def getitem_rule(ctx, args, kwargs):
             ctx.pin(x.label, f"indexing at '{ctx.node.name}' picks single channels")
             return None
     if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in index):
-        ctx.pin(x.label, f"advanced indexing at '{ctx.node.name}'")
-        return None
+        return _gathered_positions(ctx, x, index)
     if _empty(ctx):
         return _empty_label(ctx, x)
     return one_axis(ctx, expand_to(x.label, x.shape)[index])
+
+
+def _gathered_positions(ctx, x, index):
+    """Advanced indexing by one tensor along a dim without channels (a relative position table read at an
+    index of positions, ``table[index.view(-1)]``): every position of that dim has the same channels, so the
+    result's label is the input's read at position 0 there (the rewrite leaves the index as it is)."""
+    tensors = [i for i in index if isinstance(i, T)]
+    others = [i for i in index if not isinstance(i, (T, slice, int, type(None), type(Ellipsis)))]
+    vary = varying(x.label)
+    dims = [d for d, item in _index_dims(index, len(x.shape)) if isinstance(item, T)]
+    if len(tensors) != 1 or others or tensors[0].label is not None or dims[0] in vary:
+        ctx.pin(x.label, f"advanced indexing at '{ctx.node.name}'")
+        return None
+    zeros = torch.zeros(tensors[0].shape, dtype=torch.long)
+    label = expand_to(x.label, x.shape)[tuple(zeros if isinstance(i, T) else i for i in index)]
+    if tuple(label.shape) != tuple(ctx.out_shape):   # a boolean mask, or an index the label cannot follow
+        ctx.pin(x.label, f"advanced indexing at '{ctx.node.name}'")
+        return None
+    return one_axis(ctx, label)
+
+
+def aten_index_rule(ctx, args, kwargs):
+    """ATen's ``index.Tensor(x, indices)`` (``x[..., idx]`` exported): one index tensor along a dim without
+    channels passes them (:func:`_gathered_positions`); other indexing pins."""
+    x, indices = args[0], list(args[1])
+    if not isinstance(x, T) or x.label is None:
+        return None
+    return _gathered_positions(ctx, x, tuple(slice(None) if i is None else i for i in indices))
 
 
 def _index_dims(index, ndim):

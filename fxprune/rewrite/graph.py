@@ -268,22 +268,40 @@ def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
 
 def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: a conv's weight computed at run time (``node.meta["fxprune_weight_gather"]``, see
-    :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows) and kept input
-    channels (its columns; a depthwise conv's, one per group, stay), by ``index_select``."""
-    where, (out_dim, in_dim) = node.meta["fxprune_weight_gather"]
+    :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows, unless the parameters
+    were sliced by rows already) and kept input channels (its columns: by ``index_select``; a grouped
+    conv's, each group its own, by one ``gather``; a depthwise conv's, one per group, stay). A linear
+    layer's bias computed at run time (the meta's third field: the channels' axis, -1) is read at the
+    kept outputs."""
+    where, (out_dim, in_dim), *axis = node.meta["fxprune_weight_gather"]
+    axis = axis[0] if axis else 1
     picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
-    x = node.args[0]
-    for dim, source, side in ((out_dim, node, "out"), (in_dim, x, "in")):
-        if dim is None:   # a depthwise conv's weight has one column per group
-            continue
-        size = rw.old_shape(source)[1]
-        kept = torch.nonzero(kept_along(source.meta.get("fxprune"), 1, size, rw.keep)).flatten()
-        if kept.numel() == size:
-            continue
-        name = f"_fxprune_weight_{side}_{node.name}"
-        root.register_buffer(name, kept, persistent=False)
-        with node.graph.inserting_before(node):
-            picked = node.graph.call_function(torch.index_select, (picked, dim, node.graph.get_attr(name)))
+    x, graph = node.args[0], node.graph
+    out_shape, in_shape = rw.old_shape(node), rw.old_shape(x)
+    kept_out = torch.nonzero(kept_along(node.meta.get("fxprune"), axis % len(out_shape), out_shape[axis],
+                                        rw.keep)).flatten()
+    kept_in = kept_along(x.meta.get("fxprune"), axis % len(in_shape), in_shape[axis], rw.keep)
+    out_size = out_shape[axis]
+    prefix = "_fxprune_weight" if axis == 1 else "_fxprune_bias"
+
+    def constant(side, value):
+        name = f"{prefix}_{side}_{node.name}"
+        root.register_buffer(name, value, persistent=False)
+        return graph.get_attr(name)
+
+    with graph.inserting_before(node):
+        if out_dim is not None and kept_out.numel() < out_size:
+            picked = graph.call_function(torch.index_select, (picked, out_dim, constant("out", kept_out)))
+        groups = node.meta.get("fxprune_grouped", 1)
+        if in_dim is not None and not bool(kept_in.all()) and groups == 1:
+            picked = graph.call_function(torch.index_select,
+                                         (picked, in_dim, constant("in", torch.nonzero(kept_in).flatten())))
+        elif in_dim is not None and not bool(kept_in.all()):   # each group's own kept columns (as many in each)
+            cols = torch.stack([torch.nonzero(c).flatten() for c in kept_in.view(groups, -1)])
+            index = cols[kept_out // (out_size // groups)]
+            kernel = rw.old_shape(node.args[1] if isinstance(where, int) else node.kwargs[where])[2:]
+            index = index.view(*index.shape, *(1,) * len(kernel)).expand(*index.shape, *kernel).contiguous()
+            picked = graph.call_function(torch.gather, (picked, in_dim, constant("in", index)))
     if isinstance(where, int):
         node.update_arg(where, picked)
     else:
