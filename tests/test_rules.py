@@ -916,6 +916,11 @@ def test_weight_norm_along_the_rows_slices_v_and_g(capture):
     assert state["a.parametrizations.weight.original0"].shape == (8, 1, 1)     # g
     assert state["a.parametrizations.weight.original1"].shape == (8, 3, 3)     # v: its columns are the input's
     assert state["b.parametrizations.weight.original1"].shape == (4, 16, 3)    # read at the kept inputs at run time
+    mlp = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 16)), nn.ReLU(),
+                        nn.utils.parametrizations.weight_norm(nn.Linear(16, 3)))
+    pruned, rep = prune_and_check(mlp, (torch.randn(2, 6),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["0"] if capture == "fx" else ())
+    assert pruned.state_dict()["0.parametrizations.weight.original1"].shape == (8, 6)
     across = WeightNormed(dim=2)   # normalised across the rows: kept whole (their weights are read at the kept)
     pruned, rep = prune_and_check(across, (torch.randn(2, 3, 12),), ratio=0.5, round_to=None, capture=capture)
     assert pruned.state_dict()["a.parametrizations.weight.original1"].shape == (16, 3, 3)

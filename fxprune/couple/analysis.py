@@ -289,23 +289,22 @@ class Analysis:
         on the way from the parameters to the weight carry them: where they arrive as the weight's rows,
         the parameters are sliced by rows like any conv weight (:meth:`Context.seeded_rows`).
 
-        A parameter is seeded when its first dim is the output's channel count, the weight depends on
+        A parameter is seeded when its first dim is the weight's row count, the weight depends on
         parameters and buffers alone (never on the model's inputs) and nothing else reads the parameter."""
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
                 continue
             rows = self.table.rule_for(node, self.modules).weight_rows
             weight = rows(node) if rows is not None else None
-            shape = meta_shapes(node)
-            if not isinstance(weight, fx.Node) or weight.op == "get_attr" or not isinstance(shape, tuple) \
-                    or len(shape) < 2:
+            shape = meta_shapes(weight) if isinstance(weight, fx.Node) else None
+            if weight is None or weight.op == "get_attr" or not isinstance(shape, tuple) or len(shape) < 2:
                 continue
             within: set = set()
             sources = _parameter_sources(weight, self.params, within)
             seeded = [s for s in sources or () if s not in self.row_labels and all(u in within for u in s.users)
-                      and self.params[s.target].dim() >= 1 and self.params[s.target].shape[0] == shape[1]]
+                      and self.params[s.target].dim() >= 1 and self.params[s.target].shape[0] == shape[0]]
             if seeded:
-                ids = self.uf.new(shape[1])
+                ids = self.uf.new(shape[0])
                 self.row_seeds[node] = (ids, sorted({s.target for s in seeded}))
                 self.row_labels.update(dict.fromkeys(seeded, ids))
 

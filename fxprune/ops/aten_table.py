@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
-                   conv_weight_rows, embedding_function, fix_groups, linear_function, resize_conv1d_hf)
+                   conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
+                   resize_conv1d_hf)
 from .elementwise import (constant_like, elementwise, filled_like, first_input, mean_fix, norm_over, normalize_over,
                           pad, reduce_over, spatial, variance_fix, variance_over)
 from .fx_table import FX_RULES
@@ -83,7 +84,7 @@ register(Rule(aten_convolution, fix=fix_groups(8), spec=conv_call_spec(3, 4, 5, 
          *overloads("convolution", "_convolution"))
 register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_transpose2d.input",
                                                    "conv_transpose3d.input"))
-register(Rule(linear_function), *overloads("linear"))
+register(Rule(linear_function, weight_rows=linear_weight_rows), *overloads("linear"))
 register(Rule(addmm_function), *overloads("addmm"))
 register(Rule(embedding_function), *overloads("embedding"))
 register(Rule(aten_batch_norm), *overloads("batch_norm"))

@@ -238,7 +238,9 @@ def fix_groups(index: int = 6):
 fix_conv_function = fix_groups(6)
 
 
-def _linear(ctx, x, weight, bias, w_in=1, w_out=0):
+def _linear(ctx, x, weight, bias, w_in=1, w_out=0, out=None):
+    """A linear layer's channels; ``weight`` None: computed at run time (:func:`linear_function`), ``out`` its
+    output channels' ids when they were made already."""
     nd = len(x.shape)
     label, c_in, c_out = x.label, x.shape[-1], ctx.out_shape[-1]
     vary = varying(label)
@@ -253,9 +255,10 @@ def _linear(ctx, x, weight, bias, w_in=1, w_out=0):
         ctx.cost(label)
         return label
     ins = along(label, nd - 1, c_in)
-    out = ctx.fresh(c_out)
-    ctx.member(weight, w_in, ins, "consumer", "weight")
-    ctx.member(weight, w_out, out, "producer", "weight")
+    out = ctx.fresh(c_out) if out is None else out
+    if weight is not None:
+        ctx.member(weight, w_in, ins, "consumer", "weight")
+        ctx.member(weight, w_out, out, "producer", "weight")
     if bias is not None:
         ctx.member(bias, 0, out, "producer", "bias")
     ctx.cost(out, ins)
@@ -268,17 +271,43 @@ def linear_module(ctx, args, kwargs):
 
 
 def linear_function(ctx, args, kwargs):
-    """``F.linear(x, weight, bias)`` on parameters. A bias computed at run time without channels of its own
+    """``F.linear(x, weight, bias)``. A weight computed at run time (a weight norm) is read at the kept
+    positions as a conv's is (:func:`_conv_call`: its rows sliced in the parameters where they were seeded and
+    kept as rows, else gathered; its columns gathered). A bias computed at run time without channels of its own
     (BEiT's and Swin V2's ``cat((q_bias, k_bias, v_bias))``) is read at the kept outputs:
-    ``linear(x, W, b)[kept] = linear(x, W[kept], b[kept])`` (``node.meta["fxprune_weight_gather"]``)."""
+    ``linear(x, W, b)[kept] = linear(x, W[kept], b[kept])``. Both at once pin."""
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     computed_bias = b is not None and b.param is None and b.label is None and len(b.shape) == 1
-    if w.param is None or (b is not None and b.param is None and not computed_bias):
+    own_rows = _own_rows(ctx, w) if w.param is None else None
+    if own_rows is None and ctx.seeded_rows() is not None:
+        ctx.pin(ctx.take_rows(), f"{describe(ctx.node, ctx.gm)} takes a weight whose rows are mixed on the way "
+                                 "from its parameters")
+    if (b is not None and b.param is None and not computed_bias) or (w.param is None and (
+            computed_bias or (w.label is not None and own_rows is None) or len(w.shape) != 2)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
-    out = _linear(ctx, x, w.param, b.param if b is not None and not computed_bias else None)
-    if computed_bias:
-        ctx.node.meta["fxprune_weight_gather"] = (2 if len(args) > 2 else "bias", (0, None), -1)
+    bias = b.param if b is not None and not computed_bias else None
+    if w.param is not None:
+        out = _linear(ctx, x, w.param, bias)
+        if computed_bias and out is not None:
+            ctx.node.meta["fxprune_weight_gather"] = (2 if len(args) > 2 else "bias", (0, None), -1)
+        return out
+    rows = None if own_rows is None else ctx.take_rows()
+    where = 1 if len(args) > 1 else "weight"
+    out = _linear(ctx, x, None, bias, out=rows)
+    ctx.node.meta["fxprune_weight_gather"] = (where, (0 if rows is None else None, 1), -1)
+    ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
+    node = ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where]
+    features = along(out, out.dim() - 1, w.shape[0]) if out is not None and varying(out) == [out.dim() - 1] else None
+    if rows is not None and (features is None or not torch.equal(ctx.canonical(features), ctx.canonical(rows))):
+        ctx.pin(rows, f"{describe(ctx.node, ctx.gm)} acts along a dim without channels: its features stay")
+    if features is not None and isinstance(node, fx.Node):
+        ctx.computed(node, 0, features, "producer")
     return out
+
+
+def linear_weight_rows(node):
+    """The ``weight_rows`` of ``F.linear``: its weight, whose rows are its output features."""
+    return arg(node.args, node.kwargs, 1, "weight")
 
 
 def addmm_function(ctx, args, kwargs):

@@ -24,7 +24,7 @@ import torchvision
 from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
-                   linear_function, linear_module, resize_conv, resize_linear)
+                   linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
 from .elementwise import (elementwise, filled_like, mean_fix, norm_over, normalize_over, normalize_rule, pad,
                           reduce_over, spatial, variance_fix, variance_over)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
@@ -76,7 +76,7 @@ register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTrans
 register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5, 6), weight_rows=conv_weight_rows()),
          F.conv1d, F.conv2d, F.conv3d)
 register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
-register(Rule(linear_function), F.linear)
+register(Rule(linear_function, weight_rows=linear_weight_rows), F.linear)
 register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
          nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)

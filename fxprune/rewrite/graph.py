@@ -282,7 +282,7 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
                                         rw.keep)).flatten()
     kept_in = kept_along(x.meta.get("fxprune"), axis % len(in_shape), in_shape[axis], rw.keep)
     out_size = out_shape[axis]
-    prefix = "_fxprune_weight" if axis == 1 else "_fxprune_bias"
+    prefix = "_fxprune_bias" if where in (2, "bias") else "_fxprune_weight"
 
     def constant(side, value):
         name = f"{prefix}_{side}_{node.name}"
