@@ -223,11 +223,12 @@ class Pipeline:
         rewrite_s = time.perf_counter() - t0
         gathered = weight_gathers(pruned)
         if gathered:
-            warnings.warn(f"{len(gathered)} convolutions compute their weights at run time (standardised weights, "
-                          f"as timm's StdConv2d; first: '{gathered[0]}'): the pruned graph reads those weights at the "
-                          "kept channels where the parameters they are computed from cannot be sliced (the input "
-                          "columns of a weight standardised row by row: its statistics span them), so their FLOPs "
-                          "drop, but those parameters keep that part of their size", stacklevel=3)
+            layers = "1 layer computes its weight" if len(gathered) == 1 else f"{len(gathered)} layers compute their weights"
+            warnings.warn(f"{layers} at run time (standardised or normalised: timm's StdConv2d, weight_norm; first: "
+                          f"'{gathered[0]}'): the pruned graph reads such a weight at the kept channels where the "
+                          "parameters it is computed from cannot be sliced (the input columns of a weight standardised "
+                          "row by row: its statistics span them), so FLOPs drop, but those parameters keep that part "
+                          "of their size", stacklevel=3)
         mask_result = None
         if self.verify:
             t0 = time.perf_counter()

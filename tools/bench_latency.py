@@ -171,7 +171,7 @@ def breakdown(args):
             for _ in range(max(1, args.rounds)):   # alternating; each node's fastest run over the rounds
                 for label, (_, path) in cols.items():
                     runs[label].append(kernel_nodes(path, args.threads))
-            rows, tot = [], defaultdict(float)
+            rows = []
             meas = {}
             for label, rs in runs.items():
                 m, n = defaultdict(float), defaultdict(int)
