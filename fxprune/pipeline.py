@@ -223,7 +223,8 @@ class Pipeline:
         rewrite_s = time.perf_counter() - t0
         gathered = weight_gathers(pruned)
         if gathered:
-            layers = "1 layer computes its weight" if len(gathered) == 1 else f"{len(gathered)} layers compute their weights"
+            layers = ("1 layer computes its weight" if len(gathered) == 1
+                      else f"{len(gathered)} layers compute their weights")
             warnings.warn(f"{layers} at run time (standardised or normalised: timm's StdConv2d, weight_norm; first: "
                           f"'{gathered[0]}'): the pruned graph reads such a weight at the kept channels where the "
                           "parameters it is computed from cannot be sliced (the input columns of a weight standardised "
