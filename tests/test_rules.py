@@ -806,10 +806,21 @@ class RelPosBias(nn.Module):  # timm's RelPosMlp: a bias per head, mlp(coords)[i
         return self.head(x)
 
 
+class RelPosBiasMatmul(RelPosBias):  # the same with attention written out (Hugging Face's Swin V2)
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = 16 * torch.sigmoid(self.mlp(self.coords)[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1))
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return self.head(x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_table_read_at_an_index_of_positions_keeps_its_channels(capture):
+@pytest.mark.parametrize("model", [RelPosBias, RelPosBiasMatmul])
+def test_a_table_read_at_an_index_of_positions_keeps_its_channels(capture, model):
     torch.manual_seed(0)
-    pruned, rep = prune_and_check(RelPosBias(), (torch.randn(2, 6, 5),), ratio=0.5, round_to=None, capture=capture,
+    pruned, rep = prune_and_check(model(), (torch.randn(2, 6, 5),), ratio=0.5, round_to=None, capture=capture,
                                   must_shrink=["embed", "qkv"])
     assert pruned.state_dict()["qkv.weight"].shape == (24, 8)   # every head keeps 2 of its 4 dims
     assert pruned.state_dict()["mlp.2.weight"].shape == (4, 4)  # one bias per head: the 4 heads stay

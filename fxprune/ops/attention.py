@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..labels import FIXED, along, grid_of, varying
-from .schema import arg, describe, pin_all, tied
+from .schema import T, arg, describe, pin_all, tied
 
 
 def _contract(ctx, operands, out_letters):
@@ -52,9 +52,13 @@ def _contract(ctx, operands, out_letters):
     if summed:
         ctx.node.meta["fxprune_contract"] = True
     if len(kept_out) > 1:
+        # one output dim may carry channels: the dim with the most keeps them, the others' are pinned (a bias
+        # per head added to scores that meet v's per-head dims: the heads stay, the dims prune)
+        widest = max(kept_out, key=lambda letter: (result[letter].numel(), kept_out.index(letter)))
         for letter in kept_out:
-            ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims")
-        return None
+            if letter != widest:
+                ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims")
+        kept_out = [widest]
     ctx.cost(*[result[letter] for letter in summed + kept_out])
     if not kept_out:
         return None
@@ -101,7 +105,19 @@ def _contract_grids(ctx, operands, out_letters):
     :func:`fxprune.ops.shape.grid_label`): ``q @ k^T`` (both grids on the same letters, the dims
     summed: unified position by position, no channels out) or ``attention @ v`` (v's grid on letters
     of the output, the other operand without channels and without v's dims letter: v's grid out).
-    False for any other contraction (the caller ties the grids)."""
+    False for any other contraction (the caller ties the grids).
+
+    An operand whose channels lie along the grid's heads letter alone (scores plus a bias per head made by a
+    layer: Swin V2's continuous position bias) keeps them: the heads stay while each prunes its own dims."""
+    blocks = {letters[g[0]] for t, letters in operands if t.label is not None and t.param is None
+              and len(set(letters)) == len(letters) for g in [grid_of(t.label)] if g is not None}
+    if len(blocks) == 1:
+        block = blocks.pop()
+        for i, (t, letters) in enumerate(operands):
+            vary = varying(t.label) if t.label is not None else []
+            if vary and grid_of(t.label) is None and all(letters[d] == block for d in vary):
+                ctx.pin(t.label, f"{describe(ctx.node, ctx.gm)} reads channels per head: the heads stay")
+                operands = operands[:i] + [(T(None, t.shape), letters)] + operands[i + 1:]
     grids = []
     for t, letters in operands:
         if t.param is not None or len(set(letters)) != len(letters):
