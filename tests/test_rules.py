@@ -844,6 +844,27 @@ def test_sizes_sliced_from_a_shape_read_only_those_dims():
     assert pruned.state_dict()["embed.weight"].shape == (4, 3, 2, 2)   # the interpolated table: read at the kept channels
 
 
+class TokenTwice(nn.Module):  # CaiT: cls_token.expand(n, -1, -1) added to a branch and concatenated to the tokens
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(5, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+
+    def forward(self, x):
+        x = self.embed(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        cls = cls + self.attn(torch.cat([cls, x], dim=1)).mean(1, keepdim=True)
+        return self.head(cls[:, 0])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_token_broadcast_into_an_add_and_a_cat_is_sliced_once(capture):
+    torch.manual_seed(0)
+    pruned, _ = prune_and_check(TokenTwice(), (torch.randn(2, 6, 5),), ratio=0.5, round_to=None, capture=capture,
+                                must_shrink=["embed"])
+    assert pruned.state_dict()["cls_token"].shape == (1, 1, 8)
+
+
 class StdConv(nn.Conv2d):  # weight standardisation at every call (timm's StdConv2d, BiT, NF-Nets)
     def forward(self, x):
         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
