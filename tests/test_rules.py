@@ -953,7 +953,7 @@ def test_weight_norm_along_the_rows_slices_v_and_g(capture):
     pruned, rep = prune_and_check(mlp, (torch.randn(2, 6),), ratio=0.5, round_to=None, capture=capture,
                                   must_shrink=["0"] if capture == "fx" else ())
     assert pruned.state_dict()["0.parametrizations.weight.original1"].shape == (8, 6)
-    across = WeightNormed(dim=2)   # normalised across the rows: kept whole (their weights are read at the kept)
+    across = WeightNormed(dim=2)   # normalised across the rows: v and g kept whole, the weight read at the kept
     pruned, rep = prune_and_check(across, (torch.randn(2, 3, 12),), ratio=0.5, round_to=None, capture=capture)
     assert pruned.state_dict()["a.parametrizations.weight.original1"].shape == (16, 3, 3)
 
