@@ -958,6 +958,25 @@ def test_weight_norm_along_the_rows_slices_v_and_g(capture):
     assert pruned.state_dict()["a.parametrizations.weight.original1"].shape == (16, 3, 3)
 
 
+class CastWeights(nn.Module):  # weight.float(): the parameter itself, sliced along both dims (no seed, no gather)
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.h = nn.Linear(5, 16), nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+        self.w, self.cw = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 8, 1, 1))
+
+    def forward(self, x, y):
+        z = F.linear(torch.relu(self.a(x)), self.w.float())
+        q = F.conv2d(torch.relu(self.c(y)), self.cw.float()).mean((2, 3))
+        return self.h(torch.relu(z) + q)
+
+
+def test_a_weight_cast_at_run_time_is_the_parameter_itself():
+    pruned, _ = prune_and_check(CastWeights(), (torch.randn(2, 5), torch.randn(2, 3, 4, 4)), ratio=0.5, round_to=None,
+                                must_shrink=["a", "c"])
+    state = pruned.state_dict()
+    assert state["w"].shape == (4, 8) and state["cw"].shape == (4, 4, 1, 1)
+
+
 class GroupedComputed(nn.Module):
     def __init__(self):
         super().__init__()

@@ -30,6 +30,9 @@ from ..utils import as_tuple, eval_mode
 from .values import annotate
 
 
+PARAMETRIZATION_MODULES = ("torch.nn.utils.parametrize", "torch.nn.utils.parametrizations")
+
+
 class _Tracer(fx.Tracer):
     """A tracer that honours user leaf modules and remembers where it is, for errors."""
 
@@ -43,7 +46,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if is_parametrized(m) or type(m).__module__ in ("torch.nn.utils.parametrize", "torch.nn.utils.parametrizations"):
+        if is_parametrized(m) or type(m).__module__ in PARAMETRIZATION_MODULES:
             return False   # a weight computed at every call (weight_norm): traced, so that the rules see how
         return super().is_leaf_module(m, qualname)
 

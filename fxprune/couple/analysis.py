@@ -35,6 +35,7 @@ from ..capture.values import meta_shapes
 from ..errors import ConfigError
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
 from ..labels import FIXED, along, collapse, collapse_array, varying
+from ..ops.elementwise import elementwise, first_input
 from ..ops.schema import RuleTable, T, describe, pin_all, tied
 
 
@@ -297,7 +298,7 @@ class Analysis:
             rows = self.table.rule_for(node, self.modules).weight_rows
             weight = rows(node) if rows is not None else None
             shape = meta_shapes(weight) if isinstance(weight, fx.Node) else None
-            if weight is None or weight.op == "get_attr" or not isinstance(shape, tuple) or len(shape) < 2:
+            if weight is None or self.stands_for_parameter(weight) or not isinstance(shape, tuple) or len(shape) < 2:
                 continue
             within: set = set()
             sources = _parameter_sources(weight, self.params, within)
@@ -307,6 +308,18 @@ class Analysis:
                 ids = self.uf.new(shape[0])
                 self.row_seeds[node] = (ids, sorted({s.target for s in seeded}))
                 self.row_labels.update(dict.fromkeys(seeded, ids))
+
+    def stands_for_parameter(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a parameter, or one parameter through same-position ops that keep its shape
+        (``weight.float()``): the rules take it as that parameter (:func:`~fxprune.ops.elementwise.derives_param`),
+        sliced along every dim, so it needs no seed."""
+        while node.op != "get_attr":
+            inputs = node.all_input_nodes
+            if len(inputs) != 1 or meta_shapes(node) != meta_shapes(inputs[0]) or \
+                    self.table.rule_for(node, self.modules).couple not in (elementwise, first_input):
+                return False
+            node = inputs[0]
+        return True
 
     def visit(self, node: fx.Node):
         if node.op == "placeholder":

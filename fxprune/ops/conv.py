@@ -77,18 +77,14 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     if w.param is not None and (b is None or b.param is not None):
         return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=transposed)
     depthwise = groups > 1 and not transposed and x.shape[1] == groups
-    own_rows = _own_rows(ctx, w)
-    if own_rows is None and ctx.seeded_rows() is not None:
-        ctx.pin(ctx.take_rows(), f"{describe(ctx.node, ctx.gm)} takes a weight whose rows are mixed on the way "
-                                 "from its parameters")
-    if (groups != 1 and transposed) or (w.label is not None and own_rows is None) or (
+    rows = _computed_rows(ctx, w)
+    if (groups != 1 and transposed) or (w.label is not None and rows is None) or (
             b is not None and b.param is None):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
     where = 1 if len(args) > 1 else "weight"
-    rows = None if own_rows is None else ctx.take_rows()
     ctx.node.meta["fxprune_weight_gather"] = (where, (out_dim if rows is None else None,
-                                                      None if depthwise else in_dim))
+                                                      None if depthwise else in_dim), 1)
     ctx.node.meta["fxprune_contract"] = True  # no weight columns to zero: the reference zeroes the removed inputs
     out = _conv(ctx, x, None, b.param if b is not None else None, groups, transposed=transposed, out=rows)
     node = ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where]
@@ -99,16 +95,19 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     return out
 
 
-def _own_rows(ctx, w):
-    """The seeded ids (:meth:`~fxprune.couple.analysis.Context.seeded_rows`) when the computed weight ``w``
-    carries exactly them as its rows, one per row, and no other channels; else None."""
+def _computed_rows(ctx, w):
+    """The seeded ids (:meth:`~fxprune.couple.analysis.Context.seeded_rows`), taken as the layer's output
+    channels, when the computed weight ``w`` carries exactly them as its rows, one per row, and no other
+    channels; else None, a seed pinned (the rows were mixed on the way: the parameters stay whole)."""
     seed = ctx.seeded_rows()
-    if seed is None or w.label is None or varying(w.label) != [0]:
+    if seed is None:
         return None
-    rows = along(w.label, 0, w.shape[0])
+    rows = along(w.label, 0, w.shape[0]) if w.label is not None and varying(w.label) == [0] else None
     if rows is None or not bool((rows >= 0).all()) or not torch.equal(ctx.canonical(rows), ctx.canonical(seed)):
+        ctx.pin(ctx.take_rows(), f"{describe(ctx.node, ctx.gm)} takes a weight whose rows are mixed on the way "
+                                 "from its parameters")
         return None
-    return seed
+    return ctx.take_rows()
 
 
 def conv_weight_rows(transposed: int | None = None):
@@ -278,12 +277,9 @@ def linear_function(ctx, args, kwargs):
     ``linear(x, W, b)[kept] = linear(x, W[kept], b[kept])``. Both at once pin."""
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     computed_bias = b is not None and b.param is None and b.label is None and len(b.shape) == 1
-    own_rows = _own_rows(ctx, w) if w.param is None else None
-    if own_rows is None and ctx.seeded_rows() is not None:
-        ctx.pin(ctx.take_rows(), f"{describe(ctx.node, ctx.gm)} takes a weight whose rows are mixed on the way "
-                                 "from its parameters")
+    rows = _computed_rows(ctx, w) if w.param is None else None
     if (b is not None and b.param is None and not computed_bias) or (w.param is None and (
-            computed_bias or (w.label is not None and own_rows is None) or len(w.shape) != 2)):
+            computed_bias or (w.label is not None and rows is None) or len(w.shape) != 2)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes weights computed at run time")
     bias = b.param if b is not None and not computed_bias else None
     if w.param is not None:
@@ -291,7 +287,6 @@ def linear_function(ctx, args, kwargs):
         if computed_bias and out is not None:
             ctx.node.meta["fxprune_weight_gather"] = (2 if len(args) > 2 else "bias", (0, None), -1)
         return out
-    rows = None if own_rows is None else ctx.take_rows()
     where = 1 if len(args) > 1 else "weight"
     out = _linear(ctx, x, None, bias, out=rows)
     ctx.node.meta["fxprune_weight_gather"] = (where, (0 if rows is None else None, 1), -1)

@@ -11,7 +11,7 @@ import torch
 
 from ..labels import along, varying
 from .schema import arg, broadcast_label, describe, one_axis, tensors
-from .shape import param_behind
+from .shape import broadcast_member, param_behind
 
 
 def elementwise(ctx, args, kwargs):
@@ -64,9 +64,7 @@ def elementwise(ctx, args, kwargs):
                 ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where])
             param = param_behind(ctx, source, t, vary)
             if param is not None:   # a learned token broadcast (cls_token.expand(n, -1, -1)): sliced, as in a cat
-                (d,) = vary
-                shape = ctx.gm.get_parameter(param).shape
-                ctx.member(param, d - (nd - len(shape)), along(result, d, sizes[d]), "producer", "scale")
+                broadcast_member(ctx, param, result, vary, sizes, nd)
             elif len(vary) <= 2 and where is not None and min(dims) >= 0:
                 # LayerScale's gamma.view(1, -1, 1, 1), a computed embedding, rotary cos/sin over heads x dims
                 gathers.append((where, dims))

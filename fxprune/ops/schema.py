@@ -52,9 +52,9 @@ class Rule:
     on_meta: Callable | None = None
     spec: Callable | None = None  # spec(node, modules): a conv's geometry for the cost models (conv.Conv2dSpec)
     grids: bool | None = None  # ``couple`` takes grid labels (see one_axis); default: ``couple.takes_grids``
-    #: weight_rows(node): the weight node whose rows (dim 0) are the op's output channels (a conv call's, F.linear's), or
-    #: None; where that weight is computed from parameters alone, those parameters' rows of the same size are
-    #: labelled with the output channels before the walk (:meth:`fxprune.couple.analysis.Analysis.seed_rows`)
+    #: weight_rows(node): the weight node whose rows (dim 0) are the op's output channels (a conv call's,
+    #: F.linear's), or None; where that weight is computed from parameters alone, those parameters' rows of the
+    #: same size are labelled with the output channels before the walk (:meth:`~fxprune.couple.analysis.Analysis.seed_rows`)
     weight_rows: Callable | None = None
 
     def __post_init__(self):

@@ -407,9 +407,7 @@ def cat_rule(ctx, args, kwargs):
                 lab = torch.full([t.shape[d] if d in vary else 1 for d in range(nd)], FIXED, dtype=torch.long)
             result = lab if result is None else ctx.unify(result, lab, f"'{ctx.node.name}' joins them with fixed channels")
         for param, t in joined:
-            (d,) = vary
-            shape = ctx.gm.get_parameter(param).shape
-            ctx.member(param, d - (nd - len(shape)), along(result, d, t.shape[d]), "producer", "scale")
+            broadcast_member(ctx, param, result, vary, t.shape, nd)
         return result.narrow(dim, 0, 1)
     return pin_all(ctx, args, kwargs, f"'{ctx.node.name}' concatenates channels along two dims at once")
 
@@ -501,6 +499,14 @@ def resize_unflatten(m, node, rw):
 
 BROADCASTS = (torch.ops.aten.expand.default, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default,
               torch.ops.aten.alias.default)  # ATen spellings of what param_behind looks through
+
+
+def broadcast_member(ctx, param, label, vary, shape, nd):
+    """``param`` (found by :func:`param_behind`) is sliced along the one channel dim ``vary`` of the
+    ``nd``-dim value it is broadcast to (its own ``shape`` there), as ``label`` says: a ``scale`` member."""
+    (d,) = vary
+    dims = len(ctx.gm.get_parameter(param).shape)
+    ctx.member(param, d - (nd - dims), along(label, d, shape[d]), "producer", "scale")
 
 
 def param_behind(ctx, node, t, vary):

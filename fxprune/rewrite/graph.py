@@ -271,11 +271,10 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows, unless the parameters
     were sliced by rows already) and kept input channels (its columns: by ``index_select``; a grouped
     conv's, each group its own, by one ``gather``; a depthwise conv's, one per group, stay). A linear
-    layer's bias computed at run time (the meta's third field: the channels' axis, -1) is read at the
-    kept outputs."""
-    where, (out_dim, in_dim), *axis = node.meta["fxprune_weight_gather"]
-    axis = axis[0] if axis else 1
-    picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
+    layer's weight or bias computed at run time (the meta's third field, the channels' axis: -1) is read at
+    the kept outputs and inputs the same way."""
+    where, (out_dim, in_dim), axis = node.meta["fxprune_weight_gather"]
+    weight = picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
     x, graph = node.args[0], node.graph
     out_shape, in_shape = rw.old_shape(node), rw.old_shape(x)
     kept_out = torch.nonzero(kept_along(node.meta.get("fxprune"), axis % len(out_shape), out_shape[axis],
@@ -299,7 +298,7 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
         elif in_dim is not None and not bool(kept_in.all()):   # each group's own kept columns (as many in each)
             cols = torch.stack([torch.nonzero(c).flatten() for c in kept_in.view(groups, -1)])
             index = cols[kept_out // (out_size // groups)]
-            kernel = rw.old_shape(node.args[1] if isinstance(where, int) else node.kwargs[where])[2:]
+            kernel = rw.old_shape(weight)[2:]
             index = index.view(*index.shape, *(1,) * len(kernel)).expand(*index.shape, *kernel).contiguous()
             picked = graph.call_function(torch.gather, (picked, in_dim, constant("in", index)))
     if isinstance(where, int):
