@@ -369,10 +369,49 @@ class GroupedResidual(nn.Module):  # ResNeXt-style: a grouped conv inside a resi
         return F.relu(y + self.body(y))
 
 
+class HeadsInterleaved(nn.Module):  # GPT-J / EVA: interleaved rotary (x[..., ::2]); a scale read from the width
+    def __init__(self, c):
+        super().__init__()
+        self.embed = nn.Conv2d(c, 8, 1)
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        angle = (torch.arange(64.0)[:, None] * torch.tensor([0.3, 0.1])).repeat_interleave(2, -1)
+        self.register_buffer("cos", angle.cos())
+        self.register_buffer("sin", angle.sin())
+        self.out = 8
+
+    @staticmethod
+    def rotate(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), -1).reshape(x.shape)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = (p(t).view(n, h * w, 2, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q = q * self.cos + self.rotate(q) * self.sin
+        k = k * self.cos + self.rotate(k) * self.sin
+        y = (q @ k.transpose(-2, -1) * (c // 2) ** -0.5).softmax(-1) @ v
+        t = t + self.o(y.transpose(1, 2).reshape(n, h * w, -1))
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class ECAGate(nn.Module):  # efficient channel attention on a residual: a conv across the pooled channels
+    def __init__(self, c):
+        super().__init__()
+        self.conv = cbr(c, c, 3)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.out = c
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = self.eca(y.mean((2, 3)).unsqueeze(1)).sigmoid()
+        return x + y * gate.transpose(1, 2).unsqueeze(-1)
+
+
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
           HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
-          LayerScale, GroupNorms, Standardised]
+          LayerScale, GroupNorms, Standardised, HeadsInterleaved, ECAGate]
 
 
 class Net(nn.Module):

@@ -433,7 +433,7 @@ def test_model_output_is_pinned():
 
 class SizeReadFromTheStream(nn.Module):
     """``n, c, h, w = x.shape`` ... ``a.reshape(n, h * w, c)``: ``a``'s own channels are fixed (a
-    softmax over them), so the stream's channel count, read into ``c``, must not change."""
+    softmax over them), so ``c`` must stay the stream's original channel count."""
 
     def __init__(self):
         super().__init__()
@@ -450,17 +450,20 @@ class SizeReadFromTheStream(nn.Module):
         return self.out(a).mean(1)
 
 
-def test_a_size_read_from_one_tensor_shaping_another_pins_not_crashes():
+def test_a_size_read_from_one_tensor_shaping_another_is_the_original_size():
     torch.manual_seed(0)
     model = SizeReadFromTheStream().eval()
     x = torch.randn(1, 3, 4, 4)
     pruned = fxprune.compile(model, (x,), method="l1", ratio=0.5)
     rep = fxprune.report(pruned)
-    assert rep.verified and rep.plan.keep.keys() == {"conv0"}
-    graph = fxprune.analyze(model, (x,))
-    reasons = [p.reason for p in graph.groups["conv1"].pins]
-    assert any("uses a size read from dim 1 of 'conv1'" in r for r in reasons), reasons
-    assert pruned(x).shape == (1, 4)
+    assert rep.verified and rep.plan.keep.keys() == {"conv0", "conv1"}
+    reshape = [n for n in pruned.graph.nodes if n.target == "reshape"][0]
+    assert reshape.args[3] == 8 and isinstance(reshape.args[2], torch.fx.Node)  # c folded; h * w still read
+    assert pruned(torch.randn(1, 3, 6, 6)).shape == (1, 4)   # other input sizes still run
+    copy = fxprune.compile(model, (x,), method="l1", ratio=0.5, output="module")
+    reasons = [p.reason for p in fxprune.analyze(model, (x,), output="module").groups["conv1"].pins]
+    assert fxprune.report(copy).plan.keep.keys() == {"conv0"}
+    assert any("reads a channel count at run time" in r for r in reasons), reasons
 
 
 # --- RMSNorm and reductions over channels: exact, so a residual stream through them prunes
@@ -1104,3 +1107,108 @@ def test_a_matmul_by_a_transposed_parameter_is_a_linear_layer(capture):
                                   round_to=None)
     state = pruned.state_dict()
     assert state["a"].shape == (8, 6) and state["b"].shape == (6, 8) and state["c"].shape == (3, 6)
+
+
+class WidthRead(nn.Module):
+    """Numbers computed from a channel count read at run time (DaViT's and XCiT's ``B, N, C = x.shape``):
+    the attention's scale from the stream's width, and a reshape to ``C`` of channels an op pins."""
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q, self.k = nn.Linear(5, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.v, self.out, self.out2 = nn.Linear(16, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, n, c = h.shape
+        attn = (self.q(h) @ self.k(h).transpose(-2, -1) * c ** -0.5).softmax(-1)
+        mixed = (attn @ self.v(h).softmax(-1)).transpose(1, 2).reshape(b, c, n)  # v's channels: pinned
+        return self.out(h) + self.out2(mixed.transpose(1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_number_computed_from_a_channel_count_is_the_original_number(capture):
+    torch.manual_seed(0)
+    model, x = WidthRead().eval(), torch.randn(2, 6, 5)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["inp", "q"])
+    assert pruned.state_dict()["inp.weight"].shape == (8, 5) and pruned.state_dict()["q.weight"].shape == (4, 8)
+    assert pruned.state_dict()["v.weight"].shape == (16, 8)
+    floats = [a for n in pruned.graph.nodes for a in n.args if isinstance(a, float)]
+    assert 0.25 in floats   # 16 ** -0.5: the masked original's scale
+    assert rep.mask["max_rel_diff"] < 1e-5
+
+
+
+def rotate_every_two(x):  # GPT-J's interleaved rotary: dims (2i, 2i + 1) turn together
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def rotate_as_eva(x):  # timm's EVA: the same, back to x's shape read at run time
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+class InterleavedRotary(nn.Module):
+    def __init__(self, rotate=rotate_every_two):
+        super().__init__()
+        self.rotate = rotate
+        self.inp, self.q, self.k = nn.Linear(5, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.v, self.out = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(4) / 4))
+
+    def forward(self, x):
+        h = self.inp(x)
+        ang = torch.repeat_interleave(torch.arange(x.shape[1], dtype=x.dtype)[:, None] * self.inv_freq, 2, dim=-1)
+        q, k = self.q(h), self.k(h)
+        q = q * ang.cos() + self.rotate(q) * ang.sin()
+        k = k * ang.cos() + self.rotate(k) * ang.sin()
+        return self.out(h + (q @ k.transpose(-2, -1)).softmax(-1) @ self.v(h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("rotate", [rotate_every_two, rotate_as_eva])
+def test_every_second_channel_ties_pairs(capture, rotate):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(InterleavedRotary(rotate), (torch.randn(2, 6, 5),), ratio=0.5, round_to=None,
+                                  capture=capture, must_shrink=["q"])
+    assert rep.plan.sizes["q"] == 4 and len(rep.plan.keep["q"]) == 2  # q's and k's 8 dims: 4 pairs, one channel each
+    assert pruned.state_dict()["q.weight"].shape[0] == 4
+    assert rep.mask["max_rel_diff"] < 1e-5
+
+
+def test_a_strided_slice_reads_the_kept_blocks():
+    from fxprune.ops.shape import kept_slice
+    kept = torch.tensor([1, 1, 0, 0, 1, 1, 1, 1], dtype=torch.bool)   # blocks of 2: 0, 2 and 3 kept
+    x = torch.arange(8)
+    for item in (slice(None, None, 2), slice(1, None, 2), slice(2, 7, 2), slice(3, 8, 2), slice(4, 4, 2)):
+        assert x[kept][kept_slice(kept, item.start, item.stop, item.step)].tolist() == \
+            [i for i in x[item].tolist() if kept[i]]
+    assert kept_slice(kept, 1, 6, None) == slice(1, 4)
+
+
+class ECA(nn.Module):  # efficient channel attention: a conv over the pooled channels' axis
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
+        self.eca = nn.Conv1d(1, 1, 5, padding=2, bias=False)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.conv(x)
+        gate = self.eca(y.mean((2, 3)).view(y.shape[0], 1, -1)).sigmoid().view(y.shape[0], -1, 1, 1)
+        return self.head((x + y * gate).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_conv_over_the_channels_runs_at_the_original_width(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(ECA(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["stem"])
+    assert pruned.state_dict()["stem.weight"].shape[0] == 8
+    selects = [n for n in pruned.graph.nodes if n.target is torch.index_select]
+    assert len(selects) == 2   # spread to 16 positions with zeros, then the 8 kept read back
+    assert rep.mask["max_rel_diff"] < 1e-5
+
+
+def test_a_conv_over_the_channels_pins_for_a_module_copy():
+    copy = fxprune.compile(ECA().eval(), (X,), ratio=0.5, onnx=False, round_to=None, output="module")
+    rep = fxprune.report(copy)
+    assert copy.stem.out_channels == 16 and "stem" not in rep.plan.keep
+    assert "neighbouring channels" in rep.first_pin and "test_rules.py" in rep.first_pin

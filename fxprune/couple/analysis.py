@@ -389,7 +389,9 @@ class Analysis:
     def pin_sizes_read_from_channels(self, ctx: "Context", node: fx.Node, out) -> None:
         """A size read from a dim that carries channels, used by another op, ties that op to the channel
         count: where the rewrite does not recompute the size (view/reshape/expand recompute it on dims whose
-        output carries channels), those channels are pinned."""
+        output carries channels), those channels are pinned, unless the size is a model constant
+        (:meth:`folds_to_literal`)."""
+        node.meta.pop("fxprune_fold", None)
         if node.op not in ("call_function", "call_method") or "fxprune_perm" in node.meta \
                 or node.meta.get("fxprune_perm_inner"):
             return  # a channel permutation: the rewrite replaces it with an index_select
@@ -402,6 +404,9 @@ class Analysis:
             label = out.label if isinstance(out, T) else None
             vary = varying(label) if label is not None else []
             recomputed = {id(a) for d, a in enumerate(sizes) if d in vary}
+            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and node.target != "expand" \
+                    and self.shaped_like(ctx, node, sizes[0], out):
+                recomputed.add(id(sizes[0]))
         plain = []
         map_aggregate((node.args, node.kwargs), lambda a: plain.append(a) if isinstance(a, fx.Node)
                       and meta_shapes(a) is None and a.op != "get_attr" else None)
@@ -410,12 +415,45 @@ class Analysis:
                 continue
             src = self.size_sources(a)
             pairs = [(src[1], d) for d in range(len(meta_shapes(src[1]) or ()))] if isinstance(src, tuple) else src
+            if self.folds_to_literal(node, a, pairs):
+                continue
             for t, d in pairs:
                 tt = self.env.get(t)
                 if isinstance(tt, T) and tt.label is not None and d in varying(tt.label):
                     grid = len(varying(tt.label)) > 1
                     ctx.pin(tt.label if grid else along(tt.label, d, tt.shape[d]), f"{describe(node, self.gm)} uses a size read from dim "
                                                               f"{d} of '{t.name}', which carries these channels")
+
+    def shaped_like(self, ctx: "Context", node: fx.Node, size: fx.Node, out) -> bool:
+        """``x.reshape(t.shape)`` (EVA's rotary) is ``x.reshape_as(t)``: the pruned model reads the pruned
+        ``t``'s shape, so the result's channels are tied to ``t``'s, position by position."""
+        src = self.size_sources(size)
+        t = self.env.get(src[1]) if isinstance(src, tuple) else None
+        if not isinstance(t, T) or not isinstance(out, T) or tuple(t.shape) != tuple(out.shape):
+            return False
+        fixed = torch.full((1,) * len(out.shape), FIXED, dtype=torch.long)
+        ctx.unify(fixed if out.label is None else out.label, fixed if t.label is None else t.label,
+                  f"{describe(node, self.gm)} takes its shape from a tensor whose channels differ")
+        return True
+
+    def folds_to_literal(self, node: fx.Node, a: fx.Node, pairs) -> bool:
+        """Whether ``a``, a number ``node`` reads, is computed from channel counts alone (``C // heads``,
+        ``head_dim ** -0.5``): those are constants of the model, so the rewrite passes ``node`` the number the
+        original computed (``node.meta["fxprune_fold"]``), which is what the masked original reads there.
+        A number that also reads a size the inputs set (tokens, positions, a dim where each channel repeats over
+        positions, as ``flatten`` makes it) is not folded: the pruned model must still follow the input."""
+        value = a.meta.get("value", a.meta.get("val"))
+        if not pairs or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        for t, d in pairs:
+            tt = self.env.get(t)
+            if not (isinstance(tt, T) and tt.label is not None and d in varying(tt.label)):
+                return False
+            ids = along(tt.label, d, tt.shape[d])  # channels repeated over positions come in runs (flatten)
+            if bool((ids < 0).any()) or bool((ids[1:] == ids[:-1]).any()):
+                return False
+        node.meta.setdefault("fxprune_fold", {})[a.name] = (value, tuple((t.name, d) for t, d in pairs))
+        return True
 
     def lookup(self, a):
         return self.env[a] if isinstance(a, fx.Node) else a

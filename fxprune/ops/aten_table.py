@@ -65,7 +65,7 @@ register(Rule(elementwise), *with_inplace(
     # arithmetic
     "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
     "div.Scalar", "div.Tensor_mode", "rsub.Tensor", "rsub.Scalar", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "erf", "sin", "cos", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
+    "reciprocal", "erf", "sin", "cos", "square", "log1p", "expm1", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
     "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "where.self", "floor", "ceil", "round", "sign",
     "addcmul", "addcdiv", "lerp.Scalar", "lerp.Tensor",
     # dropout (eval mode: identity)

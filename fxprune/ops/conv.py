@@ -20,6 +20,9 @@ def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
     nd = len(ctx.out_shape)
     label, c_in, c_out = x.label, x.shape[1], ctx.out_shape[1]
     if label is not None and any(d != 1 for d in varying(label)):
+        if _full_width(ctx, x, transposed):
+            d = varying(label)[0]
+            return along(label, d, x.shape[d]).view([1] * d + [-1] + [1] * (nd - d - 1))
         ctx.pin(label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
         label = None
     ins = along(label, 1, c_in)
@@ -58,6 +61,21 @@ def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
     if bias is not None:
         ctx.member(bias, 0, out, "producer", "bias")
     return out.view((1, c_out) + (1,) * (nd - 2))
+
+
+def _full_width(ctx, x, transposed) -> bool:
+    """A conv whose spatial axis carries channels and whose own channels carry none (ECA's ``Conv1d(1, 1, k)``
+    over a pooled ``[n, 1, C]``) mixes neighbouring channels. With the output as long as the input, it is exact
+    at the original width: the rewrite runs it on its input spread back to that width with zeros at the removed
+    positions (what the masked original reads there) and reads its output at the kept ones
+    (``node.meta["fxprune_full_width"]``, :func:`fxprune.rewrite.graph.run_full_width`); position ``j`` of
+    the output carries the channel of position ``j`` of the input. Its weights stay whole."""
+    vary = varying(x.label)
+    if transposed or len(vary) != 1 or vary[0] < 2 or tuple(ctx.out_shape[2:]) != tuple(x.shape[2:]):
+        return False
+    ctx.node.meta["fxprune_full_width"] = vary[0]
+    ctx.node.meta["fxprune_contract"] = True   # it reads the removed channels: the reference zeroes them first
+    return True
 
 
 def _conv_call(ctx, args, kwargs, groups, transposed=False):

@@ -306,14 +306,46 @@ def getitem_rule(ctx, args, kwargs):
     index = index if isinstance(index, tuple) else (index,)
     vary = varying(x.label)
     for d, item in _index_dims(index, len(x.shape)):
-        if d in vary and not (isinstance(item, slice) and item.step in (None, 1)):
+        if d in vary and not isinstance(item, slice):
             ctx.pin(x.label, f"indexing at '{ctx.node.name}' picks single channels")
+            return None
+        if d in vary and item.step not in (None, 1) and not _strided(ctx, x, d, item.step):
             return None
     if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in index):
         return _gathered_positions(ctx, x, index)
     if _empty(ctx):
         return _empty_label(ctx, x)
     return one_axis(ctx, expand_to(x.label, x.shape)[index])
+
+
+def _strided(ctx, x, dim: int, step: int) -> bool:
+    """``x[..., a:b:step]`` along a dim that carries channels (GPT-J's and EVA's interleaved rotary
+    ``x[..., ::2]``, ``x[..., 1::2]``): each block of ``step`` consecutive positions from 0 becomes one
+    channel (tied), so a kept block keeps every one of its positions and the pruned value sliced with the
+    same step reads exactly the kept ones (:func:`kept_slice`). A dim that is not whole blocks pins."""
+    size = x.shape[dim]
+    if size % step:
+        ctx.pin(x.label, f"slicing at '{ctx.node.name}' picks every {step}th of {size} channels")
+        return False
+    blocks = expand_to(x.label, x.shape).unflatten(dim, (size // step, step))
+    for j in range(1, step):
+        ctx.unify(blocks.select(dim + 1, 0), blocks.select(dim + 1, j),
+                  f"slicing at '{ctx.node.name}' takes every {step}th channel")
+    return True
+
+
+def kept_slice(kept: torch.Tensor, start, stop, step) -> slice:
+    """The slice of a pruned dim (``kept``: its original positions' bool mask) that reads what
+    ``slice(start, stop, step)`` read of the original at kept positions; with ``step > 1`` blocks of
+    ``step`` positions are kept or removed whole (:func:`_strided`)."""
+    size = kept.numel()
+    start, stop, step = slice(start, stop, step).indices(size)
+    read = int(kept[start:max(stop, start):step].sum())
+    if step == 1:
+        first = int(kept[:start].sum())
+        return slice(first, first + read, None)
+    first = step * int(kept.view(-1, step)[:start // step, 0].sum()) + start % step
+    return slice(first, first + step * (read - 1) + 1 if read else first, step)
 
 
 def _gathered_positions(ctx, x, index):
@@ -370,9 +402,7 @@ def fix_getitem(node, rw):
     positions = [i for i, it in enumerate(items) if it is not None and it is not Ellipsis]
     for (d, item), pos in zip(_index_dims(tuple(items), len(shape)), positions):
         if d in rw.varying_dims(src) and isinstance(item, slice):
-            kept = rw.kept_along(src, d)
-            start, stop, _ = item.indices(shape[d])
-            items[pos] = slice(int(kept[:start].sum()), int(kept[:stop].sum()), None)
+            items[pos] = kept_slice(rw.kept_along(src, d), item.start, item.stop, item.step)
     node.args = (src, tuple(items) if packed else items[0])
 
 
@@ -448,8 +478,7 @@ def slice_rule(ctx, args, kwargs):
         return None
     dim = arg(args, kwargs, 1, "dim", 0) % len(x.shape)
     step = arg(args, kwargs, 4, "step", 1)
-    if dim in varying(x.label) and step != 1:
-        ctx.pin(x.label, f"slicing at '{ctx.node.name}' picks every {step}th channel")
+    if dim in varying(x.label) and step != 1 and not _strided(ctx, x, dim, step):
         return None
     if _empty(ctx):
         return _empty_label(ctx, x)
@@ -467,12 +496,11 @@ def fix_slice(node, rw):
     dim = arg(node.args, node.kwargs, 1, "dim", 0) % len(shape)
     if dim not in rw.varying_dims(src):
         return
-    kept = rw.kept_along(src, dim)
-    start, stop, _ = slice(arg(node.args, node.kwargs, 2, "start"), arg(node.args, node.kwargs, 3, "end")).indices(
-        shape[dim])
+    new = kept_slice(rw.kept_along(src, dim), arg(node.args, node.kwargs, 2, "start"),
+                     arg(node.args, node.kwargs, 3, "end"), arg(node.args, node.kwargs, 4, "step", 1))
     rw.set_arg(node, 1, "dim", dim)
-    rw.set_arg(node, 2, "start", int(kept[:start].sum()))
-    rw.set_arg(node, 3, "end", int(kept[:max(stop, start)].sum()))
+    rw.set_arg(node, 2, "start", new.start)
+    rw.set_arg(node, 3, "end", new.stop)
 
 
 def select_rule(ctx, args, kwargs):

@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.node import map_arg
 
 from ..capture.values import meta_shapes
 from ..errors import RewriteError
@@ -231,6 +232,38 @@ def replace_permutation(node: fx.Node, rw, root: torch.nn.Module) -> bool:
     return True
 
 
+def run_full_width(node: fx.Node, rw, root: torch.nn.Module) -> bool:
+    """At rewrite time: ``node`` mixes neighbouring positions of a dim that carries channels
+    (``node.meta["fxprune_full_width"]``, see :func:`fxprune.ops.conv._full_width`): a copy of it runs at the
+    original width, on its input spread back there with zeros at the removed positions (a zero padded on and
+    one ``index_select``), and ``node`` becomes the ``index_select`` of that copy's kept positions. Returns
+    whether it did (not when every position stays).
+
+    >>> import torch.nn.functional as F
+    >>> x, spread = torch.tensor([[1., 2.]]), torch.tensor([0, 2, 1])   # positions 0 and 2 of 3 kept
+    >>> F.pad(x, [0, 1]).index_select(1, spread).tolist()
+    [[1.0, 0.0, 2.0]]
+    """
+    dim, src = node.meta["fxprune_full_width"], node.args[0]
+    old = rw.old_shape(src)
+    kept = kept_along(src.meta.get("fxprune"), dim, old[dim], rw.keep)
+    if bool(kept.all()):
+        return False
+    spread = torch.full((old[dim],), int(kept.sum()), dtype=torch.long)
+    spread[kept] = torch.arange(int(kept.sum()))
+    root.register_buffer(f"_fxprune_spread_{node.name}", spread, persistent=False)
+    root.register_buffer(f"_fxprune_kept_{node.name}", torch.nonzero(kept).flatten(), persistent=False)
+    g = node.graph
+    with g.inserting_before(node):
+        padded = g.call_function(torch.nn.functional.pad, (src, [0, 0] * (len(old) - 1 - dim) + [0, 1]))
+        wide = g.call_function(torch.index_select, (padded, dim, g.get_attr(f"_fxprune_spread_{node.name}")))
+        full = g.node_copy(node, lambda a: wide if a is src else a)
+        index = g.get_attr(f"_fxprune_kept_{node.name}")
+    full.meta = {}
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.index_select, (full, dim, index), {}
+    return True
+
+
 def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: the operands of elementwise ``node`` that carry no channels but vary along
     its channel dims (``node.meta["fxprune_gather"]``, see :func:`fxprune.ops.elementwise.elementwise`)
@@ -307,6 +340,16 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
         node.update_kwarg(where, picked)
 
 
+def fold_sizes(node: fx.Node) -> None:
+    """Pass ``node`` the numbers the original computed from channel counts where the analysis folded them
+    (``node.meta["fxprune_fold"]``, see :meth:`fxprune.couple.analysis.Analysis.folds_to_literal`)."""
+    fold = node.meta["fxprune_fold"]
+    missing = set(fold) - {a.name for a in node.all_input_nodes}
+    if missing:
+        raise RuntimeError(f"the sizes {sorted(missing)} to fold are not read by node '{node.name}'")
+    node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: fold[a.name][0] if a.name in fold else a)
+
+
 def weight_gathers(gm: fx.GraphModule) -> list[str]:
     """The convs of a rewritten graph that read a computed weight at kept positions (:func:`gather_weight`)."""
     prefixes = ("_fxprune_weight_out_", "_fxprune_weight_in_")
@@ -348,6 +391,10 @@ def rewrite(graph, plan) -> fx.GraphModule:
             continue
         if "fxprune_perm" in node.meta and replace_permutation(node, rw, root):  # a channel shuffle
             continue
+        if "fxprune_full_width" in node.meta and run_full_width(node, rw, root):  # ECA's conv over channels
+            continue
+        if "fxprune_fold" in node.meta:
+            fold_sizes(node)
         if "fxprune_gather" in node.meta:
             gather_kept(node, rw, root)
         if "fxprune_weight_gather" in node.meta:

@@ -38,8 +38,10 @@ import re
 import torch
 import torch.fx as fx
 
+from ..capture.values import meta_shapes
 from ..errors import PlanError
 from ..ir import Pin
+from ..labels import along, varying
 from ..ops.schema import describe
 from ..utils import paused_gc
 from .graph import Resizer, copy_modules, sliced_memo
@@ -158,6 +160,21 @@ def _channels(node: fx.Node) -> torch.Tensor:
 _UNCHECKED = object()
 _SHUFFLE = object()
 _GATHER = object()
+_FOLD = object()
+_FULL = object()
+
+
+def _folded_channels(node: fx.Node, by_name: dict) -> torch.Tensor:
+    """The global channels along the dims whose sizes ``node`` reads as folded numbers."""
+    found = [torch.zeros(0, dtype=torch.long)]
+    for _, sources in node.meta["fxprune_fold"].values():
+        for name, d in sources:
+            t = by_name[name]
+            label, shape = t.meta.get("fxprune"), meta_shapes(t)
+            if isinstance(label, torch.Tensor) and d in varying(label):
+                found.append(along(label, d, shape[d]))
+    ch = torch.unique(torch.cat(found))
+    return ch[ch >= 0]
 
 
 def _reason(node, gm, change, plan=False) -> str:
@@ -169,6 +186,14 @@ def _reason(node, gm, change, plan=False) -> str:
         return (f"{describe(node, gm)} ({source_of(node)}) ends a channel shuffle, which the pruned graph replaces "
                 "by a gather of the kept channels in the shuffled order; a module copy runs the shuffle unchanged, "
                 "so its channels are kept (output='graph' prunes them)")
+    if old is _FOLD:
+        return (f"{describe(node, gm)} ({source_of(node)}) reads a channel count at run time, where the pruned graph "
+                "passes the original's number (what the masked original reads); a module copy runs that code on the "
+                "pruned tensors, so those channels are kept (output='graph' prunes them)")
+    if old is _FULL:
+        return (f"{describe(node, gm)} ({source_of(node)}) mixes neighbouring channels; the pruned graph runs it at "
+                "the original width with zeros at the removed ones, a module copy runs that code unchanged, so its "
+                "channels are kept (output='graph' prunes them)")
     if old is _GATHER:
         return (f"{describe(node, gm)} ({source_of(node)}) combines them with a tensor that has no channels of its own "
                 "but varies along theirs (a reshaped parameter, a computed embedding, a weight computed at run time): "
@@ -307,9 +332,19 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
     added: list[Pin] = []
     found: list[tuple] = []
+    by_name = {n.name: n for n in gm.graph.nodes}
     for node in scratch.nodes:
+        if "fxprune_full_width" in node.meta:  # the graph rewrite runs it at the original width (a conv module too)
+            ch = _channels(node)
+            if ch.numel() and not bool(keep[ch].all()):
+                found.append((original[node], ch, (_FULL, None), None))
+            continue
         if node.op not in ("call_function", "call_method"):
             continue
+        if "fxprune_fold" in node.meta:  # the graph rewrite passes the original's channel counts
+            ch = _folded_channels(node, by_name)
+            if ch.numel() and not bool(keep[ch].all()):
+                found.append((original[node], ch, (_FOLD, None), None))
         if any(k in node.meta for k in ("fxprune_perm", "fxprune_gather", "fxprune_weight_gather")):
             # the graph rewrite adds index_select
             ch = _channels(node)

@@ -71,7 +71,8 @@ class _Capture(fx.Interpreter):
 class _Reference(_Capture):
     """The masked original, with two exceptions the rules mark in ``node.meta``.
 
-    ``fxprune_contract`` (a matmul or einsum summing over channels, q @ k^T): the removed
+    ``fxprune_contract`` (a matmul or einsum summing over channels, q @ k^T; a sum or norm over them;
+    a conv across them, ECA's): the removed
     channels of its inputs are zeroed first, as their producers are not. ``fxprune_approx``
     (a LayerNorm over channels, or a GroupNorm of one group; see "approximate" groups): the norm is
     recomputed over the kept channels only, as the pruned model computes it.
