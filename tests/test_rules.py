@@ -744,7 +744,7 @@ def test_a_bias_computed_at_run_time_is_read_at_the_kept_outputs(capture):
     torch.manual_seed(0)
     pruned, rep = prune_and_check(CatBias(), (torch.randn(2, 5, 6),), ratio=0.5, round_to=None, capture=capture,
                                   must_shrink=["embed"])   # q, k and v are tied to the stream
-    assert pruned.state_dict()["qkv.weight"].shape == (24, 8)
+    assert pruned.state_dict()["qkv.weight"].shape == (24, 8)   # q, k, v of 2 heads: 4 dims each, the 8 kept
     assert pruned.state_dict()["q_bias"].shape == (16,)   # computed from: kept whole, read at the kept outputs
     assert len([n for n in pruned.graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]) == 1
 
@@ -1212,3 +1212,49 @@ def test_a_conv_over_the_channels_pins_for_a_module_copy():
     rep = fxprune.report(copy)
     assert copy.stem.out_channels == 16 and "stem" not in rep.plan.keep
     assert "neighbouring channels" in rep.first_pin and "test_rules.py" in rep.first_pin
+
+
+class AlibiScores(nn.Module):  # Bloom: scores = baddbmm(alibi, q, k^T), heads folded into the batch
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.out = nn.Linear(5, 16), nn.Linear(16, 48), nn.Linear(16, 3)
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+
+    def forward(self, x):
+        n = x.shape[1]
+        h = self.inp(x)
+        q, k, v = self.qkv(h).view(1, n, 2, 3, 8).unbind(3)   # per head: its q, k and v
+        q, k, v = (t.transpose(1, 2).reshape(2, n, 8) for t in (q, k, v))
+        alibi = (self.slopes[:, None] * torch.arange(n, dtype=x.dtype))[:, None, :]
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=8 ** -0.5).softmax(-1)
+        y = torch.bmm(scores, v).view(1, 2, n, 8).transpose(1, 2).reshape(1, n, 16)
+        return self.out(h + torch.multiply(y, 0.5))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scores_added_to_a_batched_product_prune_like_a_matmul(capture):
+    torch.manual_seed(0)
+    model, x = AlibiScores().eval(), torch.randn(1, 6, 5)
+    graph = fxprune.analyze(model, (x,), capture=capture)
+    assert all(g.prunable == g.size for name, g in graph.groups.items() if name != "out"), \
+        {name: [p.reason for p in g.pins] for name, g in graph.groups.items()}
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["inp"])
+    assert pruned.state_dict()["qkv.weight"].shape == (24, 8)   # q, k, v of 2 heads: 4 dims each, the 8 kept
+    assert rep.mask["max_rel_diff"] < 1e-5
+
+
+class DeadRead(nn.Module):  # Bart: embed_positions(inputs_embeds[:, :, -1]) reads a channel "for the shape only"
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 16), nn.Linear(16, 3)
+        self.pos = nn.Parameter(torch.randn(6, 16))
+
+    def forward(self, x):
+        h = self.inp(x)
+        n = h[:, :, -1].shape[1]
+        return self.out(h + self.pos[:n])
+
+
+def test_a_channel_read_for_its_shape_only_pins_nothing():
+    graph = fxprune.analyze(DeadRead().eval(), (torch.randn(1, 6, 5),), capture="export")
+    assert graph.groups["inp"].prunable == 16

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
+from .attention import baddbmm_rule, einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
@@ -64,6 +64,8 @@ register(Rule(elementwise), *with_inplace(
     "hardswish", "hardsigmoid", "hardtanh", "softplus", "log_sigmoid", "threshold",
     # arithmetic
     "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
+    "multiply.Tensor", "multiply.Scalar", "subtract.Tensor", "subtract.Scalar", "divide.Tensor", "divide.Scalar",
+    "true_divide.Tensor", "true_divide.Scalar",
     "div.Scalar", "div.Tensor_mode", "rsub.Tensor", "rsub.Scalar", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
     "reciprocal", "erf", "sin", "cos", "square", "log1p", "expm1", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
     "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "where.self", "floor", "ceil", "round", "sign",
@@ -135,6 +137,7 @@ register(Rule(select_rule), *overloads("select.int"))
 register(Rule(cat_rule), *overloads("cat", "stack"))
 
 register(Rule(matmul_rule), *overloads("matmul", "bmm", "mm"))
+register(Rule(baddbmm_rule), *overloads("baddbmm"))
 register(Rule(einsum_rule), *overloads("einsum"))
 register(Rule(sdpa_rule, fix=fix_sdpa), *overloads("scaled_dot_product_attention"))
 

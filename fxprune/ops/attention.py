@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..labels import FIXED, along, grid_of, varying
+from .elementwise import elementwise
 from .schema import T, arg, describe, pin_all, tied
 
 
@@ -161,6 +162,17 @@ def matmul_rule(ctx, args, kwargs):
 
 
 matmul_rule.takes_grids = True
+
+
+def baddbmm_rule(ctx, args, kwargs):
+    """``baddbmm(input, b1, b2)``, ``beta * input + alpha * (b1 @ b2)`` (Bloom's scores with ALiBi): the
+    product's channels (:func:`matmul_rule`), then the sum's (:func:`~.elementwise.elementwise`)."""
+    x, b1, b2 = args[0], arg(args, kwargs, 1, "batch1"), arg(args, kwargs, 2, "batch2")
+    product = _contract(ctx, [(b1, "aik"), (b2, "akj")], "aij")
+    return elementwise(ctx, (x, T(product, tuple(ctx.out_shape))), {})
+
+
+baddbmm_rule.takes_grids = True
 
 
 def einsum_rule(ctx, args, kwargs):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .attention import (einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
+from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
@@ -50,7 +50,8 @@ register(ELEMENTWISE,
          # arithmetic
          operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.abs,
          operator.iadd, operator.isub, operator.imul, operator.itruediv,
-         torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt,
+         torch.add, torch.sub, torch.mul, torch.div, torch.multiply, torch.subtract, torch.divide, torch.true_divide,
+         torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt,
          torch.rsqrt, torch.pow, torch.square, torch.reciprocal, torch.erf, torch.sin, torch.cos, torch.log1p,
          torch.expm1, torch.maximum,
          torch.minimum, torch.clamp, torch.where, torch.addcmul, torch.addcdiv, torch.lerp,
@@ -146,6 +147,7 @@ register(Rule(layer_norm_rule, fix=fix_layer_norm), F.layer_norm)
 register(Rule(rms_norm_rule, resize=resize_rms_norm, on_meta=same_shape), nn.RMSNorm)
 register(Rule(rms_norm_rule, fix=fix_rms_norm), F.rms_norm)
 register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+register(Rule(baddbmm_rule), torch.baddbmm, "baddbmm")
 register(Rule(sdpa_rule, fix=fix_sdpa), F.scaled_dot_product_attention)
 register(Rule(einsum_rule), torch.einsum)
 try:
