@@ -1258,3 +1258,30 @@ class DeadRead(nn.Module):  # Bart: embed_positions(inputs_embeds[:, :, -1]) rea
 def test_a_channel_read_for_its_shape_only_pins_nothing():
     graph = fxprune.analyze(DeadRead().eval(), (torch.randn(1, 6, 5),), capture="export")
     assert graph.groups["inp"].prunable == 16
+
+
+class RelPosEinsum(nn.Module):  # SAM / MViT-v2: q summed against a position table computed from parameters
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q, self.k = nn.Linear(5, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.v, self.out = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.rel = nn.Parameter(torch.randn(11, 8))
+
+    def forward(self, x):
+        n = x.shape[1]
+        h = self.inp(x)
+        q, k = self.q(h), self.k(h)
+        table = self.rel[torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1]   # [n, n, dims]
+        scores = q @ k.transpose(1, 2) + torch.einsum("bqd,qkd->bqk", q, table)
+        return self.out(h + scores.softmax(-1) @ self.v(h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_table_summed_against_channels_is_read_at_the_kept_ones(capture):
+    torch.manual_seed(0)
+    model, x = RelPosEinsum().eval(), torch.randn(2, 6, 5)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["q"])
+    assert pruned.state_dict()["q.weight"].shape[0] == 4 and pruned.state_dict()["rel"].shape == (11, 8)
+    assert rep.mask["max_rel_diff"] < 1e-5
+    copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None, output="module", capture=capture)
+    assert copy.q.out_features == 8 and "kept positions" in fxprune.report(copy).first_pin

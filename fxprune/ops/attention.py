@@ -15,12 +15,17 @@ from .elementwise import elementwise
 from .schema import T, arg, describe, pin_all, tied
 
 
-def _contract(ctx, operands, out_letters):
-    """Shared by matmul and einsum: ``operands`` is a list of (T, letters), one letter per dim.
+def _contract(ctx, operands, out_letters, sources=()):
+    """Shared by matmul and einsum: ``operands`` is a list of (T, letters), one letter per dim;
+    ``sources`` the graph nodes they are (where known).
 
     A letter's channels must agree in every operand that has it (they are unified); a
     letter summed over (absent from the output) that carries channels makes the node a
     contraction over channels (exact under pruning when both sides drop the same ones).
+    An operand without channels summed against channels (a relative position table computed
+    from parameters, ``q @ rel.T``) is read at the kept positions: ``sum_c q[c] r[c]`` over the kept
+    ``c`` is what the masked original sums (``node.meta["fxprune_contract_gather"]``, see
+    :func:`fxprune.rewrite.graph.gather_contracted`).
     """
     ids_of: dict[str, list] = {}
     if any(t.label is not None and len(varying(t.label)) > 1 for t, _ in operands):
@@ -35,17 +40,21 @@ def _contract(ctx, operands, out_letters):
         if len(vary) > 1:
             return pin_all(ctx, [t for t, _ in operands], {},
                            f"{describe(ctx.node, ctx.gm)} sees channels spread over several dims")
+    for n, (t, letters) in enumerate(operands):
+        vary = varying(t.label)
         for d, letter in enumerate(letters):
-            ids_of.setdefault(letter, []).append((along(t.label, d, t.shape[d]) if d in vary else None, t.shape[d]))
+            ids_of.setdefault(letter, []).append(
+                (along(t.label, d, t.shape[d]) if d in vary else None, t.shape[d], n, d))
     result: dict[str, torch.Tensor] = {}
     for letter, found in ids_of.items():
-        carried = [i for i, _ in found if i is not None]
+        carried = [i for i, *_ in found if i is not None]
         if not carried:
             continue
         ids = carried[0]
         for other in carried[1:]:
             ids = ctx.unify(ids, other, f"{describe(ctx.node, ctx.gm)} combines them with fixed channels")
-        if any(i is None and size > 1 for i, size in found):
+        fixed = [(n, d) for i, size, n, d in found if i is None and size > 1]
+        if fixed and not _gathered_contraction(ctx, letter, out_letters, found, fixed, operands, sources):
             ctx.pin(ids, f"{describe(ctx.node, ctx.gm)} combines them with an operand whose channels are fixed")
         result[letter] = ids
     summed = [letter for letter in result if letter not in out_letters]
@@ -67,6 +76,22 @@ def _contract(ctx, operands, out_letters):
     shape = [1] * len(out_letters)
     shape[d] = -1
     return result[kept_out[0]].view(shape)
+
+
+def _gathered_contraction(ctx, letter, out_letters, found, fixed, operands, sources) -> bool:
+    """Whether the operands without channels along summed ``letter`` can be read at the kept positions
+    (:func:`_contract`): each is a graph value with ``letter`` on one dim, and one operand carries the
+    channels there (the rewrite reads which are kept from its label)."""
+    carriers = [(n, d) for i, _, n, d in found if i is not None]
+    if letter in out_letters or len(carriers) != 1 or len(sources) != len(operands):
+        return False
+    n, d = carriers[0]
+    if not isinstance(sources[n], fx.Node) or any(
+            not isinstance(sources[m], fx.Node) or operands[m][1].count(letter) != 1 for m, _ in fixed):
+        return False
+    gathers = ctx.node.meta.setdefault("fxprune_contract_gather", [])
+    gathers.extend((sources[m].name, e, sources[n].name, d) for m, e in fixed)
+    return True
 
 
 def _by_parameter(ctx, operands, out_letters):
@@ -158,7 +183,7 @@ def matmul_rule(ctx, args, kwargs):
     batch = "abcdefgh"[:nd - 2]
     la = batch[len(batch) - (len(a.shape) - 2):] + "ik"
     lb = batch[len(batch) - (len(b.shape) - 2):] + "kj"
-    return _contract(ctx, [(a, la), (b, lb)], batch + "ij")
+    return _contract(ctx, [(a, la), (b, lb)], batch + "ij", ctx.node.args[:2])
 
 
 matmul_rule.takes_grids = True
@@ -168,7 +193,7 @@ def baddbmm_rule(ctx, args, kwargs):
     """``baddbmm(input, b1, b2)``, ``beta * input + alpha * (b1 @ b2)`` (Bloom's scores with ALiBi): the
     product's channels (:func:`matmul_rule`), then the sum's (:func:`~.elementwise.elementwise`)."""
     x, b1, b2 = args[0], arg(args, kwargs, 1, "batch1"), arg(args, kwargs, 2, "batch2")
-    product = _contract(ctx, [(b1, "aik"), (b2, "akj")], "aij")
+    product = _contract(ctx, [(b1, "aik"), (b2, "akj")], "aij", ctx.node.args[1:3])
     return elementwise(ctx, (x, T(product, tuple(ctx.out_shape))), {})
 
 
@@ -184,7 +209,9 @@ def einsum_rule(ctx, args, kwargs):
     ins = ins.split(",")
     if len(ins) != len(operands) or any(len(s) != len(t.shape) for s, t in zip(ins, operands)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: equation does not fit its operands")
-    return _contract(ctx, list(zip(operands, ins)), out)
+    nodes = ctx.node.args[1] if len(ctx.node.args) == 2 and isinstance(ctx.node.args[1], (tuple, list)) \
+        else ctx.node.args[1:]
+    return _contract(ctx, list(zip(operands, ins)), out, nodes)
 
 
 einsum_rule.takes_grids = True

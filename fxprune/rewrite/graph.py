@@ -299,6 +299,24 @@ def gather_kept(node: fx.Node, rw, root: torch.nn.Module) -> None:
                 node.update_kwarg(where, picked)
 
 
+def gather_contracted(node: fx.Node, rw, root: torch.nn.Module) -> None:
+    """At rewrite time: the operands of contraction ``node`` that carry no channels along a summed dim where
+    another operand carries them (``node.meta["fxprune_contract_gather"]``, see :func:`fxprune.ops.attention._contract`)
+    are read at that operand's kept positions there (``index_select``)."""
+    inputs = {a.name: a for a in node.all_input_nodes}
+    g = node.graph
+    for i, (fixed, dim, carrier, carrier_dim) in enumerate(node.meta["fxprune_contract_gather"]):
+        src, by = inputs[fixed], inputs[carrier]
+        kept = kept_along(by.meta.get("fxprune"), carrier_dim, rw.old_shape(by)[carrier_dim], rw.keep)
+        if bool(kept.all()):
+            continue
+        name = f"_fxprune_contract_{node.name}_{i}"
+        root.register_buffer(name, torch.nonzero(kept).flatten(), persistent=False)
+        with g.inserting_before(node):
+            picked = g.call_function(torch.index_select, (src, dim, g.get_attr(name)))
+        node.args = map_arg(node.args, lambda a: picked if a is src else a)
+
+
 def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: a conv's weight computed at run time (``node.meta["fxprune_weight_gather"]``, see
     :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows, unless the parameters
@@ -397,6 +415,8 @@ def rewrite(graph, plan) -> fx.GraphModule:
             fold_sizes(node)
         if "fxprune_gather" in node.meta:
             gather_kept(node, rw, root)
+        if "fxprune_contract_gather" in node.meta:
+            gather_contracted(node, rw, root)
         if "fxprune_weight_gather" in node.meta:
             gather_weight(node, rw, root)
         rule = graph.table.rule_for(node, modules)

@@ -345,7 +345,8 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
             ch = _folded_channels(node, by_name)
             if ch.numel() and not bool(keep[ch].all()):
                 found.append((original[node], ch, (_FOLD, None), None))
-        if any(k in node.meta for k in ("fxprune_perm", "fxprune_gather", "fxprune_weight_gather")):
+        if any(k in node.meta for k in ("fxprune_perm", "fxprune_gather", "fxprune_weight_gather",
+                                        "fxprune_contract_gather")):
             # the graph rewrite adds index_select
             ch = _channels(node)
             if ch.numel() and not bool(keep[ch].all()):
