@@ -1285,3 +1285,23 @@ def test_a_table_summed_against_channels_is_read_at_the_kept_ones(capture):
     assert rep.mask["max_rel_diff"] < 1e-5
     copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None, output="module", capture=capture)
     assert copy.q.out_features == 8 and "kept positions" in fxprune.report(copy).first_pin
+
+
+class PaddedChannels(nn.Module):  # EfficientViT's linear attention: a row of ones appended to v's channels
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(5, 16), nn.Linear(17, 8), nn.Linear(8, 3)
+        self.zero = nn.ConstantPad1d((2, 0), 0.0)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        y = self.mid(F.pad(h, (0, 1), mode="constant", value=1.0))
+        return self.out(self.zero(y)[..., 2:])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_channels_padded_by_a_constant_keep_the_padding(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(PaddedChannels(), (torch.randn(2, 5),), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["inp", "mid"])
+    assert pruned.state_dict()["mid.weight"].shape == (4, 9)   # 8 kept and the padded one

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 
-from ..labels import along, varying
+from ..labels import FIXED, along, varying
 from .schema import arg, broadcast_label, describe, one_axis, tensors
 from .shape import broadcast_member, param_behind
 
@@ -131,16 +132,31 @@ def spatial(ctx, args, kwargs):
 
 def pad(ctx, args, kwargs):
     """F.pad and the padding modules: (left, right) pairs from the last dim backwards; a dim padded by
-    zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels."""
+    zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels. A dim that carries
+    channels padded by a constant (EfficientViT's row of ones appended to ``v``) keeps them, the new
+    positions fixed: the pruned value is the same padding of the kept ones."""
     x = args[0]
-    amounts = ctx.module().padding if ctx.node.op == "call_module" else arg(args, kwargs, 1, "pad")
+    module = ctx.module() if ctx.node.op == "call_module" else None
+    amounts = module.padding if module is not None else arg(args, kwargs, 1, "pad")
     amounts = tuple(amounts) if isinstance(amounts, (tuple, list)) else (amounts,)
     nd = len(x.shape)
     padded = {nd - 1 - i // 2 for i, p in enumerate(amounts) if not (isinstance(p, int) and p == 0)}
-    if any(d in padded for d in varying(x.label)):
-        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} pads a dim that carries channels")
-        return None
-    return x.label
+    vary = [d for d in varying(x.label) if d in padded]
+    if not vary:
+        return x.label
+    constant = isinstance(module, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                                   nn.ConstantPad3d)) if module is not None else \
+        getattr(ctx.node.target, "__name__", "").startswith("constant_pad_nd") or \
+        arg(args, kwargs, 2, "mode", "constant") == "constant"
+    if len(vary) == 1 and constant and all(isinstance(p, int) and p >= 0 for p in amounts):
+        d = vary[0]
+        left, right = (amounts[2 * (nd - 1 - d)], amounts[2 * (nd - 1 - d) + 1]) if 2 * (nd - 1 - d) + 1 < len(
+            amounts) else (0, 0)
+        fixed = torch.full((left + right,), FIXED, dtype=torch.long)
+        ids = torch.cat([fixed[:left], along(x.label, d, x.shape[d]), fixed[left:]])
+        return ids.view([1] * d + [-1] + [1] * (nd - d - 1))
+    ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} pads a dim that carries channels")
+    return None
 
 
 def reduce_over(exact: bool):
