@@ -265,14 +265,15 @@ class MeanSquareChannels(LayerNormChannels):  # RMSNorm as Hugging Face's Gemma 
         return x + self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
 
 
-class SpatialGate(nn.Module):  # CBAM-style: a gate from the mean and sum over the channels
+class SpatialGate(nn.Module):  # CBAM-style: a gate from the mean, sum, maximum and minimum over the channels
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+        self.conv = nn.Conv2d(4, 1, 3, padding=1)
         self.out = c
 
     def forward(self, x):
-        stats = torch.cat([x.mean(1, keepdim=True), x.sum(1, keepdim=True) / 8], 1)
+        stats = torch.cat([x.mean(1, keepdim=True), x.sum(1, keepdim=True) / 8, torch.max(x, 1, keepdim=True)[0],
+                           x.amin(1, keepdim=True)], 1)
         return x * torch.sigmoid(self.conv(stats))
 
 

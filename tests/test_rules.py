@@ -574,7 +574,7 @@ class Reductions(nn.Module):
 @pytest.mark.parametrize("op, prunes", [
     (lambda h: h.sum(1, keepdim=True), True),
     (lambda h: torch.mean(h, dim=(1, 2), keepdim=True), True),
-    (lambda h: h.amax(1, keepdim=True), False),  # a removed channel may be the maximum
+    (lambda h: h.amax(1, keepdim=True), True),  # the kept channels' maximum and a zero (a removed one)
     (lambda h: h.mean((2, 3), keepdim=True).sum(1, keepdim=True), True),
     (lambda h: h.mean(), False),  # over every dim: pinned, and the rewrite leaves it alone
     (lambda h: torch.mean(h, dim=[]), False),
@@ -1305,3 +1305,29 @@ def test_channels_padded_by_a_constant_keep_the_padding(capture):
     pruned, rep = prune_and_check(PaddedChannels(), (torch.randn(2, 5),), ratio=0.5, round_to=None, capture=capture,
                                   must_shrink=["inp", "mid"])
     assert pruned.state_dict()["mid.weight"].shape == (4, 9)   # 8 kept and the padded one
+
+
+class SpatialMaxGate(nn.Module):  # CBAM's spatial attention: the mean and the maximum over the channels
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        neg, pos = -F.relu(x) - 0.1, F.relu(x) + 0.1   # a removed channel, a zero, is their maximum / minimum
+        pooled = torch.cat([neg.mean(1, keepdim=True), torch.max(neg, 1, keepdim=True)[0]], 1)
+        x = x * self.conv(pooled).sigmoid() + pos.amin(1, keepdim=True) * neg.amax((1, 2), keepdim=True)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_maximum_over_channels_is_the_masked_originals(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(SpatialMaxGate(), (X,), ratio=0.5, round_to=None, capture=capture,
+                                  must_shrink=["stem"])
+    assert pruned.state_dict()["stem.weight"].shape[0] == 8 and rep.mask["max_rel_diff"] < 1e-5
+
+
+def test_a_maximum_over_channels_pins_for_a_module_copy():
+    copy = fxprune.compile(SpatialMaxGate().eval(), (X,), ratio=0.5, onnx=False, round_to=None, output="module")
+    assert copy.stem.out_channels == 16 and "stem" not in fxprune.report(copy).plan.keep

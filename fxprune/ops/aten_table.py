@@ -29,8 +29,9 @@ from .attention import baddbmm_rule, einsum_rule, fix_sdpa, matmul_rule, sdpa_ru
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, filled_like, first_input, mean_fix, norm_over, normalize_over,
-                          pad, reduce_over, spatial, variance_fix, variance_over)
+from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, max_min_rule, mean_fix,
+                          norm_over, normalize_over, pad, reduce_over, spatial, variance_fix, variance_over,
+                          zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
                    rms_norm_rule, weight_norm_rule)
@@ -106,7 +107,11 @@ register(Rule(pad), *overloads("pad", "constant_pad_nd", "reflection_pad1d", "re
 register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.ops.aten.sum.dim_IntList, torch.ops.aten.div.Tensor)),
          *overloads("mean.dim"))
-register(Rule(reduce_over(exact=False)), *overloads("amax", "amin"))
+register(Rule(reduce_over(exact=True), fix=extreme_fix(torch.ops.aten.clamp_min.default, "clamp_min")),
+         *overloads("amax"))
+register(Rule(reduce_over(exact=True), fix=extreme_fix(torch.ops.aten.clamp_max.default, "clamp_max")),
+         *overloads("amin"))
+register(Rule(max_min_rule, fix=zero_joined_fix), *overloads("max.dim", "min.dim"))
 register(Rule(variance_over, fix=variance_fix(False)), *overloads("var.correction", "var.dim"))
 register(Rule(variance_over, fix=variance_fix(True)), *overloads("std.correction", "std.dim"))
 register(Rule(norm_over(1, "ord")), *overloads("linalg_vector_norm"))

@@ -6,12 +6,13 @@ Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn as nn
 
 from ..labels import FIXED, along, varying
-from .schema import arg, broadcast_label, describe, one_axis, tensors
+from .schema import T, arg, broadcast_label, describe, one_axis, tensors
 from .shape import broadcast_member, param_behind
 
 
@@ -166,7 +167,9 @@ def reduce_over(exact: bool):
     reduction passes: a removed channel adds zero to the masked original's sum (the
     reference zeroes it first: ``fxprune_contract``), and a mean keeps that sum's original
     divisor (:func:`mean_fix`), so RMSNorm's ``x.pow(2).mean(-1)`` no longer pins a residual
-    stream. The result carries no channels there. A max or min over channels pins them.
+    stream; a max or min is the masked original's once a zero joins the kept channels
+    (:func:`extreme_fix`, :func:`max_min_rule`). The result carries no channels there. A reduction
+    that is not exact (a norm of order ``p <= 0``) pins them.
     """
 
     def rule(ctx, args, kwargs):
@@ -235,6 +238,62 @@ def normalize_rule(ctx, args, kwargs):
             return None
         ctx.node.meta["fxprune_contract"] = True
     return x.label
+
+
+def extreme_fix(clamp_op, method: str):
+    """``amax``/``amin`` over dims that lost channels: the masked original's removed channels are zeros, so its
+    maximum (minimum) is the kept channels' clamped from below (above) by 0. The node keeps its name and becomes
+    the clamp (``clamp_op``, or the ``method`` of a ``call_method`` node); the reduction is a new node before it
+    (CBAM's and CSATv2's maximum over the channels)."""
+
+    def fix(node, rw):
+        x = node.args[0]
+        dims = arg(node.args, node.kwargs, 1, "dim")
+        old, new = rw.old_shape(x), rw.new_shape(x)
+        dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
+        if all(old[d] == new[d] for d in dims):
+            return
+        with node.graph.inserting_before(node):
+            extreme = node.graph.create_node(node.op, node.target, node.args, node.kwargs)
+        node.target = method if node.op == "call_method" else clamp_op
+        node.args, node.kwargs = (extreme, 0.0), {}
+
+    return fix
+
+
+def max_min_rule(ctx, args, kwargs):
+    """``torch.max``/``torch.min`` (and ATen's ``max.dim``/``min.dim``): with a tensor second argument elementwise;
+    over a ``dim``, a (values, indices) pair, the values as :func:`reduce_over`'s extreme where only they are read
+    (indices into the kept channels are not the original's); over every dim, it pins."""
+    other = arg(args, kwargs, 1, "dim", arg(args, kwargs, 1, "other"))
+    if isinstance(other, T):
+        return elementwise(ctx, args, kwargs)
+    x = args[0]
+    if other is None or x.label is None:
+        return reduce_over(True)(ctx, (x, other), {})
+    label = reduce_over(True)(ctx, (x, other, arg(args, kwargs, 2, "keepdim", False)), {})
+    if ctx.node.meta.get("fxprune_contract") and any(
+            u.target is not operator.getitem or u.args[1] != 0 for u in ctx.node.users):
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} returns the positions of a maximum or minimum over the channels")
+        ctx.node.meta.pop("fxprune_contract")
+        return None
+    return (label, label) if len(ctx.out_shape) == 2 and isinstance(ctx.out_shape[0], tuple) else label
+
+
+def zero_joined_fix(node, rw):
+    """``torch.max(x, dim)`` over a dim that lost channels (:func:`max_min_rule`): ``x`` with one zero appended
+    along that dim, so its values are the masked original's (a removed channel is a zero there)."""
+    x = node.args[0]
+    dim = arg(node.args, node.kwargs, 1, "dim")
+    if not isinstance(dim, int):
+        return
+    old, new = rw.old_shape(x), rw.new_shape(x)
+    dim %= len(old)
+    if old[dim] == new[dim]:
+        return
+    with node.graph.inserting_before(node):
+        joined = node.graph.call_function(torch.nn.functional.pad, (x, [0, 0] * (len(old) - 1 - dim) + [0, 1]))
+    node.update_arg(0, joined)
 
 
 def mean_fix(sum_op, div_op):

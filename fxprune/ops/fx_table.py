@@ -25,8 +25,8 @@ from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention,
                         relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
-from .elementwise import (elementwise, filled_like, mean_fix, norm_over, normalize_over, normalize_rule, pad,
-                          reduce_over, spatial, variance_fix, variance_over)
+from .elementwise import (elementwise, extreme_fix, filled_like, max_min_rule, mean_fix, norm_over, normalize_over, normalize_rule, pad,
+                          reduce_over, spatial, variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
@@ -101,7 +101,9 @@ register(Rule(pad), F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.Constant
          nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 register(Rule(reduce_over(exact=True)), torch.sum, "sum")
 register(Rule(reduce_over(exact=True), fix=mean_fix(torch.sum, torch.div)), torch.mean, "mean")
-register(Rule(reduce_over(exact=False)), torch.amax, torch.amin, "amax", "amin")
+register(Rule(reduce_over(exact=True), fix=extreme_fix(torch.clamp_min, "clamp_min")), torch.amax, "amax")
+register(Rule(reduce_over(exact=True), fix=extreme_fix(torch.clamp_max, "clamp_max")), torch.amin, "amin")
+register(Rule(max_min_rule, fix=zero_joined_fix), torch.max, torch.min, "max", "min")
 register(Rule(variance_over, fix=variance_fix(False)), torch.var, "var")
 register(Rule(variance_over, fix=variance_fix(True)), torch.std, "std")
 register(Rule(norm_over(1, "ord")), torch.linalg.vector_norm)

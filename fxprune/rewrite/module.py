@@ -162,6 +162,7 @@ _SHUFFLE = object()
 _GATHER = object()
 _FOLD = object()
 _FULL = object()
+_ADDED = object()
 
 
 def _folded_channels(node: fx.Node, by_name: dict) -> torch.Tensor:
@@ -190,6 +191,10 @@ def _reason(node, gm, change, plan=False) -> str:
         return (f"{describe(node, gm)} ({source_of(node)}) reads a channel count at run time, where the pruned graph "
                 "passes the original's number (what the masked original reads); a module copy runs that code on the "
                 "pruned tensors, so those channels are kept (output='graph' prunes them)")
+    if old is _ADDED:
+        return (f"{describe(node, gm)} ({source_of(node)}) reads them where the pruned graph adds an op before it "
+                "(a zero joined to a maximum over the channels, a removed channel's value in the masked original); a "
+                "module copy runs that code unchanged, so its channels are kept (output='graph' prunes them)")
     if old is _FULL:
         return (f"{describe(node, gm)} ({source_of(node)}) mixes neighbouring channels; the pruned graph runs it at "
                 "the original width with zeros at the removed ones, a module copy runs that code unchanged, so its "
@@ -358,10 +363,12 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
         ch = _channels(node)
         if not ch.numel() or bool(keep[ch].all()):
             continue
-        before = _snapshot(node)
+        before, count = _snapshot(node), len(scratch.nodes)
         try:
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node))
+            if change is None and len(scratch.nodes) != count:   # an op added before it (a zero joined to a max)
+                change = (_ADDED, None)
         except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
             change = (_UNCHECKED, f"{type(exc).__name__}: {exc}")
         if change is not None:
