@@ -1187,7 +1187,8 @@ def test_a_strided_slice_reads_the_kept_blocks():
 class ECA(nn.Module):  # efficient channel attention: a conv over the pooled channels' axis
     def __init__(self):
         super().__init__()
-        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 3)
         self.eca = nn.Conv1d(1, 1, 5, padding=2, bias=False)
 
     def forward(self, x):
@@ -1310,7 +1311,8 @@ def test_channels_padded_by_a_constant_keep_the_padding(capture):
 class SpatialMaxGate(nn.Module):  # CBAM's spatial attention: the mean and the maximum over the channels
     def __init__(self):
         super().__init__()
-        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1), nn.Linear(16, 3)
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+        self.head = nn.Linear(16, 3)
 
     def forward(self, x):
         x = self.stem(x)

@@ -68,7 +68,8 @@ register(Rule(elementwise), *with_inplace(
     "multiply.Tensor", "multiply.Scalar", "subtract.Tensor", "subtract.Scalar", "divide.Tensor", "divide.Scalar",
     "true_divide.Tensor", "true_divide.Scalar",
     "div.Scalar", "div.Tensor_mode", "rsub.Tensor", "rsub.Scalar", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "erf", "sin", "cos", "square", "log1p", "expm1", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "maximum", "minimum",
+    "reciprocal", "erf", "sin", "cos", "square", "log1p", "expm1", "pow.Tensor_Scalar", "pow.Tensor_Tensor",
+    "maximum", "minimum",
     "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "where.self", "floor", "ceil", "round", "sign",
     "addcmul", "addcdiv", "lerp.Scalar", "lerp.Tensor",
     # dropout (eval mode: identity)

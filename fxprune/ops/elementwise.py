@@ -274,7 +274,8 @@ def max_min_rule(ctx, args, kwargs):
     label = reduce_over(True)(ctx, (x, other, arg(args, kwargs, 2, "keepdim", False)), {})
     if ctx.node.meta.get("fxprune_contract") and any(
             u.target is not operator.getitem or u.args[1] != 0 for u in ctx.node.users):
-        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} returns the positions of a maximum or minimum over the channels")
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} returns the positions of a maximum or minimum over the "
+                         "channels")
         ctx.node.meta.pop("fxprune_contract")
         return None
     return (label, label) if len(ctx.out_shape) == 2 and isinstance(ctx.out_shape[0], tuple) else label

@@ -21,12 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module, patch_merging_pad_rule,
-                        relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
+from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module,
+                        patch_merging_pad_rule, relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
-from .elementwise import (elementwise, extreme_fix, filled_like, max_min_rule, mean_fix, norm_over, normalize_over, normalize_rule, pad,
-                          reduce_over, spatial, variance_fix, variance_over, zero_joined_fix)
+from .elementwise import (elementwise, extreme_fix, filled_like, max_min_rule, mean_fix, norm_over, normalize_over,
+                          normalize_rule, pad, reduce_over, spatial, variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
@@ -57,7 +57,8 @@ register(ELEMENTWISE,
          torch.minimum, torch.clamp, torch.where, torch.addcmul, torch.addcdiv, torch.lerp,
          "addcmul", "addcdiv", "lerp",
          "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "abs", "exp", "log", "sqrt",
-         "rsqrt", "pow", "square", "reciprocal", "erf", "sin", "cos", "log1p", "expm1", "clamp", "clamp_", "clamp_min", "clamp_max",
+         "rsqrt", "pow", "square", "reciprocal", "erf", "sin", "cos", "log1p", "expm1", "clamp", "clamp_", "clamp_min",
+         "clamp_max",
          "clone", "detach", "to", "float",
          "half", "double", "type_as", "contiguous", "sigmoid", "sigmoid_", "tanh", "relu", "relu_",
          # activations and dropout, functional spellings (modules above)
