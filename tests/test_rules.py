@@ -1333,3 +1333,22 @@ def test_a_maximum_over_channels_is_the_masked_originals(capture):
 def test_a_maximum_over_channels_pins_for_a_module_copy():
     copy = fxprune.compile(SpatialMaxGate().eval(), (X,), ratio=0.5, onnx=False, round_to=None, output="module")
     assert copy.stem.out_channels == 16 and "stem" not in fxprune.report(copy).plan.keep
+
+
+class Unfolded(nn.Module):  # ConvBERT's span convolution, TNT: patches of a map unfolded into channels x kernel
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4, 3)
+        self.unfold = nn.Unfold(2, stride=2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a = F.unfold(x, kernel_size=(2, 2), stride=2) + self.unfold(x)   # [n, 8 * 4, L]
+        return self.head(a.transpose(1, 2)).mean(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_unfolded_channels_carry_their_kernel_positions(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(Unfolded(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["stem"])
+    assert pruned.state_dict()["head.weight"].shape == (3, 16)   # 4 kept channels, 4 kernel positions each

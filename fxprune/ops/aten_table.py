@@ -30,7 +30,7 @@ from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_functi
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
 from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, max_min_rule, mean_fix,
-                          norm_over, normalize_over, pad, reduce_over, spatial, variance_fix, variance_over,
+                          norm_over, normalize_over, pad, reduce_over, spatial, unfold, variance_fix, variance_over,
                           zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
@@ -103,6 +103,7 @@ register(Rule(spatial), *overloads(
     "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
     "upsample_linear1d.vec", "upsample_bilinear2d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec",
     "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d"))
+register(Rule(unfold), *overloads("im2col"))
 register(Rule(pad), *overloads("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
                                "replication_pad1d", "replication_pad2d"))
 register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))

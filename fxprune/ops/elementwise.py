@@ -131,6 +131,24 @@ def spatial(ctx, args, kwargs):
     return label.reshape(label.shape[:2] + (1,) * (len(ctx.out_shape) - 2))
 
 
+def unfold(ctx, args, kwargs):
+    """``F.unfold``/``nn.Unfold`` (ATen's ``im2col``): ``[n, C, h, w]`` to ``[n, C * kh * kw, L]``, channel ``c``
+    at positions ``c * kh * kw`` on; it mixes the spatial dims, which must carry no channels (ConvBERT's span
+    convolution, TNT)."""
+    x = args[0]
+    if x.label is None:
+        return None
+    module = ctx.module() if ctx.node.op == "call_module" else None
+    kernel = module.kernel_size if module is not None else arg(args, kwargs, 1, "kernel_size")
+    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+    nd = len(x.shape)
+    if varying(x.label) != [nd - 3]:
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
+        return None
+    ids = along(x.label, nd - 3, x.shape[nd - 3]).repeat_interleave(math.prod(kernel))
+    return ids.view([1] * (nd - 3) + [-1, 1])
+
+
 def pad(ctx, args, kwargs):
     """F.pad and the padding modules: (left, right) pairs from the last dim backwards; a dim padded by
     zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels. A dim that carries
