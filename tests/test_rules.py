@@ -1352,3 +1352,24 @@ def test_unfolded_channels_carry_their_kernel_positions(capture):
     torch.manual_seed(0)
     pruned, rep = prune_and_check(Unfolded(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["stem"])
     assert pruned.state_dict()["head.weight"].shape == (3, 16)   # 4 kept channels, 4 kernel positions each
+
+
+class HeadsInBatch(nn.Module):  # HaloNets: heads folded into the batch, a size read back from that dim
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q = nn.Linear(5, 16), nn.Linear(16, 16)
+        self.out, self.out2 = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, n, 2, 8).transpose(1, 2).reshape(b * 2, n, 8)
+        y = (q @ q.transpose(1, 2)).softmax(-1) @ q
+        return self.out(h) + self.out2(y.reshape(q.shape[0] // 2, 2, n, 8).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_a_number_that_follows_the_batch_is_not_folded():
+    model, x = HeadsInBatch().eval(), torch.randn(1, 6, 5)   # at batch 1, dim 0 of q holds the 2 heads alone
+    graph = fxprune.analyze(model, (x,), capture="fx")
+    assert not [n.name for n in graph.module.graph.nodes if "fxprune_fold" in n.meta]   # q.shape[0] // 2 is read
+    assert graph.groups["inp"].prunable == 16

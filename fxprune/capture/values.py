@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -224,6 +225,29 @@ def annotate(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable = FX_RU
         propagate_on_meta(gm, example_inputs, table)
     except Exception:
         ValueProp(gm, table=table).propagate(*example_inputs)  # real tensors: every op runs
+
+
+def values_at_batch(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable = FX_RULES,
+                    factor: int = 2) -> dict[str, object] | None:
+    """The plain values of ``gm`` (``node.meta["value"]``, by node name) with every input's batch (dim 0)
+    ``factor`` times larger, propagated on the ``meta`` device over a copy of the graph (``gm``'s nodes keep
+    their annotations); None where the model does not run at that batch (a batch written in its code).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x: x.view(x.shape[0] * 2, -1))
+    >>> values_at_batch(gm, (torch.randn(1, 4),))["mul"]
+    4
+    """
+    graph = fx.Graph()
+    graph.set_codegen(copy.copy(gm.graph._codegen))
+    graph.output(graph.graph_copy(gm.graph, {}))
+    inputs = tuple(torch.empty((factor * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device="meta")
+                   if isinstance(x, torch.Tensor) and x.dim() else x for x in example_inputs)
+    try:
+        ValueProp(fx.GraphModule(gm, graph), on_meta=True, table=table).propagate(*inputs)
+    except Exception:
+        return None
+    return {n.name: n.meta["value"] for n in graph.nodes if "value" in n.meta}
 
 
 def meta_shapes(node: fx.Node):

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-from ..capture.values import meta_shapes
+from ..capture.values import meta_shapes, values_at_batch
 from ..errors import ConfigError
 from ..ir import ChannelGraph, ChannelGroup, Member, Pin
 from ..labels import FIXED, along, collapse, collapse_array, varying
@@ -250,8 +250,10 @@ class Context:
 
 
 class Analysis:
-    def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims"):
+    def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims", example_inputs: tuple = ()):
         self.table = table
+        self.example_inputs = example_inputs
+        self._at_batch: dict | None = None
         self.heads = heads
         self.gm = gm
         self.uf = UnionFind()
@@ -404,7 +406,8 @@ class Analysis:
             label = out.label if isinstance(out, T) else None
             vary = varying(label) if label is not None else []
             recomputed = {id(a) for d, a in enumerate(sizes) if d in vary}
-            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and node.target != "expand" \
+            expand = node.target == "expand" or getattr(node.target, "__name__", "") == "expand.default"
+            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and not expand \
                     and self.shaped_like(ctx, node, sizes[0], out):
                 recomputed.add(id(sizes[0]))
         plain = []
@@ -441,9 +444,15 @@ class Analysis:
         ``head_dim ** -0.5``): those are constants of the model, so the rewrite passes ``node`` the number the
         original computed (``node.meta["fxprune_fold"]``), which is what the masked original reads there.
         A number that also reads a size the inputs set (tokens, positions, a dim where each channel repeats over
-        positions, as ``flatten`` makes it) is not folded: the pruned model must still follow the input."""
+        positions, as ``flatten`` makes it, a batch merged with heads: the number changes with the batch,
+        :func:`~fxprune.capture.values.values_at_batch`) is not folded: the pruned model must still follow
+        the input."""
         value = a.meta.get("value", a.meta.get("val"))
         if not pairs or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self._at_batch is None:   # a dim that merges the batch with channels (heads folded into it)
+            self._at_batch = values_at_batch(self.gm, self.example_inputs, self.table) or {}
+        if a.name in self._at_batch and self._at_batch[a.name] != value:
             return False
         for t, d in pairs:
             tt = self.env.get(t)
@@ -532,7 +541,7 @@ def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: s
     heads (:meth:`Context.heads`)."""
     if heads not in HEADS:
         raise ConfigError(f"heads must be one of {HEADS}, not {heads!r}")
-    a = Analysis(gm, table, heads)
+    a = Analysis(gm, table, heads, example_inputs)
     a.run()
     _consolidate_members(a)
     balanced = _resolve_balances(a)
