@@ -1373,3 +1373,22 @@ def test_a_number_that_follows_the_batch_is_not_folded():
     graph = fxprune.analyze(model, (x,), capture="fx")
     assert not [n.name for n in graph.module.graph.nodes if "fxprune_fold" in n.meta]   # q.shape[0] // 2 is read
     assert graph.groups["inp"].prunable == 16
+
+
+class Folded(nn.Module):  # VOLO's outlook attention: unfold, weigh each kernel position, fold back
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        cols = F.unfold(x, kernel_size=3, padding=1) * 0.5     # [n, 8 * 9, h * w]
+        y = F.fold(cols, output_size=x.shape[-2:], kernel_size=3, padding=1)
+        return self.head((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_folded_channels_come_back_whole(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(Folded(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["stem"])
+    assert pruned.state_dict()["stem.weight"].shape[0] == 4 and rep.mask["max_rel_diff"] < 1e-5

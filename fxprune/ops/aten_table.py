@@ -29,9 +29,9 @@ from .attention import baddbmm_rule, einsum_rule, fix_sdpa, matmul_rule, sdpa_ru
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, max_min_rule, mean_fix,
-                          norm_over, normalize_over, pad, reduce_over, spatial, unfold, variance_fix, variance_over,
-                          zero_joined_fix)
+from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, fold, max_min_rule,
+                          mean_fix, norm_over, normalize_over, pad, reduce_over, spatial, unfold, variance_fix,
+                          variance_over, zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
                    rms_norm_rule, weight_norm_rule)
@@ -104,6 +104,7 @@ register(Rule(spatial), *overloads(
     "upsample_linear1d.vec", "upsample_bilinear2d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec",
     "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d"))
 register(Rule(unfold), *overloads("im2col"))
+register(Rule(fold), *overloads("col2im"))
 register(Rule(pad), *overloads("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d",
                                "replication_pad1d", "replication_pad2d"))
 register(Rule(reduce_over(exact=True)), *overloads("sum.dim_IntList"))

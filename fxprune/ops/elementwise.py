@@ -149,6 +149,24 @@ def unfold(ctx, args, kwargs):
     return ids.view([1] * (nd - 3) + [-1, 1])
 
 
+def fold(ctx, args, kwargs):
+    """``F.fold``/``nn.Fold`` (ATen's ``col2im``), :func:`unfold`'s inverse: ``[n, C * kh * kw, L]`` summed back into
+    ``[n, C, h, w]``. Exact where each channel fills its ``kh * kw`` consecutive positions (as ``unfold`` left them:
+    VOLO's outlook attention); else it pins."""
+    x = args[0]
+    if x.label is None:
+        return None
+    module = ctx.module() if ctx.node.op == "call_module" else None
+    kernel = module.kernel_size if module is not None else arg(args, kwargs, 2, "kernel_size")
+    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+    nd, k = len(x.shape), math.prod(kernel)
+    ids = along(x.label, nd - 2, x.shape[nd - 2]).view(-1, k) if varying(x.label) == [nd - 2] else None
+    if ids is None or not bool((ids == ids[:, :1]).all()):
+        ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} sums positions that carry different channels")
+        return None
+    return ids[:, 0].reshape([1] * (nd - 2) + [-1, 1, 1])
+
+
 def pad(ctx, args, kwargs):
     """F.pad and the padding modules: (left, right) pairs from the last dim backwards; a dim padded by
     zero on both sides (Swin pads H and W, and the channels by 0) keeps its channels. A dim that carries

@@ -25,9 +25,9 @@ from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention,
                         patch_merging_pad_rule, relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
-from .elementwise import (elementwise, extreme_fix, filled_like, max_min_rule, mean_fix, norm_over, normalize_over,
-                          normalize_rule, pad, reduce_over, spatial, unfold, variance_fix, variance_over,
-                          zero_joined_fix)
+from .elementwise import (elementwise, extreme_fix, filled_like, fold, max_min_rule, mean_fix, norm_over,
+                          normalize_over, normalize_rule, pad, reduce_over, spatial, unfold, variance_fix,
+                          variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
@@ -99,6 +99,7 @@ register(Rule(spatial),
          F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
          F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample)
 register(Rule(unfold), F.unfold, nn.Unfold)
+register(Rule(fold), F.fold, nn.Fold)
 register(Rule(pad), F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
          nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
          nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
