@@ -138,15 +138,19 @@ def unfold(ctx, args, kwargs):
     x = args[0]
     if x.label is None:
         return None
-    module = ctx.module() if ctx.node.op == "call_module" else None
-    kernel = module.kernel_size if module is not None else arg(args, kwargs, 1, "kernel_size")
-    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     nd = len(x.shape)
     if varying(x.label) != [nd - 3]:
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} mixes positions that carry channels")
         return None
-    ids = along(x.label, nd - 3, x.shape[nd - 3]).repeat_interleave(math.prod(kernel))
+    ids = along(x.label, nd - 3, x.shape[nd - 3]).repeat_interleave(_kernel_positions(ctx, args, kwargs, 1))
     return ids.view([1] * (nd - 3) + [-1, 1])
+
+
+def _kernel_positions(ctx, args, kwargs, at: int) -> int:
+    """``kh * kw`` of an unfold or a fold: its module's ``kernel_size``, or the call's argument ``at``."""
+    module = ctx.module() if ctx.node.op == "call_module" else None
+    kernel = module.kernel_size if module is not None else arg(args, kwargs, at, "kernel_size")
+    return math.prod((kernel, kernel) if isinstance(kernel, int) else kernel)
 
 
 def fold(ctx, args, kwargs):
@@ -156,10 +160,7 @@ def fold(ctx, args, kwargs):
     x = args[0]
     if x.label is None:
         return None
-    module = ctx.module() if ctx.node.op == "call_module" else None
-    kernel = module.kernel_size if module is not None else arg(args, kwargs, 2, "kernel_size")
-    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-    nd, k = len(x.shape), math.prod(kernel)
+    nd, k = len(x.shape), _kernel_positions(ctx, args, kwargs, 2)
     ids = along(x.label, nd - 2, x.shape[nd - 2]).view(-1, k) if varying(x.label) == [nd - 2] else None
     if ids is None or not bool((ids == ids[:, :1]).all()):
         ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} sums positions that carry different channels")
