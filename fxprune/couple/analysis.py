@@ -450,10 +450,6 @@ class Analysis:
         value = a.meta.get("value", a.meta.get("val"))
         if not pairs or isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        if self._at_batch is None:   # a dim that merges the batch with channels (heads folded into it)
-            self._at_batch = values_at_batch(self.gm, self.example_inputs, self.table) or {}
-        if a.name in self._at_batch and self._at_batch[a.name] != value:
-            return False
         for t, d in pairs:
             tt = self.env.get(t)
             if not (isinstance(tt, T) and tt.label is not None and d in varying(tt.label)):
@@ -461,6 +457,10 @@ class Analysis:
             ids = along(tt.label, d, tt.shape[d])  # channels repeated over positions come in runs (flatten)
             if bool((ids < 0).any()) or bool((ids[1:] == ids[:-1]).any()):
                 return False
+        if self._at_batch is None:   # a dim that merges the batch with channels (heads folded into it): one pass
+            self._at_batch = values_at_batch(self.gm, self.example_inputs, self.table) or {}
+        if a.name in self._at_batch and self._at_batch[a.name] != value:
+            return False
         node.meta.setdefault("fxprune_fold", {})[a.name] = (value, tuple((t.name, d) for t, d in pairs))
         return True
 

@@ -200,18 +200,21 @@ def baddbmm_rule(ctx, args, kwargs):
 baddbmm_rule.takes_grids = True
 
 
+def _einsum_operands(args) -> list:
+    """``einsum(equation, a, b)`` or ``einsum(equation, [a, b])``: the operands."""
+    return list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
+
+
 def einsum_rule(ctx, args, kwargs):
     equation = args[0].replace(" ", "")
-    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
+    operands = _einsum_operands(args)
     if "..." in equation or "->" not in equation:
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: only explicit einsum equations are supported")
     ins, out = equation.split("->")
     ins = ins.split(",")
     if len(ins) != len(operands) or any(len(s) != len(t.shape) for s, t in zip(ins, operands)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)}: equation does not fit its operands")
-    nodes = ctx.node.args[1] if len(ctx.node.args) == 2 and isinstance(ctx.node.args[1], (tuple, list)) \
-        else ctx.node.args[1:]
-    return _contract(ctx, list(zip(operands, ins)), out, nodes)
+    return _contract(ctx, list(zip(operands, ins)), out, _einsum_operands(ctx.node.args))
 
 
 einsum_rule.takes_grids = True

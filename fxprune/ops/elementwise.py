@@ -284,18 +284,29 @@ def extreme_fix(clamp_op, method: str):
     (CBAM's and CSATv2's maximum over the channels)."""
 
     def fix(node, rw):
-        x = node.args[0]
-        dims = arg(node.args, node.kwargs, 1, "dim")
-        old, new = rw.old_shape(x), rw.new_shape(x)
-        dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
-        if all(old[d] == new[d] for d in dims):
-            return
-        with node.graph.inserting_before(node):
-            extreme = node.graph.create_node(node.op, node.target, node.args, node.kwargs)
-        node.target = method if node.op == "call_method" else clamp_op
-        node.args, node.kwargs = (extreme, 0.0), {}
+        if _reduced_dims(node, rw) is not None:
+            _split_off(node, node.target, method if node.op == "call_method" else clamp_op, 0.0)
 
     return fix
+
+
+def _reduced_dims(node, rw):
+    """``(original input shape, reduced dims)`` of a reduction node whose reduced dims lost channels; None
+    when none did, or when it reduces every dim (its channels were pinned: :func:`reduce_over`)."""
+    dims = arg(node.args, node.kwargs, 1, "dim")
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        return None
+    old, new = rw.old_shape(node.args[0]), rw.new_shape(node.args[0])
+    dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
+    return None if all(old[d] == new[d] for d in dims) else (old, dims)
+
+
+def _split_off(node, inner_target, outer_target, value) -> None:
+    """``node`` becomes ``outer_target(inner, value)`` where ``inner`` is a new node before it calling
+    ``inner_target`` with ``node``'s arguments: the node keeps its name, so the checks compare it."""
+    with node.graph.inserting_before(node):
+        inner = node.graph.create_node(node.op, inner_target, node.args, node.kwargs)
+    node.target, node.args, node.kwargs = outer_target, (inner, value), {}
 
 
 def max_min_rule(ctx, args, kwargs):
@@ -341,19 +352,12 @@ def mean_fix(sum_op, div_op):
     the dialect's spellings (a ``call_method`` node uses ``"sum"``/``"div"``)."""
 
     def fix(node, rw):
-        x = node.args[0]
-        dims = arg(node.args, node.kwargs, 1, "dim")
-        if dims is None or (isinstance(dims, (tuple, list)) and not dims):
-            return  # a mean over every dim pinned its channels (reduce_over)
-        old, new = rw.old_shape(x), rw.new_shape(x)
-        dims = {d % len(old) for d in ((dims,) if isinstance(dims, int) else dims)}
-        count = math.prod(old[d] for d in dims)
-        if count == math.prod(new[d] for d in dims):
+        reduced = _reduced_dims(node, rw)
+        if reduced is None:
             return
+        old, dims = reduced
         sum_target, div_target = ("sum", "div") if node.op == "call_method" else (sum_op, div_op)
-        with node.graph.inserting_before(node):
-            total = node.graph.create_node(node.op, sum_target, node.args, node.kwargs)
-        node.target, node.args, node.kwargs = div_target, (total, count), {}
+        _split_off(node, sum_target, div_target, math.prod(old[d] for d in dims))
 
     return fix
 

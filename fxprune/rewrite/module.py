@@ -163,6 +163,9 @@ _GATHER = object()
 _FOLD = object()
 _FULL = object()
 _ADDED = object()
+# what the graph rewrite does at a node that a module copy, running the model's code, cannot: its reason
+_GRAPH_ONLY = (("fxprune_fold", _FOLD), ("fxprune_full_width", _FULL), ("fxprune_perm", _SHUFFLE),
+               ("fxprune_gather", _GATHER), ("fxprune_weight_gather", _GATHER), ("fxprune_contract_gather", _GATHER))
 
 
 def _folded_channels(node: fx.Node, by_name: dict) -> torch.Tensor:
@@ -339,23 +342,12 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     found: list[tuple] = []
     by_name = {n.name: n for n in gm.graph.nodes}
     for node in scratch.nodes:
-        if "fxprune_full_width" in node.meta:  # the graph rewrite runs it at the original width (a conv module too)
-            ch = _channels(node)
+        graph_only = [(kind, _folded_channels(node, by_name) if key == "fxprune_fold" else _channels(node))
+                      for key, kind in _GRAPH_ONLY if key in node.meta]
+        for kind, ch in graph_only:
             if ch.numel() and not bool(keep[ch].all()):
-                found.append((original[node], ch, (_FULL, None), None))
-            continue
-        if node.op not in ("call_function", "call_method"):
-            continue
-        if "fxprune_fold" in node.meta:  # the graph rewrite passes the original's channel counts
-            ch = _folded_channels(node, by_name)
-            if ch.numel() and not bool(keep[ch].all()):
-                found.append((original[node], ch, (_FOLD, None), None))
-        if any(k in node.meta for k in ("fxprune_perm", "fxprune_gather", "fxprune_weight_gather",
-                                        "fxprune_contract_gather")):
-            # the graph rewrite adds index_select
-            ch = _channels(node)
-            if ch.numel() and not bool(keep[ch].all()):
-                found.append((original[node], ch, (_SHUFFLE if "fxprune_perm" in node.meta else _GATHER, None), None))
+                found.append((original[node], ch, (kind, None), None))
+        if node.op not in ("call_function", "call_method") or any(kind is not _FOLD for kind, _ in graph_only):
             continue
         rule = table.rule_for(node, modules)
         if rule.fix is None or _resized_by(original[node], table, model) is not None:
