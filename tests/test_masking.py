@@ -1,6 +1,8 @@
 """fxprune.verify.masked: zeroing channels at every tensor equals removing them; batching and caching are exact."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn as nn
@@ -240,3 +242,86 @@ def test_a_float64_recheck_that_cannot_run_is_named_in_the_error():
     torch.manual_seed(0)
     with pytest.raises(fxprune.VerificationError, match="float64 re-check.*could not run: RuntimeError"):
         fxprune.compile(CastsToFloat32().eval(), (torch.randn(4, 16),), method="l1", ratio=0.5, onnx=False)
+
+
+class TwoBranches(nn.Module):
+    """A deep chain, then two branches that do not depend on each other."""
+
+    def __init__(self, depth=12):
+        super().__init__()
+        self.chain = nn.Sequential(*[nn.Sequential(nn.Conv2d(8 if i else 3, 8, 3, padding=1), nn.ReLU())
+                                     for i in range(depth)])
+        self.a = nn.Conv2d(8, 6, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.chain(x)
+        return self.head(torch.relu(self.a(y)) + torch.relu(self.b(y)))
+
+
+def _graph_keep_pruned(model, x):
+    graph = fxprune.analyze(model, (x,))
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(1)) for g in graph.prunable_groups()}
+    plan = fxprune.make_plan(graph, scores, ratio=0.5)
+    return graph, plan.mask(graph), rewrite(graph, plan)
+
+
+def test_the_check_holds_a_few_values_at_once(monkeypatch):
+    """The masked original and the pruned model run side by side, each node compared as soon as both
+    have it: the values held at once stay a few, however deep the model (not one per node)."""
+    from fxprune.verify import mask
+    torch.manual_seed(0)
+    model, x = TwoBranches(depth=24).eval(), torch.randn(1, 3, 8, 8)
+    graph, keep, pruned = _graph_keep_pruned(model, x)
+    alive, peak = set(), [0]
+    snapshot = mask._snapshot
+
+    def counted(*args):
+        out = snapshot(*args)
+        if isinstance(out, torch.Tensor):
+            key = id(out)
+            alive.add(key)
+            peak[0] = max(peak[0], len(alive))
+            weakref.finalize(out, alive.discard, key)
+        return out
+    monkeypatch.setattr(mask, "_snapshot", counted)
+    result = mask.mask_equivalence(graph, keep, pruned, (x,))
+    assert result["ok"] and result["nodes_compared"] >= 50
+    assert 1 <= peak[0] <= 3
+
+
+def test_a_pruned_graph_in_another_order_is_compared_node_by_node():
+    """The pruned graph may compute a node before the original does (its own order): each node is
+    still compared with the same node of the original, and a wrong one is found by name."""
+    from fxprune.verify.mask import mask_equivalence
+    torch.manual_seed(0)
+    model, x = TwoBranches(depth=2).eval(), torch.randn(1, 3, 8, 8)
+    graph, keep, pruned = _graph_keep_pruned(model, x)
+    in_order = mask_equivalence(graph, keep, pruned, (x,))
+    nodes = {n.name: n for n in pruned.graph.nodes}
+    nodes["a"].prepend(nodes["b"])  # the pruned model now computes b before a; the original, after
+    pruned.recompile()
+    reordered = mask_equivalence(graph, keep, pruned, (x,))
+    assert reordered["ok"] and reordered["nodes_compared"] == in_order["nodes_compared"]
+    with torch.no_grad():
+        pruned.b.weight[0].add_(1.0)
+    wrong = mask_equivalence(graph, keep, pruned, (x,))
+    assert not wrong["ok"] and wrong["worst_node"] == "b" and wrong["max_rel_diff"] > 1e-2
+
+
+class _OutOfMemory(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+
+def test_running_out_of_memory_in_the_check_says_so():
+    from fxprune.verify.mask import mask_equivalence
+    torch.manual_seed(0)
+    model, x = TwoBranches(depth=2).eval(), torch.randn(1, 3, 8, 8)
+    graph, keep, pruned = _graph_keep_pruned(model, x)
+    pruned.b = _OutOfMemory()
+    with pytest.raises(fxprune.VerificationError,
+                       match="out of memory at node 'b' of the pruned model.*verify=False") as info:
+        mask_equivalence(graph, keep, pruned, (x,))
+    assert "bug in fxprune" not in str(info.value)

@@ -57,15 +57,53 @@ def random_inputs(example_inputs: tuple, seed: int = 0, batch: int | None = None
 
 
 class _Capture(fx.Interpreter):
-    def __init__(self, gm):
+    """Runs a graph node by node; :meth:`record` sees each node's value as it is computed
+    (here: kept in ``values``), and ``at`` names the node running (a failure's node).
+
+    ``as_run`` (optional) gives the tensor to use in place of each parameter, buffer or
+    constant, made when a node reads it and dropped after: a module call runs with its
+    tensors swapped in its (copied) modules, a ``get_attr`` returns the new tensor.
+    """
+
+    def __init__(self, gm, as_run=None):
         super().__init__(gm)
         self.values: dict[str, object] = {}
+        self.at: str | None = None
+        self.as_run = as_run
+
+    def get_attr(self, target, args, kwargs):
+        return self._own(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        if self.as_run is None:
+            return super().call_module(target, args, kwargs)
+        swapped = []
+        for m in self.fetch_attr(target).modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in store.items():
+                    new = t if t is None else self.as_run(t)
+                    if new is not t:
+                        swapped.append((store, key, t))
+                        store[key] = new
+        try:
+            return super().call_module(target, args, kwargs)
+        finally:
+            for store, key, t in swapped:
+                store[key] = t
 
     def run_node(self, n):
+        self.at = n.name
         out = super().run_node(n)
         if n.op in ("placeholder", "call_module", "call_function", "call_method"):
-            self.values[n.name] = out
+            self.record(n, out)
         return out
+
+    def record(self, n: fx.Node, value) -> None:
+        self.values[n.name] = value
+
+    def _own(self, t):
+        """A module's tensor as this run uses it (see ``as_run``)."""
+        return self.as_run(t) if self.as_run is not None and isinstance(t, torch.Tensor) else t
 
 
 class _Reference(_Capture):
@@ -76,22 +114,31 @@ class _Reference(_Capture):
     channels of its inputs are zeroed first, as their producers are not. ``fxprune_approx``
     (a LayerNorm over channels, or a GroupNorm of one group; see "approximate" groups): the norm is
     recomputed over the kept channels only, as the pruned model computes it.
+
+    Each node the pruned model also has goes, as it is computed, to ``beside`` (a
+    :class:`_Compared`), gathered at the kept channels (:func:`_snapshot`).
     """
 
-    def __init__(self, gm, keep):
-        super().__init__(gm)
+    def __init__(self, gm, keep, beside: _Compared, as_run=None):
+        super().__init__(gm, as_run)
         self.keep = keep
+        self.beside = beside
         self._modules = dict(gm.named_modules())
+
+    def record(self, n, value):
+        if n.name in self.beside.pending:
+            self.beside.expect(n.name, _snapshot(value, n.meta.get("fxprune"), self.keep))
 
     def run_node(self, n):
         if n.meta.get("fxprune_contract") or n.meta.get("fxprune_approx") is not None:
+            self.at = n.name
             with self._set_current_node(n):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 args = tuple(self._zeroed(v, a) for v, a in zip(args, n.args))
                 out = getattr(self, n.op)(n.target, args, kwargs)
                 if n.meta.get("fxprune_approx") is not None:
                     out = self._renormalised(n, out, args, kwargs)
-            self.values[n.name] = out
+            self.record(n, out)
             return out
         return super().run_node(n)
 
@@ -115,7 +162,7 @@ class _Reference(_Capture):
         if _is_group_norm(n, self._modules):   # one group (see fxprune.ops.norm.group_norm_rule)
             if n.op == "call_module":
                 m = self.module.get_submodule(n.target)
-                weight, bias, eps = m.weight, m.bias, m.eps
+                weight, bias, eps = self._own(m.weight), self._own(m.bias), m.eps
             else:
                 weight, bias, eps = (arg(args, kwargs, i, name) for i, name in ((2, "weight"), (3, "bias"), (4, "eps")))
             xk = x.index_select(1, kept)
@@ -125,7 +172,7 @@ class _Reference(_Capture):
             return out.index_copy(1, kept, yk)
         if n.op == "call_module":
             m = self.module.get_submodule(n.target)
-            k, weight, bias, eps = len(m.normalized_shape), m.weight, m.bias, m.eps
+            k, weight, bias, eps = len(m.normalized_shape), self._own(m.weight), self._own(m.bias), m.eps
         else:
             k = len(args[1] if len(args) > 1 else kwargs["normalized_shape"])
             weight = args[2] if len(args) > 2 else kwargs.get("weight")
@@ -171,10 +218,9 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
             "float32_worst_node": result["worst_node"]}
 
 
-def _in_dtype(tensors, dtype):
-    """``{id(t): t converted to dtype}`` for the floating tensors among ``tensors``."""
-    return {id(t): (torch.nn.Parameter(t.detach().to(dtype), requires_grad=False) if isinstance(t, torch.nn.Parameter)
-                    else t.to(dtype)) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+def _like(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` as a frozen parameter if ``t`` is a parameter (a module may check the type)."""
+    return torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
 
 
 def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -192,63 +238,127 @@ def _tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
 
 def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, dtype=None) -> dict:
     """:func:`mask_equivalence` at the models' own precision, or with every floating tensor in ``dtype``."""
-    # The masked original: new modules, the zeroed weights new tensors, every other tensor
-    # the original's own, only read (a second copy of a 2.6 GB model is what runs out of memory).
+    # Both models run on their own tensors, each one converted to ``dtype`` and, in the original,
+    # masked (the removed channels' consumer columns zeroed) only while a node uses it
+    # (:class:`_Capture`'s ``as_run``): a masked or converted copy of every weight at once is
+    # what runs out of memory on a 400 M-parameter model.
     state = dict(graph.module.named_parameters(remove_duplicate=False))
     state.update(graph.module.named_buffers(remove_duplicate=False))
-    memo = {id(t): t for t in state.values()}
+    zeroed: dict[int, list] = {}  # id(tensor): [(dim, removed channels: [n] or, for a grouped conv, [groups, n])]
+    for (param, dim), channels in graph.param_channels.items():
+        if graph.param_kinds[(param, dim)] == "consumer":
+            zeroed.setdefault(id(state[param]), []).append((dim, (channels >= 0) & ~keep[channels.clamp(min=0)]))
+    for (param, dim), channels in graph.grouped_params.items():  # grouped conv: each group's own columns
+        zeroed.setdefault(id(state[param]), []).append((dim, (channels >= 0) & ~keep[channels.clamp(min=0)]))
+
+    def masked_original(t: torch.Tensor) -> torch.Tensor:
+        cuts = [(dim, removed) for dim, removed in zeroed.get(id(t), ()) if bool(removed.any())]
+        if not cuts:
+            return converted(t)
+        new = t.detach().to(dtype or t.dtype, copy=True)
+        for dim, removed in cuts:
+            if removed.dim() == 1:
+                new.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
+            else:
+                for b, part in enumerate(new.chunk(removed.shape[0], 1 if dim == 0 else 0)):
+                    part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
+        return _like(t, new)
+
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        return _like(t, t.detach().to(dtype)) if dtype is not None and t.is_floating_point() else t
+
     given = pruned
     if dtype is not None:
-        memo.update(_in_dtype(_tensors(graph.module), dtype))
-        pruned = copy_modules(pruned, _in_dtype(_tensors(pruned), dtype))
+        pruned = copy_modules(pruned, {id(t): t for t in _tensors(pruned)})  # its own graph; the same tensors
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-
-    def writable(param):
-        """The masked copy of ``param``, cloned on first write (the original is only read; a converted copy is ours)."""
-        old = state[param]
-        if memo[id(old)] is old:
-            memo[id(old)] = torch.nn.Parameter(old.detach().clone(), requires_grad=False) \
-                if isinstance(old, torch.nn.Parameter) else old.detach().clone()
-        return memo[id(old)]
-
-    with torch.no_grad():
-        for (param, dim), channels in graph.param_channels.items():
-            if graph.param_kinds[(param, dim)] != "consumer":
-                continue
-            removed = (channels >= 0) & ~keep[channels.clamp(min=0)]
-            if bool(removed.any()):
-                writable(param).index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
-        for (param, dim), channels in graph.grouped_params.items():  # grouped conv: each group's own columns
-            removed = (channels >= 0) & ~keep[channels.clamp(min=0)]
-            if bool(removed.any()):
-                new = writable(param)
-                for b, part in enumerate(new.chunk(channels.shape[0], 1 if dim == 0 else 0)):
-                    part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
-    masked = copy_modules(graph.module, memo).eval()
+    masked = copy_modules(graph.module, {id(t): t for t in _tensors(graph.module)}).eval()
     if dtype is not None:  # an export graph spells `x.to(weight.dtype)` with the dtype as a literal
         for gm, source in ((masked, graph.module), (pruned, given)):
             assert gm.graph is not source.graph  # copy_modules copied the graph: edits stay in the copies
             for n in gm.graph.nodes:
                 n.args = map_aggregate(n.args, lambda a: dtype if a is torch.float32 else a)
                 n.kwargs = map_aggregate(n.kwargs, lambda a: dtype if a is torch.float32 else a)
-    with torch.no_grad():
-        ref = _Reference(masked, keep)
-        _run(ref, inputs, "the masked original")
-    with torch.no_grad(), eval_mode(pruned):
-        got = _Capture(pruned)
-        _run(got, inputs, "the pruned model")
-    pruned_eval = pruned
-    labels = {n.name: n.meta.get("fxprune") for n in graph.module.graph.nodes}
     params = set()  # parameters, and values computed from them alone: sliced as members, not labelled
     for n in graph.module.graph.nodes:
         tensors_in = [a for a in n.all_input_nodes if "tensor_meta" in a.meta]
         if n.op == "get_attr" or (n.op != "placeholder" and tensors_in and all(a.name in params for a in tensors_in)):
             params.add(n.name)
-    worst, worst_failing, compared, nan_nodes = (0.0, None), (0.0, None), 0, 0
-    for name, value in got.values.items():
-        if name not in ref.values or name in params:
-            continue
-        for a, b in _align(ref.values[name], value, labels.get(name), keep):
+    with torch.no_grad(), eval_mode(pruned):
+        got = _Compared(pruned, {n.name for n in pruned.graph.nodes} - params,
+                        converted if dtype is not None else None)
+        got.start(inputs)
+        outs_ref = _run(_Reference(masked, keep, got, masked_original), inputs, "the masked original")
+        got.until(None)
+        outs_new = got.result
+    ok = got.failing[1] is None
+    rel, node = got.worst if ok else got.failing
+    outs_ref, outs_new = tree_flatten(outs_ref)[0], tree_flatten(outs_new)[0]
+    out_err = max((float((a - b).abs().max()) for a, b in zip(outs_ref, outs_new)
+                   if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape), default=0.0)
+    approximate = sum(1 for name, g in graph.groups.items() if g.approximate
+                      and not bool(keep[graph.offsets[name]:graph.offsets[name] + g.size].all()))
+    return {"ok": ok, "nodes_compared": got.compared, "nan_nodes": got.nan_nodes, "approximate_groups": approximate,
+            "max_rel_diff": rel, "worst_node": node,
+            "output_max_abs_diff": out_err, "rtol": MASK_RTOL, "atol": MASK_ATOL}
+
+
+class _Compared(_Capture):
+    """The pruned model, run beside the masked original (:class:`_Reference`) one node at a time:
+    each node's value is compared with the original's as soon as both exist, so that only the
+    values of the nodes between the two runs are held (not every node's output of a whole model).
+
+    ``pending``: the nodes the original has still to give (``expect``); ``until(name)`` runs this
+    model up to that node. Figures: ``compared`` tensors, ``nan_nodes``, and ``worst`` and ``failing``
+    as (relative difference, node).
+    """
+
+    def __init__(self, gm, names: set[str], as_run=None):
+        super().__init__(gm, as_run)
+        self.pending = set(names)
+        self.expected: dict[str, object] = {}  # the original's snapshots, waiting for this model's node
+        self.early: dict[str, object] = {}     # this model's snapshots, waiting for the original's node
+        self.worst, self.failing, self.compared, self.nan_nodes = (0.0, None), (0.0, None), 0, 0
+        self.extra_traceback = False
+
+    def start(self, inputs: tuple) -> None:
+        self.env, self.ran, self.result = {}, set(), None
+        self.args_iter = iter(self.graph.process_inputs(*inputs))
+        self._nodes = iter(self.graph.nodes)
+
+    def until(self, name: str | None = None) -> None:
+        """Run nodes until ``name`` has run (``None``: to the output)."""
+        while name is None or name not in self.ran:
+            node = next(self._nodes, None)
+            if node is None:
+                return
+            try:
+                self.env[node] = self.run_node(node)
+            except VerificationError:
+                raise
+            except Exception as exc:
+                raise _node_failure(exc, node.name, "the pruned model") from exc
+            self.ran.add(node.name)
+            for gone in self.user_to_last_uses.get(node, []):
+                del self.env[gone]
+            if node.op == "output":
+                self.result = self.graph.process_outputs(self.env[node])
+
+    def expect(self, name: str, snapshot) -> None:
+        self.pending.discard(name)
+        if name in self.early:
+            self._compare(name, snapshot, self.early.pop(name))
+        else:
+            self.expected[name] = snapshot
+            self.until(name)
+
+    def record(self, n, value):
+        if n.name in self.expected:
+            self._compare(n.name, self.expected.pop(n.name), value)
+        elif n.name in self.pending:
+            self.early[n.name] = _snapshot(value, None, None)
+
+    def _compare(self, name, ref, value):
+        for a, b in _align(ref, value):
             if a.shape != b.shape:
                 raise VerificationError(f"node '{name}': pruned output has shape {tuple(b.shape)}, "
                                         f"the masked original {tuple(a.shape)}")
@@ -256,37 +366,35 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
                 continue
             scale, err = _scale_and_error(a, b)
             rel = err / (scale + 1e-30)
-            compared += 1
-            nan_nodes += bool(torch.isnan(a).any())
-            worst = max(worst, (rel, name), key=lambda w: w[0])
+            self.compared += 1
+            self.nan_nodes += bool(torch.isnan(a).any())
+            self.worst = max(self.worst, (rel, name), key=lambda w: w[0])
             if not err <= MASK_RTOL * scale + MASK_ATOL:  # also catches NaN
-                worst_failing = max(worst_failing, (rel, name), key=lambda w: w[0] if w[0] == w[0] else float("inf"))
-                if worst_failing[1] is None:
-                    worst_failing = (rel, name)
-    ok = worst_failing[1] is None
-    rel, node = worst if ok else worst_failing
-    outs_ref = tree_flatten(_output(graph.module, ref))[0]
-    outs_new = tree_flatten(_output(pruned_eval, got))[0]
-    out_err = max((float((a - b).abs().max()) for a, b in zip(outs_ref, outs_new)
-                   if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape), default=0.0)
-    approximate = sum(1 for name, g in graph.groups.items() if g.approximate
-                      and not bool(keep[graph.offsets[name]:graph.offsets[name] + g.size].all()))
-    return {"ok": ok, "nodes_compared": compared, "nan_nodes": nan_nodes, "approximate_groups": approximate,
-            "max_rel_diff": rel, "worst_node": node,
-            "output_max_abs_diff": out_err, "rtol": MASK_RTOL, "atol": MASK_ATOL}
+                nan_last = lambda w: w[0] if w[0] == w[0] else float("inf")  # noqa: E731
+                if self.failing[1] is None or nan_last((rel,)) > nan_last(self.failing):
+                    self.failing = (rel, name)
 
 
-def _run(interpreter: _Capture, inputs: tuple, what: str) -> None:
-    """Run a model node by node; a failure is a :class:`VerificationError` naming the node."""
+def _run(interpreter: _Capture, inputs: tuple, what: str):
+    """Run a model node by node and return its outputs; a failure is a :class:`VerificationError` naming the node."""
+    interpreter.extra_traceback = False
     try:
-        interpreter.run(*inputs)
+        return interpreter.run(*inputs)
+    except VerificationError:
+        raise
     except Exception as exc:
-        done = set(interpreter.values)
-        node = next((n.name for n in interpreter.module.graph.nodes
-                     if n.op in ("call_module", "call_function", "call_method") and n.name not in done), "?")
-        raise VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-                                "This is a bug in fxprune: please report it with the model; meanwhile pass "
-                                f"ignore=[...] with the groups of the channels that reach node '{node}'.") from exc
+        raise _node_failure(exc, interpreter.at or "?", what) from exc
+
+
+def _node_failure(exc: Exception, node: str, what: str) -> VerificationError:
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "bad_alloc" in str(exc):
+        return VerificationError(
+            f"out of memory at node '{node}' of {what} while checking the pruned model: the check runs the masked "
+            "original and the pruned model side by side on the example inputs. Pass smaller example inputs "
+            "(a batch of 1), or verify=False to skip the check.")
+    return VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                             "This is a bug in fxprune: please report it with the model; meanwhile pass "
+                             f"ignore=[...] with the groups of the channels that reach node '{node}'.")
 
 
 def _scale_and_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -299,20 +407,25 @@ def _scale_and_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return (float(finite.abs().max()) if finite.numel() else 0.0), float(diff.max())
 
 
-def _output(gm, capture):
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    return map_aggregate(out.args[0], lambda a: capture.values.get(a.name) if isinstance(a, fx.Node) else a)
+def _snapshot(value, label, keep):
+    """``value`` as the pruned model should have it: gathered at the kept channels (:func:`select_kept`),
+    each tensor copied as it is now (a later in-place op, ``relu_``, must not change what is compared).
+    Values of other kinds (dicts, numbers) are not compared: ``None``."""
+    if isinstance(value, (tuple, list)):
+        labels = label if isinstance(label, (tuple, list)) else [None] * len(value)
+        return [_snapshot(v, lab, keep) for v, lab in zip(value, labels)]
+    if not isinstance(value, torch.Tensor):
+        return None
+    kept = select_kept(value, label, keep) if label is not None else value
+    return kept.clone() if kept is value else kept
 
 
-def _align(ref, new, label, keep):
-    """Pairs (ref gathered at the kept channels, pruned) for one node's value(s)."""
+def _align(ref, new):
+    """Pairs (masked original's snapshot, pruned) of one node's tensors."""
     if isinstance(ref, (tuple, list)) and isinstance(new, (tuple, list)):
-        labels = label if isinstance(label, (tuple, list)) else [None] * len(ref)
-        return [p for r, n, lab in zip(ref, new, labels) for p in _align(r, n, lab, keep)]
+        return [p for r, n in zip(ref, new) for p in _align(r, n)]
     if not isinstance(ref, torch.Tensor) or not isinstance(new, torch.Tensor):
         return []
-    if isinstance(label, torch.Tensor) and label.dim() == ref.dim():
-        ref = select_kept(ref, label, keep)
     return [(ref, new)]
 
 
@@ -412,11 +525,9 @@ class _Snapshots(_Capture):
         super().__init__(gm)
         self.kept = kept
 
-    def run_node(self, n):
-        out = super().run_node(n)
+    def record(self, n, value):
         if n in self.kept:
-            self.values[n.name] = _cloned(out)
-        return out
+            self.values[n.name] = _cloned(value)
 
 
 def check_module(result: dict) -> None:
