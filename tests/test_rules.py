@@ -1392,3 +1392,34 @@ def test_folded_channels_come_back_whole(capture):
     torch.manual_seed(0)
     pruned, rep = prune_and_check(Folded(), (X,), ratio=0.5, round_to=None, capture=capture, must_shrink=["stem"])
     assert pruned.state_dict()["stem.weight"].shape[0] == 4 and rep.mask["max_rel_diff"] < 1e-5
+
+
+class TransposedAttention(nn.Module):  # Restormer's MDTA, XCiT's XCA: attention across channels, not positions
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj = nn.Conv2d(3, dim, 1), nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, 4, 1)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, c, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in self.qkv(x).chunk(3, dim=1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)   # [heads, q's dims, k's dims]
+        return self.proj((attn @ v).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_across_channels_keeps_the_softmaxed_ones(capture):
+    """``softmax(q @ k^T)`` over k's channels: k's stay (a softmax over channels cannot shrink), q's rows
+    go to the output and prune, and v's, summed against k's positions, prune on their own."""
+    torch.manual_seed(0)
+    model, x = TransposedAttention().eval(), torch.randn(2, 3, 5, 5)
+    graph = fxprune.analyze(model, (x,), capture=capture)
+    pins = [p.reason for g in graph.groups.values() for p in g.pins]
+    assert sum("several output dims, and a softmax normalises over these" in r for r in pins) == 1
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["qkv"])
+    qkv, proj = pruned.state_dict()["qkv.weight"], pruned.state_dict()["proj.weight"]
+    assert 0 < proj.shape[1] < 16                        # the output carries q's kept rows
+    assert qkv.shape[0] == 24 and qkv.shape[0] - proj.shape[1] - 16 > 0   # all of k's 16, some of v's

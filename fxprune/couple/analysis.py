@@ -114,6 +114,15 @@ class Context:
         """The output's shape (a list of shapes for a node with several outputs)."""
         return meta_shapes(self.node)
 
+    @staticmethod
+    def shape_of(node: fx.Node):
+        """A node's output shape (as :attr:`out_shape` is this node's)."""
+        return meta_shapes(node)
+
+    def rule_of(self, node: fx.Node):
+        """The rule the analysis applies at ``node`` (the table's default for an op it lacks)."""
+        return self._a.table.rule_for(node, self._a.modules)
+
     def has_param(self, name: str) -> bool:
         mod, _, attr = name.rpartition(".")
         return getattr(self._a.modules[mod], attr, None) is not None

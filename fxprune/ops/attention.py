@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..labels import FIXED, along, grid_of, varying
-from .elementwise import elementwise
+from .elementwise import elementwise, first_input
 from .schema import T, arg, describe, pin_all, tied
 
 
@@ -63,11 +63,15 @@ def _contract(ctx, operands, out_letters, sources=()):
         ctx.node.meta["fxprune_contract"] = True
     if len(kept_out) > 1:
         # one output dim may carry channels: the dim with the most keeps them, the others' are pinned (a bias
-        # per head added to scores that meet v's per-head dims: the heads stay, the dims prune)
-        widest = max(kept_out, key=lambda letter: (result[letter].numel(), kept_out.index(letter)))
+        # per head added to scores that meet v's per-head dims: the heads stay, the dims prune); not a dim
+        # that a softmax soon normalises over, which pins its channels anyway (XCiT's channel attention)
+        softmaxed = _normalised_soon(ctx, out_letters)
+        widest = max(kept_out, key=lambda letter: (letter != softmaxed, result[letter].numel(),
+                                                   kept_out.index(letter)))
         for letter in kept_out:
             if letter != widest:
-                ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims")
+                ctx.pin(result[letter], f"{describe(ctx.node, ctx.gm)} puts channels on several output dims"
+                        + (", and a softmax normalises over these" if letter == softmaxed else ""))
         kept_out = [widest]
     ctx.cost(*[result[letter] for letter in summed + kept_out])
     if not kept_out:
@@ -76,6 +80,24 @@ def _contract(ctx, operands, out_letters, sources=()):
     shape = [1] * len(out_letters)
     shape[d] = -1
     return result[kept_out[0]].view(shape)
+
+
+def _normalised_soon(ctx, out_letters: str) -> str | None:
+    """The letter of the output dim that a softmax normalises over, where one follows the node through ops
+    that keep its shape position by position (a temperature, a dropout): ``softmax(q @ k^T * t, -1)``."""
+    node, shape = ctx.node, ctx.out_shape
+    for _ in range(4):
+        if len(node.users) != 1:
+            return None
+        node = next(iter(node.users))
+        couple = ctx.rule_of(node).couple
+        dim_of = getattr(couple, "dim_of", None)
+        if dim_of is not None:
+            dim = dim_of(node)
+            return out_letters[dim % len(out_letters)] if isinstance(dim, int) else None
+        if couple not in (elementwise, first_input) or ctx.shape_of(node) != shape:
+            return None
+    return None
 
 
 def _gathered_contraction(ctx, letter, out_letters, found, fixed, operands, sources) -> bool:

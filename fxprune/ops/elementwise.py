@@ -116,6 +116,7 @@ def normalize_over(dim_arg_index, dim_name="dim"):
         return x.label
 
     rule.__name__ = "normalize_over"
+    rule.dim_of = lambda node: arg(node.args, node.kwargs, dim_arg_index, dim_name)
     return rule
 
 
