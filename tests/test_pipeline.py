@@ -152,3 +152,18 @@ def test_an_op_the_onnx_exporter_cannot_convert_is_reported_not_raised():
     assert pruned.get_submodule("a").out_channels == 8
     with pytest.raises(fxprune.ExportError):
         fxprune.export_onnx(pruned, (x,))
+
+
+def test_export_onnx_leaves_the_model_as_it_was():
+    """The ONNX check runs on the model itself (no copy of its weights), in eval mode: afterwards its
+    ``training`` flags, its tensors (BatchNorm's running statistics too) and its hooks are as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout(0.5),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1)).train()
+    model[2].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fxprune.export_onnx(model, (torch.randn(2, 3, 8, 8),))
+    assert result["ok"] and result["batches"] == [1, 3]
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 from tabulate import tabulate
 
 from ..errors import ExportError, VerificationError
+from ..utils import eval_mode
 from ..verify.mask import ORT_ATOL, ORT_RTOL, random_inputs
 
 PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # bytes of weights above which ONNX needs external data
@@ -41,11 +42,15 @@ def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None
     Returns the figures (``ok``, ``max_abs_diff``, ``max_rel_diff``, batches tried,
     ``path``). Raises :class:`VerificationError` when ``check`` and outputs disagree.
     """
+    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
+    with eval_mode(module):  # not a copy: a second copy of the weights is what a large model runs out of memory on
+        return _export_and_check(module, example_inputs, path, batches, dynamic_batch, check)
+
+
+def _export_and_check(module, example_inputs, path, batches, dynamic_batch, check) -> dict:
     import onnx
     import onnxruntime as ort
 
-    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
-    module = copy.deepcopy(module).eval()
     tmpdir = None
     if path is None:
         tmpdir = tempfile.TemporaryDirectory()
@@ -61,7 +66,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path: str | None = None
         # export at the example batch instead, and check there
         batchable = False
         external = write_onnx(module, example_inputs, path, dynamic_batch=False)
-    onnx.checker.check_model(path if external else onnx.load(path))
+    onnx.checker.check_model(path)  # read by the checker from the file, not held here
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
