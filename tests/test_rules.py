@@ -1423,3 +1423,29 @@ def test_attention_across_channels_keeps_the_softmaxed_ones(capture):
     qkv, proj = pruned.state_dict()["qkv.weight"], pruned.state_dict()["proj.weight"]
     assert 0 < proj.shape[1] < 16                        # the output carries q's kept rows
     assert qkv.shape[0] == 24 and qkv.shape[0] - proj.shape[1] - 16 > 0   # all of k's 16, some of v's
+
+
+class SoftmaxModules(nn.Module):  # Swin V2's `self.softmax = nn.Softmax(dim=-1)`; a segmentation head's over classes
+    def __init__(self, over_channels):
+        super().__init__()
+        self.inp, self.q, self.k, self.v = nn.Linear(5, 16), nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 12)
+        self.out = nn.Linear(12, 3)
+        self.softmax = nn.Softmax(dim=-1) if not over_channels else nn.LogSoftmax(dim=2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if isinstance(self.softmax, nn.LogSoftmax):   # over v's channels: they stay
+            return self.out(self.softmax(self.v(h)))
+        return self.out(self.softmax(self.q(h) @ self.k(h).transpose(1, 2)) @ self.v(h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_softmax_modules_normalise_over_their_dim(capture):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    pruned, _ = prune_and_check(SoftmaxModules(False).eval(), (x,), ratio=0.5, round_to=None, capture=capture,
+                                must_shrink=["q", "v"])
+    assert pruned.state_dict()["q.weight"].shape[0] == 4 and pruned.state_dict()["v.weight"].shape[0] == 6
+    graph = fxprune.analyze(SoftmaxModules(True).eval(), (x,), capture=capture)
+    v = next(g for g in graph.groups.values() if g.name == "v")
+    assert v.prunable == 0 and "normalises over the channels" in v.pins[0].reason

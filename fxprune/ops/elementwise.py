@@ -9,6 +9,7 @@ import math
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..labels import FIXED, along, varying
@@ -118,6 +119,20 @@ def normalize_over(dim_arg_index, dim_name="dim"):
     rule.__name__ = "normalize_over"
     rule.dim_of = lambda node: arg(node.args, node.kwargs, dim_arg_index, dim_name)
     return rule
+
+
+def _module_dim(node: fx.Node):
+    m = node.graph.owning_module.get_submodule(node.target)
+    return getattr(m, "dim", -3)  # nn.Softmax2d: over dim -3; nn.Softmax(dim=None): None, pinned
+
+
+def normalize_module(ctx, args, kwargs):
+    """``nn.Softmax``, ``nn.LogSoftmax``, ``nn.Softmin``, ``nn.Softmax2d``: :func:`normalize_over` at the
+    module's ``dim``."""
+    return normalize_over(1)(ctx, (args[0], _module_dim(ctx.node)), {})
+
+
+normalize_module.dim_of = _module_dim
 
 
 def spatial(ctx, args, kwargs):

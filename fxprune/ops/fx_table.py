@@ -26,8 +26,8 @@ from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention,
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
 from .elementwise import (elementwise, extreme_fix, filled_like, fold, max_min_rule, mean_fix, norm_over,
-                          normalize_over, normalize_rule, pad, reduce_over, spatial, unfold, variance_fix,
-                          variance_over, zero_joined_fix)
+                          normalize_module, normalize_over, normalize_rule, pad, reduce_over, spatial, unfold,
+                          variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
@@ -75,6 +75,7 @@ register(Rule(filled_like), torch.zeros_like, torch.ones_like, torch.full_like)
 register(Rule(weight_norm_rule), torch._weight_norm)
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
+register(Rule(normalize_module), nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta, spec=conv_module_spec), nn.Conv1d, nn.Conv2d,
          nn.Conv3d)
 register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
