@@ -409,10 +409,39 @@ class ECAGate(nn.Module):  # efficient channel attention on a residual: a conv a
         return x + y * gate.transpose(1, 2).unsqueeze(-1)
 
 
+class RowsLSTM(nn.Module):  # Sequencer: a bidirectional LSTM along each row, a linear back, on a residual
+    def __init__(self, c):
+        super().__init__()
+        self.rnn = nn.LSTM(c, 6, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(12, c)
+        self.out = c
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h, w, c)
+        y = self.fc(self.rnn(rows)[0]).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return x + y
+
+
+class ChannelAttention(nn.Module):  # Restormer's MDTA: attention across channels, q/k/v chunked from one conv
+    def __init__(self, c):
+        super().__init__()
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        self.t = nn.Parameter(torch.rand(1, 1, 1) + 0.5)
+        self.out = c
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = (t.reshape(n, 1, c, h * w) for t in self.qkv(x).chunk(3, dim=1))
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.t).softmax(-1)
+        return x + self.proj((attn @ v).reshape(n, c, h, w))
+
+
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
           HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
-          LayerScale, GroupNorms, Standardised, HeadsInterleaved, ECAGate]
+          LayerScale, GroupNorms, Standardised, HeadsInterleaved, ECAGate, RowsLSTM, ChannelAttention]
 
 
 class Net(nn.Module):

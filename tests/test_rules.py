@@ -1449,3 +1449,30 @@ def test_softmax_modules_normalise_over_their_dim(capture):
     graph = fxprune.analyze(SoftmaxModules(True).eval(), (x,), capture=capture)
     v = next(g for g in graph.groups.values() if g.name == "v")
     assert v.prunable == 0 and "normalises over the channels" in v.pins[0].reason
+
+
+class Recurrent(nn.Module):  # Sequencer: an LSTM over the rows of a feature map, between linear layers
+    def __init__(self, cell, bidirectional):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.rnn = cell(8, 5, batch_first=True, bidirectional=bidirectional)
+        self.out = nn.Linear(10 if bidirectional else 5, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.inp(x)))
+        return self.out(y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("cell, bidirectional", [(nn.LSTM, True), (nn.GRU, False), (nn.RNN, True)])
+def test_a_recurrent_layer_reads_the_kept_input_features(cell, bidirectional, capture):
+    """Its input weights' columns follow the features it reads; what it makes (its hidden state) stays."""
+    torch.manual_seed(0)
+    model, x = Recurrent(cell, bidirectional).eval(), torch.randn(2, 7, 4)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["inp"])
+    state = pruned.state_dict()
+    assert state["inp.weight"].shape == (4, 4) and state["rnn.weight_ih_l0"].shape[1] == 4
+    assert state["rnn.weight_hh_l0"].shape == model.rnn.weight_hh_l0.shape and state["out.weight"].shape[1] == \
+        model.out.in_features
+    copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None, output="module", capture=capture)
+    assert copy.rnn.input_size == 4 and fxprune.report(copy).mask["module"]["ok"]

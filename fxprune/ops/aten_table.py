@@ -35,6 +35,7 @@ from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, 
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
                    rms_norm_rule, weight_norm_rule)
+from .recurrent import aten_recurrent
 from .schema import Rule
 from .shape import (aten_index_rule, cat_rule, expand_as_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten,
                     reshape_as_rule, reversed_dims, select_rule, shape_op, slice_rule)
@@ -80,6 +81,7 @@ register(Rule(first_input), *overloads("to.dtype", "to.dtype_layout", "to.device
 register(Rule(constant_like), *overloads("new_zeros", "new_ones", "new_full", "new_empty", "empty_like"))
 register(Rule(filled_like), *overloads("zeros_like", "ones_like", "full_like"))
 register(Rule(normalize_over(1)), *overloads("softmax.int", "log_softmax.int", "_softmax", "_log_softmax"))
+register(Rule(aten_recurrent), *overloads("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input"))
 
 register(Rule(conv_function, fix=fix_groups(6), spec=conv_call_spec(3, 4, 5, 6), weight_rows=conv_weight_rows()),
          *overloads("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"))

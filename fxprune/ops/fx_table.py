@@ -33,6 +33,7 @@ from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_no
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
                    prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm, rms_norm_rule,
                    fix_rms_norm)
+from .recurrent import recurrent_module, resize_recurrent
 from .schema import Rule, RuleTable
 from .shape import (fix_getitem, fix_shape_args, fix_split, fix_unflatten, getitem_rule, method, module_shape_op,
                     reshape_as_rule, expand_as_rule, attribute_rule,
@@ -76,6 +77,7 @@ register(Rule(weight_norm_rule), torch._weight_norm)
 register(Rule(normalize_over(1)), F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
          "softmax", "log_softmax")
 register(Rule(normalize_module), nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+register(Rule(recurrent_module, resize=resize_recurrent), nn.LSTM, nn.GRU, nn.RNN)
 register(Rule(conv_module, resize=resize_conv, on_meta=conv_on_meta, spec=conv_module_spec), nn.Conv1d, nn.Conv2d,
          nn.Conv3d)
 register(Rule(conv_module, resize=resize_conv), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -77,19 +77,18 @@ class _Capture(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if self.as_run is None:
             return super().call_module(target, args, kwargs)
-        swapped = []
+        swapped = []   # set as attributes: a module may keep its own list of them (an LSTM's flat weights)
         for m in self.fetch_attr(target).modules():
-            for store in (m._parameters, m._buffers):
-                for key, t in store.items():
-                    new = t if t is None else self.as_run(t)
-                    if new is not t:
-                        swapped.append((store, key, t))
-                        store[key] = new
+            for key, t in list(m._parameters.items()) + list(m._buffers.items()):
+                new = t if t is None else self.as_run(t)
+                if new is not t:
+                    swapped.append((m, key, t))
+                    setattr(m, key, new)
         try:
             return super().call_module(target, args, kwargs)
         finally:
-            for store, key, t in swapped:
-                store[key] = t
+            for m, key, t in swapped:
+                setattr(m, key, t)
 
     def run_node(self, n):
         self.at = n.name
