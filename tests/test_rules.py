@@ -1476,3 +1476,36 @@ def test_a_recurrent_layer_reads_the_kept_input_features(cell, bidirectional, ca
         model.out.in_features
     copy = fxprune.compile(model, (x,), ratio=0.5, onnx=False, round_to=None, output="module", capture=capture)
     assert copy.rnn.input_size == 4 and fxprune.report(copy).mask["module"]["ok"]
+
+
+def group_std(x, groups, eps=1e-5):   # timm's EvoNorm: the std of each group, spread back over its channels
+    b, c, h, w = x.shape
+    torch._assert(c % groups == 0, "channels must split into the groups")
+    x = x.reshape(b, groups, c // groups, h, w)
+    std = x.var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(eps).sqrt()
+    return std.expand(x.shape).reshape(b, c, h, w)
+
+
+class GroupStd(nn.Module):
+    def __init__(self, channels=32, group_size=4):
+        super().__init__()
+        self.groups = channels // group_size
+        self.a, self.b = nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, 4, 1)
+        self.weight = nn.Parameter(torch.rand(1, channels, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y * torch.sigmoid(y) / group_std(y, self.groups) * self.weight)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_variance_over_each_group_prunes_whole_groups(capture):
+    """``x.reshape(b, groups, c // groups, h, w).var((2, 3, 4))``: groups go whole, the std is expanded to the
+    pruned shape, and the check ``c % groups == 0`` sees the original's numbers (5 of 8 groups kept: 20 % 8 != 0)."""
+    torch.manual_seed(0)
+    model, x = GroupStd().eval(), torch.randn(2, 3, 6, 6)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.375, round_to=None, capture=capture, must_shrink=["a"])
+    assert pruned.state_dict()["a.weight"].shape[0] == 20 and rep.mask["max_rel_diff"] < 1e-5
+    groups = model.a.weight.detach().view(8, 4, -1)   # the kept rows are whole groups of 4
+    kept = pruned.state_dict()["a.weight"].view(5, 4, -1)
+    assert all(any(torch.equal(k, g) for g in groups) for k in kept)

@@ -276,6 +276,7 @@ class Analysis:
         self.computed: list[tuple[str, int, torch.Tensor, str]] = []
         self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
+        self.recomputed_sizes: list[tuple] = []  # (node, its value, dim, size node): see sizes_on_dims_left_whole
         self._canonical: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (label, union-find version)
         self.modules = dict(gm.named_modules())
         self.params = {f"{prefix}.{name}" if prefix else name: tensor  # every name, shared ones too
@@ -291,6 +292,8 @@ class Analysis:
         self.seed_rows()
         for node in self.gm.graph.nodes:
             self.env[node] = self.visit(node)
+        self.sizes_on_dims_left_whole()
+        self.sizes_checked_by_asserts()
         for node in list(self.row_seeds):  # a rule that never took its seed (it pinned the node): kept whole
             ctx = Context(self, node)
             ctx.pin(ctx.take_rows(), f"{describe(node, self.gm)} could not take the rows of its computed weight")
@@ -415,26 +418,59 @@ class Analysis:
             label = out.label if isinstance(out, T) else None
             vary = varying(label) if label is not None else []
             recomputed = {id(a) for d, a in enumerate(sizes) if d in vary}
+            self.recomputed_sizes += [(node, out, d, a) for d, a in enumerate(sizes) if d in vary and isinstance(a, fx.Node)]
             expand = node.target == "expand" or getattr(node.target, "__name__", "") == "expand.default"
-            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and not expand \
-                    and self.shaped_like(ctx, node, sizes[0], out):
+            if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and (
+                    self.expanded_like(sizes[0], out) if expand else self.shaped_like(ctx, node, sizes[0], out)):
                 recomputed.add(id(sizes[0]))
         plain = []
         map_aggregate((node.args, node.kwargs), lambda a: plain.append(a) if isinstance(a, fx.Node)
                       and meta_shapes(a) is None and a.op != "get_attr" else None)
         for a in plain:
-            if id(a) in recomputed:
+            if id(a) not in recomputed:
+                self.size_read(ctx, node, a)
+
+    def size_read(self, ctx: "Context", node: fx.Node, a: fx.Node) -> None:
+        """``node`` uses the number ``a`` as it is: a model constant (:meth:`folds_to_literal`), or read from
+        dims that keep their size; the channels of a dim it is read from are pinned."""
+        src = self.size_sources(a)
+        pairs = [(src[1], d) for d in range(len(meta_shapes(src[1]) or ()))] if isinstance(src, tuple) else src
+        if self.folds_to_literal(node, a, pairs):
+            return
+        for t, d in pairs:
+            tt = self.env.get(t)
+            if isinstance(tt, T) and tt.label is not None and d in varying(self.collapsed_roots(tt.label)):
+                grid = len(varying(tt.label)) > 1
+                ctx.pin(tt.label if grid else along(tt.label, d, tt.shape[d]),
+                        f"{describe(node, self.gm)} uses a size read from dim {d} of '{t.name}', which carries these "
+                        "channels")
+
+    def sizes_on_dims_left_whole(self) -> None:
+        """A size the rewrite would recompute (its dim carried channels when the walk met the op) on a dim that
+        carries none in the end (tied later into whole blocks: EvoNorm's ``reshape(b, groups, c // groups, h,
+        w)`` once a variance takes each group whole) is used as it is: :meth:`size_read`."""
+        for node, out, d, a in self.recomputed_sizes:
+            if d not in varying(self.collapsed_roots(out.label)):
+                self.size_read(Context(self, node), node, a)
+
+    def sizes_checked_by_asserts(self) -> None:
+        """``torch._assert(c % groups == 0)`` (timm's EvoNorm, on ``b, c, h, w = x.shape``) checks the original's
+        numbers: a number read from channel dims that only such a check uses is the original's (:meth:`size_read`:
+        folded, else those channels pinned), so the pruned model passes the check where the original does."""
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target not in (torch._assert, torch._assert_async):
                 continue
-            src = self.size_sources(a)
-            pairs = [(src[1], d) for d in range(len(meta_shapes(src[1]) or ()))] if isinstance(src, tuple) else src
-            if self.folds_to_literal(node, a, pairs):
-                continue
-            for t, d in pairs:
-                tt = self.env.get(t)
-                if isinstance(tt, T) and tt.label is not None and d in varying(tt.label):
-                    grid = len(varying(tt.label)) > 1
-                    ctx.pin(tt.label if grid else along(tt.label, d, tt.shape[d]), f"{describe(node, self.gm)} uses a size read from dim "
-                                                              f"{d} of '{t.name}', which carries these channels")
+            condition, todo = {node}, [a for a in node.all_input_nodes if meta_shapes(a) is None]
+            while todo:   # the plain numbers the condition is computed from
+                n = todo.pop()
+                if n not in condition and n.op == "call_function":
+                    condition.add(n)
+                    todo += [a for a in n.all_input_nodes if meta_shapes(a) is None]
+            for n in condition - {node}:
+                if all(u in condition for u in n.users):   # a number only the check reads
+                    for a in n.all_input_nodes:
+                        if meta_shapes(a) is None:
+                            self.size_read(Context(self, n), n, a)
 
     def shaped_like(self, ctx: "Context", node: fx.Node, size: fx.Node, out) -> bool:
         """``x.reshape(t.shape)`` (EVA's rotary) is ``x.reshape_as(t)``: the pruned model reads the pruned
@@ -447,6 +483,19 @@ class Analysis:
         ctx.unify(fixed if out.label is None else out.label, fixed if t.label is None else t.label,
                   f"{describe(node, self.gm)} takes its shape from a tensor whose channels differ")
         return True
+
+    def expanded_like(self, size: fx.Node, out) -> bool:
+        """``x.expand(t.shape)`` whose result carries ``t``'s channels wherever ``t`` does, and no others
+        (EvoNorm's ``std.expand(x.shape)``, the std of each whole group): the pruned model reads the pruned
+        ``t``'s shape, which is then the result's."""
+        src = self.size_sources(size)
+        t = self.env.get(src[1]) if isinstance(src, tuple) else None
+        if not isinstance(t, T) or not isinstance(out, T) or tuple(t.shape) != tuple(out.shape) or t.label is None \
+                or out.label is None:
+            return False
+        shape = tuple(out.shape)
+        mine, theirs = self.collapsed_roots(out.label), self.collapsed_roots(t.label)
+        return varying(mine) == varying(theirs) and torch.equal(mine.expand(shape), theirs.expand(shape))
 
     def folds_to_literal(self, node: fx.Node, a: fx.Node, pairs) -> bool:
         """Whether ``a``, a number ``node`` reads, is computed from channel counts alone (``C // heads``,

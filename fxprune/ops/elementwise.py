@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..labels import FIXED, along, varying
+from ..labels import FIXED, along, grid_of, varying
 from .schema import T, arg, broadcast_label, describe, one_axis, tensors
 from .shape import broadcast_member, param_behind
 
@@ -395,9 +395,24 @@ def _variance_args(args, kwargs):
 
 def variance_over(ctx, args, kwargs):
     """``var`` and ``std`` over ``dim``: as a sum (:func:`reduce_over`), exact over the channels with the
-    masked original's count (:func:`variance_fix`): timm's ``SimpleNorm``, a LayerNorm written with ``var``."""
+    masked original's count (:func:`variance_fix`): timm's ``SimpleNorm``, a LayerNorm written with ``var``.
+
+    Over the positions of a grid but not its blocks (each group of ``x.reshape(b, groups, c // groups, h, w)``:
+    EvoNorm's group std) the groups go whole, as a GroupNorm's do: the others' statistics stay as they were."""
     dims, keepdim, _ = _variance_args(args, kwargs)
-    return reduce_over(True)(ctx, (args[0], list(dims) if dims else None, keepdim), {})
+    x = args[0]
+    grid = grid_of(ctx.canonical(x.label)) if dims else None
+    if grid is not None:
+        blocks, positions, ids = grid
+        over = {d % len(x.shape) for d in dims}
+        if positions in over and blocks not in over:
+            ctx.unify(ids[:, :1], ids, f"{describe(ctx.node, ctx.gm)} takes a variance over each group's channels: "
+                                       "groups go whole")
+        x = T(one_axis(ctx, x.label), x.shape, x.param)
+    return reduce_over(True)(ctx, (x, list(dims) if dims else None, keepdim), {})
+
+
+variance_over.takes_grids = True
 
 
 def variance_fix(root_of_variance: bool):

@@ -391,7 +391,8 @@ def _node_failure(exc: Exception, node: str, what: str) -> VerificationError:
             f"out of memory at node '{node}' of {what} while checking the pruned model: the check runs the masked "
             "original and the pruned model side by side on the example inputs. Pass smaller example inputs "
             "(a batch of 1), or verify=False to skip the check.")
-    return VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+    first = (str(exc).splitlines() or [""])[0]
+    return VerificationError(f"{what} fails at node '{node}': {type(exc).__name__}: {first}. "
                              "This is a bug in fxprune: please report it with the model; meanwhile pass "
                              f"ignore=[...] with the groups of the channels that reach node '{node}'.")
 
