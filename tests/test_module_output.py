@@ -183,7 +183,9 @@ def test_attribute_literal_is_set_on_the_copy_or_pinned():
     q = fxprune.compile(model, (x,), ratio=0.5, onnx=False, output="module")
     assert q.width == 16 and q.c1.out_channels == 16
     pins = " ".join(str(pin) for pin in fxprune.Pipeline(model, (x,), output="module").graph.groups["c1"].pins)
-    assert "self.width" in pins and "the literal 16" in pins
+    assert "torch._assert(y.shape[1] == self.width" in pins and "a module copy runs that code" in pins
+    g = fxprune.compile(model, (x,), ratio=0.5, onnx=False)   # the graph passes the check the original's number
+    assert g.c1.out_channels == 8 and fxprune.report(g).mask["ok"]
 
 
 class Attention(nn.Module):

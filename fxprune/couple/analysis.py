@@ -205,14 +205,16 @@ class Context:
         (:attr:`fxprune.ir.ChannelGroup.computed`)."""
         self._a.computed.append((node.name, dim, ids.reshape(-1), kind))
 
-    def balance(self, blocks: torch.Tensor) -> None:
+    def balance(self, blocks: torch.Tensor, whole: bool = True) -> None:
         """The rows of ``blocks`` (ids ``[B, k]``) must keep equal counts, at free positions in each row.
 
         Resolved once the walk is done (:func:`_resolve_balances`): where the rows are not exactly the
         channels of one group, or a group gets two different partitions, each row's ``j``-th channel is
-        tied to the others' instead (exact, but it gives up the choice of positions).
+        tied to the others' instead (exact, but it gives up the choice of positions). Rows that other ties
+        made whole channels go whole (heads), unless ``whole`` is False (a grouped conv, whose rewrite keeps
+        its groups): their columns are then tied too.
         """
-        self._a.balances.append((blocks.clone(), self.node.name))
+        self._a.balances.append((blocks.clone(), self.node.name, whole))
 
     def heads(self, blocks: torch.Tensor) -> bool:
         """A reshape split one channel dim into ``blocks`` (ids ``[..., heads, dims]``: attention heads
@@ -270,7 +272,7 @@ class Analysis:
         self.pins: list[tuple[torch.Tensor, Pin]] = []
         self.members: list[tuple] = []
         self.fixed_params: list[tuple[str, Pin]] = []
-        self.balances: list[tuple[torch.Tensor, str]] = []
+        self.balances: list[tuple[torch.Tensor, str, bool]] = []
         self.later: dict[fx.Node, torch.Tensor] = {}
         self.grouped: list[tuple[str, int, torch.Tensor]] = []
         self.computed: list[tuple[str, int, torch.Tensor, str]] = []
@@ -469,7 +471,8 @@ class Analysis:
             for n in condition - {node}:
                 if all(u in condition for u in n.users):   # a number only the check reads
                     for a in n.all_input_nodes:
-                        if meta_shapes(a) is None:
+                        value = a.meta.get("value", a.meta.get("val"))
+                        if meta_shapes(a) is None and isinstance(value, (int, float)) and not isinstance(value, bool):
                             self.size_read(Context(self, n), n, a)
 
     def shaped_like(self, ctx: "Context", node: fx.Node, size: fx.Node, out) -> bool:
@@ -661,12 +664,14 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
     Every other constraint is made exact by tying column ``j`` of its rows together (as a channel
     shuffle does), and the check runs again, as ties merge groups.
     """
-    pending = []
-    for c, node in a.balances:
+    pending, not_whole = [], set()
+    for c, node, whole in a.balances:
         c = c.numpy()
         if (c < 0).any() and (c >= 0).any():  # fixed and live ids in one constraint: keep all of them
             a.pins.append((torch.from_numpy(np.unique(c[c >= 0])), Pin(node, "a grouped layer reads them with fixed channels")))
         elif c.size and (c >= 0).all() and c.shape[0] > 1:
+            if not whole:
+                not_whole.add(id(c))
             pending.append(c)
     while pending:
         root = a.uf.all_roots()
@@ -682,6 +687,8 @@ def _resolve_balances(a: Analysis) -> list[np.ndarray]:
             if np.array_equal(r, np.broadcast_to(r[:1], r.shape)):  # already tied column by column
                 continue
             if np.array_equal(r, np.broadcast_to(r[:, :1], r.shape)):  # each block tied whole: blocks go whole
+                if id(c) in not_whole:
+                    bad.append(i)
                 continue
             g = np.unique(group_of_root[r])
             if len(g) != 1 or len(np.unique(r)) != r.size:

@@ -46,13 +46,13 @@ def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
         # (balanced blocks, free positions in each) and as many output channels; the weight's
         # input columns are cut group by group (grouped_member).
         blocks = ins.view(groups, c_in // groups)
-        ctx.balance(blocks)
+        ctx.balance(blocks, whole=False)
         if weight is not None:
             ctx.grouped_member(weight, in_dim, blocks)
         ctx.node.meta["fxprune_grouped"] = groups
         out = ctx.fresh(c_out) if out is None else out
         if c_out // groups > 1:
-            ctx.balance(out.view(groups, c_out // groups))
+            ctx.balance(out.view(groups, c_out // groups), whole=False)
         else:
             ctx.pin(out, f"grouped {describe(ctx.node, ctx.gm)} has one output channel per group")
         ctx.cost(out, ins)
