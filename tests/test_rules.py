@@ -1509,3 +1509,26 @@ def test_a_variance_over_each_group_prunes_whole_groups(capture):
     groups = model.a.weight.detach().view(8, 4, -1)   # the kept rows are whole groups of 4
     kept = pruned.state_dict()["a.weight"].view(5, 4, -1)
     assert all(any(torch.equal(k, g) for g in groups) for k in kept)
+
+
+class GroupedThenGroupStd(nn.Module):  # RegNetZ with EvoNorm: a norm group spans whole groups of a grouped conv
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.g = nn.Conv2d(32, 32, 3, padding=1, groups=4)   # groups of 8 channels
+        self.b = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y / group_std(y, 2)                              # norm groups of 16: two conv groups each
+        return self.b(self.g(y))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_grouped_conv_keeps_its_groups_when_other_ties_make_them_whole(capture):
+    """Whole norm groups would make the conv's groups go whole, which its rewrite cannot cut: their columns
+    are tied instead (all of the conv's input kept), and the model is pruned elsewhere, verified."""
+    torch.manual_seed(0)
+    model, x = GroupedThenGroupStd().eval(), torch.randn(2, 3, 6, 6)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["g"])
+    assert pruned.state_dict()["g.weight"].shape[1] == 8 and pruned.state_dict()["a.weight"].shape[0] == 32
