@@ -438,10 +438,27 @@ class ChannelAttention(nn.Module):  # Restormer's MDTA: attention across channel
         return x + self.proj((attn @ v).reshape(n, c, h, w))
 
 
+class GroupStd(nn.Module):  # EvoNorm-S0: x * sigmoid(v x) / the std of each group, on a residual
+    def __init__(self, c):
+        super().__init__()
+        self.conv = cbr(c, c, 3)
+        self.groups = 2 if c % 2 == 0 else 1
+        self.v = nn.Parameter(torch.rand(1, c, 1, 1) + 0.5)
+        self.out = c
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        torch._assert(c % self.groups == 0, "groups")
+        g = y.reshape(n, self.groups, c // self.groups, h, w)
+        std = g.var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(1e-5).sqrt().expand(g.shape).reshape(n, c, h, w)
+        return x + y * torch.sigmoid(y * self.v) / std
+
+
 PIECES = [Residual, Concat, SplitCat, ChunkC2f, Shuffle, ShuffleUnit, Grouped, Depthwise, SE, Attention, MHA,
           LayerNormChannels, PixelShuffle, Pool, Shuffle3, Grouped4, GroupedResidual, HeadsSDPA, HeadsLast,
           HeadsMatmul, HeadsGQA, HeadsGQAFused, RMSNormChannels, MeanSquareChannels, SpatialGate,
-          LayerScale, GroupNorms, Standardised, HeadsInterleaved, ECAGate, RowsLSTM, ChannelAttention]
+          LayerScale, GroupNorms, Standardised, HeadsInterleaved, ECAGate, RowsLSTM, ChannelAttention, GroupStd]
 
 
 class Net(nn.Module):

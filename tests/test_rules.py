@@ -1532,3 +1532,29 @@ def test_a_grouped_conv_keeps_its_groups_when_other_ties_make_them_whole(capture
     model, x = GroupedThenGroupStd().eval(), torch.randn(2, 3, 6, 6)
     pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture, must_shrink=["g"])
     assert pruned.state_dict()["g.weight"].shape[1] == 8 and pruned.state_dict()["a.weight"].shape[0] == 32
+
+
+class GroupNormIntoHeads(nn.Module):  # a GroupNorm whose groups are exactly the heads of the attention after it
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.norm = nn.GroupNorm(2, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_heads_made_whole_by_a_norm_keep_the_module_s_heads(capture):
+    """The GroupNorm takes each head's channels whole. nn.MultiheadAttention keeps its num_heads, so a head
+    cannot go whole: the heads' columns are tied too (the stream kept), not cut into a plan the module cannot
+    run. Exported, the attention is ops whose reshape into heads can lose a head: one GroupNorm group goes."""
+    torch.manual_seed(0)
+    model, x = GroupNormIntoHeads().eval(), torch.randn(2, 6, 5)
+    pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture)
+    assert rep.mask["max_rel_diff"] < 1e-5
+    assert pruned.state_dict()["out.weight"].shape[1] == (8 if capture == "fx" else 4)

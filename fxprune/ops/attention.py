@@ -277,7 +277,7 @@ def _attention(ctx, x, heads, qkv_weight, qkv_bias, proj_weight, proj_bias):
     ids = along(x.label, nd - 1, width)
     if (ids < 0).any():
         return pin_all(ctx, [x], {}, f"{describe(ctx.node, ctx.gm)} mixes fixed and prunable features")
-    ctx.balance(ids.view(heads, width // heads))
+    ctx.balance(ids.view(heads, width // heads), whole=False)   # the module keeps its num_heads
     ctx.member(qkv_weight, 1, ids, "consumer", "weight")
     ctx.member(qkv_weight, 0, torch.cat([ids] * 3), "consumer", "weight")
     if qkv_bias is not None:
