@@ -420,7 +420,8 @@ class Analysis:
             label = out.label if isinstance(out, T) else None
             vary = varying(label) if label is not None else []
             recomputed = {id(a) for d, a in enumerate(sizes) if d in vary}
-            self.recomputed_sizes += [(node, out, d, a) for d, a in enumerate(sizes) if d in vary and isinstance(a, fx.Node)]
+            self.recomputed_sizes += [(node, out, d, a) for d, a in enumerate(sizes)
+                                      if d in vary and isinstance(a, fx.Node)]
             expand = node.target == "expand" or getattr(node.target, "__name__", "") == "expand.default"
             if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and (
                     self.expanded_like(sizes[0], out) if expand else self.shaped_like(ctx, node, sizes[0], out)):
