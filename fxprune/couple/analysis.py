@@ -479,9 +479,8 @@ class Analysis:
     def shaped_like(self, ctx: "Context", node: fx.Node, size: fx.Node, out) -> bool:
         """``x.reshape(t.shape)`` (EVA's rotary) is ``x.reshape_as(t)``: the pruned model reads the pruned
         ``t``'s shape, so the result's channels are tied to ``t``'s, position by position."""
-        src = self.size_sources(size)
-        t = self.env.get(src[1]) if isinstance(src, tuple) else None
-        if not isinstance(t, T) or not isinstance(out, T) or tuple(t.shape) != tuple(out.shape):
+        t = self._shape_of_value(size, out)
+        if t is None:
             return False
         fixed = torch.full((1,) * len(out.shape), FIXED, dtype=torch.long)
         ctx.unify(fixed if out.label is None else out.label, fixed if t.label is None else t.label,
@@ -492,14 +491,20 @@ class Analysis:
         """``x.expand(t.shape)`` whose result carries ``t``'s channels wherever ``t`` does, and no others
         (EvoNorm's ``std.expand(x.shape)``, the std of each whole group): the pruned model reads the pruned
         ``t``'s shape, which is then the result's."""
-        src = self.size_sources(size)
-        t = self.env.get(src[1]) if isinstance(src, tuple) else None
-        if not isinstance(t, T) or not isinstance(out, T) or tuple(t.shape) != tuple(out.shape) or t.label is None \
-                or out.label is None:
+        t = self._shape_of_value(size, out)
+        if t is None or t.label is None or out.label is None:
             return False
         shape = tuple(out.shape)
         mine, theirs = self.collapsed_roots(out.label), self.collapsed_roots(t.label)
         return varying(mine) == varying(theirs) and torch.equal(mine.expand(shape), theirs.expand(shape))
+
+    def _shape_of_value(self, size: fx.Node, out) -> T | None:
+        """The value whose whole shape ``size`` is (``t.shape``), where it is ``out``'s shape too; else None."""
+        src = self.size_sources(size)
+        t = self.env.get(src[1]) if isinstance(src, tuple) else None
+        if not isinstance(t, T) or not isinstance(out, T) or tuple(t.shape) != tuple(out.shape):
+            return None
+        return t
 
     def folds_to_literal(self, node: fx.Node, a: fx.Node, pairs) -> bool:
         """Whether ``a``, a number ``node`` reads, is computed from channel counts alone (``C // heads``,

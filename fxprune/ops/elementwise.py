@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..labels import FIXED, along, grid_of, varying
-from .schema import T, arg, broadcast_label, describe, one_axis, tensors
+from .schema import T, arg, broadcast_label, describe, one_axis, tensors, tied
 from .shape import broadcast_member, param_behind
 
 
@@ -408,8 +408,7 @@ def variance_over(ctx, args, kwargs):
         if positions in over and blocks not in over:
             ctx.unify(ids[:, :1], ids, f"{describe(ctx.node, ctx.gm)} takes a variance over each group's channels: "
                                        "groups go whole")
-        x = T(one_axis(ctx, x.label), x.shape, x.param)
-    return reduce_over(True)(ctx, (x, list(dims) if dims else None, keepdim), {})
+    return reduce_over(True)(ctx, (tied(ctx, x), list(dims) if dims else None, keepdim), {})
 
 
 variance_over.takes_grids = True

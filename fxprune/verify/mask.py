@@ -243,24 +243,27 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
     # what runs out of memory on a 400 M-parameter model.
     state = dict(graph.module.named_parameters(remove_duplicate=False))
     state.update(graph.module.named_buffers(remove_duplicate=False))
-    zeroed: dict[int, list] = {}  # id(tensor): [(dim, removed channels: [n] or, for a grouped conv, [groups, n])]
-    for (param, dim), channels in graph.param_channels.items():
-        if graph.param_kinds[(param, dim)] == "consumer":
-            zeroed.setdefault(id(state[param]), []).append((dim, (channels >= 0) & ~keep[channels.clamp(min=0)]))
-    for (param, dim), channels in graph.grouped_params.items():  # grouped conv: each group's own columns
-        zeroed.setdefault(id(state[param]), []).append((dim, (channels >= 0) & ~keep[channels.clamp(min=0)]))
+    removed = [(param, dim, (ch >= 0) & ~keep[ch.clamp(min=0)]) for (param, dim), ch in graph.param_channels.items()
+               if graph.param_kinds[(param, dim)] == "consumer"]
+    removed += [(param, dim, (ch >= 0) & ~keep[ch.clamp(min=0)])   # a grouped conv: each group's own columns
+                for (param, dim), ch in graph.grouped_params.items()]
+    zeroed: dict[int, list] = {}  # id(tensor): [(dim, positions to zero, or one such list per group)]
+    for param, dim, gone in removed:
+        if bool(gone.any()):
+            where = torch.nonzero(gone).flatten() if gone.dim() == 1 else [torch.nonzero(g).flatten() for g in gone]
+            zeroed.setdefault(id(state[param]), []).append((dim, where))
 
     def masked_original(t: torch.Tensor) -> torch.Tensor:
-        cuts = [(dim, removed) for dim, removed in zeroed.get(id(t), ()) if bool(removed.any())]
-        if not cuts:
+        cuts = zeroed.get(id(t))
+        if cuts is None:
             return converted(t)
         new = t.detach().to(dtype or t.dtype, copy=True)
-        for dim, removed in cuts:
-            if removed.dim() == 1:
-                new.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
+        for dim, where in cuts:
+            if isinstance(where, torch.Tensor):
+                new.index_fill_(dim, where, 0.0)
             else:
-                for b, part in enumerate(new.chunk(removed.shape[0], 1 if dim == 0 else 0)):
-                    part.index_fill_(dim, torch.nonzero(removed[b]).flatten(), 0.0)
+                for part, columns in zip(new.chunk(len(where), 1 if dim == 0 else 0), where):
+                    part.index_fill_(dim, columns, 0.0)
         return _like(t, new)
 
     def converted(t: torch.Tensor) -> torch.Tensor:
@@ -317,7 +320,6 @@ class _Compared(_Capture):
         self.expected: dict[str, object] = {}  # the original's snapshots, waiting for this model's node
         self.early: dict[str, object] = {}     # this model's snapshots, waiting for the original's node
         self.worst, self.failing, self.compared, self.nan_nodes = (0.0, None), (0.0, None), 0, 0
-        self.extra_traceback = False
 
     def start(self, inputs: tuple) -> None:
         self.env, self.ran, self.result = {}, set(), None
