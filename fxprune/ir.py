@@ -86,6 +86,9 @@ class ChannelGroup:
     #: exactly once) whose rows must keep equal counts, at positions free within each row (the input
     #: channels of each group of a grouped convolution)
     blocks: torch.Tensor | None = None
+    #: the kept count is a multiple of this, or the whole group: what a kernel needs of the widths it runs on
+    #: (``grouped_mm``'s rows are 16-byte aligned: a multiple of 8 channels at 16 bits and up)
+    multiple: int = 1
     #: slices of weights computed at run time (timm's standardised convs): ``Member``s whose ``param`` names the
     #: node computing the weight (:meth:`ChannelGraph.computed_value`); magnitude criteria score by them, the
     #: rewrite reads the weight at the kept positions instead of slicing it

@@ -189,6 +189,51 @@ def test_tiny_gpt2():
     assert rep.plan.removed > 0 and rep.mask["ok"]
 
 
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_tiny_mixture_of_experts(output):
+    """transformers' MoE (a router, experts' weights [E, out, in] run by its grouped_mm op): the experts keep
+    the same channels, in counts of 8; the module copy runs transformers' own code on them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=16,
+                                         intermediate_size=48, max_position_embeddings=16, use_cache=False)
+    config._attn_implementation = "eager"
+    net = transformers.Qwen2MoeForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    pruned = fxprune.compile(net, (ids,), method="l2", ratio=0.6, output=output, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.capture["tracer"] == "export" and rep.mask["ok"], rep.mask
+    experts = dict(pruned.named_parameters())
+    up, down = experts["model.layers.0.mlp.experts.gate_up_proj"], experts["model.layers.0.mlp.experts.down_proj"]
+    d = 16 if output == "graph" else 32   # 32 * 0.4 kept, rounded up to 8s; whole in the module copy (below)
+    assert up.shape == (4, 2 * 16, d) and down.shape == (4, d, 16), (up.shape, down.shape)
+    if output == "module":   # the residual stream stays (RMSNorm's mean in the model's code); the experts prune
+        assert type(pruned) is type(net)
+        with torch.no_grad():   # transformers' eager path: torch's grouped_mm, 16-byte aligned rows
+            assert pruned(torch.randint(0, 64, (1, 5))).logits.shape == (1, 5, 64)
+
+
+def test_tiny_multi_head_latent_attention():
+    """GLM-4.7-Flash's (DeepSeek's) attention builds q and k in ``new_empty`` buffers filled by in-place copies: the
+    check compares what is read from them, not the allocator's garbage (which failed it: "differs at node
+    'new_empty'"); its experts prune."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Glm4MoeLiteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=16,
+        use_cache=False, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
+    config._attn_implementation = "eager"
+    net = transformers.AutoModelForCausalLM.from_config(config).eval()
+    pruned = fxprune.compile(net, (torch.randint(0, 64, (1, 8)),), method="l2", ratio=0.5, onnx=False)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"], rep.mask
+    assert dict(pruned.named_parameters())["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 16, 16)
+
+
 def test_fx_iterates_a_chunk_with_a_literal_count():
     class C2f(nn.Module):  # ultralytics' C2f: list(cv1(x).chunk(2, 1)), then appends to the list
         def __init__(self):

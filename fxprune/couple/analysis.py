@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -149,8 +150,9 @@ class Context:
         return ids
 
     def transposed_param(self, name: str) -> None:
-        """The node's value is 2-d parameter ``name`` transposed (Falcon's ``x @ weight.T``): a rule that
-        takes it (:func:`fxprune.ops.attention.matmul_rule`) makes that parameter a member, dims swapped."""
+        """The node's value is parameter ``name`` with its last two dims swapped (Falcon's ``x @ weight.T``, a
+        mixture of experts' ``weight.transpose(-2, -1)``): a rule that takes it
+        (:func:`fxprune.ops.attention.matmul_rule`) makes that parameter a member, dims swapped."""
         self._a.derived[self.node] = {"transposed": name}
 
     def fresh(self, n: int) -> torch.Tensor:
@@ -216,6 +218,11 @@ class Context:
         """
         self._a.balances.append((blocks.clone(), self.node.name, whole))
 
+    def count_multiple(self, ids: torch.Tensor, multiple: int) -> None:
+        """The groups of ``ids`` keep a multiple of ``multiple`` channels, or all of them (a kernel's alignment:
+        :attr:`fxprune.ir.ChannelGroup.multiple`)."""
+        self._a.multiples.append((ids.reshape(-1), multiple))
+
     def heads(self, blocks: torch.Tensor) -> bool:
         """A reshape split one channel dim into ``blocks`` (ids ``[..., heads, dims]``: attention heads
         ahead of the dims of each, maybe after a packing dim such as q/k/v's ``3``). By default
@@ -273,6 +280,7 @@ class Analysis:
         self.members: list[tuple] = []
         self.fixed_params: list[tuple[str, Pin]] = []
         self.balances: list[tuple[torch.Tensor, str, bool]] = []
+        self.multiples: list[tuple[torch.Tensor, int]] = []   # (ids, count multiple): see Context.count_multiple
         self.later: dict[fx.Node, torch.Tensor] = {}
         self.grouped: list[tuple[str, int, torch.Tensor]] = []
         self.computed: list[tuple[str, int, torch.Tensor, str]] = []
@@ -819,6 +827,11 @@ def _build_graph(a: Analysis, example_inputs, balanced=()) -> ChannelGraph:
         ch = torch.from_numpy(channel_of_root[r])
         name = names[int(group_of_channel[ch[0, 0]])]
         groups[name].blocks = ch - offsets[name]
+    for ids, multiple in a.multiples:
+        ch = channel_of[ids[ids >= 0]]
+        for gi in torch.unique(group_of_channel[ch[ch >= 0]]).tolist():
+            g = groups[names[gi]]
+            g.multiple = math.lcm(g.multiple, multiple)
     grouped_params = {}
     for param, dim, ids in a.grouped:
         grouped_params.setdefault((param, dim), torch.where(ids >= 0, channel_of[ids.clamp(min=0)], FIXED))

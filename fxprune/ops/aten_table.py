@@ -25,13 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import baddbmm_rule, einsum_rule, fix_sdpa, matmul_rule, sdpa_rule
+from .attention import baddbmm_rule, einsum_rule, fix_sdpa, grouped_mm_rule, matmul_rule, sdpa_rule
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, fold, max_min_rule,
-                          mean_fix, norm_over, normalize_over, pad, reduce_over, spatial, unfold, variance_fix,
-                          variance_over, zero_joined_fix)
+from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, fold, index_add_rule,
+                          max_min_rule, mean_fix, norm_over, normalize_over, pad, reduce_over, spatial, unfold,
+                          variance_fix, variance_over, zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
                    rms_norm_rule, weight_norm_rule)
@@ -138,6 +138,7 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
 register(Rule(shape_op(reversed_dims)), *overloads("numpy_T"))  # x.T
 register(Rule(reshape_as_rule), *overloads("reshape_as"))
 register(Rule(aten_index_rule), *overloads("index.Tensor"))
+register(Rule(index_add_rule), *with_inplace("index_add"))
 register(Rule(weight_norm_rule), *overloads("_weight_norm"))
 register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
@@ -149,6 +150,7 @@ register(Rule(cat_rule), *overloads("cat", "stack"))
 register(Rule(matmul_rule), *overloads("matmul", "bmm", "mm"))
 register(Rule(baddbmm_rule), *overloads("baddbmm"))
 register(Rule(einsum_rule), *overloads("einsum"))
+register(Rule(grouped_mm_rule), *overloads("_grouped_mm"))
 register(Rule(sdpa_rule, fix=fix_sdpa), *overloads("scaled_dot_product_attention"))
 
 # module rows for output="module": resize what the module's own forward reads (a call_module node of one pins)

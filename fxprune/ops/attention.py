@@ -120,7 +120,10 @@ def _by_parameter(ctx, operands, out_letters):
     """``x @ W`` with ``W`` a 2-d parameter (SwiftFormer's ``query @ w_g``; Falcon's ``x @ weight.T``, its dims
     swapped) is a linear layer: ``W``'s summed
     letter reads ``x``'s channels there (its slices along that dim are consumers), its other letter makes
-    new channels (producers), which the result carries. Any other use of a parameter pins."""
+    new channels (producers), which the result carries. ``W`` may have more dims, each either in neither ``x``
+    nor the result (a mixture of experts' ``[experts, in, out]`` under :func:`grouped_mm_rule`) or in both
+    (Llama 4's ``x.view(experts, -1, d) @ W``): every expert then keeps the same channels. Any other use of a
+    parameter pins."""
     params = [(t, letters) for t, letters in operands if t.param is not None or t.transposed is not None]
     others = [(t, letters) for t, letters in operands if t.param is None and t.transposed is None]
     reason = f"{describe(ctx.node, ctx.gm)} multiplies by a parameter"
@@ -128,12 +131,13 @@ def _by_parameter(ctx, operands, out_letters):
         return pin_all(ctx, [t for t, _ in operands], {}, reason)
     (w, wl), (x, xl) = params[0], others[0]
     name, wshape = w.param or w.transposed, tuple(w.shape)
-    if w.transposed is not None:   # weight.T: the value's dim d is the parameter's dim 1 - d
-        wl, wshape = wl[::-1], wshape[::-1]
+    if w.transposed is not None:   # weight.T: the value's last two dims are the parameter's, swapped
+        wl, wshape = wl[:-2] + wl[-1] + wl[-2], wshape[:-2] + (wshape[-1], wshape[-2])
     summed = [c for c in wl if c in xl and c not in out_letters]
     made = [c for c in wl if c not in xl and c in out_letters]
+    batched = [c for c in wl if (c in xl) == (c in out_letters) and c not in summed]
     vary = varying(x.label)
-    if len(wl) != 2 or len(summed) != 1 or len(made) != 1 or any(xl[d] != summed[0] for d in vary):
+    if len(wl) != 2 + len(batched) or len(summed) != 1 or len(made) != 1 or any(xl[d] != summed[0] for d in vary):
         return pin_all(ctx, [t for t, _ in operands], {}, reason)
     ds, dm = wl.index(summed[0]), wl.index(made[0])
     ids = None
@@ -194,6 +198,25 @@ def _contract_grids(ctx, operands, out_letters):
         ctx.cost(out)
         return out
     return False
+
+
+GROUPED_MM_MULTIPLE = 8
+
+
+def grouped_mm_rule(ctx, args, kwargs):
+    """``grouped_mm(x [S, K], W [E, K, N], offs)``: the rows of ``x`` sorted by group, each times its group's
+    ``W[e]`` (a mixture of experts' layer: ``torch._grouped_mm``, ``F.grouped_mm``, transformers' CPU
+    fallback). Every expert is a linear layer over the same channels (:func:`_by_parameter`), so each keeps
+    the same ones; any other layout pins."""
+    x, w = arg(args, kwargs, 0, "input", arg(args, kwargs, 0, "mat_a")), arg(args, kwargs, 1, "weight",
+                                                                            arg(args, kwargs, 1, "mat_b"))
+    if len(x.shape) != 2 or len(w.shape) != 3 or len(ctx.out_shape) != 2:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} groups other than rows of a 2-d input")
+    out = _contract(ctx, [(x, "sk"), (w, "ekn")], "sn", ctx.node.args[:2])
+    for t in (x.label, out):   # its kernels need 16-byte aligned rows: 8 channels at 16 bits (4 at 32)
+        if isinstance(t, torch.Tensor) and varying(t):
+            ctx.count_multiple(along(t, 1, ctx.out_shape[1] if t is out else x.shape[1]), GROUPED_MM_MULTIPLE)
+    return out
 
 
 def matmul_rule(ctx, args, kwargs):

@@ -92,6 +92,10 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     reads each group's kept columns (balanced: as many in each group) by one ``gather``.
     """
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if any(isinstance(a, fx.Node) for a in (*ctx.node.args[3:], *ctx.node.kwargs.values())):
+        # timm's CondConv: groups=self.groups * B, the batch folded into the channels
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes its stride, padding or groups "
+                                          "computed at run time")
     if w.param is not None and (b is None or b.param is not None):
         return _conv(ctx, x, w.param, b.param if b is not None else None, groups, transposed=transposed)
     depthwise = groups > 1 and not transposed and x.shape[1] == groups
@@ -214,8 +218,8 @@ def conv_call_spec(stride: int, padding: int, dilation: int, groups: int, transp
         weight = arg(node.args, node.kwargs, 1, "weight")
         meta = getattr(weight, "meta", {}).get("tensor_meta") if weight is not None else None
         shape = tuple(getattr(meta, "shape", ()) or ())
-        if len(shape) != 4:
-            return None
+        if len(shape) != 4 or any(isinstance(a, fx.Node) for a in (*node.args[3:], *node.kwargs.values())):
+            return None   # a conv whose groups, stride, ... are computed at run time (CondConv's groups * batch)
         g = int(arg(node.args, node.kwargs, groups, "groups", 1))
         return Conv2dSpec(shape[1] * g, shape[0], shape[2:], _pair(arg(node.args, node.kwargs, stride, "stride"), 1),
                           _pair(arg(node.args, node.kwargs, padding, "padding"), 0),
@@ -245,7 +249,7 @@ def fix_groups(index: int = 6):
 
     def fix_conv_function(node, rw):
         groups = arg(node.args, node.kwargs, index, "groups", 1)
-        if groups > 1 and rw.old_shape(node.args[0])[1] == groups:
+        if isinstance(groups, int) and groups > 1 and rw.old_shape(node.args[0])[1] == groups:
             old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
             rw.set_arg(node, index, "groups", new // (old // groups))
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..labels import FIXED, along, grid_of, varying
-from .schema import T, arg, broadcast_label, describe, one_axis, tensors, tied
+from .schema import T, arg, broadcast_label, describe, one_axis, pin_all, tensors, tied
 from .shape import broadcast_member, param_behind
 
 
@@ -464,3 +464,15 @@ def constant_like(ctx, args, kwargs):
     """``new_zeros``, ``zeros_like``, ...: a new tensor of constants; its input lends only a shape or
     dtype, so its channels are not read (the result carries none: it pins what it meets)."""
     return None
+
+
+def index_add_rule(ctx, args, kwargs):
+    """``x.index_add(dim, index, source)`` (JetMoE's experts adding their rows back at their tokens'): along a
+    dim without channels, ``x`` and ``source`` meet position by position on the other dims, as in an add
+    (:func:`elementwise`); along the channels, or with a parameter, it pins."""
+    x, src = args[0], arg(args, kwargs, 3, "source")
+    dim = arg(args, kwargs, 1, "dim") % len(x.shape)
+    if x.param is not None or src.param is not None or any(
+            t.label is not None and dim in varying(t.label) for t in (x, src)):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} adds at indices along the channels")
+    return elementwise(ctx, (x, T(src.label, tuple(x.shape))), {})

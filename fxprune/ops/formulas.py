@@ -19,8 +19,17 @@ def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=No
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``grouped_mm(a [S, K], b [E, K, N], offs)``: each of the ``S`` rows times its group's ``K x N`` matrix
+    (a mixture of experts' layer, the rows sorted by expert); other layouts count as their output times ``K``."""
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 # shape formulas of ATen ops ``flop_counter`` has none for, as ``FlopCounterMode(custom_mapping=...)`` takes them
-EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop}
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+                       torch.ops.aten._grouped_mm: _grouped_mm_flop}
+# the same, for custom ops of packages fxprune does not import, by their qualified names
+EXTRA_FLOP_FORMULAS_BY_NAME = {"transformers::grouped_mm_fallback": _grouped_mm_flop}
 
 
 def op_flops(func, args, kwargs, out) -> int:
@@ -30,7 +39,7 @@ def op_flops(func, args, kwargs, out) -> int:
     formula = flop_registry.get(packet)
     if formula is not None:
         return int(formula(*args, **kwargs, out_val=out))
-    extra = EXTRA_FLOP_FORMULAS.get(packet)
+    extra = EXTRA_FLOP_FORMULAS.get(packet) or EXTRA_FLOP_FORMULAS_BY_NAME.get(func.name())
     if extra is None:
         return 0
     return int(extra(*tree_map(_shape_of, args), out_shape=tree_map(_shape_of, out), **kwargs))

@@ -21,13 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, matmul_rule, mha_module,
-                        patch_merging_pad_rule, relative_position_bias_rule, resize_mha, sdpa_rule, swin_attention_rule)
+from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, grouped_mm_rule, matmul_rule,
+                        mha_module, patch_merging_pad_rule, relative_position_bias_rule, resize_mha, sdpa_rule,
+                        swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
-from .elementwise import (elementwise, extreme_fix, filled_like, fold, max_min_rule, mean_fix, norm_over,
-                          normalize_module, normalize_over, normalize_rule, pad, reduce_over, spatial, unfold,
-                          variance_fix, variance_over, zero_joined_fix)
+from .elementwise import (elementwise, extreme_fix, filled_like, fold, index_add_rule, max_min_rule, mean_fix,
+                          norm_over, normalize_module, normalize_over, normalize_rule, pad, reduce_over, spatial,
+                          unfold, variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
@@ -149,6 +150,7 @@ register(Rule(shape_op(torch.tensor_split), fix=fix_split), torch.tensor_split)
 register(Rule(shape_op(method("split")), fix=fix_split), "split")
 register(Rule(shape_op(method("chunk")), fix=fix_split), "chunk")
 register(Rule(getitem_rule, fix=fix_getitem), operator.getitem)
+register(Rule(index_add_rule), torch.index_add, "index_add", "index_add_")
 register(Rule(cat_rule), torch.cat, torch.concat, torch.concatenate, torch.stack)
 
 register(Rule(layer_norm_rule, resize=resize_layer_norm, on_meta=same_shape), nn.LayerNorm)
@@ -159,6 +161,8 @@ register(Rule(matmul_rule), torch.matmul, operator.matmul, torch.bmm, "matmul", 
 register(Rule(baddbmm_rule), torch.baddbmm, "baddbmm")
 register(Rule(sdpa_rule, fix=fix_sdpa), F.scaled_dot_product_attention)
 register(Rule(einsum_rule), torch.einsum)
+register(Rule(grouped_mm_rule), *[f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None))
+                                   if f is not None], "transformers::grouped_mm_fallback")
 try:
     from torchvision.models.swin_transformer import _patch_merging_pad
 

@@ -69,8 +69,8 @@ class T:
     label: torch.Tensor | None
     shape: tuple
     param: str | None = None
-    #: a 2-d parameter's transpose (``weight.T``): its name (``param`` stays None: only rules that read this
-    #: take it as that parameter, with its dims swapped)
+    #: a parameter with its last two dims swapped (``weight.T``): its name (``param`` stays None: only rules
+    #: that read this take it as that parameter, with those dims swapped)
     transposed: str | None = None
 
 
@@ -205,7 +205,9 @@ class RuleTable:
             return self.output
         key = type(modules[node.target]) if node.op == "call_module" else node.target
         rule = self._rules.get(key)
-        if rule is None and callable(key):  # a function of a package the table does not import, by its name
+        if rule is None and isinstance(key, torch._ops.OpOverload):  # a custom op of a package, by its name
+            rule = self._rules.get(key.name())
+        elif rule is None and callable(key):  # a function of a package the table does not import, by its name
             rule = self._rules.get(f"{getattr(key, '__module__', '')}.{getattr(key, '__qualname__', '')}")
         return rule or self.default
 

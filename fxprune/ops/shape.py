@@ -5,6 +5,8 @@ Part of the fx rule table (:mod:`fxprune.ops.fx_table`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
@@ -20,11 +22,8 @@ def shape_op(fn):
     def shape_op_rule(ctx, args, kwargs):
         x = args[0]
         if x.label is None:
-            if getattr(x, "param", None) is not None and len(x.shape) == 2:   # weight.T: a transposed parameter
-                positions = torch.arange(x.shape[0] * x.shape[1]).view(x.shape)
-                out = fn(positions, *args[1:], **kwargs)
-                if isinstance(out, torch.Tensor) and out.shape == positions.t().shape and torch.equal(out, positions.t()):
-                    ctx.transposed_param(x.param)
+            if getattr(x, "param", None) is not None and len(x.shape) >= 2 and _swaps_last_dims(fn, x, args, kwargs):
+                ctx.transposed_param(x.param)   # weight.T, or experts' weights [E, out, in].transpose(-2, -1)
             return None
         if _empty(ctx):
             return _empty_label(ctx, x)
@@ -51,6 +50,20 @@ def shape_op(fn):
 
     shape_op_rule.takes_grids = True
     return shape_op_rule
+
+
+def _swaps_last_dims(fn, x, args, kwargs) -> bool:
+    """Whether shape op ``fn`` swaps the last two dims of parameter ``x`` and moves nothing else: tried on a
+    small stand-in of its shape (a parameter of experts can hold billions of positions), so an op whose
+    arguments name ``x``'s sizes (a view) is not taken for one."""
+    small = tuple(min(int(d), 5) for d in x.shape)
+    positions = torch.arange(math.prod(small)).view(small)
+    try:
+        out = fn(positions, *args[1:], **kwargs)
+    except Exception:  # sizes of the real parameter
+        return False
+    swapped = positions.transpose(-2, -1)
+    return isinstance(out, torch.Tensor) and out.shape == swapped.shape and torch.equal(out, swapped)
 
 
 def reversed_dims(t, *_):
@@ -449,6 +462,8 @@ def fix_split(node, rw):
     dim = dim % len(rw.old_shape(x))
     if dim not in rw.varying_dims(x):
         return
+    if _still_chunks(node, rw, dim):
+        return
     sizes = [s[dim] for s in rw.new_shape(node)]
     if node.op == "call_method":
         node.target = "split"
@@ -466,9 +481,27 @@ def fix_split_aten(node, rw):
     dim = dim % len(rw.old_shape(x))
     if dim not in rw.varying_dims(x):
         return
+    if _still_chunks(node, rw, dim):
+        return
+    sizes = [s[dim] for s in rw.new_shape(node)]
     node.target = torch.ops.aten.split_with_sizes.default
-    node.args = (x, [s[dim] for s in rw.new_shape(node)], dim)
+    node.args = (x, sizes, dim)
     node.kwargs = {}
+
+
+def _still_chunks(node, rw, dim: int) -> bool:
+    """Whether ``node`` is a ``chunk(n)`` whose pieces carry the same channels position by position (a gated
+    MLP's ``gate, up = x.chunk(2, -1)``, the halves tied by ``act(gate) * up``): under any plan they keep equal
+    counts, so the same call splits the pruned tensor right; the node is left as it is (and a module copy,
+    running that code, prunes those channels too)."""
+    chunk = node.target in (torch.chunk, "chunk") or node.target is getattr(torch.ops.aten.chunk, "default", None)
+    labels, shapes = node.meta.get("fxprune"), rw.old_shape(node)
+    if not chunk or not isinstance(labels, (tuple, list)) or len(labels) != len(shapes) or \
+            arg(node.args, node.kwargs, 1, "chunks", None) != len(shapes) or len({s[dim] for s in shapes}) != 1 or \
+            not all(isinstance(label, torch.Tensor) for label in labels):
+        return False
+    pieces = [along(label, dim, shape[dim]) for label, shape in zip(labels, shapes)]
+    return all(torch.equal(pieces[0], p) for p in pieces[1:])
 
 
 def slice_rule(ctx, args, kwargs):

@@ -83,10 +83,12 @@ class Budget:
         or by a function ``(group name, n) -> count`` (``"fast"`` is resolved to one by :func:`make_plan`).
 
         A group of balanced blocks (``g.blocks``, ``[B, k]``) keeps the same count in every block: ``n``
-        is rounded up to ``B`` times a per-block count, and ``round_to`` applies to that count.
+        is rounded up to ``B`` times a per-block count, and ``round_to`` applies to that count. A group whose
+        kernels need a multiple (``g.multiple``) gets one, or keeps all its channels.
         """
         if self.round_to == "fast":
             raise ConfigError('round_to="fast" needs a latency model: plan with make_plan(..., round_to="fast")')
+        multiple = getattr(g, "multiple", 1)
         if getattr(g, "blocks", None) is not None:
             b, k = g.blocks.shape
             per = math.ceil(max(n, 1) / b)
@@ -94,12 +96,13 @@ class Budget:
                 per = math.ceil(int(self.round_to(g.name, b * per)) / b)
             elif self.round_to:
                 per = math.ceil(per / self.round_to) * self.round_to
-            return b * min(k, per)
-        if self.round_to is None:
-            return n
+            step = multiple // math.gcd(multiple, b)   # b * per a multiple of ``multiple``
+            return b * min(k, math.ceil(per / step) * step)
         if callable(self.round_to):
-            return min(g.size, int(self.round_to(g.name, n)))
-        return min(g.size, math.ceil(n / self.round_to) * self.round_to)
+            n = int(self.round_to(g.name, n))
+        elif self.round_to is not None:
+            n = math.ceil(n / self.round_to) * self.round_to
+        return min(g.size, math.ceil(n / multiple) * multiple)
 
     def info(self) -> dict:
         round_to = self.round_to if not callable(self.round_to) else getattr(self.round_to, "__name__", "custom")

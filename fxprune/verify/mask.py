@@ -123,9 +123,14 @@ class _Reference(_Capture):
         self.keep = keep
         self.beside = beside
         self._modules = dict(gm.named_modules())
+        self._unset: dict[int, object] = {}   # storages of tensors allocated uninitialised (see _uninitialised)
 
     def record(self, n, value):
-        if n.name in self.beside.pending:
+        if n.name not in self.beside.pending:
+            return
+        if _uninitialised(n, value, self._unset):
+            self.beside.skip(n.name)
+        else:
             self.beside.expect(n.name, _snapshot(value, n.meta.get("fxprune"), self.keep))
 
     def run_node(self, n):
@@ -344,6 +349,11 @@ class _Compared(_Capture):
             if node.op == "output":
                 self.result = self.graph.process_outputs(self.env[node])
 
+    def skip(self, name: str) -> None:
+        """The original's value of ``name`` is not to be compared (:func:`_uninitialised`)."""
+        self.pending.discard(name)
+        self.early.pop(name, None)
+
     def expect(self, name: str, snapshot) -> None:
         self.pending.discard(name)
         if name in self.early:
@@ -407,6 +417,26 @@ def _scale_and_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     diff = torch.where(same, torch.zeros((), dtype=a.dtype), (a - b).abs())
     finite = a[torch.isfinite(a)]
     return (float(finite.abs().max()) if finite.numel() else 0.0), float(diff.max())
+
+
+_EMPTY = {torch.empty, torch.empty_like, torch.empty_strided, "new_empty", "new_empty_strided",
+          *(getattr(getattr(torch.ops.aten, op), overload) for op, overload in (
+              ("empty", "memory_format"), ("empty_like", "default"), ("empty_strided", "default"),
+              ("new_empty", "default"), ("new_empty_strided", "default")))}
+
+
+def _uninitialised(n: fx.Node, value, unset: dict) -> bool:
+    """Whether ``value`` (node ``n``'s) may hold memory not yet written: an ``empty`` allocation (DeepSeek's
+    ``q.new_empty(...)``, filled by in-place copies later), or a view of one (the slice a copy then fills).
+    Such a value is not compared (its positions are whatever the allocator gave); what is read from it once
+    filled is, at the nodes that read it. ``unset``: the storages of the allocations seen so far, by address
+    (held, so that no later tensor gets the address of a freed one)."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.layout != torch.strided:
+        return False
+    storage = value.untyped_storage()
+    if n.op in ("call_function", "call_method") and n.target in _EMPTY:
+        unset[storage.data_ptr()] = storage
+    return storage.data_ptr() in unset
 
 
 def _snapshot(value, label, keep):
