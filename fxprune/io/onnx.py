@@ -3,7 +3,9 @@
 :func:`export_onnx` writes one ``.onnx`` file (no external-data sidecar, unless the
 weights pass ONNX's 2 GB protobuf limit) with a dynamic batch dimension, runs
 ``onnx.checker``, and compares ONNX Runtime (CPU) with torch at batch 1 and batch 3.
-Tolerance: ``ORT_RTOL * max|torch| + ORT_ATOL`` per output. :func:`write_onnx` only
+Tolerance: ``ORT_RTOL * max|torch| + ORT_ATOL`` per output; an output that misses it is compared with a
+float64 run of the model, and agrees where ONNX Runtime is as near that as torch's float32 run is (rounding
+the model amplifies, which the two runtimes' kernels do differently). :func:`write_onnx` only
 writes the file (what a latency search needs); :func:`figures_table` prints the figures.
 
 Example::
@@ -74,7 +76,7 @@ def _export_and_check(module, example_inputs, path, batches, dynamic_batch, chec
         batchable = False  # the exporter specialised the batch (ViT's expand(n, ...)): check the example batch
     feed_names = [i.name for i in session.get_inputs()]
     worst_abs, worst_rel, ok = 0.0, 0.0, True
-    tried = []
+    tried, rechecked = [], []
     for b in (batches if batchable else (None,)):
         inputs = random_inputs(example_inputs, seed=1 + (b or 0), batch=b)
         with torch.no_grad():
@@ -82,7 +84,8 @@ def _export_and_check(module, example_inputs, path, batches, dynamic_batch, chec
         got = session.run(None, {n: x.numpy() for n, x in zip(feed_names, inputs)})
         if len(got) != len(expected):
             raise VerificationError(f"ONNX model has {len(got)} outputs, torch {len(expected)}")
-        for e, g in zip(expected, got):
+        exact = None
+        for i, (e, g) in enumerate(zip(expected, got)):
             g = torch.from_numpy(g)
             if e.shape != g.shape:
                 raise VerificationError(f"ONNX Runtime output shape {tuple(g.shape)} != torch {tuple(e.shape)}")
@@ -92,18 +95,57 @@ def _export_and_check(module, example_inputs, path, batches, dynamic_batch, chec
             scale, err = float(e.abs().max()), float((e - g).abs().max())
             worst_abs = max(worst_abs, err)
             worst_rel = max(worst_rel, err / (scale + 1e-30))
-            ok = ok and err <= ORT_RTOL * scale + ORT_ATOL
+            if err > ORT_RTOL * scale + ORT_ATOL:
+                exact = _float64_outputs(module, inputs) if exact is None else exact
+                near = _as_near_as_torch(e, g, exact[i] if exact and i < len(exact) else None)
+                ok = ok and near is not None
+                rechecked += [near] if near is not None else []
         tried.append(b if b is not None else "example")
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     result = {"ok": ok, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "batches": tried,
               "rtol": ORT_RTOL, "atol": ORT_ATOL, "path": None if tmpdir else path,
               "bytes": size, "external_data": external, "dynamic_batch": batchable}
+    if rechecked:
+        result["float64"] = {"ort_rel_diff": max(r[0] for r in rechecked), "torch_rel_diff": max(r[1] for r in rechecked)}
     if tmpdir:
         tmpdir.cleanup()
     if check and not ok:
         raise VerificationError(f"ONNX Runtime disagrees with torch: max difference {worst_abs:.3e} "
                                 f"(relative {worst_rel:.3e} > {ORT_RTOL:.0e})")
     return result
+
+
+def _float64_outputs(module, inputs) -> list | None:
+    """The outputs of a float64 copy of ``module`` on ``inputs`` (made float64), or None where the copy cannot
+    run (an op without a float64 kernel, a dtype written into an exported graph that does not follow)."""
+    try:
+        exact = copy.deepcopy(module).double()
+        if isinstance(exact, torch.fx.GraphModule):  # an export graph spells `x.to(weight.dtype)` with the dtype
+            for n in exact.graph.nodes:
+                n.args = torch.fx.node.map_aggregate(n.args, lambda a: torch.float64 if a is torch.float32 else a)
+                n.kwargs = torch.fx.node.map_aggregate(n.kwargs, lambda a: torch.float64 if a is torch.float32 else a)
+            exact.recompile()
+        with torch.no_grad():
+            out = exact(*(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs))
+        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    except Exception:
+        return None
+
+
+def _as_near_as_torch(expected, got, exact) -> tuple[float, float] | None:
+    """ONNX Runtime's output ``got`` missed torch's ``expected`` (float32): it still agrees where it is as near
+    the float64 result ``exact`` as torch's own float32 run is (within twice torch's distance, or the tolerance):
+    rounding that the model amplifies (large activations summed into a small output) differs between the two
+    runtimes' kernels, while an export that computes something else stays far from the float64 result.
+    Returns (ORT's, torch's) relative distance to ``exact``, or None where it does not agree."""
+    if exact is None or exact.shape != expected.shape:
+        return None
+    scale = float(exact.abs().max()) + 1e-30
+    ort = float((got.double() - exact).abs().max())
+    own = float((expected.double() - exact).abs().max())
+    if ort <= max(2 * own, ORT_RTOL * scale + ORT_ATOL):
+        return ort / scale, own / scale
+    return None
 
 
 def _runs_at_batch(module, example_inputs, batch) -> bool:
