@@ -1607,3 +1607,30 @@ def test_attention_heads_made_whole_by_a_norm_keep_the_module_s_heads(capture):
     pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture)
     assert rep.mask["max_rel_diff"] < 1e-5
     assert pruned.state_dict()["out.weight"].shape[1] == (8 if capture == "fx" else 4)
+
+
+class CondConv(nn.Module):  # timm's CondConv2d: the batch folded into the channels, groups=self.groups * B
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.routing = nn.Linear(8, 2)
+        self.experts = nn.Parameter(torch.randn(2, 8 * 8 * 3 * 3) / 24)
+        self.kw = nn.Conv2d(8, 12, 1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        weight = (torch.sigmoid(self.routing(x.mean((2, 3)))) @ self.experts).view(b * 8, c, 3, 3)
+        x = F.conv2d(x.reshape(1, b * c, h, w), weight, None, 1, 1, 1, b).view(b, 8, h, w)
+        x = F.conv2d(x, weight=self.kw.weight, bias=self.kw.bias)   # weight and bias as keywords: prunes
+        return self.head(torch.relu(x))
+
+
+def test_a_conv_whose_groups_are_computed_at_run_time_pins():
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(CondConv(), (torch.randn(2, 3, 8, 8),), ratio=0.5, capture="fx", round_to=None,
+                                  must_shrink=["conv2d_1"])
+    graph = fxprune.analyze(CondConv().eval(), (torch.randn(2, 3, 8, 8),), capture="fx")
+    assert any("computed at run time" in p.reason for g in graph.groups.values() for p in g.pins)
+    assert pruned.state_dict()["kw.weight"].shape == (6, 8, 1, 1)

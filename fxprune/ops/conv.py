@@ -92,8 +92,7 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
     reads each group's kept columns (balanced: as many in each group) by one ``gather``.
     """
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    if any(isinstance(a, fx.Node) for a in (*ctx.node.args[3:], *ctx.node.kwargs.values())):
-        # timm's CondConv: groups=self.groups * B, the batch folded into the channels
+    if _computed_options(ctx.node):   # timm's CondConv: groups=self.groups * B, the batch folded into the channels
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes its stride, padding or groups "
                                           "computed at run time")
     if w.param is not None and (b is None or b.param is not None):
@@ -115,6 +114,13 @@ def _conv_call(ctx, args, kwargs, groups, transposed=False):
         if groups == 1 and x.label is not None and varying(x.label) == [1]:
             ctx.computed(node, in_dim, along(x.label, 1, x.shape[1]), "consumer")
     return out
+
+
+def _computed_options(node: fx.Node) -> bool:
+    """Whether a conv call's stride, padding, dilation or groups (any argument but its input, weight and bias)
+    is computed at run time."""
+    return any(isinstance(a, fx.Node) for a in node.args[3:]) or any(
+        isinstance(v, fx.Node) for k, v in node.kwargs.items() if k not in ("input", "weight", "bias"))
 
 
 def _computed_rows(ctx, w):
@@ -218,7 +224,7 @@ def conv_call_spec(stride: int, padding: int, dilation: int, groups: int, transp
         weight = arg(node.args, node.kwargs, 1, "weight")
         meta = getattr(weight, "meta", {}).get("tensor_meta") if weight is not None else None
         shape = tuple(getattr(meta, "shape", ()) or ())
-        if len(shape) != 4 or any(isinstance(a, fx.Node) for a in (*node.args[3:], *node.kwargs.values())):
+        if len(shape) != 4 or _computed_options(node):
             return None   # a conv whose groups, stride, ... are computed at run time (CondConv's groups * batch)
         g = int(arg(node.args, node.kwargs, groups, "groups", 1))
         return Conv2dSpec(shape[1] * g, shape[0], shape[2:], _pair(arg(node.args, node.kwargs, stride, "stride"), 1),
