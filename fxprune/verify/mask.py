@@ -222,6 +222,15 @@ def mask_equivalence(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: 
             "float32_worst_node": result["worst_node"]}
 
 
+def float_literals_to(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Write ``dtype`` for every ``torch.float32`` literal in ``gm``'s graph, in place: an export graph spells
+    ``x.to(weight.dtype)`` with the dtype as a literal, which a float64 copy must follow (the caller recompiles
+    where it runs ``gm``'s code rather than its graph)."""
+    for n in gm.graph.nodes:
+        n.args = map_aggregate(n.args, lambda a: dtype if a is torch.float32 else a)
+        n.kwargs = map_aggregate(n.kwargs, lambda a: dtype if a is torch.float32 else a)
+
+
 def _like(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``new`` as a frozen parameter if ``t`` is a parameter (a module may check the type)."""
     return torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
@@ -279,12 +288,10 @@ def _compare(graph, keep: torch.Tensor, pruned: fx.GraphModule, inputs: tuple, d
         pruned = copy_modules(pruned, {id(t): t for t in _tensors(pruned)})  # its own graph; the same tensors
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
     masked = copy_modules(graph.module, {id(t): t for t in _tensors(graph.module)}).eval()
-    if dtype is not None:  # an export graph spells `x.to(weight.dtype)` with the dtype as a literal
+    if dtype is not None:
         for gm, source in ((masked, graph.module), (pruned, given)):
             assert gm.graph is not source.graph  # copy_modules copied the graph: edits stay in the copies
-            for n in gm.graph.nodes:
-                n.args = map_aggregate(n.args, lambda a: dtype if a is torch.float32 else a)
-                n.kwargs = map_aggregate(n.kwargs, lambda a: dtype if a is torch.float32 else a)
+            float_literals_to(gm, dtype)
     params = set()  # parameters, and values computed from them alone: sliced as members, not labelled
     for n in graph.module.graph.nodes:
         tensors_in = [a for a in n.all_input_nodes if "tensor_meta" in a.meta]
