@@ -1,6 +1,8 @@
 """One tiny model per rule of fxprune/rules.py: pruned, mask-equivalent, and equal in ONNX Runtime."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -1607,6 +1609,222 @@ def test_attention_heads_made_whole_by_a_norm_keep_the_module_s_heads(capture):
     pruned, rep = prune_and_check(model, (x,), ratio=0.5, round_to=None, capture=capture)
     assert rep.mask["max_rel_diff"] < 1e-5
     assert pruned.state_dict()["out.weight"].shape[1] == (8 if capture == "fx" else 4)
+
+
+class KeywordInput(nn.Module):  # every argument of the functional conv given by keyword, the input too
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 3, 3, 3))
+        self.b = nn.Parameter(torch.randn(16))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(F.conv2d(input=x, weight=self.w, bias=self.b, padding=1)))
+
+
+@pytest.mark.parametrize("capture,output", [("fx", "graph"), ("fx", "module"), ("export", "graph")])
+def test_a_functional_conv_given_its_input_by_keyword_prunes(capture, output):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(KeywordInput(), (torch.randn(2, 3, 8, 8),), ratio=0.5, capture=capture,
+                                  output=output, round_to=None, onnx=output == "graph")
+    assert pruned.state_dict()["w"].shape == (8, 3, 3, 3) and pruned.state_dict()["head.weight"].shape == (4, 8, 1, 1)
+
+
+class ConformerConv(nn.Module):  # Conformer's convolution module: a pointwise conv to 2C, GLU over the channels, depthwise
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.up = nn.Conv1d(8, 32, 1)
+        self.glu = nn.GLU(dim=1)
+        self.dw = nn.Conv1d(16, 16, 3, padding=1, groups=16)
+        self.down = nn.Conv1d(16, 8, 1)
+        self.ffn = nn.Linear(8, 24)
+        self.out = nn.Linear(12, 8)
+
+    def forward(self, x):  # x: [batch, channels, time]
+        h = self.up(x)
+        h = F.glu(h, dim=1) if self.functional else self.glu(h)
+        x = x + self.down(F.silu(self.dw(h)))
+        return self.out(F.glu(self.ffn(x.transpose(1, 2))))   # GLU along the last dim, too
+
+
+@pytest.mark.parametrize("capture,functional", [("fx", False), ("fx", True), ("export", False)])
+def test_glu_ties_the_two_halves_position_by_position(capture, functional):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(ConformerConv(functional), (torch.randn(2, 8, 10),), ratio=0.5, capture=capture,
+                                  round_to=None)
+    sd = pruned.state_dict()
+    assert sd["up.weight"].shape == (16, 8, 1) and sd["dw.weight"].shape == (8, 1, 3)
+    assert sd["ffn.weight"].shape[0] == 12 and sd["out.weight"].shape[1] == 6
+    # the kept rows of each half are the same positions: half i gates half i
+    kept = [i for i in range(32) if any(torch.equal(ConformerConv(functional).up.weight[i], r) for r in sd["up.weight"])]
+    assert [k for k in kept if k < 16] == [k - 16 for k in kept if k >= 16]
+
+
+def test_glu_module_copy_prunes():
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(ConformerConv(), (torch.randn(2, 8, 10),), ratio=0.5, output="module",
+                                  round_to=None, onnx=False)
+    assert isinstance(pruned, ConformerConv) and pruned.up.out_channels == 16 and pruned.ffn.out_features == 12
+
+
+class EmptyCache(nn.Module):  # XLM / Flaubert: a key cache starts as torch.tensor([]), joined along the tokens
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        k = torch.cat([torch.tensor([]), self.k(x)], dim=-2)   # torch.cat skips the 1-d empty piece
+        return self.out(torch.relu(k))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_cat_with_an_empty_1d_piece_prunes(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(EmptyCache(), (torch.randn(2, 5, 8),), ratio=0.5, capture=capture, round_to=None)
+    assert pruned.state_dict()["k.weight"].shape == (8, 8) and pruned.state_dict()["out.weight"].shape == (4, 8)
+
+
+class InstanceNormed(nn.Module):  # RAFT's feature encoder: convs with instance norms (affine, and not)
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.na = nn.InstanceNorm2d(16, affine=True)
+        self.b = nn.Conv2d(16, 12, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.na(self.a(x)))
+        x = self.b(x)
+        x = F.instance_norm(x)
+        return self.c(torch.relu(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_instance_norm_prunes_channel_by_channel(capture):
+    torch.manual_seed(0)
+    model = InstanceNormed()
+    with torch.no_grad():
+        model.na.weight.uniform_(0.5, 1.5), model.na.bias.uniform_(-0.5, 0.5)
+    pruned, rep = prune_and_check(model, (torch.randn(2, 3, 8, 8),), ratio=0.5, capture=capture, round_to=None)
+    sd = pruned.state_dict()
+    assert sd["a.weight"].shape[0] == 8 and sd["na.weight"].shape == (8,) and sd["b.weight"].shape[0] == 6
+
+
+class ShiftRight(nn.Module):  # Bart's shift_tokens_right: a bare squeeze, then an indexed write
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        shifted = ids.new_zeros(ids.shape)
+        shifted[:, 1:] = ids[:, :-1].clone()
+        shifted[:, 0] = ids.gather(1, (ids.ne(0).sum(dim=1) - 1).unsqueeze(-1)).squeeze()
+        return self.out(torch.relu(self.fc(self.emb(shifted))))
+
+
+def test_an_exported_bare_squeeze_keeps_the_batch_dim_at_batch_1():
+    """Exported with a symbolic batch (so not 1), a bare squeeze at batch 1 would drop the batch dim too; the
+    ONNX file of that graph did not load. The capture names the dims that were 1."""
+    ids = torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    pruned, rep = prune_and_check(ShiftRight(), (ids,), ratio=0.5, capture="export", round_to=None,
+                                  must_shrink=["fc"])
+    squeezes = [n for n in pruned.graph.nodes if "squeeze" in str(n.target) and "unsqueeze" not in str(n.target)]
+    assert [str(n.target) for n in squeezes] == ["aten.squeeze.dims"] and squeezes[0].args[1] == [1]
+
+
+class Warp(nn.Module):  # RAFT, spatial transformers: features sampled at the points a conv predicts
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 16, 3, padding=1)
+        self.flow = nn.Conv2d(16, 2, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.feat(x))
+        grid = torch.tanh(self.flow(f)).permute(0, 2, 3, 1)
+        return self.head(F.grid_sample(f, grid, align_corners=False))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_grid_sample_passes_channels_and_keeps_its_grid_whole(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(Warp(), (torch.randn(2, 3, 8, 8),), ratio=0.5, capture=capture, round_to=None)
+    sd = pruned.state_dict()
+    assert sd["feat.weight"].shape[0] == 8 and sd["head.weight"].shape == (4, 8, 1, 1)
+    assert sd["flow.weight"].shape == (2, 8, 3, 3)   # its two outputs are the grid's coordinates
+
+
+@torch.fx.wrap
+def add_in_place(x, shortcut):  # torchvision MViT's _add_shortcut: traced as one call, which acts in place
+    x[:, :, 1:] += shortcut[:, :, 1:]
+    return x
+
+
+class InPlaceShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v, self.mlp, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 32), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.v(x)) * 2
+        add_in_place(y, self.q(x))   # its result is dropped: y itself changed
+        return self.out(y) + self.out(torch.relu(self.mlp(x))[..., :16])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_call_whose_result_is_dropped_stays_in_the_pruned_graph(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(InPlaceShortcut(), (torch.randn(2, 5, 8),), ratio=0.5, capture=capture,
+                                  round_to=None)
+    if capture == "fx":
+        assert any(n.target is add_in_place for n in pruned.graph.nodes)
+
+
+class PReLUs(nn.Module):  # a slope per channel, as a module and as a call
+    def __init__(self):
+        super().__init__()
+        self.a, self.act_a = nn.Conv2d(3, 16, 3, padding=1), nn.PReLU(16)
+        self.b, self.slope = nn.Conv2d(16, 12, 1), nn.Parameter(torch.rand(12))
+        self.c, self.act_c = nn.Conv2d(12, 4, 1), nn.PReLU()
+
+    def forward(self, x):
+        x = F.prelu(self.b(self.act_a(self.a(x))), self.slope)
+        return self.act_c(self.c(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_prelu_slopes_follow_their_channels(capture):
+    torch.manual_seed(0)
+    pruned, rep = prune_and_check(PReLUs(), (torch.randn(2, 3, 8, 8),), ratio=0.5, capture=capture, round_to=None)
+    sd = pruned.state_dict()
+    assert sd["act_a.weight"].shape == (8,) and sd["slope"].shape == (6,) and sd["c.weight"].shape == (4, 6, 1, 1)
+
+
+class OrderedOut(nn.Module):  # torchvision's segmentation models return an OrderedDict
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        result = collections.OrderedDict()
+        result["out"] = self.b(torch.relu(self.a(x)))
+        return result
+
+
+def test_a_model_returning_an_ordered_dict_still_does_pruned_and_reloaded(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned = fxprune.compile(OrderedOut().eval(), (x,), method="l2", ratio=0.5, round_to=None, capture="fx")
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] and pruned.state_dict()["a.weight"].shape[0] == 8
+    assert type(pruned(x)) is collections.OrderedDict
+    fxprune.save(pruned, tmp_path / "p.pt")
+    again = fxprune.load(tmp_path / "p.pt", OrderedOut, (x,))
+    assert type(again(x)) is collections.OrderedDict and torch.allclose(again(x)["out"], pruned(x)["out"])
 
 
 class CondConv(nn.Module):  # timm's CondConv2d: the batch folded into the channels, groups=self.groups * B

@@ -126,6 +126,7 @@ def _export(model, inputs, dynamic_shapes=None) -> fx.GraphModule:
     exported = program.module()
     _drop_checks(exported)
     _inline_wrappers(exported)
+    _explicit_squeezes(exported)
     # a plain GraphModule (ep.module()'s class refuses eval() and train()) holding the same tensors
     return fx.GraphModule(exported, exported.graph, type(model).__name__)
 
@@ -173,6 +174,25 @@ def _drop_checks(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
     graph.eliminate_dead_code()   # values nothing reads (Bart's inputs_embeds[:, :, -1], "needed for the shape only")
     gm.recompile()
+
+
+def _explicit_squeezes(gm: fx.GraphModule) -> None:
+    """``x.squeeze()`` becomes ``x.squeeze(dims)`` with the dims that were 1 on export. Export assumed a symbolic
+    batch is not 1 (it would have specialised it), so at batch 1 a bare squeeze would also drop the batch dim
+    that the graph goes on indexing (Bart's ``shift_tokens_right``: ONNX cannot convert that graph); and a
+    channel dim pruned to one channel must not vanish either."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.squeeze.default:
+            continue
+        shape = getattr(node.args[0].meta.get("val"), "shape", None)
+        if shape is None:
+            continue
+        node.target = torch.ops.aten.squeeze.dims
+        node.args = (node.args[0], [i for i, size in enumerate(shape) if isinstance(size, int) and size == 1])
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _inline_wrappers(gm: fx.GraphModule) -> None:

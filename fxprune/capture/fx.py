@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import os
 import traceback
 import types
@@ -42,6 +43,8 @@ class _Tracer(fx.Tracer):
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.stack: list[str] = []
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
+        self.ordered_dicts: list = []  # what fx recorded for OrderedDicts (it records every dict as a plain one)
+        self.ordered_output = False  # the model returns an OrderedDict (torchvision's segmentation models)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -54,6 +57,22 @@ class _Tracer(fx.Tracer):
         count = _piece_count(node)
         return _Pieces(node, self, count) if count is not None else _Proxy(node, self)
 
+    def create_arg(self, a):
+        out = super().create_arg(a)
+        if isinstance(a, collections.OrderedDict):
+            self.ordered_dicts.append(out)
+        return out
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind == "output" and args and any(args[0] is d for d in self.ordered_dicts):
+            self.ordered_output = True
+        if kind == "call_function" and not args and "input" in kwargs and _plain_function(target):
+            # F.conv2d(input=x, weight=w): the rules read a torch function's input at position 0, as it
+            # is almost always given; the call is the same with it there
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("input"),)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
@@ -63,6 +82,15 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+class _OrderedDictOutput(fx.graph.CodeGen):
+    """A ``forward`` that returns an ``OrderedDict``, as the traced model's did (fx records every dict as a plain
+    one), so that the pruned model gives back what the user's gave."""
+
+    def generate_output(self, output_args, **kwargs):
+        plain = super().generate_output(output_args, **kwargs)
+        return f"return __import__('collections').OrderedDict({plain[len('return '):]})"
 
 
 def _plain_function(fn) -> bool:
@@ -163,6 +191,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise TraceError(_explain(exc, tracer.failed_in)) from exc
+    if tracer.ordered_output:
+        graph.set_codegen(_OrderedDictOutput())
     if stack_traces:  # and the module whose code made each node (``self`` on that line)
         for node in graph.nodes:
             node.meta["fxprune_scope"] = tracer.node_name_to_scope.get(node.name, ("", None))[0]

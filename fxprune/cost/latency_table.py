@@ -1166,7 +1166,8 @@ _aten = torch.ops.aten
 _ELEMENTWISE_FUNCTIONS = {torch.nn.functional.silu: "silu", _aten.silu.default: "silu", _aten.silu_.default: "silu",
                           torch.sigmoid: "sigmoid", _aten.sigmoid.default: "sigmoid",
                           torch.nn.functional.adaptive_avg_pool2d: "gap", _aten.adaptive_avg_pool2d.default: "gap",
-                          torch.cat: "concat", torch.concat: "concat", _aten.cat.default: "concat",
+                          torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
+                          _aten.cat.default: "concat", _aten.concat.default: "concat",
                           operator.mul: "mul", torch.mul: "mul", _aten.mul.Tensor: "mul"}
 # ops whose rule row they share with others that cost differently (GELU's with every activation, add's with
 # every per-element op, permute's with every shape op): told apart by spelling

@@ -29,12 +29,12 @@ from .attention import baddbmm_rule, einsum_rule, fix_sdpa, grouped_mm_rule, mat
 from .conv import (addmm_function, aten_convolution, conv_call_spec, conv_function, conv_transpose_function,
                    conv_weight_rows, embedding_function, fix_groups, linear_function, linear_weight_rows,
                    resize_conv1d_hf)
-from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, fold, index_add_rule,
-                          max_min_rule, mean_fix, norm_over, normalize_over, pad, reduce_over, spatial, unfold,
-                          variance_fix, variance_over, zero_joined_fix)
+from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, first_input, fold, glu_rule,
+                          grid_sample_rule, index_add_rule, max_min_rule, mean_fix, norm_over, normalize_over, pad,
+                          reduce_over, spatial, unfold, variance_fix, variance_over, zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
-                   rms_norm_rule, weight_norm_rule)
+                   prelu_function, rms_norm_rule, weight_norm_rule)
 from .recurrent import aten_recurrent
 from .schema import Rule
 from .shape import (aten_index_rule, cat_rule, expand_as_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten,
@@ -93,7 +93,8 @@ register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_tra
 register(Rule(linear_function, weight_rows=linear_weight_rows), *overloads("linear"))
 register(Rule(addmm_function), *overloads("addmm"))
 register(Rule(embedding_function), *overloads("embedding"))
-register(Rule(aten_batch_norm), *overloads("batch_norm"))
+register(Rule(aten_batch_norm), *overloads("batch_norm", "instance_norm"))  # the same arguments
+register(Rule(prelu_function), *overloads("prelu", "_prelu_kernel"))
 register(Rule(group_norm_rule, fix=fix_group_norm), *overloads("group_norm"))  # F.group_norm's order
 register(Rule(layer_norm_rule, fix=fix_layer_norm), *overloads("layer_norm"))  # F.layer_norm's order
 register(Rule(rms_norm_rule, fix=fix_rms_norm), *overloads("rms_norm"))  # F.rms_norm's order
@@ -139,13 +140,15 @@ register(Rule(shape_op(reversed_dims)), *overloads("numpy_T"))  # x.T
 register(Rule(reshape_as_rule), *overloads("reshape_as"))
 register(Rule(aten_index_rule), *overloads("index.Tensor"))
 register(Rule(index_add_rule), *with_inplace("index_add"))
+register(Rule(glu_rule), *overloads("glu"))
+register(Rule(grid_sample_rule), *overloads("grid_sampler", "grid_sampler_2d", "grid_sampler_3d"))
 register(Rule(weight_norm_rule), *overloads("_weight_norm"))
 register(Rule(expand_as_rule), *overloads("expand_as"))
 register(Rule(shape_op(torch.split), fix=fix_split_aten), *overloads("split_with_sizes", "split.Tensor"))
 register(Rule(shape_op(torch.chunk), fix=fix_split_aten), *overloads("chunk"))
 register(Rule(slice_rule, fix=fix_slice), *overloads("slice.Tensor"))
 register(Rule(select_rule), *overloads("select.int"))
-register(Rule(cat_rule), *overloads("cat", "stack"))
+register(Rule(cat_rule), *overloads("cat", "concat", "concatenate", "stack"))
 
 register(Rule(matmul_rule), *overloads("matmul", "bmm", "mm"))
 register(Rule(baddbmm_rule), *overloads("baddbmm"))

@@ -147,6 +147,15 @@ def spatial(ctx, args, kwargs):
     return label.reshape(label.shape[:2] + (1,) * (len(ctx.out_shape) - 2))
 
 
+def grid_sample_rule(ctx, args, kwargs):
+    """``F.grid_sample(x, grid)`` (RAFT's and deformable attention's sampling): each channel of ``x`` is read at
+    the grid's points (:func:`spatial`); the grid's last dim holds coordinates, never channels to remove."""
+    grid = arg(args, kwargs, 1, "grid")
+    if isinstance(grid, T):
+        pin_all(ctx, (grid,), {}, f"{describe(ctx.node, ctx.gm)} reads its grid's coordinates whole")
+    return spatial(ctx, args[:1], {})
+
+
 def unfold(ctx, args, kwargs):
     """``F.unfold``/``nn.Unfold`` (ATen's ``im2col``): ``[n, C, h, w]`` to ``[n, C * kh * kw, L]``, channel ``c``
     at positions ``c * kh * kw`` on; it mixes the spatial dims, which must carry no channels (ConvBERT's span
@@ -476,3 +485,22 @@ def index_add_rule(ctx, args, kwargs):
             t.label is not None and dim in varying(t.label) for t in (x, src)):
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} adds at indices along the channels")
     return elementwise(ctx, (x, T(src.label, tuple(x.shape))), {})
+
+
+def glu_rule(ctx, args, kwargs):
+    """``F.glu(x, dim)`` (``nn.GLU``, ATen ``glu``): ``a * sigmoid(b)`` for the two halves ``a, b`` of ``x``
+    along ``dim``. Output channel ``i`` is channel ``i`` of each half, tied together (as in ``a * b.sigmoid()``
+    after a ``chunk``); the halves stay halves of equal size. Along a dim without channels, the channels ride
+    along position by position."""
+    x = args[0]
+    nd = len(x.shape)
+    dim = ctx.module().dim if ctx.node.op == "call_module" else arg(args, kwargs, 1, "dim", -1)
+    dim %= nd
+    vary = varying(x.label)
+    if x.param is not None or (vary and vary != [dim] and dim in vary):
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} halves channels spread over several dims")
+    if dim not in vary:
+        return None if x.label is None else x.label.narrow(dim, 0, 1)
+    a, b = along(x.label, dim, x.shape[dim]).chunk(2)
+    out = ctx.unify(a, b, f"{describe(ctx.node, ctx.gm)} gates them by fixed channels")
+    return out.view([1] * dim + [-1] + [1] * (nd - dim - 1))

@@ -26,14 +26,14 @@ from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention,
                         swin_attention_rule)
 from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
                    linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
-from .elementwise import (elementwise, extreme_fix, filled_like, fold, index_add_rule, max_min_rule, mean_fix,
-                          norm_over, normalize_module, normalize_over, normalize_rule, pad, reduce_over, spatial,
-                          unfold, variance_fix, variance_over, zero_joined_fix)
+from .elementwise import (elementwise, extreme_fix, filled_like, fold, glu_rule, grid_sample_rule, index_add_rule,
+                          max_min_rule, mean_fix, norm_over, normalize_module, normalize_over, normalize_rule, pad,
+                          reduce_over, spatial, unfold, variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
                    norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
-                   prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm, rms_norm_rule,
-                   fix_rms_norm)
+                   prelu_function, prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm,
+                   rms_norm_rule, fix_rms_norm)
 from .recurrent import recurrent_module, resize_recurrent
 from .schema import Rule, RuleTable
 from .shape import (fix_getitem, fix_shape_args, fix_split, fix_unflatten, getitem_rule, method, module_shape_op,
@@ -91,6 +91,7 @@ register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)
 register(Rule(batch_norm_function), F.batch_norm, F.instance_norm)
 register(Rule(prelu_module, resize=resize_prelu, on_meta=same_shape), nn.PReLU)
+register(Rule(prelu_function), F.prelu, torch.prelu)
 register(Rule(group_norm_rule, resize=resize_group_norm, on_meta=same_shape), nn.GroupNorm)
 register(Rule(group_norm_rule, fix=fix_group_norm), F.group_norm)
 register(Rule(local_response_norm_rule, on_meta=same_shape), nn.LocalResponseNorm)
@@ -151,6 +152,9 @@ register(Rule(shape_op(method("split")), fix=fix_split), "split")
 register(Rule(shape_op(method("chunk")), fix=fix_split), "chunk")
 register(Rule(getitem_rule, fix=fix_getitem), operator.getitem)
 register(Rule(index_add_rule), torch.index_add, "index_add", "index_add_")
+register(Rule(glu_rule), nn.GLU, torch.nn.functional.glu)
+register(Rule(grid_sample_rule), torch.nn.functional.grid_sample, torch.grid_sampler, torch.grid_sampler_2d,
+         torch.grid_sampler_3d)
 register(Rule(cat_rule), torch.cat, torch.concat, torch.concatenate, torch.stack)
 
 register(Rule(layer_norm_rule, resize=resize_layer_norm, on_meta=same_shape), nn.LayerNorm)

@@ -10,9 +10,19 @@ import math
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..labels import along, varying
 from .schema import T, arg, describe, pin_all
+
+
+def _is_instance_norm(ctx) -> bool:
+    """Whether the node normalises each sample over its own positions (statistics of the input, whatever the mode)."""
+    node = ctx.node
+    if node.op == "call_module":
+        return isinstance(ctx.module(), nn.modules.instancenorm._InstanceNorm)
+    return node.target in (F.instance_norm, torch.ops.aten.instance_norm.default)
 
 
 def _channel_norm(ctx, x, params):
@@ -21,10 +31,10 @@ def _channel_norm(ctx, x, params):
     vary = varying(label)
     if label is None:
         return None
+    if any(d != 1 for d in vary) and _is_instance_norm(ctx):
+        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
+        return None
     if 1 in vary:
-        if len(vary) > 1 and "InstanceNorm" in describe(ctx.node, ctx.gm):
-            ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
-            return None
         ids = along(label, 1, x.shape[1]) if len(vary) == 1 else None
         if ids is None:
             ctx.pin(label, f"{describe(ctx.node, ctx.gm)} sees channels spread over several dims")
@@ -99,6 +109,17 @@ def prelu_module(ctx, args, kwargs):
     if m.num_parameters == 1:
         return args[0].label
     return _channel_norm(ctx, args[0], {"scale": f"{ctx.node.target}.weight"})
+
+
+def prelu_function(ctx, args, kwargs):
+    """``F.prelu(x, weight)`` (ATen ``prelu``, as ``torch.export`` spells ``nn.PReLU``): one slope per channel of
+    dim 1, or one for all."""
+    x, w = args[0], arg(args, kwargs, 1, "weight")
+    if math.prod(w.shape) == 1:
+        return x.label
+    if w.param is None:
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes slopes computed at run time")
+    return _channel_norm(ctx, x, {"scale": w.param})
 
 
 def resize_prelu(m, node, rw):

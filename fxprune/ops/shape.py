@@ -426,8 +426,12 @@ def cat_rule(ctx, args, kwargs):
     """cat/stack: along the channel dim, offsets are tracked; along another dim, channels coincide."""
 
     xs = list(arg(args, kwargs, 0, "tensors"))
+    sources = list(arg(ctx.node.args, ctx.node.kwargs, 0, "tensors"))
     nd = len(ctx.out_shape)
     dim = arg(args, kwargs, 1, "dim", 0) % nd
+    if nd > 1:  # torch.cat skips a 1-d empty piece (torch.tensor([]): XLM's empty cache) whatever the others' dims
+        kept = [i for i, t in enumerate(xs) if tuple(t.shape) != (0,)]
+        xs, sources = [xs[i] for i in kept], [sources[i] for i in kept]
     if ctx.node.target in STACKS:
         xs = [T(None if t.label is None else t.label.unsqueeze(dim), t.shape[:dim] + (1,) + t.shape[dim:], t.param)
               for t in xs]
@@ -438,7 +442,6 @@ def cat_rule(ctx, args, kwargs):
         return torch.cat(parts).view([1] * dim + [-1] + [1] * (nd - dim - 1))
     if dim not in vary:  # e.g. a class token joined along the token dim: channels coincide
         result, joined = None, []
-        sources = list(arg(ctx.node.args, ctx.node.kwargs, 0, "tensors"))
         for t, lab, src in zip(xs, labels, sources):
             if t.shape[dim] == 0:  # an empty piece (Phi-3's rotary pass-through at full rotary width)
                 continue

@@ -430,8 +430,11 @@ def rewrite(graph, plan) -> fx.GraphModule:
             raise RewriteError(f"could not rewrite {describe(node, root)} for this plan: {type(exc).__name__}: {exc}. "
                                f"This is a bug in fxprune: please report it with the model; meanwhile pass ignore=[...] "
                                f"with the groups of the channels that reach node '{node.name}'.") from exc
-    if any(not n.users for n in new_graph.nodes if n.op not in ("output", "placeholder")):
-        new_graph.eliminate_dead_code()  # a size that fed a now-literal argument; the pass is costly, so only then
+    # a size that fed a now-literal argument goes; a call nothing read before the rewrite stays: it acts in place
+    # (torchvision MViT's `_add_shortcut(x, q)` adds to x and its result is dropped)
+    unread = {n.name for n in graph.module.graph.nodes if not n.users and n.op not in ("output", "placeholder")}
+    if any(not n.users and n.name not in unread for n in new_graph.nodes if n.op not in ("output", "placeholder")):
+        new_graph.eliminate_dead_code(lambda n: n.is_impure() or n.name in unread)  # costly: only where needed
     try:
         gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
     except Exception as exc:
