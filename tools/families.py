@@ -14,6 +14,10 @@ Four frameworks, each a *family* of the sweep (``tools/zoo_families.py``):
   224; timm's ``test_*`` models left out), at its default input size capped at 224. The choice is cached in
   ``tools/results/timm_families.json``.
 * ``smp``: ``segmentation_models_pytorch`` architectures with a small encoder, input 1×3×128×128.
+* ``torchvision``: torchvision's models of the tasks other than classification that take one tensor (or two):
+  semantic segmentation (1×3×128×128), video classification (1×3×16×112×112; 224×224 for S3D, MViT and
+  Video Swin, which need it) and optical flow (RAFT, two 1×3×128×128 frames). Its detectors take lists of
+  images and are pruned part by part (``tools/parts.py``).
 
 Every entry is a name ``"<family>:<model>"``; :func:`build` returns ``(model, args, kwargs)``,
 the model in eval mode, ``args`` a tuple of example tensors and ``kwargs`` a dict of more.
@@ -39,7 +43,7 @@ os.environ.setdefault("TIMM_FUSED_ATTN", "0")  # as Torch-Pruning's timm example
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 TIMM_CHOICE = os.path.join(RESULTS, "timm_families.json")
-FAMILIES = ("ultralytics", "hf", "timm", "smp")
+FAMILIES = ("ultralytics", "hf", "timm", "smp", "torchvision")
 SEED = 0
 SEQ = 16  # tokens per example sequence
 VOCAB = 1000
@@ -49,7 +53,7 @@ MAX_TIMM_SIZE = 224
 def model_names(family: str) -> list[str]:
     """Every catalogue entry of one family, as ``"<family>:<model>"``."""
     names = {"ultralytics": _yolo_names, "hf": lambda: sorted(HF), "timm": lambda: sorted(timm_choice().values()),
-             "smp": lambda: list(SMP)}[family]()
+             "smp": lambda: list(SMP), "torchvision": lambda: list(TV)}[family]()
     return [f"{family}:{n}" for n in names]
 
 
@@ -63,7 +67,8 @@ def build(name: str):
 
     family, _, model = name.partition(":")
     torch.manual_seed(SEED)
-    out = {"ultralytics": _build_yolo, "hf": _build_hf, "timm": _build_timm, "smp": _build_smp}[family](model)
+    out = {"ultralytics": _build_yolo, "hf": _build_hf, "timm": _build_timm, "smp": _build_smp,
+           "torchvision": _build_tv}[family](model)
     model, args, kwargs = out
     return model.eval(), tuple(args), dict(kwargs)
 
@@ -80,10 +85,14 @@ def head_modules(name: str, model) -> list:
 
         out = [m for m in model.modules() if isinstance(m, (Detect, Classify))]
     elif family == "hf":
-        for attr in ("lm_head", "classifier", "pooler", "decode_head", "qa_outputs", "score", "proj_out"):
+        for attr in ("lm_head", "classifier", "pooler", "decode_head", "qa_outputs", "score", "proj_out", "pred_layer",
+                     "class_labels_classifier", "bbox_predictor", "auxiliary_head"):
             m = getattr(model, attr, None)
             if isinstance(m, nn.Module):
                 out.append(m)
+        # detection transformers' per-layer heads (RT-DETR's class_embed / bbox_embed lists, its encoder heads)
+        out += [m for n, m in model.named_modules() if n.rpartition(".")[2] in
+                ("class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head") and m not in out]
         # vision models: a classifier may be deeper (LeViT's distillation heads); Whisper/wav2vec encoders have none
         n_labels = getattr(getattr(model, "config", None), "num_labels", None)
         for m in model.modules():
@@ -96,6 +105,10 @@ def head_modules(name: str, model) -> list:
                (getattr(m, "out_features", None) == n or getattr(m, "out_channels", None) == n)]
     elif family == "smp":
         out = [model.segmentation_head] + ([model.classification_head] if model.classification_head else [])
+    elif family == "torchvision":  # the layers that write classes (21 for segmentation, 400 for video) or a flow
+        n = {"segmentation": 21, "video": 400, "optical_flow": 2}[TV[name.partition(":")[2]]]
+        out = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) and
+               n in (getattr(m, "out_features", None), getattr(m, "out_channels", None))]
     return out
 
 
@@ -266,6 +279,14 @@ HF = {
                   dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
                        use_cache=False), "tokens"),
+    "MBartForConditionalGeneration": ("MBartForConditionalGeneration", "MBartConfig",
+                                      dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                           decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=0,
+                                           use_cache=False), "tokens"),
+    "XLMWithLMHeadModel": ("XLMWithLMHeadModel", "XLMConfig",
+                           dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=64, pad_token_id=0), "tokens"),
     "WhisperEncoder": ("models.whisper.modeling_whisper.WhisperEncoder", "WhisperConfig",
                        dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
                             num_mel_bins=80, max_source_positions=32, use_cache=False), "mel"),
@@ -273,6 +294,11 @@ HF = {
                       dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            conv_dim=(32, 32, 32), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), "audio"),
+    "Wav2Vec2ConformerForSequenceClassification": (
+        "Wav2Vec2ConformerForSequenceClassification", "Wav2Vec2ConformerConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32, 32),
+             conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+             conv_depthwise_kernel_size=7, num_labels=5), "audio"),
     "HubertModel": ("HubertModel", "HubertConfig",
                     dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                          conv_dim=(32, 32, 32), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
@@ -320,6 +346,13 @@ HF = {
     "PvtForImageClassification": ("PvtForImageClassification", "PvtConfig",
                                   dict(image_size=64, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
                                        num_attention_heads=[1, 2, 4, 4], num_labels=10), "pixels64"),
+    "UperNetForSemanticSegmentation": ("UperNetForSemanticSegmentation", "UperNetConfig",
+                                       dict(hidden_size=64, num_labels=10), "pixels64"),
+    "DetrForObjectDetection": ("DetrForObjectDetection", "DetrConfig",
+                               dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                    decoder_attention_heads=4, num_labels=10), "pixels64"),
+    "RTDetrForObjectDetection": ("RTDetrForObjectDetection", "RTDetrConfig",
+                                 dict(d_model=64, num_attention_heads=4, num_labels=10), "pixels224"),
     "SegformerForSemanticSegmentation": ("SegformerForSemanticSegmentation", "SegformerConfig",
                                          dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], decoder_hidden_size=64,
                                               num_labels=5), "pixels64"),
@@ -435,6 +468,29 @@ def _build_smp(name: str):
     model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=1, **extra)
     size = 224 if arch == "DPT" else 128
     return model, (torch.randn(1, 3, size, size),), {}
+
+
+# ----------------------------------------------------------------------------- torchvision, other tasks
+
+TV = {"fcn_resnet50": "segmentation", "deeplabv3_mobilenet_v3_large": "segmentation",
+      "lraspp_mobilenet_v3_large": "segmentation", "r3d_18": "video", "mc3_18": "video", "r2plus1d_18": "video",
+      "s3d": "video", "mvit_v2_s": "video", "swin3d_t": "video", "raft_small": "optical_flow"}
+
+
+def _build_tv(name: str):
+    import torch
+    import torchvision
+
+    task = TV[name]
+    options = {"weights_backbone": None} if task == "segmentation" else {}
+    model = torchvision.models.get_model(name, weights=None, **options)
+    g = torch.Generator().manual_seed(SEED)
+    if task == "segmentation":
+        return model, (torch.randn(1, 3, 128, 128, generator=g),), {}
+    if task == "optical_flow":
+        return model, (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g)), {}
+    size = 224 if name in ("s3d", "mvit_v2_s", "swin3d_t") else 112
+    return model, (torch.randn(1, 3, 16, size, size, generator=g),), {}
 
 
 # ----------------------------------------------------------------------------- cache of listings

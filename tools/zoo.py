@@ -194,6 +194,8 @@ def status_of(row: dict, onnx: bool = True) -> str:
         return "mask mismatch"
     if row["removed"] == 0 or row["prunable_groups"] == 0:
         return "all pinned"
+    if row.get("same_structure") is False:
+        return "other output structure"  # containers or dims other than the original's (an OrderedDict made a dict)
     if not row["finite"]:
         return "non-finite output"
     if not onnx:
