@@ -14,7 +14,9 @@ does with ``capture="parts"``. It walks the module tree from the root's children
   checked by mask-equivalence and ONNX Runtime;
 - a module that cannot be captured (or whose call passes objects other than tensors, lists,
   tuples and dicts, such as ``ImageList``) is opened: its children are tried in turn (the report
-  lists it under ``opened``, with the reason).
+  lists it under ``opened``, with the reason); so is a ``ModuleList``/``ModuleDict`` (never called
+  itself), and a part whose submodules or attributes the model's own code reads from outside it
+  (FSMT's ``self.model.encoder.embed_tokens``), which its pruned graph does not keep.
 
 The budget applies to each part on its own (``ratio=`` removes the same fraction of every
 group, as for a whole model; ``flops=``/``params=`` keep that fraction of each part, so the
@@ -43,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import re
 import time
 
 import torch
@@ -75,42 +78,57 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
     shared = _shared_params(model)
     parts, whole, opened = [], [], []
     budget = dict(ratio=ratio, flops=flops, params=params)
-    pending = [(n, m) for n, m in model.named_children()]
-    while pending:
-        calls = record_calls(model, example_inputs, dict(pending))
+
+    def walk(pending):
+        while pending:
+            calls = record_calls(model, example_inputs, dict(pending))
+            below = []
+            for qual, module in pending:
+                if qual not in calls and isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                    below += _open(qual, module, "a container, never called itself", whole, opened)
+                    continue
+                reason = _left_whole(qual, module, calls.get(qual), shared)
+                if reason is not None:
+                    whole.append({"name": qual, "reason": reason, "params": count_params(module)})
+                    continue
+                call = calls[qual]
+                problem = unflattenable((call.args, call.kwargs)) or unflattenable(call.output)
+                if problem is None:
+                    part = _prune_part(qual, module, call, criterion, name, budget,
+                                       dict(round_to=round_to, floor=floor, min_keep=min_keep, seed=seed,
+                                            method_options=method_options, ignore=_local(ignore, qual)),
+                                       verify=verify, onnx=onnx, leaf_modules=leaf_modules, heads=heads)
+                    if "pruned" in part:
+                        parts.append(part)
+                        continue
+                    problem = part["reason"]
+                    if part.get("final"):  # captured, but nothing to prune or not verified: no child would do better
+                        whole.append({"name": qual, "reason": problem, "params": count_params(module)})
+                        continue
+                below += _open(qual, module, problem, whole, opened)
+            pending = below
+
+    walk([(n, m) for n, m in model.named_children()])
+    result = _assemble(model, parts)
+    while parts and (attr := _read_from_outside(result, example_inputs)) is not None:
+        # the model's own code reads a submodule or attribute of a part that its pruned graph does not keep
+        # (FSMT's `self.model.encoder.embed_tokens`): those parts are opened, their children tried
+        held = [p for p in parts if hasattr(model.get_submodule(p["name"]), attr)]
+        if not held:
+            break   # not a part's: the check below says what failed
         below = []
-        for qual, module in pending:
-            reason = _left_whole(qual, module, calls.get(qual), shared)
-            if reason is not None:
-                whole.append({"name": qual, "reason": reason, "params": count_params(module)})
-                continue
-            call = calls[qual]
-            problem = unflattenable((call.args, call.kwargs)) or unflattenable(call.output)
-            if problem is None:
-                part = _prune_part(qual, module, call, criterion, name, budget,
-                                   dict(round_to=round_to, floor=floor, min_keep=min_keep, seed=seed,
-                                        method_options=method_options, ignore=_local(ignore, qual)),
-                                   verify=verify, onnx=onnx, leaf_modules=leaf_modules, heads=heads)
-                if "pruned" in part:
-                    parts.append(part)
-                    continue
-                problem = part["reason"]
-                if part.get("final"):  # captured, but nothing to prune or not verified: no child would do better
-                    whole.append({"name": qual, "reason": problem, "params": count_params(module)})
-                    continue
-            children = [(f"{qual}.{n}", m) for n, m in module.named_children()]
-            if not children:
-                whole.append({"name": qual, "reason": problem, "params": count_params(module)})
-            else:
-                opened.append({"name": qual, "reason": problem})
-            below += children
-        pending = below
+        for part in held:
+            parts.remove(part)
+            below += _open(part["name"], model.get_submodule(part["name"]),
+                           f"the model reads its '{attr}' from outside it, which its pruned graph does not keep",
+                           whole, opened)
+        walk(below)
+        result = _assemble(model, parts)
     if not parts:
         raise TraceError(f"no part of the model could be captured and pruned ({why}); left whole: "
                          + "; ".join(f"'{w['name']}': {w['reason']}" for w in whole[:6]))
-    result = copy.deepcopy(model)
     for part in parts:
-        result.set_submodule(part["name"], PrunedPart(part.pop("pruned"), part.pop("flat"), part["name"]))
+        del part["pruned"], part["flat"]
     t1 = time.perf_counter()
     check = _check_whole(result, example_inputs, expected) if verify else None
     rep = PartsReport(method=name, why=why, parts=parts, whole=whole, opened=opened,
@@ -203,6 +221,38 @@ def _prune_part(qual, module, call, criterion, name, budget, options, *, verify,
                 flops_after=rep.flops_after, groups=rep.groups, prunable_groups=rep.prunable_groups,
                 removed=plan.removed, mask=rep.mask, report=rep, pruned=pruned, flat=flat)
     return info
+
+
+def _open(qual: str, module: torch.nn.Module, problem: str, whole: list, opened: list) -> list:
+    """``module``'s children, to try as parts in its stead (it is listed as opened, with ``problem``); a
+    module without children is left whole."""
+    children = [(f"{qual}.{n}", m) for n, m in module.named_children()]
+    if children:
+        opened.append({"name": qual, "reason": problem})
+    else:
+        whole.append({"name": qual, "reason": problem, "params": count_params(module)})
+    return children
+
+
+def _assemble(model: torch.nn.Module, parts: list) -> torch.nn.Module:
+    """A deep copy of ``model`` with each part's pruned graph in its place."""
+    result = copy.deepcopy(model)
+    for part in parts:
+        result.set_submodule(part["name"], PrunedPart(part["pruned"], part["flat"], part["name"]))
+    return result
+
+
+def _read_from_outside(result: torch.nn.Module, example_inputs) -> str | None:
+    """The attribute that running ``result`` on the example inputs missed on a pruned part, or None."""
+    try:
+        with eval_mode(result), torch.no_grad():
+            result(*example_inputs)
+    except AttributeError as exc:  # nn.Module's own message names the class and the attribute
+        found = re.search(rf"'{PrunedPart.__name__}' object has no attribute '(\w+)'", str(exc))
+        return found.group(1) if found else None
+    except Exception:  # anything else: the check says what failed
+        pass
+    return None
 
 
 def _check_whole(result, example_inputs, expected) -> dict:

@@ -191,3 +191,44 @@ def test_cli_prunes_part_by_part(capsys):
     assert main(["prune", "test_partial:dead_detector", "--input-shape", "2,3,16,16", "--ratio", "0.5",
                  "--save", "/tmp/never.pt"]) == 2
     assert "part by part" in capsys.readouterr().err
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+class ReadsInside(nn.Module):
+    """FSMT's pattern: the root reads a submodule of a part (``self.encoder.embed``) and branches on a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = Encoder(), nn.Linear(16, 5)
+
+    def forward(self, ids):
+        x = self.encoder.embed(ids) * 4.0
+        h = self.encoder(x)
+        return self.head(h if h.sum() > 0 else -h)
+
+
+def test_a_part_read_from_outside_is_opened_and_its_layers_pruned():
+    torch.manual_seed(0)
+    model, ids = ReadsInside().eval(), torch.randint(0, 50, (2, 6))
+    before = state_copy(model)
+    pruned = fxprune.compile(model, (ids,), method="l2", ratio=0.5, round_to=None)
+    assert_state_equal(model, before)
+    rep = fxprune.report(pruned)
+    opened = {o["name"]: o["reason"] for o in rep.opened}
+    assert "reads its 'embed' from outside it" in opened["encoder"] and "encoder.layers" in opened
+    assert sorted(p["name"] for p in rep.parts) == ["encoder.layers.0", "encoder.layers.1"]
+    assert pruned.encoder.embed.weight.shape == (50, 16)     # the original's, read by the root
+    with torch.no_grad():
+        assert pruned(ids).shape == model(ids).shape
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())

@@ -1018,19 +1018,21 @@ def test_weights_computed_at_run_time_pin_for_a_module_copy():
 
 
 class TokensBN(nn.Module):  # LeViT's linear + BatchNorm1d over tokens: bn(x.flatten(0, 1)).reshape_as(x)
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, view=False):
         super().__init__()
-        self.fc, self.bn = nn.Linear(cin, cout), nn.BatchNorm1d(cout)
+        self.fc, self.bn, self.view = nn.Linear(cin, cout), nn.BatchNorm1d(cout), view
 
     def forward(self, x):
         x = self.fc(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
+        y = self.bn(x.flatten(0, 1))
+        return y.view_as(x) if self.view else y.reshape_as(x)
 
 
 class RollsAndNorms(nn.Module):
     """Swin's shifted windows (``torch.roll`` over positions), a roll over the channels (a permutation),
     ConvNeXt-V2's global response norm (``torch.norm`` over positions, then a mean over the channels),
-    cosine attention's ``F.normalize`` and ``linalg.vector_norm`` over the channels, LeViT's tokens BN."""
+    cosine attention's ``F.normalize`` and ``linalg.vector_norm`` over the channels, LeViT's tokens BN (and its
+    ``view_as`` spelling)."""
 
     def __init__(self):
         super().__init__()
@@ -1038,7 +1040,7 @@ class RollsAndNorms(nn.Module):
         self.fc1 = nn.Linear(16, 32)
         self.gamma, self.beta = nn.Parameter(torch.rand(32)), nn.Parameter(torch.rand(32))
         self.fc2 = nn.Linear(32, 16)
-        self.tok1, self.tok2 = TokensBN(16, 24), TokensBN(24, 16)
+        self.tok1, self.tok2 = TokensBN(16, 24), TokensBN(24, 16, view=True)
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):

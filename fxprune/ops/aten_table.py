@@ -137,7 +137,7 @@ for _name, _fn in (("permute", torch.permute), ("transpose.int", torch.transpose
                    ("tile", torch.tile)):
     register(Rule(shape_op(_fn)), *overloads(_name))
 register(Rule(shape_op(reversed_dims)), *overloads("numpy_T"))  # x.T
-register(Rule(reshape_as_rule), *overloads("reshape_as"))
+register(Rule(reshape_as_rule), *overloads("reshape_as", "view_as"))
 register(Rule(aten_index_rule), *overloads("index.Tensor"))
 register(Rule(index_add_rule), *with_inplace("index_add"))
 register(Rule(glu_rule), *overloads("glu"))

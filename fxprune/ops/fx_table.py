@@ -124,7 +124,7 @@ for _name in ("view", "reshape", "expand"):
     register(Rule(shape_op(method(_name)), fix=FIX_SHAPE), _name)
 register(Rule(shape_op(torch.reshape), fix=FIX_SHAPE), torch.reshape)
 register(Rule(attribute_rule), getattr)   # x.T, x.mT
-register(Rule(reshape_as_rule), "reshape_as")
+register(Rule(reshape_as_rule), "reshape_as", "view_as")
 register(Rule(expand_as_rule), "expand_as")
 register(Rule(shape_op(torch.roll)), torch.roll)
 register(Rule(shape_op(method("roll"))), "roll")

@@ -83,7 +83,8 @@ def attribute_rule(ctx, args, kwargs):
 
 
 def reshape_as_rule(ctx, args, kwargs):
-    """``x.reshape_as(other)``: a reshape to ``other``'s shape (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``).
+    """``x.reshape_as(other)``, ``x.view_as(other)``: a reshape to ``other``'s shape (LeViT's
+    ``bn(x.flatten(0, 1)).reshape_as(x)``).
     The pruned model reads that shape from the pruned ``other``, so the result's channels are tied to
     ``other``'s, position by position."""
     other = args[1]

@@ -392,6 +392,16 @@ def _holder(gm: fx.GraphModule) -> torch.nn.Module:
 
 
 @paused_gc
+def _may_act_in_place(node: fx.Node, table, modules: dict) -> bool:
+    """Whether a call whose result nothing reads may still change its inputs: an in-place method or function
+    (``x.add_(y)``), or one no rule knows (torchvision MViT's ``_add_shortcut(x, q)``, traced as one call,
+    adds to ``x``; its result is dropped)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or table.rule_for(node, modules) is table.default
+
+
 def rewrite(graph, plan) -> fx.GraphModule:
     """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
     keep = plan.mask(graph)
@@ -430,11 +440,11 @@ def rewrite(graph, plan) -> fx.GraphModule:
             raise RewriteError(f"could not rewrite {describe(node, root)} for this plan: {type(exc).__name__}: {exc}. "
                                f"This is a bug in fxprune: please report it with the model; meanwhile pass ignore=[...] "
                                f"with the groups of the channels that reach node '{node.name}'.") from exc
-    # a size that fed a now-literal argument goes; a call nothing read before the rewrite stays: it acts in place
-    # (torchvision MViT's `_add_shortcut(x, q)` adds to x and its result is dropped)
-    unread = {n.name for n in graph.module.graph.nodes if not n.users and n.op not in ("output", "placeholder")}
-    if any(not n.users and n.name not in unread for n in new_graph.nodes if n.op not in ("output", "placeholder")):
-        new_graph.eliminate_dead_code(lambda n: n.is_impure() or n.name in unread)  # costly: only where needed
+    if any(not n.users for n in new_graph.nodes if n.op not in ("output", "placeholder")):
+        # a size that fed a now-literal argument goes; a call nothing reads that may act in place stays
+        mods = dict(graph.module.named_modules())
+        in_place = {n.name for n in graph.module.graph.nodes if not n.users and _may_act_in_place(n, graph.table, mods)}
+        new_graph.eliminate_dead_code(lambda n: n.is_impure() or n.name in in_place)  # costly: only where needed
     try:
         gm = fx.GraphModule(root, new_graph, graph.module.__class__.__name__)
     except Exception as exc:
