@@ -164,6 +164,10 @@ def run_fxprune(name: str) -> dict:
     except Exception as exc:
         ok = False
         row["run_error"] = first_line(exc)
+    if getattr(rep, "output", None) == "parts":  # pruned part by part (fxprune.partial): the parts' figures
+        row.update(_parts_figures(rep), finite=ok, wall_s=time.perf_counter() - t0, mem_peak_mb=zoo._peak_mb())
+        row["status"] = zoo.status_of(row, onnx=True)
+        return row
     row.update(
         params_after=rep.params_after, flops_before=rep.flops_before, flops_after=rep.flops_after,
         mask_ok=bool(rep.mask and rep.mask["ok"]), ort_ok=bool(rep.onnx and rep.onnx["ok"]),
@@ -178,6 +182,23 @@ def run_fxprune(name: str) -> dict:
     if row["onnx_unpruned_fails"]:
         row["error"] = f"ONNX not checkable, the unpruned model's file fails too: {row['onnx_error'].splitlines()[0]}"
     return row
+
+
+def _parts_figures(rep) -> dict:
+    """A row's figures for a model pruned part by part: every part checked, the ONNX check n/a where a part's
+    unpruned export fails too (``fxprune.partial`` skips it then)."""
+    onnx = [p.get("onnx") or {} for p in rep.parts]
+    skipped = [o["skipped"] for o in onnx if o.get("ok") is None and o.get("skipped")]
+    return dict(params_after=rep.params_after, flops_before=rep.flops_before, flops_after=rep.flops_after,
+                capture={"tracer": "parts", "parts": [p["name"] for p in rep.parts], "why": rep.why[:300]},
+                mask_ok=bool(rep.parts) and all(p["mask"] and p["mask"]["ok"] for p in rep.parts),
+                ort_ok=all(o.get("ok") is True for o in onnx), onnx_unpruned_fails=bool(skipped),
+                onnx_error=skipped[0] if skipped else None, removed=sum(p["removed"] for p in rep.parts),
+                groups=sum(p["groups"] for p in rep.parts), prunable_groups=sum(p["prunable_groups"] for p in rep.parts),
+                pinned_groups=sum(p["groups"] - p["prunable_groups"] for p in rep.parts),
+                first_pin=f"pruned part by part: {len(rep.parts)} parts, {len(rep.whole)} modules left whole "
+                          f"(first: {rep.whole[0]['name']}: {rep.whole[0]['reason'][:80]})" if rep.whole else
+                          f"pruned part by part: {len(rep.parts)} parts")
 
 
 def run_export(name: str) -> dict:
