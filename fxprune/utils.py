@@ -1,4 +1,4 @@
-"""Small helpers every stage uses: :func:`paused_gc`, :func:`eval_mode`, :func:`as_tuple`.
+"""Small helpers every stage uses: :func:`paused_gc`, :func:`eval_mode`, :func:`attributes_kept`, :func:`as_tuple`.
 
 :func:`paused_gc` pauses Python's cyclic garbage collector while fxprune works. The analysis makes many short-lived Python objects (graph nodes, small label
 arrays); reference counting frees them. In a process that holds a large model,
@@ -52,6 +52,22 @@ def eval_mode(module: torch.nn.Module):
     finally:
         for m in training:
             m.training = True
+
+
+@contextmanager
+def attributes_kept(model: torch.nn.Module):
+    """Capture runs ``forward`` on proxies (``symbolic_trace``) or fake tensors (``torch.export``): a module that
+    caches a value in a plain attribute (ultralytics' RT-DETR decoder keeps its anchors and their shapes) would keep
+    a proxy or a fake tensor, and the user's model would fail on its next call. Afterwards every module's
+    attributes are as they were."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, attrs in saved:
+            for key in [k for k in vars(m) if k not in attrs]:
+                delattr(m, key)
+            vars(m).update(attrs)
 
 
 def as_tuple(example_inputs) -> tuple:

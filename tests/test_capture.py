@@ -303,3 +303,52 @@ def test_a_fixed_batch_export_says_why_data_driven_methods_fail():
     data = (torch.randn(6, 3, 8, 8), torch.arange(6) % 4)
     with pytest.raises(fxprune.DataError, match="example's batch size only"):
         fxprune.compile(net, (X,), method="taylor", data=data, ratio=0.5, onnx=False)
+
+
+class CachesAnchors(nn.Module):
+    """ultralytics' RT-DETR decoder: anchors made for the input's shapes and kept in plain attributes for the next call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if getattr(self, "shapes", None) != tuple(x.shape[2:]):   # attributes made at the first call
+            h, w = x.shape[2:]
+            self.anchors = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float()
+            self.shapes = (h, w)
+        y = torch.relu(self.conv(x)).permute(0, 2, 3, 1)
+        return self.head(y)[..., :2] + self.anchors
+
+
+def test_export_leaves_no_fake_tensor_in_the_users_model():
+    """Export runs forward on fake tensors; an attribute the model caches there would be fake afterwards (and the
+    batch-generic check's own eager run read it: a raw GuardOnDataDependentSymNode). The attributes are restored."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    torch.manual_seed(0)
+    model, x = CachesAnchors().eval(), torch.randn(1, 3, 6, 6)
+    pruned = fxprune.compile(model, (x,), method="l2", ratio=0.5, capture="export", round_to=None)
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"] and pruned.conv.weight.shape[0] == 8
+    assert not isinstance(getattr(model, "anchors", None), FakeTensor)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, 5, 4, :] - model.head(torch.relu(model.conv(x)).permute(0, 2, 3, 1))[0, 5, 4, :2],
+                              torch.tensor([5.0, 4.0]))
+
+
+class KeepsLast(nn.Module):  # a model that records a statistic of its last call in an attribute
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        self.last_peak = x.amax()
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_symbolic_trace_leaves_no_proxy_in_the_users_model():
+    model, x = KeepsLast().eval(), torch.randn(1, 3, 6, 6)
+    pruned = fxprune.compile(model, (x,), method="l2", ratio=0.5, capture="fx", round_to=None)
+    assert fxprune.report(pruned).mask["ok"] and pruned.conv.weight.shape[0] == 8
+    assert not isinstance(getattr(model, "last_peak", None), torch.fx.Proxy)

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import TraceError
 from ..ops import ATEN_RULES, RuleTable
-from ..utils import as_tuple, eval_mode
+from ..utils import as_tuple, attributes_kept, eval_mode
 from .values import annotate
 
 # ops that check shapes, dtypes or symbolic ranges at run time and return nothing: the
@@ -120,7 +120,7 @@ QUIET = ("torch._subclasses.fake_tensor", "torch._export", "torch.export", "torc
 
 def _export(model, inputs, dynamic_shapes=None) -> fx.GraphModule:
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            _quiet():
+            _quiet(), attributes_kept(model):
         warnings.simplefilter("ignore")
         program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     exported = program.module()

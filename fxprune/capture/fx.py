@@ -27,7 +27,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..errors import TraceError
 from ..ops import FX_RULES, RuleTable
-from ..utils import as_tuple, eval_mode
+from ..utils import as_tuple, attributes_kept, eval_mode
 from .values import annotate
 
 
@@ -188,7 +188,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     tracer = _Tracer(leaf_modules)
     tracer.record_stack_traces = stack_traces
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with attributes_kept(model):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise TraceError(_explain(exc, tracer.failed_in)) from exc
     if tracer.ordered_output:
