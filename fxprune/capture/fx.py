@@ -187,18 +187,19 @@ def trace(model: torch.nn.Module, example_inputs: tuple, leaf_modules=(), concre
     example_inputs = as_tuple(example_inputs)
     tracer = _Tracer(leaf_modules)
     tracer.record_stack_traces = stack_traces
-    try:
-        with attributes_kept(model):
+    with attributes_kept(model):  # the tracer also puts the tensor constants it meets on the model
+        try:
             graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
-        raise TraceError(_explain(exc, tracer.failed_in)) from exc
-    if tracer.ordered_output:
-        graph.set_codegen(_OrderedDictOutput())
-    if stack_traces:  # and the module whose code made each node (``self`` on that line)
-        for node in graph.nodes:
-            node.meta["fxprune_scope"] = tracer.node_name_to_scope.get(node.name, ("", None))[0]
-    # lazy: its Python code is generated on first call; the analysis only reads the graph
-    gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
+            raise TraceError(_explain(exc, tracer.failed_in)) from exc
+        if tracer.ordered_output:
+            graph.set_codegen(_OrderedDictOutput())
+        if stack_traces:  # and the module whose code made each node (``self`` on that line)
+            for node in graph.nodes:
+                node.meta["fxprune_scope"] = tracer.node_name_to_scope.get(node.name, ("", None))[0]
+        # lazy: its Python code is generated on first call; the analysis only reads the graph. It takes what
+        # the graph reads from the model (those constants too) before the model's attributes are put back.
+        gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["fxprune_training"] = bool(model.training)  # the mode baked into the graph (docs/design.md)
     # shapes never come from a train-mode run: it would update BN statistics
     with eval_mode(gm), torch.no_grad():
