@@ -109,13 +109,16 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
             pending = below
 
     walk([(n, m) for n, m in model.named_children()])
-    result = _assemble(model, parts)
-    while parts and (attr := _read_from_outside(result, example_inputs)) is not None:
+    while parts:
+        result = _assemble(model, parts)
+        t1 = time.perf_counter()
+        got, failure = _run(result, example_inputs)
+        attr = _read_from_outside(failure)
         # the model's own code reads a submodule or attribute of a part that its pruned graph does not keep
         # (FSMT's `self.model.encoder.embed_tokens`): those parts are opened, their children tried
-        held = [p for p in parts if hasattr(model.get_submodule(p["name"]), attr)]
+        held = [p for p in parts if hasattr(model.get_submodule(p["name"]), attr)] if attr else []
         if not held:
-            break   # not a part's: the check below says what failed
+            break   # it ran, or failed otherwise: the check below says what failed
         below = []
         for part in held:
             parts.remove(part)
@@ -123,14 +126,12 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
                            f"the model reads its '{attr}' from outside it, which its pruned graph does not keep",
                            whole, opened)
         walk(below)
-        result = _assemble(model, parts)
     if not parts:
         raise TraceError(f"no part of the model could be captured and pruned ({why}); left whole: "
                          + "; ".join(f"'{w['name']}': {w['reason']}" for w in whole[:6]))
     for part in parts:
         del part["pruned"], part["flat"]
-    t1 = time.perf_counter()
-    check = _check_whole(result, example_inputs, expected) if verify else None
+    check = _check_whole(got, failure, expected) if verify else None
     rep = PartsReport(method=name, why=why, parts=parts, whole=whole, opened=opened,
                       params_before=count_params(model), params_after=count_params(result),
                       flops_before=_flops(model, example_inputs), flops_after=_flops(result, example_inputs),
@@ -242,29 +243,30 @@ def _assemble(model: torch.nn.Module, parts: list) -> torch.nn.Module:
     return result
 
 
-def _read_from_outside(result: torch.nn.Module, example_inputs) -> str | None:
-    """The attribute that running ``result`` on the example inputs missed on a pruned part, or None."""
+def _run(result: torch.nn.Module, example_inputs) -> tuple:
+    """``result`` on the example inputs: ``(its output, None)``, or ``(None, the exception it raised)``."""
     try:
         with eval_mode(result), torch.no_grad():
-            result(*example_inputs)
-    except AttributeError as exc:  # nn.Module's own message names the class and the attribute
-        found = re.search(rf"'{PrunedPart.__name__}' object has no attribute '(\w+)'", str(exc))
-        return found.group(1) if found else None
-    except Exception:  # anything else: the check says what failed
-        pass
-    return None
+            return result(*example_inputs), None
+    except Exception as exc:  # the check says what failed
+        return None, exc
 
 
-def _check_whole(result, example_inputs, expected) -> dict:
-    """The pruned model runs on the example inputs and returns what the model returns, in structure:
-    the same containers, keys and lengths, and tensors of the same dtype and rank (their sizes may
-    differ: a detector keeps as many boxes as pass its thresholds)."""
-    try:
-        with eval_mode(result), torch.no_grad():
-            got = result(*example_inputs)
-    except Exception as exc:
+def _read_from_outside(failure: Exception | None) -> str | None:
+    """The attribute a run missed on a pruned part (nn.Module's own message names the class and the attribute),
+    or None."""
+    found = re.search(rf"'{PrunedPart.__name__}' object has no attribute '(\w+)'", str(failure)) \
+        if isinstance(failure, AttributeError) else None
+    return found.group(1) if found else None
+
+
+def _check_whole(got, failure: Exception | None, expected) -> dict:
+    """The pruned model ran on the example inputs (:func:`_run`: ``got``, or ``failure``) and returns what the
+    model returns, in structure: the same containers, keys and lengths, and tensors of the same dtype and rank
+    (their sizes may differ: a detector keeps as many boxes as pass its thresholds)."""
+    if failure is not None:
         raise VerificationError(f"the model with its pruned parts failed on the example inputs: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                                f"{type(failure).__name__}: {failure}") from failure
     a, spec_a = tree_flatten(expected)
     b, spec_b = tree_flatten(got)
     if spec_a != spec_b:

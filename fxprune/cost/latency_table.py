@@ -67,6 +67,7 @@ from ..errors import ConfigError, FxPruneError
 from ..ops import Conv2dSpec, conv2d_spec, is_linear, rule_of
 from ..ops.attention import matmul_rule, mha_module, sdpa_rule, swin_attention_rule
 from ..ops.norm import layer_norm_rule, rms_norm_rule
+from ..ops.shape import STACKS, cat_rule
 
 CACHE_ENV = "FXPRUNE_CACHE_DIR"
 PROBE_MAX = 64          # the probe sweeps counts 1..PROBE_MAX
@@ -984,8 +985,10 @@ class LatencyModel:
 
     @staticmethod
     def _elementwise_function(node, shape):
+        if _couple(node, {}) is cat_rule and node.target not in STACKS:   # every spelling of cat, by its row
+            return "concat"
         kind = _ELEMENTWISE_FUNCTIONS.get(node.target)
-        if kind in ("silu", "concat"):
+        if kind == "silu":
             return kind
         if kind == "sigmoid" and len(shape) == 4 and shape[2] * shape[3] > 1:
             return "sigmoid"
@@ -1166,8 +1169,6 @@ _aten = torch.ops.aten
 _ELEMENTWISE_FUNCTIONS = {torch.nn.functional.silu: "silu", _aten.silu.default: "silu", _aten.silu_.default: "silu",
                           torch.sigmoid: "sigmoid", _aten.sigmoid.default: "sigmoid",
                           torch.nn.functional.adaptive_avg_pool2d: "gap", _aten.adaptive_avg_pool2d.default: "gap",
-                          torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
-                          _aten.cat.default: "concat", _aten.concat.default: "concat",
                           operator.mul: "mul", torch.mul: "mul", _aten.mul.Tensor: "mul"}
 # ops whose rule row they share with others that cost differently (GELU's with every activation, add's with
 # every per-element op, permute's with every shape op): told apart by spelling

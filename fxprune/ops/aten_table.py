@@ -34,7 +34,7 @@ from .elementwise import (constant_like, elementwise, extreme_fix, filled_like, 
                           reduce_over, spatial, unfold, variance_fix, variance_over, zero_joined_fix)
 from .fx_table import FX_RULES
 from .norm import (aten_batch_norm, fix_group_norm, fix_layer_norm, fix_rms_norm, group_norm_rule, layer_norm_rule,
-                   prelu_function, rms_norm_rule, weight_norm_rule)
+                   per_sample, prelu_function, rms_norm_rule, weight_norm_rule)
 from .recurrent import aten_recurrent
 from .schema import Rule
 from .shape import (aten_index_rule, cat_rule, expand_as_rule, fix_shape_args, fix_slice, fix_split_aten, fix_unflatten,
@@ -93,7 +93,8 @@ register(Rule(conv_transpose_function), *overloads("conv_transpose1d", "conv_tra
 register(Rule(linear_function, weight_rows=linear_weight_rows), *overloads("linear"))
 register(Rule(addmm_function), *overloads("addmm"))
 register(Rule(embedding_function), *overloads("embedding"))
-register(Rule(aten_batch_norm), *overloads("batch_norm", "instance_norm"))  # the same arguments
+register(Rule(aten_batch_norm), *overloads("batch_norm"))
+register(Rule(per_sample(aten_batch_norm)), *overloads("instance_norm"))  # batch_norm's first five arguments
 register(Rule(prelu_function), *overloads("prelu", "_prelu_kernel"))
 register(Rule(group_norm_rule, fix=fix_group_norm), *overloads("group_norm"))  # F.group_norm's order
 register(Rule(layer_norm_rule, fix=fix_layer_norm), *overloads("layer_norm"))  # F.layer_norm's order

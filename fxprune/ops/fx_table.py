@@ -31,7 +31,7 @@ from .elementwise import (elementwise, extreme_fix, filled_like, fold, glu_rule,
                           reduce_over, spatial, unfold, variance_fix, variance_over, zero_joined_fix)
 from .formulas import conv_on_meta, linear_on_meta, same_shape
 from .norm import (batch_norm_function, fix_group_norm, fix_layer_norm, group_norm_rule, layer_norm_rule,
-                   norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule,
+                   norm_module, local_response_norm_rule, resize_group_norm, weight_norm_rule, per_sample,
                    prelu_function, prelu_module, resize_layer_norm, resize_norm, resize_prelu, resize_rms_norm,
                    rms_norm_rule, fix_rms_norm)
 from .recurrent import recurrent_module, resize_recurrent
@@ -87,9 +87,11 @@ register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5,
 register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
 register(Rule(linear_function, weight_rows=linear_weight_rows), F.linear)
 register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
-         nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, torchvision.ops.FrozenBatchNorm2d)
-register(Rule(batch_norm_function), F.batch_norm, F.instance_norm)
+         nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, torchvision.ops.FrozenBatchNorm2d)
+register(Rule(per_sample(norm_module), resize=resize_norm, on_meta=same_shape),
+         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+register(Rule(batch_norm_function), F.batch_norm)
+register(Rule(per_sample(batch_norm_function)), F.instance_norm)   # F.batch_norm's first five arguments
 register(Rule(prelu_module, resize=resize_prelu, on_meta=same_shape), nn.PReLU)
 register(Rule(prelu_function), F.prelu, torch.prelu)
 register(Rule(group_norm_rule, resize=resize_group_norm, on_meta=same_shape), nn.GroupNorm)

@@ -10,19 +10,9 @@ import math
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..labels import along, varying
 from .schema import T, arg, describe, pin_all
-
-
-def _is_instance_norm(ctx) -> bool:
-    """Whether the node normalises each sample over its own positions (statistics of the input, whatever the mode)."""
-    node = ctx.node
-    if node.op == "call_module":
-        return isinstance(ctx.module(), nn.modules.instancenorm._InstanceNorm)
-    return node.target in (F.instance_norm, torch.ops.aten.instance_norm.default)
 
 
 def _channel_norm(ctx, x, params):
@@ -30,9 +20,6 @@ def _channel_norm(ctx, x, params):
     label = x.label
     vary = varying(label)
     if label is None:
-        return None
-    if any(d != 1 for d in vary) and _is_instance_norm(ctx):
-        ctx.pin(label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
         return None
     if 1 in vary:
         ids = along(label, 1, x.shape[1]) if len(vary) == 1 else None
@@ -49,6 +36,21 @@ def _module_params(ctx, roles=(("norm_weight", "weight"), ("norm_bias", "bias"))
     """``{role: parameter name}`` of the norm module the node calls (None where it has no such tensor)."""
     m, name = ctx.module(), ctx.node.target
     return {role: f"{name}.{attr}" if getattr(m, attr, None) is not None else None for role, attr in roles}
+
+
+def per_sample(couple):
+    """An instance norm's ``couple``, from its batch norm twin's (the same arguments): its statistics are each
+    sample's own, over its positions, so channels spread over those positions are pinned (a batch norm in eval
+    mode reads running statistics, position by position)."""
+
+    def instance_norm_rule(ctx, args, kwargs):
+        x = args[0]
+        if any(d != 1 for d in varying(x.label)):
+            ctx.pin(x.label, f"{describe(ctx.node, ctx.gm)} normalises over positions that carry channels")
+            return None
+        return couple(ctx, args, kwargs)
+
+    return instance_norm_rule
 
 
 def norm_module(ctx, args, kwargs):

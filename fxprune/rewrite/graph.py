@@ -391,7 +391,6 @@ def _holder(gm: fx.GraphModule) -> torch.nn.Module:
     return holder
 
 
-@paused_gc
 def _may_act_in_place(node: fx.Node, table, modules: dict) -> bool:
     """Whether a call whose result nothing reads may still change its inputs: an in-place method or function
     (``x.add_(y)``), or one no rule knows (torchvision MViT's ``_add_shortcut(x, q)``, traced as one call,
@@ -402,6 +401,7 @@ def _may_act_in_place(node: fx.Node, table, modules: dict) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or table.rule_for(node, modules) is table.default
 
 
+@paused_gc
 def rewrite(graph, plan) -> fx.GraphModule:
     """Return a new ``GraphModule`` with the channels that ``plan`` removes cut out."""
     keep = plan.mask(graph)
