@@ -35,3 +35,10 @@ class VerificationError(FxPruneError):
 class ExportError(VerificationError):
     """``torch.onnx`` could not write the model's ONNX file (an exporter's limit, which the
     unpruned model may share: :meth:`fxprune.pipeline.Pipeline.finish` then skips the check)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the allocator running out of memory (Python's, or torch's CPU or CUDA allocator)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "bad_alloc" in text or \
+        type(exc).__name__ == "OutOfMemoryError"

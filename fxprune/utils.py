@@ -1,4 +1,5 @@
-"""Small helpers every stage uses: :func:`paused_gc`, :func:`eval_mode`, :func:`attributes_kept`, :func:`as_tuple`.
+"""Small helpers every stage uses: :func:`paused_gc`, :func:`eval_mode`, :func:`attributes_kept`, :func:`as_tuple`,
+:func:`primary_output`.
 
 :func:`paused_gc` pauses Python's cyclic garbage collector while fxprune works. The analysis makes many short-lived Python objects (graph nodes, small label
 arrays); reference counting frees them. In a process that holds a large model,
@@ -75,3 +76,22 @@ def as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
+
+
+def primary_output(out) -> torch.Tensor:
+    """The output a data-driven criterion reads: the first floating-point tensor of a model's output, be it a
+    tensor, a tuple or list (a detector's), a dict or a Hugging Face ``ModelOutput`` (its ``logits``).
+
+    >>> primary_output({"ids": torch.zeros(2, dtype=torch.long), "logits": torch.ones(2, 3)}).shape
+    torch.Size([2, 3])
+    """
+    from torch.utils._pytree import tree_flatten
+
+    from .errors import DataError
+
+    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    found = next((t for t in leaves if t.is_floating_point()), None)
+    if found is None:
+        raise DataError(f"the model's output holds no floating-point tensor (got {type(out).__name__}): a "
+                        "data-driven criterion reads the first one")
+    return found

@@ -4,7 +4,8 @@ For channel ``i`` of a group, with ``w`` all of its member slices and ``g`` thei
 gradients, the score is ``|sum(w * g)|``, the first-order estimate of how much the loss
 moves if those parameters are set to zero, averaged over batches. The loss is the
 cross-entropy with the batch labels, or, when the data has no labels, the mean square of
-the outputs. Runs the analysed copy in eval mode; the user's model is not touched.
+the outputs; of a model with several outputs (a tuple, a dict, a Hugging Face ``ModelOutput``) it
+reads the first floating-point one (:func:`fxprune.utils.primary_output`). Runs the analysed copy in eval mode; the user's model is not touched.
 
 Example::
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxprune.utils import eval_mode
+from fxprune.utils import eval_mode, primary_output
 from fxprune.io.data import batches
 
 from .magnitude import STATISTICS, per_position
@@ -37,7 +38,7 @@ def score(graph, data=None, seed=0, max_batches: int = 8):
         for inputs, labels in batches(data, max_batches):
             leaves = [p.detach().requires_grad_(True) for p in params]
             out = torch.func.functional_call(graph.module, dict(zip(names, leaves)), inputs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = primary_output(out)
             if labels is not None:
                 loss = F.cross_entropy(out.flatten(1) if out.dim() > 2 else out, labels)
             else:

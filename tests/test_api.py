@@ -8,6 +8,7 @@ import torchvision
 
 import fxprune
 from fxprune.cost import count_params
+from fxprune import passes
 from fxprune.passes import bn_scale, magnitude, taylor
 from helpers import assert_state_equal, state_copy
 
@@ -105,6 +106,41 @@ def test_criteria_rank_known_weights():
     graph = fxprune.analyze(net, (torch.randn(1, 3, 4, 4),))
     scores = taylor.score(graph, data=(torch.randn(8, 3, 4, 4), torch.randint(0, 2, (8,))))["0"]
     assert scores[2] == 0 and bool((scores[[0, 1, 3]] > 0).all())
+
+
+class _DictOutput(nn.Module):
+    """The network of a classifier returning a dict whose first entry is not its logits (as Hugging Face's
+    ``ModelOutput`` or a detector's tuple): a data-driven criterion reads the first floating-point tensor."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"label": logits.argmax(1), "logits": logits, "probs": logits.softmax(1)}
+
+
+@pytest.mark.parametrize("method", ["taylor", "curl"])
+def test_data_driven_criteria_read_the_logits_of_a_dict_output(method):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+    x, y = torch.randn(8, 3, 4, 4), torch.arange(8) % 3
+    score = passes.get(method)
+    plain = score(fxprune.analyze(net, (x[:1],)), data=(x, y), seed=0)
+    wrapped = score(fxprune.analyze(_DictOutput(net), (x[:1],)), data=(x, y), seed=0)
+    assert set(wrapped) == {"net.0"} and set(plain) == {"0"}
+    assert torch.allclose(wrapped["net.0"], plain["0"]) and float(plain["0"].abs().sum()) > 0
+
+
+def test_unlabelled_batches_of_several_inputs():
+    ids, mask = torch.zeros(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)
+    got = list(fxprune.io.data.batches([(ids, mask), [ids, mask], ((ids, mask), None)]))
+    assert [(len(inputs), labels) for inputs, labels in got] == [(2, None)] * 3
+    labelled = list(fxprune.io.data.batches([((ids, mask), torch.arange(4))]))
+    assert labelled[0][1].tolist() == [0, 1, 2, 3]
+    with pytest.raises(fxprune.DataError, match="a tuple of input tensors"):
+        list(fxprune.io.data.batches([(ids, "mask")]))
 
 
 def test_criteria_beat_random_on_a_planted_model():

@@ -96,6 +96,60 @@ def test_batched_and_cached_equal_one_at_a_time():
     assert 0 < runner.forwards < 0.5 * 16  # measured 6.2 forward-equivalents for 16 masks
 
 
+class PositionEmbedding(nn.Module):
+    """A token model whose position embedding is computed from a buffer (as BERT's ``position_ids``): a value
+    that carries channels but not the batch (``[1, tokens, width]``), added to the token embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 8), nn.Embedding(4, 8)
+        self.register_buffer("position_ids", torch.arange(4).unsqueeze(0))
+        self.up, self.down, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(self.position_ids)
+        h = h + self.down(F.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_masks_of_a_value_without_the_batch_run_one_per_pass(capture):
+    torch.manual_seed(0)
+    model = PositionEmbedding().eval()
+    ids = torch.randint(0, 10, (5, 4))
+    graph = fxprune.analyze(model, (ids[:1],), capture=capture)
+    drops = [[c] for c in range(graph.num_channels)]
+    single = torch.stack([MaskedRunner(graph, (ids,)).run_one(d) for d in drops])
+    runner = MaskedRunner(graph, (ids,), masks_per_forward=4)
+    with pytest.warns(UserWarning, match="one per forward pass"):
+        got = runner.run(drops)
+    assert torch.allclose(got, single, atol=1e-6) and runner.m == 1 and "shape (1, 4, 8)" in runner.unbatched
+    assert float((single - runner.reference()).abs().amax(dim=(1, 2)).min()) > 0   # every mask moves the output
+    scores = fxprune.passes.get("curl")(graph, data=ids, seed=0)    # CURL batches its masks by default
+    assert all(bool((s > 0).all()) for s in scores.values())
+
+
+def test_masks_per_pass_halve_when_a_pass_runs_out_of_memory(monkeypatch):
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallResNet(8))
+    x = torch.randn(3, 1, 8, 8)
+    graph = fxprune.analyze(model, (x[:1],))
+    drops = [[c] for c in range(0, graph.num_channels, 5)]
+    single = torch.stack([MaskedRunner(graph, (x,)).run_one(d) for d in drops])
+    runner = MaskedRunner(graph, (x,), masks_per_forward=8)
+    masked_pass = runner._masked_pass
+
+    def small_memory(env, start, end, chunk, m, capture):   # a machine where passes of more than 2 masks fail
+        if m > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1445068800 bytes")
+        return masked_pass(env, start, end, chunk, m, capture)
+
+    monkeypatch.setattr(runner, "_masked_pass", small_memory)
+    with pytest.warns(UserWarning, match="out of memory with 8 masks per forward pass"):
+        got = runner.run(drops)
+    assert runner.m == 2 and torch.allclose(got, single, atol=1e-5)
+
+
 class InPlace(nn.Module):
     """In-place ops in the prefix every pass resumes from, and one after it on a value of the prefix."""
 

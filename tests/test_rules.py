@@ -1091,6 +1091,48 @@ def test_a_matmul_by_a_parameter_is_a_linear_layer(capture):
     assert rep.mask["max_rel_diff"] < 1e-5
 
 
+class Embeddings(nn.Module):
+    """A token model's embedding tables in their three spellings (module, ``F.embedding``, ``torch.embedding``)
+    summed into one residual stream, as a model that ``symbolic_trace`` captures writes them."""
+
+    def __init__(self, max_norm=None):
+        super().__init__()
+        self.tok = nn.Embedding(10, 8, padding_idx=0, max_norm=max_norm)
+        self.pos = nn.Parameter(torch.randn(4, 8))
+        self.kind = nn.Parameter(torch.randn(2, 8))
+        self.register_buffer("position_ids", torch.arange(4))
+        self.up, self.down, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + F.embedding(self.position_ids, self.pos) + torch.embedding(self.kind, ids % 2)
+        h = h + self.down(F.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_embedding_tables_are_the_streams_producers(capture, output):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (3, 4))
+    pruned, rep = prune_and_check(Embeddings(), (ids,), ratio=0.5, capture=capture, output=output,
+                                  must_shrink=["tok"])
+    state = pruned.state_dict()
+    assert state["tok.weight"].shape == (10, 4) and state["pos"].shape == (4, 4) and state["kind"].shape == (2, 4)
+    assert state["up.weight"].shape == (8, 4) and state["head.weight"].shape == (3, 4)
+    if output == "module":
+        assert pruned.tok.embedding_dim == 4 and pruned.tok.padding_idx == 0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_embedding_with_max_norm_keeps_its_width_and_the_users_table(capture):
+    """``max_norm`` renormalises the rows looked up, in place, by a norm over their channels: the table stays
+    whole, and fxprune's runs of the captured graph leave the user's table as it was (prune_and_check)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (3, 4))
+    pruned, rep = prune_and_check(Embeddings(max_norm=1.0), (ids,), ratio=0.5, capture=capture, must_shrink=["up"])
+    assert pruned.state_dict()["tok.weight"].shape == (10, 8)
+
+
 class TransposedWeights(nn.Module):  # Falcon's linear layer: x @ weight.T (+ bias), in its spellings
     def __init__(self):
         super().__init__()

@@ -25,6 +25,10 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from ..errors import ConfigError, TraceError
 from ..ops import ATEN_RULES, FX_RULES
 from .export import export, first_line
@@ -43,23 +47,79 @@ def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), 
     """
     if how not in TRACERS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, TRACERS))}, not {how!r}")
+    with tables_kept(model):   # capture runs the model: its max_norm tables would be renormalised in place
+        return _capture(model, example_inputs, how, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                        stack_traces=stack_traces)
+
+
+def _capture(model, example_inputs, how, *, leaf_modules, concrete_args, stack_traces):
     if how == "export":
-        gm = export(model, example_inputs, ATEN_RULES)
+        gm = own_written_tables(export(model, example_inputs, ATEN_RULES))
         return gm, ATEN_RULES, {"tracer": "export", "why": "capture='export'", "batch": gm.meta["fxprune_batch"]}
     try:
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, table=FX_RULES,
                    stack_traces=stack_traces)
-        return gm, FX_RULES, {"tracer": "fx"}
+        return own_written_tables(gm), FX_RULES, {"tracer": "fx"}
     except TraceError as exc:
         if how == "fx":
             raise
         first = exc
     why = f"symbolic_trace failed: {_short(first_line(first))}"
     try:
-        gm = export(model, example_inputs, ATEN_RULES)
+        gm = own_written_tables(export(model, example_inputs, ATEN_RULES))
     except TraceError as exc:
         raise TraceError(f"{why}\nand then {exc}") from exc
     return gm, ATEN_RULES, {"tracer": "export", "why": why, "batch": gm.meta["fxprune_batch"]}
+
+
+@contextlib.contextmanager
+def tables_kept(model):
+    """The model's embedding tables that its own ``forward`` renormalises in place (``max_norm``) are put back
+    afterwards: capture runs ``forward`` (``torch.export`` and its batch check), and fxprune never changes the
+    user's model."""
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    saved = [(m.weight, m.weight.detach().clone()) for m in modules
+             if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, copy in saved:
+                weight.copy_(copy)
+
+
+def own_written_tables(gm):
+    """``gm`` with its own copy of every embedding table that running it rewrites in place (``max_norm``:
+    ``nn.Embedding`` renormalises the rows it looks up; ``torch.export`` spells it ``aten.embedding_renorm_``).
+    A captured graph shares the model's parameters, and fxprune runs it to check and score: the user's
+    table must not change. (A captured graph's containers of submodules are its own; only leaves are shared.)"""
+    import copy
+
+    def written_table(node):   # the node holding the table ``node`` renormalises in place, or None
+        if node.op != "call_function":
+            return None
+        if node.target is torch.ops.aten.embedding_renorm_.default:
+            return node.args[0]
+        if node.target is torch.nn.functional.embedding:
+            max_norm = node.kwargs.get("max_norm", node.args[3] if len(node.args) > 3 else None)
+            return node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None) if max_norm else None
+        return None
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and mod.max_norm is not None:
+                parent, _, attr = node.target.rpartition(".")
+                setattr(gm.get_submodule(parent), attr, copy.deepcopy(mod))
+            continue
+        table = written_table(node)
+        while isinstance(table, torch.fx.Node) and table.op == "call_function" and table.args:
+            table = table.args[0]   # through detach
+        if isinstance(table, torch.fx.Node) and table.op == "get_attr":
+            parent, _, attr = table.target.rpartition(".")
+            p = gm.get_parameter(table.target)
+            setattr(gm.get_submodule(parent), attr, torch.nn.Parameter(p.detach().clone(), p.requires_grad))
+    return gm
 
 
 def _short(message: str, limit: int = 240) -> str:

@@ -1,8 +1,9 @@
 """Data for data-driven criteria: any iterable of ``(inputs, labels)`` batches.
 
 :func:`batches` accepts a ``DataLoader`` (or any iterable) of ``(inputs, labels)``
-pairs or of bare inputs, a single ``(inputs, labels)`` pair, or a single input tensor,
-and yields ``(inputs_tuple, labels_or_None)``.
+pairs or of bare inputs (a tensor, or a tuple of the model's input tensors; ``(inputs, None)``
+too), a single ``(inputs, labels)`` pair, or a single input tensor, and yields
+``(inputs_tuple, labels_or_None)``. Labels are a 1-d integer tensor (one class per sample).
 
 Example::
 
@@ -10,6 +11,9 @@ Example::
     >>> from fxprune.io.data import batches
     >>> [(x[0].shape, y.shape) for x, y in batches((torch.randn(4, 3), torch.arange(4)))]
     [(torch.Size([4, 3]), torch.Size([4]))]
+    >>> ids, mask = torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16, dtype=torch.long)
+    >>> [(len(x), y) for x, y in batches([(ids, mask)])]     # a batch of a two-input model, unlabelled
+    [(2, None)]
 """
 from __future__ import annotations
 
@@ -34,8 +38,11 @@ def batches(data, limit: int | None = None, need_labels: bool = False):
         elif _is_pair(item):
             inputs, labels = item
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        elif isinstance(item, (tuple, list)) and item and all(isinstance(x, torch.Tensor) for x in item):
+            inputs, labels = tuple(item), None
         else:
-            raise DataError(f"a batch must be a tensor or an (inputs, labels) pair, got {type(item).__name__}")
+            raise DataError(f"a batch must be a tensor, a tuple of input tensors or an (inputs, labels) pair, "
+                            f"got {type(item).__name__}")
         if need_labels and labels is None:
             raise DataError("this criterion needs labels: give batches as (inputs, labels) pairs")
         if labels is not None and labels.shape[0] != inputs[0].shape[0]:
@@ -47,6 +54,11 @@ def batches(data, limit: int | None = None, need_labels: bool = False):
 
 
 def _is_pair(item) -> bool:
-    return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)
-            and (isinstance(item[0], torch.Tensor) or isinstance(item[0], (tuple, list))) and item[1].dim() <= 1
-            and not item[1].is_floating_point())
+    """``(inputs, labels)``: labels a 1-d integer tensor (or None), inputs a tensor or a tuple of them."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2
+            and (isinstance(item[0], torch.Tensor) or isinstance(item[0], (tuple, list)))):
+        return False
+    labels = item[1]
+    if labels is None:
+        return True
+    return isinstance(labels, torch.Tensor) and labels.dim() <= 1 and not labels.is_floating_point()

@@ -178,15 +178,43 @@ def conv_transpose_function(ctx, args, kwargs):
 def embedding_function(ctx, args, kwargs):
     """``aten.embedding(weight, indices, ...)``: each row's entries are new channels (the columns
     of the table), which ride along with the table's dim 1."""
-    w, indices = args[0], args[1]
-    if not isinstance(w, T) or w.param is None:
+    return _embedding(ctx, args, kwargs, args[0], args[1], None)
+
+
+def embedding_functional(ctx, args, kwargs):
+    """``F.embedding(input, weight, padding_idx, max_norm, ...)``: ``aten.embedding``'s arguments the other way
+    round."""
+    return _embedding(ctx, args, kwargs, arg(args, kwargs, 1, "weight"), args[0], arg(args, kwargs, 3, "max_norm"))
+
+
+def embedding_module(ctx, args, kwargs):
+    """``nn.Embedding``: the columns of its table are the output's channels."""
+    m = ctx.module()
+    return _embedding(ctx, args, kwargs, _Param(f"{ctx.node.target}.weight"), args[0], m.max_norm)
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A module's own parameter where a function would take it as an argument."""
+
+    param: str
+
+
+def _embedding(ctx, args, kwargs, w, indices, max_norm):
+    if getattr(w, "param", None) is None:
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes a table computed at run time")
+    if max_norm is not None:   # rows looked up are rescaled in place to a norm taken over their channels
+        return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} renormalises rows to max_norm={max_norm}")
     if isinstance(indices, T) and indices.label is not None:
         ctx.pin(indices.label, f"{describe(ctx.node, ctx.gm)} looks up indices that carry channels")
     nd, width = len(ctx.out_shape), ctx.out_shape[-1]
     out = ctx.fresh(width)
     ctx.member(w.param, 1, out, "producer", "weight")
     return out.view((1,) * (nd - 1) + (width,))
+
+
+def resize_embedding(m, node, rw):
+    m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ import torchvision
 from .attention import (baddbmm_rule, einsum_rule, fix_sdpa, fix_swin_attention, grouped_mm_rule, matmul_rule,
                         mha_module, patch_merging_pad_rule, relative_position_bias_rule, resize_mha, sdpa_rule,
                         swin_attention_rule)
-from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, fix_conv_function,
-                   linear_function, linear_module, linear_weight_rows, resize_conv, resize_linear)
+from .conv import (conv_call_spec, conv_function, conv_module, conv_module_spec, conv_weight_rows, embedding_function,
+                   embedding_functional, embedding_module, fix_conv_function, linear_function, linear_module,
+                   linear_weight_rows, resize_conv, resize_embedding, resize_linear)
 from .elementwise import (elementwise, extreme_fix, filled_like, fold, glu_rule, grid_sample_rule, index_add_rule,
                           max_min_rule, mean_fix, norm_over, normalize_module, normalize_over, normalize_rule, pad,
                           reduce_over, spatial, unfold, variance_fix, variance_over, zero_joined_fix)
@@ -86,6 +87,9 @@ register(Rule(conv_function, fix=fix_conv_function, spec=conv_call_spec(3, 4, 5,
          F.conv1d, F.conv2d, F.conv3d)
 register(Rule(linear_module, resize=resize_linear, on_meta=linear_on_meta), nn.Linear)
 register(Rule(linear_function, weight_rows=linear_weight_rows), F.linear)
+register(Rule(embedding_module, resize=resize_embedding), nn.Embedding)
+register(Rule(embedding_functional), F.embedding)
+register(Rule(embedding_function), torch.embedding)   # aten.embedding's order: (weight, indices)
 register(Rule(norm_module, resize=resize_norm, on_meta=same_shape),
          nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, torchvision.ops.FrozenBatchNorm2d)
 register(Rule(per_sample(norm_module), resize=resize_norm, on_meta=same_shape),

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import VerificationError
+from ..errors import VerificationError, is_out_of_memory
 from ..labels import kept_along, kept_mask, select_kept
 from ..ops import rule_of
 from ..ops.norm import group_norm_rule
@@ -405,7 +405,7 @@ def _run(interpreter: _Capture, inputs: tuple, what: str):
 
 
 def _node_failure(exc: Exception, node: str, what: str) -> VerificationError:
-    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "bad_alloc" in str(exc):
+    if is_out_of_memory(exc):
         return VerificationError(
             f"out of memory at node '{node}' of {what} while checking the pruned model: the check runs the masked "
             "original and the pruned model side by side on the example inputs. Pass smaller example inputs "

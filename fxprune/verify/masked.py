@@ -44,16 +44,16 @@ Example::
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, is_out_of_memory
 from ..labels import varying
-from ..utils import eval_mode
+from ..utils import eval_mode, primary_output
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -145,6 +145,8 @@ class MaskedRunner:
         # the unmasked prefix as last advanced: (masks per forward, env, position); every pass starts from a
         # clone of it, so the next call that starts at or after the position resumes it instead of re-running
         self._prefix = None
+        #: why masks run one per pass (a value that does not carry the batch); "" once checked they need not; None
+        self.unbatched = None
 
     # -- public -------------------------------------------------------------------------------
     def first_node(self, channels) -> int:
@@ -164,7 +166,7 @@ class MaskedRunner:
     def run(self, drops: Sequence, masks_per_forward: int | None = None, capture=()):
         """Outputs for each mask in ``drops`` (each a list of global channel indices to zero).
 
-        Returns the model's first output tensor stacked as ``[len(drops), N, ...]``, in the order of
+        Returns the model's first floating-point output tensor stacked as ``[len(drops), N, ...]``, in the order of
         ``drops``; with ``capture`` (node names), returns ``{name: [len(drops), N, ...]}`` of those
         nodes' values instead, and stops after the last of them. Under ``torch.distributed`` each
         rank runs its share of the passes and every rank returns all of them.
@@ -197,6 +199,53 @@ class MaskedRunner:
         for d in drops:
             if d.numel() and (int(d.min()) < 0 or int(d.max()) >= self.num_channels):
                 raise ConfigError(f"a mask names channels outside 0..{self.num_channels - 1}")
+        if m > 1 and not self._batchable():
+            m = 1
+        todo = list(range(len(drops)))
+        while todo:
+            done = []
+            try:
+                for chunk, values in self._passes([drops[i] for i in todo], m, capture, shard):
+                    chunk = [todo[j] for j in chunk]
+                    done += chunk
+                    yield chunk, values
+                    if progress is not None:
+                        progress.update(len(chunk))
+                return
+            except (RuntimeError, MemoryError) as exc:
+                # ranks must deal out the same passes: under torchrun the batch of masks cannot change on one
+                if not is_out_of_memory(exc) or m == 1 or rank_and_world()[1] > 1:
+                    raise
+                warnings.warn(f"out of memory with {m} masks per forward pass (a batch of {m * self.batch}): "
+                              f"trying {m // 2}", stacklevel=2)
+                m = self.m = m // 2
+                self._prefix = None
+                done = set(done)
+                todo = [i for i in todo if i not in done]
+
+    def _batchable(self) -> bool:
+        """Whether masks can share a forward pass: every value a mask touches carries the batch. One pass of two
+        masks over the first sample finds a value that does not (a position embedding computed from a buffer,
+        ``[1, tokens, width]``); masks then run one per pass (``self.unbatched`` says why)."""
+        if self.unbatched is None:
+            drop_all = [torch.arange(self.num_channels)]
+            env = {"__inputs": tuple(x[:1].repeat((2,) + (1,) * (x.dim() - 1)) if isinstance(x, torch.Tensor)
+                                     and x.dim() else x for x in self.inputs), "__m": 2}
+            forwards = self.forwards
+            try:
+                with eval_mode(self.gm), torch.no_grad():
+                    self._masked_pass(env, 0, len(self.nodes) - 1, drop_all, 2, ())
+                self.unbatched = ""
+            except _Unbatched as exc:
+                warnings.warn(f"{exc}: masks run one per forward pass", stacklevel=3)
+                self.unbatched = str(exc)
+            self.forwards = forwards
+        if self.unbatched:
+            self.m = 1
+        return not self.unbatched
+
+    def _passes(self, drops, m, capture, shard):
+        """:meth:`each`'s passes, ``m`` masks each."""
         if not drops:
             return
         rank, world = rank_and_world() if shard else (0, 1)
@@ -218,8 +267,6 @@ class MaskedRunner:
                 self._prefix = (m, env, done)
                 values = self._masked_pass(env, start, end, [drops[i] for i in chunk], m, capture)
                 yield chunk, values
-                if progress is not None:
-                    progress.update(len(chunk))
 
     # -- internals ------------------------------------------------------------------------------
     def _node(self, name):
@@ -250,7 +297,7 @@ class MaskedRunner:
             interp.env = env
             val = interp.run_node(n)
             if touched[self.node_channels[i]].any():
-                val = self._apply(val, self.labels[i], keep, env["__m"])
+                val = self._apply(val, self.labels[i], keep, env["__m"], n.name)
             env[n] = val
             self._free(env, i)
         if start > done:
@@ -272,13 +319,13 @@ class MaskedRunner:
         touched = (keep == 0).any(0).numpy()
         return keep.to(self.device), touched
 
-    def _apply(self, val, lab, keep, m):
+    def _apply(self, val, lab, keep, m, name=""):
         if lab is None:
             return val
         if isinstance(lab, tuple):
             if not isinstance(val, (tuple, list)):
                 return val
-            out = [self._apply(v, lb, keep, m) for v, lb in zip(val, lab)]
+            out = [self._apply(v, lb, keep, m, name) for v, lb in zip(val, lab)]
             out += list(val[len(out):])
             return type(val)(out) if isinstance(val, tuple) else out
         if not isinstance(val, torch.Tensor) or not val.is_floating_point():
@@ -289,8 +336,8 @@ class MaskedRunner:
         if lab.dim() != val.dim() or lab.shape[0] != 1 or val.shape[0] % m:
             if m == 1 and lab.dim() == val.dim():
                 return val * rows[0].to(val.dtype)
-            raise ConfigError("batched masking needs tensors whose first dimension is the batch "
-                              f"(got a value of shape {tuple(val.shape)}); use masks_per_forward=1")
+            raise _Unbatched(f"batched masking needs values whose first dimension is the batch; node '{name}' "
+                             f"has shape {tuple(val.shape)}")
         v = val.reshape((m, val.shape[0] // m) + tuple(val.shape[1:]))
         return (v * rows.to(val.dtype)).reshape(val.shape)
 
@@ -311,7 +358,7 @@ class MaskedRunner:
                 break
             val = interp.run_node(n)
             if touched[self.node_channels[i]].any():
-                val = self._apply(val, self.labels[i], keep, m)
+                val = self._apply(val, self.labels[i], keep, m, n.name)
             local[n] = val
             if n.name in capture:
                 captured[n.name] = val
@@ -320,8 +367,11 @@ class MaskedRunner:
         used = len(drops)
         if capture:
             return {k: _split(captured[k], m)[:used] for k in capture}
-        first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        return _split(first, m)[:used]
+        return _split(primary_output(out), m)[:used]
+
+
+class _Unbatched(ConfigError):
+    """A masked value that does not carry the batch: masks cannot share a forward pass."""
 
 
 def _split(val, m):
