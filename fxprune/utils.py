@@ -24,6 +24,9 @@ import gc
 from contextlib import contextmanager
 
 import torch
+from torch.utils._pytree import tree_flatten
+
+from .errors import DataError
 
 
 def paused_gc(fn):
@@ -85,10 +88,6 @@ def primary_output(out) -> torch.Tensor:
     >>> primary_output({"ids": torch.zeros(2, dtype=torch.long), "logits": torch.ones(2, 3)}).shape
     torch.Size([2, 3])
     """
-    from torch.utils._pytree import tree_flatten
-
-    from .errors import DataError
-
     leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     found = next((t for t in leaves if t.is_floating_point()), None)
     if found is None:

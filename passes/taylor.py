@@ -5,7 +5,8 @@ gradients, the score is ``|sum(w * g)|``, the first-order estimate of how much t
 moves if those parameters are set to zero, averaged over batches. The loss is the
 cross-entropy with the batch labels, or, when the data has no labels, the mean square of
 the outputs; of a model with several outputs (a tuple, a dict, a Hugging Face ``ModelOutput``) it
-reads the first floating-point one (:func:`fxprune.utils.primary_output`). Runs the analysed copy in eval mode; the user's model is not touched.
+reads the first floating-point one (:func:`fxprune.utils.primary_output`). Runs the analysed copy
+in eval mode; the user's model is not touched.
 
 Example::
 

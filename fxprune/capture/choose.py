@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -93,8 +94,6 @@ def own_written_tables(gm):
     ``nn.Embedding`` renormalises the rows it looks up; ``torch.export`` spells it ``aten.embedding_renorm_``).
     A captured graph shares the model's parameters, and fxprune runs it to check and score: the user's
     table must not change. (A captured graph's containers of submodules are its own; only leaves are shared.)"""
-    import copy
-
     def written_table(node):   # the node holding the table ``node`` renormalises in place, or None
         if node.op != "call_function":
             return None
@@ -113,8 +112,9 @@ def own_written_tables(gm):
                 setattr(gm.get_submodule(parent), attr, copy.deepcopy(mod))
             continue
         table = written_table(node)
-        while isinstance(table, torch.fx.Node) and table.op == "call_function" and table.args:
-            table = table.args[0]   # through detach
+        while isinstance(table, torch.fx.Node) and table.target in (torch.ops.aten.detach.default,
+                                                                    torch.ops.aten.alias.default):
+            table = table.args[0]
         if isinstance(table, torch.fx.Node) and table.op == "get_attr":
             parent, _, attr = table.target.rpartition(".")
             p = gm.get_parameter(table.target)

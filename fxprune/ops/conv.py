@@ -189,19 +189,13 @@ def embedding_functional(ctx, args, kwargs):
 
 def embedding_module(ctx, args, kwargs):
     """``nn.Embedding``: the columns of its table are the output's channels."""
-    m = ctx.module()
-    return _embedding(ctx, args, kwargs, _Param(f"{ctx.node.target}.weight"), args[0], m.max_norm)
+    return _embedding(ctx, args, kwargs, f"{ctx.node.target}.weight", args[0], ctx.module().max_norm)
 
 
-@dataclass(frozen=True)
-class _Param:
-    """A module's own parameter where a function would take it as an argument."""
-
-    param: str
-
-
-def _embedding(ctx, args, kwargs, w, indices, max_norm):
-    if getattr(w, "param", None) is None:
+def _embedding(ctx, args, kwargs, table, indices, max_norm):
+    """``table`` is the table as an argument (a :class:`T`) or a module's parameter name."""
+    param = table if isinstance(table, str) else getattr(table, "param", None)
+    if param is None:
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} takes a table computed at run time")
     if max_norm is not None:   # rows looked up are rescaled in place to a norm taken over their channels
         return pin_all(ctx, args, kwargs, f"{describe(ctx.node, ctx.gm)} renormalises rows to max_norm={max_norm}")
@@ -209,7 +203,7 @@ def _embedding(ctx, args, kwargs, w, indices, max_norm):
         ctx.pin(indices.label, f"{describe(ctx.node, ctx.gm)} looks up indices that carry channels")
     nd, width = len(ctx.out_shape), ctx.out_shape[-1]
     out = ctx.fresh(width)
-    ctx.member(w.param, 1, out, "producer", "weight")
+    ctx.member(param, 1, out, "producer", "weight")
     return out.view((1,) * (nd - 1) + (width,))
 
 

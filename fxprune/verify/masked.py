@@ -203,11 +203,11 @@ class MaskedRunner:
             m = 1
         todo = list(range(len(drops)))
         while todo:
-            done = []
+            done = set()
             try:
                 for chunk, values in self._passes([drops[i] for i in todo], m, capture, shard):
                     chunk = [todo[j] for j in chunk]
-                    done += chunk
+                    done.update(chunk)
                     yield chunk, values
                     if progress is not None:
                         progress.update(len(chunk))
@@ -220,7 +220,6 @@ class MaskedRunner:
                               f"trying {m // 2}", stacklevel=2)
                 m = self.m = m // 2
                 self._prefix = None
-                done = set(done)
                 todo = [i for i in todo if i not in done]
 
     def _batchable(self) -> bool:
@@ -228,20 +227,16 @@ class MaskedRunner:
         masks over the first sample finds a value that does not (a position embedding computed from a buffer,
         ``[1, tokens, width]``); masks then run one per pass (``self.unbatched`` says why)."""
         if self.unbatched is None:
-            drop_all = [torch.arange(self.num_channels)]
-            env = {"__inputs": tuple(x[:1].repeat((2,) + (1,) * (x.dim() - 1)) if isinstance(x, torch.Tensor)
-                                     and x.dim() else x for x in self.inputs), "__m": 2}
             forwards = self.forwards
             try:
                 with eval_mode(self.gm), torch.no_grad():
-                    self._masked_pass(env, 0, len(self.nodes) - 1, drop_all, 2, ())
+                    self._masked_pass(self._start_env(2, samples=1), 0, len(self.nodes) - 1,
+                                      [torch.arange(self.num_channels)], 2, ())
                 self.unbatched = ""
             except _Unbatched as exc:
                 warnings.warn(f"{exc}: masks run one per forward pass", stacklevel=3)
-                self.unbatched = str(exc)
+                self.unbatched, self.m = str(exc), 1
             self.forwards = forwards
-        if self.unbatched:
-            self.m = 1
         return not self.unbatched
 
     def _passes(self, drops, m, capture, shard):
@@ -282,9 +277,10 @@ class MaskedRunner:
             return self._prefix[1], self._prefix[2]
         return self._start_env(m), 0
 
-    def _start_env(self, m):
-        reps = tuple(x.repeat((m,) + (1,) * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim() else x
-                     for x in self.inputs)
+    def _start_env(self, m, samples=None):
+        """The inputs (their first ``samples``, default all) repeated for ``m`` masks."""
+        reps = tuple(x[:samples].repeat((m,) + (1,) * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim()
+                     else x for x in self.inputs)
         return {"__inputs": reps, "__m": m}
 
     def _advance(self, env, done, start):
@@ -319,7 +315,7 @@ class MaskedRunner:
         touched = (keep == 0).any(0).numpy()
         return keep.to(self.device), touched
 
-    def _apply(self, val, lab, keep, m, name=""):
+    def _apply(self, val, lab, keep, m, name):
         if lab is None:
             return val
         if isinstance(lab, tuple):
