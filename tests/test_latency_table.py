@@ -702,10 +702,10 @@ class GroupedNet(nn.Module):
     channels are balanced over its 4 groups. 6 per group by default: off the fake table's block of 4, so
     it runs in NCHW whatever it keeps."""
 
-    def __init__(self, width=24):
+    def __init__(self, width=24, groups=4):
         super().__init__()
         self.a = nn.Conv2d(3, width, 1)
-        self.b = nn.Conv2d(width, width, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(width, width, 3, padding=1, groups=groups)
         self.c = nn.Conv2d(width, 8, 1)
 
     def forward(self, x):
@@ -760,6 +760,59 @@ def test_grouped_conv_on_the_block_stays_there():
     assert cut["b.off_block"] == pytest.approx(1e-6 * 12 * 64)    # the output, back into it
     for name in ("a", "b"):
         assert lm.steps(name) == [16] and lm.fast_count(name, 5) == 16
+
+
+def ort_layout(sig):
+    """ORT 1.32's NCHWc layout on AVX-512 as a fake: a conv reads at most 4 or a multiple of 4 channels
+    blocked, a depthwise conv a multiple of 4."""
+    return sig.cout % 4 == 0 or (sig.kind == "chain" and sig.cout <= 4)
+
+
+def test_grouped_output_counts_keep_the_next_conv_blocked():
+    """3 groups of 8 (off a block of 16: the grouped conv runs in NCHW, like regnet_y_400mf's on AVX-512): a
+    count of 3 * j feeds the 1x1 conv after it. Off ORT's layout (not a multiple of 4) that conv leaves the
+    blocked chain, so of the counts the times allow (12, 15 and 24 with this fake) only 12 and 24 are
+    fast. The grouped conv's input counts feed only the grouped conv (in NCHW either way): they stay."""
+    graph = fxprune.analyze(GroupedNet(width=24, groups=3).eval(), (X8,))
+    timed = LatencyModel(graph, table=FunctionTable(padded_table(16)))
+    lm = LatencyModel(graph, table=FunctionTable(padded_table(16), layout=ort_layout))
+    assert timed.steps("b") == [12, 15, 24] and lm.steps("b") == [12, 24]
+    assert lm.steps("a") == timed.steps("a")
+    scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
+    plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+    assert len(plan.keep["b"]) in (12, 24)
+
+
+def test_counts_under_the_first_step_stay_on_the_layout():
+    """Relaxed fast counts leave a count under a group's first step as it is, unless a depthwise conv
+    reading it would leave ORT's blocked layout: then the next count it keeps."""
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                        nn.Conv2d(32, 8, 1)).eval()
+    graph = fxprune.analyze(net, (X8,))
+    padded = padded_table(16)
+
+    def table(sig):   # dense convs padded to blocks of 16, a depthwise conv as many MACs as it has
+        return padded(sig) if sig.groups == 1 else 1e-6 * sig.cin * sig.h * sig.w * sig.kh * sig.kw
+
+    plain = LatencyModel(graph, table=FunctionTable(table))
+    laid = LatencyModel(graph, table=FunctionTable(table, layout=ort_layout))
+    assert plain.steps("0") == laid.steps("0") == [16, 32]
+    assert [plain.fast_count("0", n, under=True) for n in (5, 8, 13)] == [5, 8, 13]
+    assert [laid.fast_count("0", n, under=True) for n in (5, 8, 13)] == [8, 8, 16]
+
+
+def test_layout_probe_asks_ort(cache_dir):
+    """ORT's optimiser tells which counts it runs blocked, cached beside the times."""
+    from fxprune.cost.latency_table import optimized_layouts, probe_layout
+
+    if not any(optimized_layouts(build_onnx(Sig("chain", cin=128, cout=64, h=8, w=8)))):
+        pytest.skip("this CPU has no NCHWc kernels in ONNX Runtime")
+    table = LatencyTable(progress=False)
+    lay = probe_layout(table)
+    assert lay["conv"](64) and lay["conv"](68) and lay["conv"](12) and not lay["conv"](65)
+    assert lay["dw"](64) and not lay["dw"](66)
+    on_disk = json.load(open(table.path))["entries"]
+    assert on_disk[f"layout|{Sig('chain', cin=128, cout=63, h=56, w=56).key}"] == {"nchwc": False}
 
 
 class SENet(nn.Module):

@@ -23,8 +23,10 @@ output channels and a depthwise conv's channels over ``1..64`` and finds the cou
 where the curve steps (the right ends of its plateaus), their period, and how much slower
 each residue off a step runs. ORT 1.32 on AVX-512 pads output channels to blocks of 16
 and falls back to a plain (im2col) conv when the input channels are not a multiple of
-4; on another machine the probe finds another period. :meth:`LatencyModel.steps` gives
-a group's fast counts and :meth:`LatencyModel.fast_count` rounds a count onto one.
+4; on another machine the probe finds another period. Which counts keep a conv in ORT's blocked
+layout is asked of ORT's optimiser (:func:`probe_layout`): a conv off it may time as fast alone, but in a
+network it breaks the blocked chain. :meth:`LatencyModel.steps` gives a group's fast counts and
+:meth:`LatencyModel.fast_count` rounds a count onto one.
 
 Example (a fixed fake table: a conv costs its MACs, channels padded to blocks of 4)::
 
@@ -294,14 +296,20 @@ def cache_path(threads: int) -> str:
 
 
 class FunctionTable:
-    """A table from a function ``fn(sig) -> ms`` (kernel time; no reorders): for tests and doctests."""
+    """A table from a function ``fn(sig) -> ms`` (kernel time; no reorders): for tests and doctests.
+    ``layout(sig) -> bool`` says which probes ORT would run blocked (:meth:`LatencyTable.blocked_many`);
+    without it, every count is."""
 
-    def __init__(self, fn, ms_per_byte: float = 0.0):
+    def __init__(self, fn, ms_per_byte: float = 0.0, layout=None):
         self.fn = fn
         self.ms_per_byte = ms_per_byte
+        self.layout = layout
 
     def get_many(self, sigs) -> list[float]:
         return [float(self.fn(s)) for s in sigs]
+
+    def blocked_many(self, sigs) -> list[bool]:
+        return [True if self.layout is None else bool(self.layout(s)) for s in sigs]
 
 
 class LatencyTable:
@@ -364,6 +372,19 @@ class LatencyTable:
             self.measure(missing)
         return [self.entries[s.key]["ms"] for s in sigs]
 
+    def blocked_many(self, sigs) -> list[bool]:
+        """For each ``"chain"`` or ``"dwchain"`` signature, whether ORT's optimiser puts the op that reads
+        its middle count (the second 1x1 conv of a chain, the depthwise conv of a dwchain) in its blocked
+        NCHWc layout: asked of ORT's graph optimiser, not timed, and cached beside the times."""
+        sigs = list(sigs)
+        keys = [f"layout|{s.key}" for s in sigs]
+        missing = [s for s, k in zip(sigs, keys) if k not in self.entries]
+        for sig in missing:
+            self.entries[f"layout|{sig.key}"] = {"nchwc": optimized_layouts(build_onnx(sig))[1]}
+        if missing:
+            self.save()
+        return [bool(self.entries[k]["nchwc"]) for k in keys]
+
     def measure(self, sigs) -> None:
         """Time every signature (no cache lookup) in ``passes`` passes over the whole list, keeping each
         one's fastest pass (contention on a shared machine comes in bursts longer than one pass of
@@ -397,6 +418,31 @@ class LatencyTable:
         if sig.kind == "reorder":   # one reorder: half of the pair around the scale (0 when ORT blocks nothing)
             return {"ms": reorder / 2, "reorder_ms": 0.0}
         return {"ms": ms, "reorder_ms": reorder}
+
+
+def optimized_layouts(model) -> list[bool]:
+    """Whether ONNX Runtime's optimiser (all graph optimisations, CPU) runs each conv of ``model`` (a path or
+    serialized ONNX bytes), in graph order, in its blocked NCHWc layout. Asks the optimiser; runs nothing.
+
+        >>> from fxprune.cost.latency_table import Sig, build_onnx, optimized_layouts
+        >>> len(optimized_layouts(build_onnx(Sig("chain", cin=64, cout=32, h=8, w=8))))
+        2
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        try:
+            ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types
+            raise LatencyError(f"ONNX Runtime cannot load the model: {exc}") from exc
+        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    return [n.domain.endswith("nchwc") for n in nodes if n.op_type in ("Conv", "FusedConv")]
 
 
 def profile_session(model, threads: int = 2, repeats: int = 20, warmup: int = 5) -> dict:
@@ -567,6 +613,49 @@ def probe(table) -> dict[str, Steps]:
         i += len(ss)
     owner._steps = out
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which counts ``c`` of one op family's input ORT runs in its blocked NCHWc layout: ``blocked[c - 1]``
+    for ``c = 1..len(blocked)``, and past the probe the pattern of its upper half repeated. A count off the
+    layout breaks ORT's blocked chain there (reorders around the op, residual adds no longer fused into the
+    conv before them), which an op timed alone does not show.
+
+        >>> lay = Layout(tuple(c <= 4 or c % 4 == 0 for c in range(1, 33)))
+        >>> [c for c in range(1, 13) if not lay(c)], lay(100), lay(101)
+        ([5, 6, 7, 9, 10, 11], True, False)
+    """
+
+    blocked: tuple
+
+    def __call__(self, c: int) -> bool:
+        n = len(self.blocked)
+        if c <= n:
+            return bool(self.blocked[c - 1])
+        half = self.blocked[n // 2:]
+        period = next(p for p in range(1, len(half) + 1)
+                      if all(half[i] == half[i - p] for i in range(p, len(half))))
+        return bool(self.blocked[n - 1 - ((n - c) % period)])
+
+
+LAYOUT_PROBES = {  # family -> signature whose op reading count c is the one asked about
+    "conv": PROBES["conv"],
+    "dw": lambda c: Sig("dwchain", cin=128, cout=c, h=56, w=56),
+}
+
+
+def probe_layout(table) -> dict[str, Layout]:
+    """The :class:`Layout` of each of :data:`LAYOUT_PROBES`' families over counts ``1..PROBE_MAX``: the input
+    count of a dense conv, and a depthwise conv's count. A :class:`FunctionTable` knows none (all blocked).
+    ORT 1.32 on AVX-512 runs a 1x1 or 3x3 conv blocked when its input has at most 16 channels or a multiple
+    of 4, and a depthwise conv when its count is a multiple of 4."""
+    cached = getattr(table, "_layouts", None)
+    if cached is None:
+        cached = {fam: Layout(tuple(table.blocked_many([make(c) for c in range(1, PROBE_MAX + 1)])))
+                  for fam, make in LAYOUT_PROBES.items()}
+        table._layouts = cached
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,6 +835,7 @@ class LatencyModel:
         self.batch = batch
         steps = probe(self.table)
         self.family_steps = steps
+        self.layouts = probe_layout(self.table)
         self.block = steps["conv"].period   # ORT's NCHWc block, as the 1x1 chain's steps show it
         mods = dict(graph.module.named_modules())
         self._dw_ids = self._depthwise_channels(graph, mods)
@@ -1084,23 +1174,40 @@ class LatencyModel:
         return max(1, min(widths, default=1))
 
     def _blocked_at(self, group: str, per: int) -> bool:
-        """Whether every conv touching ``group`` (balanced blocks, ``per`` kept in each, the rest whole) sees
-        a channel count ORT runs on its blocked (NCHWc) kernel. The depthwise probe tells: off those counts
-        its fallback is several times slower (the 1x1 chain's fallback, a plain GEMM, is about as fast in
-        isolation, but in a network it breaks the NCHWc chain: reorders, and residual adds no longer fused)."""
+        """Whether every conv touching ``group`` (balanced blocks, ``per`` kept in each, the rest whole; a
+        group without blocks is one block) sees a channel count ORT runs on its blocked (NCHWc) kernel.
+        Two measurements tell: the depthwise probe's times (off its steps, a fallback several times slower)
+        and ORT's optimiser (:func:`probe_layout`: the counts it keeps in the blocked layout). A conv off the
+        layout can be as fast in isolation, but in a network it breaks the NCHWc chain: reorders around
+        it, and the residual add after it no longer fused into the conv (regnet_y_400mf with 13 groups of
+        5: 13 of its 16 adds and their ReLUs run as ops of their own)."""
+        cached = self.__dict__.setdefault("_blocked", {})
+        if (group, per) not in cached:
+            cached[group, per] = self._check_blocked(group, per)
+        return cached[group, per]
+
+    def _check_blocked(self, group: str, per: int) -> bool:
         g = self.graph.groups[group]
         off = self.graph.offsets[group]
         ids = np.arange(off, off + g.size)
         keep = np.ones(self.graph.num_channels, dtype=bool)
-        keep[(off + g.blocks.numpy())[:, per:]] = False
+        rows = g.blocks.numpy() if getattr(g, "blocks", None) is not None else np.arange(g.size)[None, :]
+        keep[(off + rows)[:, per:]] = False
         dw = self.family_steps["dw"]
+        full = np.ones(self.graph.num_channels, dtype=bool)
         for t in self._touching(group):
             if getattr(t, "on_block", None) and not _on_block(t.cin(keep), t.cout(keep), *t.on_block):
                 return False
             if t.kind not in ("conv", "dw"):
                 continue
+            layout = self.layouts["dw" if t.kind == "dw" else "conv"]
             for count in (t.cin, t.cout):
-                if count.free and np.isin(count.ids, ids).any() and abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
+                if not (count.free and np.isin(count.ids, ids).any()):
+                    continue
+                if abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
+                    return False
+                # ORT's layout follows a conv's input count (a dense conv pads its output to the block)
+                if (count is t.cin or t.kind == "dw") and layout(count(full)) and not layout(count(keep)):
                     return False
         return True
 
@@ -1120,10 +1227,15 @@ class LatencyModel:
         """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at
         least ``(1 - down) * n`` channels. With ``under``, a count below the group's first step stays as
         it is: ORT pads it to that step's block, so it runs about as fast, with fewer FLOPs (what a
-        budget the steps cannot reach needs, :class:`FastCounts`)."""
+        budget the steps cannot reach needs, :class:`FastCounts`); or, where a conv reading that count
+        would leave ORT's blocked layout, the next count that keeps it."""
         st = self.steps(group)
         if under and n < st[0]:
-            return n
+            # unless a conv reading it leaves ORT's blocked layout there (a depthwise conv of 13 channels)
+            blocks = getattr(self.graph.groups[group], "blocks", None)
+            if blocks is not None:
+                return n
+            return next((c for c in range(n, st[0]) if self._blocked_at(group, c)), st[0])
         below = [s for s in st if s <= n]
         if below and below[-1] >= (1 - down) * n:
             return below[-1]
