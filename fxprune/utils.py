@@ -63,8 +63,24 @@ def attributes_kept(model: torch.nn.Module):
     """Capture runs ``forward`` on proxies (``symbolic_trace``) or fake tensors (``torch.export``): a module that
     caches a value in a plain attribute (ultralytics' RT-DETR decoder keeps its anchors and their shapes) would keep
     a proxy or a fake tensor, and the user's model would fail on its next call. Afterwards every module's
-    attributes are as they were."""
-    saved = [(m, dict(vars(m))) for m in model.modules()]
+    attributes are as they were, and so are the contents of its plain dicts, lists and sets (timm's LeViT
+    caches its attention biases in a dict keyed by device: the key became a proxy, the value a fake tensor).
+
+        >>> class Cached(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.cache = {}
+        ...     def forward(self, x):
+        ...         self.cache[str(x.device)] = x
+        ...         return x
+        >>> m = Cached()
+        >>> with attributes_kept(m):
+        ...     _ = m(torch.ones(1))
+        >>> m.cache
+        {}
+    """
+    saved = [(m, dict(vars(m))) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    contents = [(v, _contents(v)) for _, attrs in saved for v in attrs.values() if type(v) in (dict, list, set)]
     try:
         yield model
     finally:
@@ -72,6 +88,17 @@ def attributes_kept(model: torch.nn.Module):
             for key in [k for k in vars(m) if k not in attrs]:
                 delattr(m, key)
             vars(m).update(attrs)
+        for container, items in contents:
+            if isinstance(container, list):
+                container[:] = items
+            else:
+                container.clear()
+                container.update(items)
+
+
+def _contents(container):
+    return dict(container) if isinstance(container, dict) else list(container) if isinstance(container, list) \
+        else set(container)
 
 
 def as_tuple(example_inputs) -> tuple:

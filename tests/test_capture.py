@@ -337,6 +337,39 @@ def test_export_leaves_no_fake_tensor_in_the_users_model():
                               torch.tensor([5.0, 4.0]))
 
 
+class CachesByDevice(nn.Module):
+    """timm's LeViT: in eval mode its attention bias is computed once per device and kept in a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bias = nn.Conv2d(3, 16, 3, padding=1), nn.Parameter(torch.randn(16, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if self.training:
+            bias = self.bias * 2
+        else:
+            if key not in self.cache:
+                self.cache[key] = self.bias * 2
+            bias = self.cache[key]
+        return torch.relu(self.conv(x)) + bias
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_capture_leaves_a_dict_the_model_caches_in_as_it_was(capture):
+    """Capture runs forward on proxies or fake tensors: the model's cache dict got a proxy key (fx) or a
+    fake tensor (export), and a second compile of the same model failed inside torch. The dict is as it was."""
+    torch.manual_seed(0)
+    model, x = CachesByDevice().eval(), torch.randn(1, 3, 6, 6)
+    for _ in range(2):
+        pruned = fxprune.compile(model, (x,), method="l2", ratio=0.5, capture=capture, round_to=None)
+        assert model.cache == {} and fxprune.report(pruned).verified
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch.relu(model.conv(x)) + 2 * model.bias)
+    assert list(model.cache) == ["cpu"]
+
+
 class KeepsLast(nn.Module):  # a model that records a statistic of its last call in an attribute
     def __init__(self):
         super().__init__()

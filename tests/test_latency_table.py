@@ -922,6 +922,18 @@ def test_each_chunk_of_a_mixed_depthwise_conv_keeps_a_fast_count():
     assert rep.mask["ok"]
 
 
+
+def test_each_chunk_keeps_the_blocked_layout_where_the_times_are_flat():
+    """A depthwise kernel whose times show no fallback (as on an EPYC) still leaves ORT's blocked layout
+    off a multiple of 4: the chunks keep counts the layout keeps."""
+    graph = fxprune.analyze(MixedNet().eval(), (X8,))
+    name = next(n for n in graph.groups if n.startswith("pw"))
+    off = graph.offsets[name]
+    chunk = np.arange(off, off + 8)
+    assert LatencyModel(graph, table=FunctionTable(fake)).slice_count(chunk, 5) == 5
+    lm = LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout))
+    assert [lm.slice_count(chunk, n) for n in (3, 5, 8)] == [4, 8, 8]
+
 class FunctionalConvNet(nn.Module):
     """Convs called as functions, as timm's "same"-padded ``Conv2dSame`` traces: ``F.pad`` then ``F.conv2d``."""
 

@@ -169,6 +169,32 @@ def test_export_onnx_leaves_the_model_as_it_was():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_a_batch_the_exporter_writes_inside_the_graph_is_checked_at_the_example_batch(monkeypatch):
+    """The exporter can leave the input's batch symbolic and still write the example's batch into a reshape
+    inside (timm's LeViT with one query dim per head: ONNX Runtime "cannot reshape {3,196,128} to
+    {196,128}"). The check then exports at the example batch and checks there, instead of failing."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fxprune.io import onnx as onnx_io
+
+    real = onnx_io.write_onnx
+
+    def batch_inside(module, example_inputs, path, *, dynamic_batch=True):
+        if not dynamic_batch:
+            return real(module, example_inputs, path, dynamic_batch=False)
+        shape = numpy_helper.from_array(torch.tensor([1, 4]).numpy(), "shape")
+        graph = helper.make_graph([helper.make_node("Reshape", ["input_0", "shape"], ["out"])], "g",
+                                  [helper.make_tensor_value_info("input_0", TensorProto.FLOAT, ["batch", 4])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])], [shape])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return False
+
+    monkeypatch.setattr(onnx_io, "write_onnx", batch_inside)
+    result = onnx_io.export_onnx(torch.nn.Flatten(), (torch.randn(1, 4),))
+    assert result["ok"] and result["dynamic_batch"] is False and result["batches"] == ["example"]
+
+
 class Cancelling(torch.nn.Module):  # large activations summed into a small output: float32 rounding shows
     def __init__(self):
         super().__init__()

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import ConfigError, TraceError
 from ..ops import ATEN_RULES, FX_RULES
+from ..utils import attributes_kept
 from .export import export, first_line
 from .fx import trace
 
@@ -48,7 +49,9 @@ def capture_model(model, example_inputs, how: str = "auto", *, leaf_modules=(), 
     """
     if how not in TRACERS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, TRACERS))}, not {how!r}")
-    with tables_kept(model):   # capture runs the model: its max_norm tables would be renormalised in place
+    # capture runs the model (and checks the graph against an eager run): its max_norm tables would be
+    # renormalised in place, and what it caches in plain attributes and dicts kept
+    with tables_kept(model), attributes_kept(model):
         return _capture(model, example_inputs, how, leaf_modules=leaf_modules, concrete_args=concrete_args,
                         stack_traces=stack_traces)
 

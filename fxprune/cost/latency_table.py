@@ -1173,20 +1173,20 @@ class LatencyModel:
                   if c.free and np.isin(c.ids, ids).any()]
         return max(1, min(widths, default=1))
 
-    def _blocked_at(self, group: str, per: int) -> bool:
+    def _blocked_at(self, group: str, per: int, timed: bool = True) -> bool:
         """Whether every conv touching ``group`` (balanced blocks, ``per`` kept in each, the rest whole; a
         group without blocks is one block) sees a channel count ORT runs on its blocked (NCHWc) kernel.
         Two measurements tell: the depthwise probe's times (off its steps, a fallback several times slower)
         and ORT's optimiser (:func:`probe_layout`: the counts it keeps in the blocked layout). A conv off the
         layout can be as fast in isolation, but in a network it breaks the NCHWc chain: reorders around
         it, and the residual add after it no longer fused into the conv (regnet_y_400mf with 13 groups of
-        5: 13 of its 16 adds and their ReLUs run as ops of their own)."""
+        5: 13 of its 16 adds and their ReLUs run as ops of their own). ``timed=False`` asks the optimiser only."""
         cached = self.__dict__.setdefault("_blocked", {})
-        if (group, per) not in cached:
-            cached[group, per] = self._check_blocked(group, per)
-        return cached[group, per]
+        if (group, per, timed) not in cached:
+            cached[group, per, timed] = self._check_blocked(group, per, timed)
+        return cached[group, per, timed]
 
-    def _check_blocked(self, group: str, per: int) -> bool:
+    def _check_blocked(self, group: str, per: int, timed: bool) -> bool:
         g = self.graph.groups[group]
         off = self.graph.offsets[group]
         ids = np.arange(off, off + g.size)
@@ -1204,7 +1204,7 @@ class LatencyModel:
             for count in (t.cin, t.cout):
                 if not (count.free and np.isin(count.ids, ids).any()):
                     continue
-                if abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
+                if timed and abs(dw.factor(count(keep)) - 1.0) > PAD_TOL:
                     return False
                 # ORT's layout follows a conv's input count (a dense conv pads its output to the block)
                 if (count is t.cin or t.kind == "dw") and layout(count(full)) and not layout(count(keep)):
@@ -1214,14 +1214,16 @@ class LatencyModel:
     def slice_count(self, channels: np.ndarray, n: int) -> int:
         """The count to keep of a slice of a group (``channels``, sorted global ids) that keeps ``n``: when a
         depthwise conv runs over exactly that slice (MixNet's chunks, one kernel size each), the smallest
-        count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's), or the whole slice;
-        else ``n``. Rounding a group's total leaves its slices anywhere: a chunk of 13 runs the depthwise
-        fallback, several times slower."""
+        count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's) and in its blocked
+        layout (as the whole slice does: :func:`probe_layout`), or the whole slice; else ``n``. Rounding a
+        group's total leaves its slices anywhere: a chunk of 13 runs the depthwise fallback, several times
+        slower, or in NCHW between two reorders."""
         size = self._dw_sets.get(np.asarray(channels, dtype=np.int64).tobytes())
         if size is None or n >= size:
             return n
-        dw = self.family_steps["dw"]
-        return next((c for c in range(max(n, 1), size) if abs(dw.factor(c) - 1.0) <= PAD_TOL), size)
+        dw, layout = self.family_steps["dw"], self.layouts["dw"]
+        return next((c for c in range(max(n, 1), size) if abs(dw.factor(c) - 1.0) <= PAD_TOL
+                     and (layout(c) or not layout(size))), size)
 
     def fast_count(self, group: str, n: int, *, down: float = 0.0, under: bool = False) -> int:
         """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at
@@ -1235,7 +1237,7 @@ class LatencyModel:
             blocks = getattr(self.graph.groups[group], "blocks", None)
             if blocks is not None:
                 return n
-            return next((c for c in range(n, st[0]) if self._blocked_at(group, c)), st[0])
+            return next((c for c in range(n, st[0]) if self._blocked_at(group, c, timed=False)), st[0])
         below = [s for s in st if s <= n]
         if below and below[-1] >= (1 - down) * n:
             return below[-1]
