@@ -923,6 +923,38 @@ def test_each_chunk_of_a_mixed_depthwise_conv_keeps_a_fast_count():
 
 
 
+class ChunkedNet(nn.Module):
+    """A Res2Net-style split: one group's 48 channels in two chunks of 24, each read by a 3x3 conv of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 48, 1)
+        self.c1, self.c2 = nn.Conv2d(24, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1)
+        self.out = nn.Conv2d(48, 8, 1)
+
+    def forward(self, x):
+        a, b = torch.split(torch.relu(self.pw(x)), [24, 24], dim=1)
+        return self.out(torch.cat([self.c1(a), self.c2(b)], 1))
+
+
+def test_each_chunk_read_by_a_dense_conv_keeps_it_blocked():
+    """A chunk of a group read whole by a dense conv keeps a count ORT runs that conv blocked at (the plan
+    rounds the group's total; timm's res2net50_14w_8s kept chunks of 17-74 channels: 28 of its convs left the
+    blocked layout and 15 adds ran unfused)."""
+    graph = fxprune.analyze(ChunkedNet().eval(), (X8,))
+    name = next(n for n in graph.groups if n.startswith("pw"))
+    off = graph.offsets[name]
+    chunk = np.arange(off, off + 24)
+    assert LatencyModel(graph, table=FunctionTable(fake)).slice_count(chunk, 18) == 18
+    lm = LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout))
+    assert [lm.slice_count(chunk, n) for n in (3, 18, 20, 23)] == [3, 20, 20, 24]
+    assert lm.slice_count(np.arange(off, off + 48), 18) == 18      # not a chunk a conv reads whole
+    scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
+    plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+    kept = np.array(plan.keep.get(name, range(48)))
+    assert all(ort_layout(Sig("chain", cout=int(c))) for c in ((kept < 24).sum(), (kept >= 24).sum()))
+
+
 def test_each_chunk_keeps_the_blocked_layout_where_the_times_are_flat():
     """A depthwise kernel whose times show no fallback (as on an EPYC) still leaves ORT's blocked layout
     off a multiple of 4: the chunks keep counts the layout keeps."""

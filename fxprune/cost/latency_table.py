@@ -860,9 +860,13 @@ class LatencyModel:
             t.fill(times[i:i + n], self.ms_per_byte)
             i += n
         self.terms = terms
-        # depthwise convs over a slice of a group (a mixed-kernel conv's chunks): their channel sets
+        # depthwise convs over a slice of a group (a mixed-kernel conv's chunks): their channel sets; and
+        # the whole inputs of dense convs (Res2Net's chunks, each read by a 3x3 conv of its own)
         self._dw_sets = {np.sort(t.cout.ids).tobytes(): t.cout.ids.size for t in terms
                          if t.kind == "dw" and t.cout.free}
+        self._conv_inputs = {np.sort(t.cin.ids).tobytes(): t.cin.ids.size for t in terms
+                             if t.kind == "conv" and t.cin.free and not t.cin.fixed
+                             and len(np.unique(t.cin.ids)) == t.cin.ids.size}
         self.base = self.latency(np.ones(graph.num_channels, dtype=bool))
 
     # -- building ------------------------------------------------------------------------------
@@ -1215,11 +1219,20 @@ class LatencyModel:
         """The count to keep of a slice of a group (``channels``, sorted global ids) that keeps ``n``: when a
         depthwise conv runs over exactly that slice (MixNet's chunks, one kernel size each), the smallest
         count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's) and in its blocked
-        layout (as the whole slice does: :func:`probe_layout`), or the whole slice; else ``n``. Rounding a
-        group's total leaves its slices anywhere: a chunk of 13 runs the depthwise fallback, several times
-        slower, or in NCHW between two reorders."""
-        size = self._dw_sets.get(np.asarray(channels, dtype=np.int64).tobytes())
-        if size is None or n >= size:
+        layout (as the whole slice does: :func:`probe_layout`), or the whole slice; when a dense conv reads
+        exactly that slice (Res2Net's chunks), the smallest count ``>= n`` that keeps the conv blocked;
+        else ``n``. Rounding a group's total leaves its slices anywhere: a chunk of 13 runs the depthwise
+        fallback, several times slower, and a chunk of 18 runs its conv in NCHW between two reorders (the
+        adds after it unfused)."""
+        key = np.asarray(channels, dtype=np.int64).tobytes()
+        size = self._dw_sets.get(key)
+        if size is None:
+            size = self._conv_inputs.get(key)
+            if size is None or n >= size:
+                return n
+            layout = self.layouts["conv"]
+            return n if not layout(size) else next((c for c in range(max(n, 1), size) if layout(c)), size)
+        if n >= size:
             return n
         dw, layout = self.family_steps["dw"], self.layouts["dw"]
         return next((c for c in range(max(n, 1), size) if abs(dw.factor(c) - 1.0) <= PAD_TOL
