@@ -923,6 +923,22 @@ def test_each_chunk_of_a_mixed_depthwise_conv_keeps_a_fast_count():
 
 
 
+def test_a_channel_given_back_to_an_empty_slice_is_counted_before_rounding():
+    """A value that lost every channel gets its best one back; a set read by a conv that holds it counts it
+    only if the rounding looks after that (timm's cs3darknet_s: concats of 32 + 1 and 64 + 1 channels read by
+    1x1 convs, which ORT ran in NCHW)."""
+    from fxprune.plan.budget import keep_mask
+
+    graph = fxprune.analyze(net2(), (X8,))
+    group = graph.groups["0"]
+    whole, first_half = np.arange(16), np.arange(8)
+    graph.value_channel_sets = [whole, first_half]        # the conv's input first, the slice after it
+    order = {"0": np.arange(16)}                          # channels 12-15 rank best
+    by_four = lambda channels, n: -(-n // 4) * 4 if len(channels) == 16 else n  # noqa: E731
+    keep = keep_mask(graph, [group], order, {"0": 4}, by_four)
+    assert keep[first_half].sum() == 1 and keep[whole].sum() % 4 == 0
+
+
 class ChunkedNet(nn.Module):
     """A Res2Net-style split: one group's 48 channels in two chunks of 24, each read by a 3x3 conv of its own."""
 

@@ -415,15 +415,23 @@ def keep_mask(graph, groups, order, counts, slice_count=None) -> np.ndarray:
             blocked.append(blocks)
         else:
             keep[off + order[g.name][:g.size - counts[g.name]]] = False
-    for channels in value_channel_sets(graph):
+    sets = value_channel_sets(graph)
+    for channels in sets:
         if not keep[channels].any():
             keep[channels[np.argmax(rank[channels])]] = True
-        if slice_count is not None:
+    # after every value has a channel (a concat read by a conv counts them): a channel given back to one
+    # slice can put a set that holds it off its count, so again until none changes
+    for _ in range(3 if slice_count is not None else 0):
+        changed = False
+        for channels in sets:
             n = int(keep[channels].sum())
             want = slice_count(channels, n)
             if want > n:
                 missing = channels[~keep[channels]]
                 keep[missing[np.argsort(-rank[missing], kind="stable")][:want - n]] = True
+                changed = True
+        if not changed:
+            break
     for blocks in blocked:  # a channel given back above: every other block gets back its best one too
         per = keep[blocks].sum(1).max()
         for row in blocks:

@@ -9,7 +9,8 @@ import heapq
 import numpy as np
 
 from fxprune.errors import ConfigError
-from fxprune.plan import Budget, search
+from fxprune.cost.latency_table import FastCounts
+from fxprune.plan import Budget, keep_mask, search
 from fxprune.plan.budget import budget_measure, search_rounded
 
 # --- outer stage --------------------------------------------------------------------------------
@@ -50,14 +51,12 @@ def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = 
         steps.append(name)
         push(name)
 
-    def mask(counts):
-        keep = np.ones(graph.num_channels, dtype=bool)
-        for g in groups:
-            if counts[g.name] < g.size:
-                local = np.zeros(g.size, dtype=bool)
-                local[sets(g, counts[g.name]).numpy()] = True
-                keep[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
-        return keep
+    slices = slice_rounding(budget)
+
+    def mask(counts):   # as the plan will be: each value keeps a channel, slices rounded (keep_mask)
+        kept = {g.name: sets(g, counts[g.name]).numpy() for g in groups if counts[g.name] < g.size}
+        order = {g.name: keep_order(g.size, kept.get(g.name, range(g.size))) for g in groups}
+        return keep_mask(graph, groups, order, counts, slices)
 
     found, budget = search_rounded(budget, lambda budget: search(
         graph, groups, steps, mask, budget, lambda g, removed: budget.rounded(g, g.size - removed)))
@@ -65,3 +64,15 @@ def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = 
         raise ConfigError("the budget cannot be met: every group at its floor still exceeds it. "
                           "Lower floor= / min_keep= or ignore fewer groups.")
     return found.counts, budget
+
+
+def keep_order(size: int, kept) -> np.ndarray:
+    """Removal order for :func:`~fxprune.plan.keep_mask` that keeps exactly ``kept``: the others first."""
+    kept = sorted(set(int(i) for i in kept))
+    chosen = set(kept)
+    return np.array([i for i in range(size) if i not in chosen] + kept, dtype=np.int64)
+
+
+def slice_rounding(budget: Budget):
+    """The ``slice_count`` of :func:`~fxprune.plan.keep_mask` that fast counts bring (as :func:`make_plan` uses)."""
+    return budget.round_to.model.slice_count if isinstance(budget.round_to, FastCounts) else None

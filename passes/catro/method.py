@@ -4,6 +4,7 @@ Part of :mod:`fxprune.passes.catro`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -12,11 +13,11 @@ from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask
-from fxprune.plan.budget import relaxed_rounding
+from fxprune.plan.budget import budget_measure, relaxed_rounding
 from fxprune.verify.masked import FEATURE_POINTS
 
 from ..curl import check_like_examples
-from .allocation import allocate
+from .allocation import allocate, keep_order, slice_rounding
 from .data import collect
 from .features import backward_output, group_stats, order_by_depth
 from .trace_ratio import OBJECTIVES, choose, energy_curve
@@ -142,8 +143,16 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
                 drop[graph.offsets[g.name]:graph.offsets[g.name] + g.size] = local
             bar.update(1)
     # a value holding only a slice of a group must not lose all of it (as make_plan does)
-    order = {g.name: _keep_order(g, keep) for g in groups}
-    final = keep_mask(graph, groups, order, {g.name: len(keep.get(g.name, range(g.size))) for g in groups})
+    order = {g.name: keep_order(g.size, keep.get(g.name, range(g.size))) for g in groups}
+    final = keep_mask(graph, groups, order, {g.name: len(keep.get(g.name, range(g.size))) for g in groups},
+                      slice_rounding(budget))
+    if ratio is None:   # the channels chosen in sequence are not the ones the allocation counted with
+        measure, target, base = budget_measure(graph, budget)
+        if measure(final) > target * 1.01:
+            what = "FLOPs" if budget.flops is not None else "parameters"
+            warnings.warn(f"CATRO's channels keep {measure(final) / base:.1%} of the {what} where the budget allows "
+                          f"{target / base:.1%}: a value its channel choice left empty (a chunk of a group) keeps "
+                          "its best channel; give a lower budget to meet this one", stacklevel=2)
     keep = {}
     for g in groups:
         local = np.nonzero(final[graph.offsets[g.name]:graph.offsets[g.name] + g.size])[0]
@@ -177,12 +186,6 @@ def _checked_point(point):
         raise ConfigError(f"point='{point}' must be one of {FEATURE_POINTS}: the values the next layers read "
                           "(after BN and the activation), the BN outputs, or the conv outputs before BN")
     return point
-
-
-def _keep_order(g, keep):
-    """Removal order for ``keep_mask``: dropped channels first, then the kept ones."""
-    kept = set(keep.get(g.name, range(g.size)))
-    return np.array([i for i in range(g.size) if i not in kept] + sorted(kept))
 
 
 score.plan = plan
