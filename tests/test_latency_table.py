@@ -953,16 +953,23 @@ class ChunkedNet(nn.Module):
         return self.out(torch.cat([self.c1(a), self.c2(b)], 1))
 
 
+def first_chunk(net, width):
+    """``net``'s ``pw`` group: the graph, the group's name, its first ``width`` channels (global ids), and
+    latency models on :func:`fake` times without and with ORT's layout rule (:func:`ort_layout`)."""
+    graph = fxprune.analyze(net.eval(), (X8,))
+    name = next(n for n in graph.groups if n.startswith("pw"))
+    off = graph.offsets[name]
+    return (graph, name, np.arange(off, off + width), LatencyModel(graph, table=FunctionTable(fake)),
+            LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout)))
+
+
 def test_each_chunk_read_by_a_dense_conv_keeps_it_blocked():
     """A chunk of a group read whole by a dense conv keeps a count ORT runs that conv blocked at (the plan
     rounds the group's total; timm's res2net50_14w_8s kept chunks of 17-74 channels: 28 of its convs left the
     blocked layout and 15 adds ran unfused)."""
-    graph = fxprune.analyze(ChunkedNet().eval(), (X8,))
-    name = next(n for n in graph.groups if n.startswith("pw"))
+    graph, name, chunk, flat, lm = first_chunk(ChunkedNet(), 24)
     off = graph.offsets[name]
-    chunk = np.arange(off, off + 24)
-    assert LatencyModel(graph, table=FunctionTable(fake)).slice_count(chunk, 18) == 18
-    lm = LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout))
+    assert flat.slice_count(chunk, 18) == 18
     assert [lm.slice_count(chunk, n) for n in (3, 18, 20, 23)] == [3, 20, 20, 24]
     assert lm.slice_count(np.arange(off, off + 48), 18) == 18      # not a chunk a conv reads whole
     scores = {n: torch.rand(g.size) for n, g in graph.groups.items()}
@@ -974,13 +981,10 @@ def test_each_chunk_read_by_a_dense_conv_keeps_it_blocked():
 def test_each_chunk_keeps_the_blocked_layout_where_the_times_are_flat():
     """A depthwise kernel whose times show no fallback (as on an EPYC) still leaves ORT's blocked layout
     off a multiple of 4: the chunks keep counts the layout keeps."""
-    graph = fxprune.analyze(MixedNet().eval(), (X8,))
-    name = next(n for n in graph.groups if n.startswith("pw"))
-    off = graph.offsets[name]
-    chunk = np.arange(off, off + 8)
-    assert LatencyModel(graph, table=FunctionTable(fake)).slice_count(chunk, 5) == 5
-    lm = LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout))
+    _, _, chunk, flat, lm = first_chunk(MixedNet(), 8)
+    assert flat.slice_count(chunk, 5) == 5
     assert [lm.slice_count(chunk, n) for n in (3, 5, 8)] == [4, 8, 8]
+
 
 class FunctionalConvNet(nn.Module):
     """Convs called as functions, as timm's "same"-padded ``Conv2dSame`` traces: ``F.pad`` then ``F.conv2d``."""
