@@ -322,11 +322,9 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     if latency_model is not None and latency_model.graph.num_channels != graph.num_channels:
         raise ConfigError("latency_model was built for another model (its channel graph differs): build it "
                           "with LatencyModel(fxprune.analyze(model, example_inputs))")
-    slice_count = None
     if round_to == "fast":
         budget = replace(budget, round_to=FastCounts(latency_model))
-    if isinstance(budget.round_to, FastCounts):   # "fast", or fast counts given (their relaxed form)
-        slice_count = budget.round_to.model.slice_count
+    slice_count = slice_rounding(budget)
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     checked_scores(groups, scores)
@@ -390,6 +388,12 @@ def plan_from_mask(graph, groups, mask: np.ndarray, meta: dict) -> Plan:
         if len(local) < g.size:
             keep[g.name] = local.tolist()
     return Plan(keep, {k: graph.groups[k].size for k in keep}, meta)
+
+
+def slice_rounding(budget: Budget):
+    """The ``slice_count`` of :func:`keep_mask` that ``budget``'s rounding brings: fast counts' (given as
+    ``"fast"`` or in their relaxed form), else None."""
+    return budget.round_to.model.slice_count if isinstance(budget.round_to, FastCounts) else None
 
 
 def keep_mask(graph, groups, order, counts, slice_count=None) -> np.ndarray:

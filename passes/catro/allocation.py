@@ -9,9 +9,8 @@ import heapq
 import numpy as np
 
 from fxprune.errors import ConfigError
-from fxprune.cost.latency_table import FastCounts
 from fxprune.plan import Budget, keep_mask, search
-from fxprune.plan.budget import budget_measure, search_rounded
+from fxprune.plan.budget import budget_measure, search_rounded, slice_rounding
 
 # --- outer stage --------------------------------------------------------------------------------
 
@@ -68,11 +67,5 @@ def allocate(graph, groups, curves, kmin, budget: Budget, *, sets, price: str = 
 
 def keep_order(size: int, kept) -> np.ndarray:
     """Removal order for :func:`~fxprune.plan.keep_mask` that keeps exactly ``kept``: the others first."""
-    kept = sorted(set(int(i) for i in kept))
-    chosen = set(kept)
-    return np.array([i for i in range(size) if i not in chosen] + kept, dtype=np.int64)
-
-
-def slice_rounding(budget: Budget):
-    """The ``slice_count`` of :func:`~fxprune.plan.keep_mask` that fast counts bring (as :func:`make_plan` uses)."""
-    return budget.round_to.model.slice_count if isinstance(budget.round_to, FastCounts) else None
+    kept = np.unique(np.asarray(kept, dtype=np.int64))
+    return np.concatenate([np.setdiff1d(np.arange(size), kept), kept])

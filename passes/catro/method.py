@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.plan import Budget, Plan, ignored_groups, keep_mask
-from fxprune.plan.budget import budget_measure, relaxed_rounding
+from fxprune.plan.budget import budget_measure, relaxed_rounding, slice_rounding
 from fxprune.verify.masked import FEATURE_POINTS
 
 from ..curl import check_like_examples
-from .allocation import allocate, keep_order, slice_rounding
+from .allocation import allocate, keep_order
 from .data import collect
 from .features import backward_output, group_stats, order_by_depth
 from .trace_ratio import OBJECTIVES, choose, energy_curve
@@ -148,9 +148,10 @@ def plan(graph, data=None, seed=0, *, ratio=None, flops=None, params=None, round
                       slice_rounding(budget))
     if ratio is None:   # the channels chosen in sequence are not the ones the allocation counted with
         measure, target, base = budget_measure(graph, budget)
-        if measure(final) > target * 1.01:
+        cost = measure(final)
+        if cost > target * 1.01:
             what = "FLOPs" if budget.flops is not None else "parameters"
-            warnings.warn(f"CATRO's channels keep {measure(final) / base:.1%} of the {what} where the budget allows "
+            warnings.warn(f"CATRO's channels keep {cost / base:.1%} of the {what} where the budget allows "
                           f"{target / base:.1%}: a value its channel choice left empty (a chunk of a group) keeps "
                           "its best channel; give a lower budget to meet this one", stacklevel=2)
     keep = {}
