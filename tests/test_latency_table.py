@@ -986,6 +986,47 @@ def test_each_chunk_keeps_the_blocked_layout_where_the_times_are_flat():
     assert [lm.slice_count(chunk, n) for n in (3, 5, 8)] == [4, 8, 8]
 
 
+class CascadeNet(nn.Module):
+    """An EdgeNeXt-style split cascade: one group's stream of 40 channels in chunks of 14, 14 and 12; the first
+    chunk's depthwise conv is added to the second (their channels tied pairwise), the third passes; a 7x7
+    depthwise conv and a 1x1 conv read the whole stream, which holds each tied channel twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 40, 1)
+        self.c1 = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.c2 = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.dw = nn.Conv2d(40, 40, 7, padding=3, groups=40)
+        self.out = nn.Conv2d(40, 8, 1)
+
+    def forward(self, x):
+        a, b, c = torch.split(torch.relu(self.pw(x)), [14, 14, 12], dim=1)
+        a = self.c1(a)
+        s = torch.cat([a, self.c2(a + b), c], 1)
+        return self.out(self.dw(s) + s)
+
+
+def test_a_stream_holding_channels_twice_keeps_a_fast_count_of_positions():
+    """The fast counts of a value read whole by a conv count its positions: a channel the value holds twice
+    counts twice (timm's edgenext_xx_small kept 30 tied pairs and 1 channel of the third chunk, 61 positions:
+    five 7x7 depthwise convs and a 2x2 conv left ORT's blocked layout, 0.98 of the original's latency at half
+    its FLOPs)."""
+    from fxprune.plan.budget import value_channel_sets
+
+    graph = fxprune.analyze(CascadeNet().eval(), (X8,))
+    lm = LatencyModel(graph, table=FunctionTable(fake, layout=ort_layout))
+    stream = next(s for s in value_channel_sets(graph) if len(s) == 40)
+    assert len(np.unique(stream)) == 26                            # 14 tied pairs and 12 channels
+    assert [lm.slice_count(stream, n) for n in (25, 26, 28, 37)] == [28, 28, 28, 40]
+    score = torch.cat([torch.arange(20.0, 31.0), torch.tensor([8.0, 7.0, 6.0, 15.0]), torch.linspace(1, 2, 11)])
+    plan = make_plan(graph, {"pw": score}, ratio=0.6, round_to="fast", latency_model=lm)
+    kept = np.array(plan.keep["pw"])     # the group's 12 (a fast count) are 11 pairs and one: 23 positions
+    pairs, singles = int((kept < 14).sum()), int((kept >= 14).sum())
+    assert (pairs, singles) == (11, 2)   # a channel that fits given back: 24
+    pruned = fxprune.apply(CascadeNet().eval(), (X8,), plan, onnx=False)
+    assert fxprune.report(pruned).mask["ok"] and pruned.dw.in_channels == 2 * pairs + singles
+
+
 class FunctionalConvNet(nn.Module):
     """Convs called as functions, as timm's "same"-padded ``Conv2dSame`` traces: ``F.pad`` then ``F.conv2d``."""
 

@@ -865,8 +865,7 @@ class LatencyModel:
         self._dw_sets = {np.sort(t.cout.ids).tobytes(): t.cout.ids.size for t in terms
                          if t.kind == "dw" and t.cout.free}
         self._conv_inputs = {np.sort(t.cin.ids).tobytes(): t.cin.ids.size for t in terms
-                             if t.kind == "conv" and t.cin.free and not t.cin.fixed
-                             and len(np.unique(t.cin.ids)) == t.cin.ids.size}
+                             if t.kind == "conv" and t.cin.free and not t.cin.fixed}
         self.base = self.latency(np.ones(graph.num_channels, dtype=bool))
 
     # -- building ------------------------------------------------------------------------------
@@ -1216,7 +1215,8 @@ class LatencyModel:
         return True
 
     def slice_count(self, channels: np.ndarray, n: int) -> int:
-        """The count to keep of a slice of a group (``channels``, sorted global ids) that keeps ``n``: when a
+        """The count to keep of a slice of a group (``channels``, sorted global ids, one held at several positions
+        as often; ``n`` and the count returned are positions, what a conv reading the slice sees) that keeps ``n``: when a
         depthwise conv runs over exactly that slice (MixNet's chunks, one kernel size each), the smallest
         count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's) and in its blocked
         layout (as the whole slice does: :func:`probe_layout`), or the whole slice; when a dense conv reads

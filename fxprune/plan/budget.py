@@ -428,11 +428,10 @@ def keep_mask(graph, groups, order, counts, slice_count=None) -> np.ndarray:
     for _ in range(3 if slice_count is not None else 0):
         changed = False
         for channels in sets:
-            n = int(keep[channels].sum())
+            n = int(keep[channels].sum())   # positions: a channel the value holds twice counts twice
             want = slice_count(channels, n)
             if want > n:
-                missing = channels[~keep[channels]]
-                keep[missing[np.argsort(-rank[missing], kind="stable")][:want - n]] = True
+                give_back(keep, rank, channels, want - n)
                 changed = True
         if not changed:
             break
@@ -444,8 +443,29 @@ def keep_mask(graph, groups, order, counts, slice_count=None) -> np.ndarray:
     return keep
 
 
+def give_back(keep: np.ndarray, rank: np.ndarray, channels: np.ndarray, positions: int) -> None:
+    """Set in ``keep`` the best-ranked removed channels of ``channels`` until ``positions`` more positions are
+    kept. A channel that ``channels`` holds several times (an EdgeNeXt split whose first two chunks are tied by
+    an add) brings as many positions: channels that fit the count are taken first, and when none fits, the best
+    one left (the next rounding pass goes on from there)."""
+    ids, times = np.unique(channels[~keep[channels]], return_counts=True)
+    if not times.size:
+        return
+    by_rank = np.argsort(-rank[ids], kind="stable")
+    for i in by_rank:
+        if positions <= 0:
+            return
+        if times[i] <= positions:
+            keep[ids[i]] = True
+            positions -= int(times[i])
+    left = [i for i in by_rank if not keep[ids[i]]]
+    if positions > 0 and left:
+        keep[ids[left[0]]] = True
+
+
 def value_channel_sets(graph) -> list[np.ndarray]:
-    """The distinct channel sets of every value whose positions are all prunable channels."""
+    """The distinct channel sets of every value whose positions are all prunable channels, sorted, a channel
+    held at several positions as often (the count a conv reading the value sees)."""
     if graph.value_channel_sets is not None:
         return graph.value_channel_sets
     seen, seen_labels, out = set(), set(), []
@@ -457,8 +477,7 @@ def value_channel_sets(graph) -> list[np.ndarray]:
                 channels = lab.numpy()
                 if channels.min() < 0:
                     continue
-                channels = np.sort(channels, axis=None)  # np.unique's hashing is slow on small arrays
-                channels = channels[np.concatenate(([True], channels[1:] != channels[:-1]))]
+                channels = np.sort(channels, axis=None)
                 key = channels.tobytes()
                 if key not in seen:
                     seen.add(key)
