@@ -1219,7 +1219,8 @@ class LatencyModel:
         as often; ``n`` and the count returned are positions, what a conv reading the slice sees) that keeps ``n``: when a
         depthwise conv runs over exactly that slice (MixNet's chunks, one kernel size each), the smallest
         count ``>= n`` ORT's depthwise kernel runs without its fallback (the probe's) and in its blocked
-        layout (as the whole slice does: :func:`probe_layout`), or the whole slice; when a dense conv reads
+        layout (:func:`probe_layout`; also where the whole slice runs in NCHW, as MixNet's chunks of 90 do:
+        the reorders around it go), or the whole slice; when a dense conv reads
         exactly that slice (Res2Net's chunks), the smallest count ``>= n`` that keeps the conv blocked;
         else ``n``. Rounding a group's total leaves its slices anywhere: a chunk of 13 runs the depthwise
         fallback, several times slower, and a chunk of 18 runs its conv in NCHW between two reorders (the
@@ -1236,7 +1237,7 @@ class LatencyModel:
             return n
         dw, layout = self.family_steps["dw"], self.layouts["dw"]
         return next((c for c in range(max(n, 1), size) if abs(dw.factor(c) - 1.0) <= PAD_TOL
-                     and (layout(c) or not layout(size))), size)
+                     and layout(c)), size)
 
     def fast_count(self, group: str, n: int, *, down: float = 0.0, under: bool = False) -> int:
         """The smallest fast step of ``group`` >= ``n``; or the largest step <= ``n`` when it keeps at
