@@ -3,6 +3,7 @@
     python tools/bench_latency.py --check             # predicted vs measured latency, unpruned and flops=0.5
     python tools/bench_latency.py                     # latency ratio table: no rounding, round_to=8, defaults, latency=0.5
     python tools/bench_latency.py --breakdown         # where the time goes: ORT kernel ms per op kind, original vs defaults
+    python tools/bench_latency.py --scan --rounds 7 --repeats 35   # the defaults on 56 more torchvision and timm models (20 min)
 
 ``defaults`` is ``fxprune.compile(model, (x,), method="l2", flops=0.5)`` with nothing else given (round_to
 defaults to fast counts for these convolutional models); ``latency=0.5`` is ``compile(..., latency=0.5)``:
@@ -50,6 +51,65 @@ def load(name):
         import timm
         return timm.create_model(name[len("timm:"):], pretrained=False).eval()
     return getattr(torchvision.models, name)(weights=None).eval()
+
+
+# --scan: families the five above do not cover (torchvision, and timm as ``timm:NAME``)
+SCAN_MODELS = (
+    "resnet18 resnet34 resnet101 resnext50_32x4d wide_resnet50_2 mobilenet_v2 mobilenet_v3_small mnasnet0_5 "
+    "mnasnet1_0 shufflenet_v2_x0_5 shufflenet_v2_x2_0 squeezenet1_1 googlenet inception_v3 densenet169 "
+    "efficientnet_b1 efficientnet_v2_s regnet_x_400mf regnet_y_800mf regnet_x_1_6gf convnext_tiny vgg11_bn alexnet "
+    "swin_t vit_b_32 maxvit_t " + " ".join("timm:" + n for n in (
+        "resnet18d resnext26ts mobilenetv2_100 mixnet_m regnety_004 regnetz_b16 cs3darknet_s cspdarknet53 "
+        "ese_vovnet19b_dw dla34 hrnet_w18_small repvgg_a0 fbnetc_100 semnasnet_100 lcnet_050 tinynet_b resnet26t "
+        "seresnext26d_32x4d res2next50 dpn68 convnextv2_atto levit_128s efficientvit_b0 fastvit_t8 mobilevitv2_050 "
+        "edgenext_xx_small poolformer_s12 ghostnetv2_100 rexnet_100 efficientnet_es").split())).split()
+
+
+def input_size(name, model) -> int:
+    """The side of the example image: timm's default input size, 299 for inception_v3, else 224."""
+    if name.startswith("timm:"):
+        return model.default_cfg.get("input_size", (3, 224, 224))[-1]
+    return 299 if name == "inception_v3" else 224
+
+
+def scan_one(name, args) -> dict:
+    """The defaults (``compile(model, x, method="l2", flops=0.5)``, nothing else) against the original."""
+    from fxprune.cost import count_flops
+    from fxprune.cost.latency import compare_latency
+
+    os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
+    model = load(name)
+    x = torch.randn(1, 3, input_size(name, model), input_size(name, model))
+    pruned = fxprune.compile(model, (x,), method="l2", flops=0.5, onnx=False, verify=False)
+    row = compare_latency(model, pruned, (x,), batches=(1,), threads=args.threads, repeats=args.repeats,
+                          rounds=args.rounds)[0]
+    return dict(model=name, flops=count_flops(pruned, (x,)) / count_flops(model, (x,)), ratio=row["ratio"],
+                lo=row["ratio_min"], hi=row["ratio_max"])
+
+
+def scan(args):
+    """Each model in a process of its own (memory, and ORT's threads start fresh), then one table."""
+    import json
+    import subprocess
+
+    rows = []
+    for name in args.models:
+        cmd = [sys.executable, __file__, "--scan-one", name, "--threads", str(args.threads), "--repeats",
+               str(args.repeats), "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            print(f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        rows.append([name, f"{r['flops']:.3f}", f"{r['ratio']:.3f}", f"{r['lo']:.3f}-{r['hi']:.3f}"])
+        print(" ".join(rows[-1]), flush=True)
+    print(tabulate(rows, headers=["model", "FLOPs kept", "ORT ratio (median)", "spread (min-max)"], tablefmt="github"))
+    ratios = [float(r[2]) for r in rows]
+    if ratios:
+        print(f"{len(ratios)} models: {min(ratios):.3f}-{max(ratios):.3f}, median {statistics.median(ratios):.3f}, "
+              f"geometric mean {float(np.exp(np.mean(np.log(ratios)))):.3f}, slower than the original: "
+              f"{sum(r >= 1 for r in ratios)}")
 
 
 def kernel_ms(path, threads, repeats=20):
@@ -263,14 +323,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="predicted vs measured latency")
     ap.add_argument("--breakdown", action="store_true", help="kernel ms per op kind, original vs defaults")
-    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--scan", action="store_true", help="the defaults on SCAN_MODELS (or --models), side by side")
+    ap.add_argument("--scan-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    check(args) if args.check else breakdown(args) if args.breakdown else ratios(args)
+    if args.scan_one:
+        import json
+        print(json.dumps(scan_one(args.scan_one, args)))
+        return
+    if args.models is None:
+        args.models = SCAN_MODELS if args.scan else MODELS
+    if args.scan:
+        scan(args)
+    else:
+        check(args) if args.check else breakdown(args) if args.breakdown else ratios(args)
 
 
 if __name__ == "__main__":
