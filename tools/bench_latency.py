@@ -20,8 +20,10 @@ table gives the median ratio over rounds and its spread (min-max).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,11 +60,11 @@ SCAN_MODELS = (
     "resnet18 resnet34 resnet101 resnext50_32x4d wide_resnet50_2 mobilenet_v2 mobilenet_v3_small mnasnet0_5 "
     "mnasnet1_0 shufflenet_v2_x0_5 shufflenet_v2_x2_0 squeezenet1_1 googlenet inception_v3 densenet169 "
     "efficientnet_b1 efficientnet_v2_s regnet_x_400mf regnet_y_800mf regnet_x_1_6gf convnext_tiny vgg11_bn alexnet "
-    "swin_t vit_b_32 maxvit_t " + " ".join("timm:" + n for n in (
+    "swin_t vit_b_32 maxvit_t").split() + ["timm:" + n for n in (
         "resnet18d resnext26ts mobilenetv2_100 mixnet_m regnety_004 regnetz_b16 cs3darknet_s cspdarknet53 "
         "ese_vovnet19b_dw dla34 hrnet_w18_small repvgg_a0 fbnetc_100 semnasnet_100 lcnet_050 tinynet_b resnet26t "
         "seresnext26d_32x4d res2next50 dpn68 convnextv2_atto levit_128s efficientvit_b0 fastvit_t8 mobilevitv2_050 "
-        "edgenext_xx_small poolformer_s12 ghostnetv2_100 rexnet_100 efficientnet_es").split())).split()
+        "edgenext_xx_small poolformer_s12 ghostnetv2_100 rexnet_100 efficientnet_es").split()]
 
 
 def input_size(name, model) -> int:
@@ -79,7 +81,8 @@ def scan_one(name, args) -> dict:
 
     os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
     model = load(name)
-    x = torch.randn(1, 3, input_size(name, model), input_size(name, model))
+    side = input_size(name, model)
+    x = torch.randn(1, 3, side, side)
     pruned = fxprune.compile(model, (x,), method="l2", flops=0.5, onnx=False, verify=False)
     row = compare_latency(model, pruned, (x,), batches=(1,), threads=args.threads, repeats=args.repeats,
                           rounds=args.rounds)[0]
@@ -89,9 +92,6 @@ def scan_one(name, args) -> dict:
 
 def scan(args):
     """Each model in a process of its own (memory, and ORT's threads start fresh), then one table."""
-    import json
-    import subprocess
-
     rows = []
     for name in args.models:
         cmd = [sys.executable, __file__, "--scan-one", name, "--threads", str(args.threads), "--repeats",
@@ -333,7 +333,6 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.scan_one:
-        import json
         print(json.dumps(scan_one(args.scan_one, args)))
         return
     if args.models is None:

@@ -449,18 +449,14 @@ def give_back(keep: np.ndarray, rank: np.ndarray, channels: np.ndarray, position
     an add) brings as many positions: channels that fit the count are taken first, and when none fits, the best
     one left (the next rounding pass goes on from there)."""
     ids, times = np.unique(channels[~keep[channels]], return_counts=True)
-    if not times.size:
-        return
     by_rank = np.argsort(-rank[ids], kind="stable")
     for i in by_rank:
-        if positions <= 0:
-            return
         if times[i] <= positions:
             keep[ids[i]] = True
             positions -= int(times[i])
-    left = [i for i in by_rank if not keep[ids[i]]]
-    if positions > 0 and left:
-        keep[ids[left[0]]] = True
+    left = next((ids[i] for i in by_rank if not keep[ids[i]]), None)
+    if positions > 0 and left is not None:
+        keep[left] = True
 
 
 def value_channel_sets(graph) -> list[np.ndarray]:
