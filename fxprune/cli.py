@@ -29,7 +29,7 @@ import torch
 
 from .api import DEFAULT, analyze, apply, compile
 from .capture import TRACERS
-from .couple import HEADS
+from .couple import GROUPS, HEADS
 from .cost import count_flops, count_params
 from .cost.latency import compare_latency, compare_table, history_table
 from .errors import FxPruneError
@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--heads", choices=HEADS, default="dims",
                        help="attention heads lose dims, the same number per head (dims), or whole heads (whole: "
                             "keeps head_dim; for rotary embeddings and grouped-query attention)")
+    prune.add_argument("--groups", choices=("auto",) + GROUPS, default="auto",
+                       help="grouped convs lose the same number of channels per group (balanced), whole groups "
+                            "(whole), whole groups where their widths are multiples of 16 (blocked), or blocked or "
+                            "balanced, whichever the latency model predicts faster (auto)")
     prune.add_argument("--out", default=None, help="write the pruned model as ONNX to this path")
     prune.add_argument("--plan", default=None, help="write the plan as JSON to this path")
     prune.add_argument("--save", default=None, help="write plan + weights (fxprune.save) to this path")
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--capture", choices=TRACERS, default="auto",
                        help="tracer: symbolic_trace, else torch.export (auto), or only one of them")
     inspect.add_argument("--heads", choices=HEADS, default="dims", help="as prune --heads")
+    inspect.add_argument("--groups", choices=GROUPS, default="balanced",
+                         help="as prune --groups (auto chooses when planning: inspect one of the others)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--output", choices=("graph", "module"), default="graph",
                          help="module: with the pins of prune --output module (literals in the model's code)")
@@ -258,7 +264,7 @@ def _prune(args) -> int:
         pruned = compile(model, inputs, method=args.method, ratio=args.ratio, flops=args.flops, params=args.params,
                          latency=args.latency, latency_options=latency_options, round_to=args.round_to,
                          verify=not args.no_verify, onnx=False, capture=args.capture, output=args.output,
-                         heads=args.heads)
+                         heads=args.heads, groups=args.groups)
     for w in caught:
         if issubclass(w.category, UserWarning) and "fxprune" in str(w.filename):
             print(f"fxprune: warning: {w.message}", file=sys.stderr)
@@ -292,7 +298,8 @@ def _prune(args) -> int:
 
 
 def _inspect(args) -> int:
-    graph = analyze(_model(args), _inputs(args), capture=args.capture, output=args.output, heads=args.heads)
+    graph = analyze(_model(args), _inputs(args), capture=args.capture, output=args.output, heads=args.heads,
+                    groups=args.groups)
     if args.graph:
         render(graph_to_dot(graph, collapse=args.collapse, title=args.model), args.graph)
     if args.json:

@@ -64,7 +64,7 @@ from .view.parts import PartsReport
 def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, *, ratio=None, flops=None,
                   params=None, round_to=None, floor: float = 0.0, min_keep: int = 1, ignore=(), seed: int = 0,
                   method_options=None, verify: bool = True, onnx: bool = True, leaf_modules=(), heads: str = "dims",
-                  why: str = "capture='parts'") -> torch.nn.Module:
+                  groups: str = "balanced", why: str = "capture='parts'") -> torch.nn.Module:
     """``model`` with every part that captures pruned (see the module docstring); ``why`` says why the
     root was not captured whole. Arguments as in :func:`fxprune.compile` (data-free methods only)."""
     t0 = time.perf_counter()
@@ -97,7 +97,8 @@ def compile_parts(model: torch.nn.Module, example_inputs, criterion, name: str, 
                     part = _prune_part(qual, module, call, criterion, name, budget,
                                        dict(round_to=round_to, floor=floor, min_keep=min_keep, seed=seed,
                                             method_options=method_options, ignore=_local(ignore, qual)),
-                                       verify=verify, onnx=onnx, leaf_modules=leaf_modules, heads=heads)
+                                       verify=verify, onnx=onnx, leaf_modules=leaf_modules, heads=heads,
+                                       groups=groups)
                     if "pruned" in part:
                         parts.append(part)
                         continue
@@ -185,11 +186,11 @@ def _local(ignore, qual: str):
 
 
 def _prune_part(qual, module, call, criterion, name, budget, options, *, verify, onnx, leaf_modules,
-                heads="dims") -> dict:
+                heads="dims", groups="balanced") -> dict:
     """``{"name", "tracer", ..., "pruned", "flat"}`` for a pruned part; ``{"reason", "final"?}`` otherwise."""
     flat = FlatCall(module, call)
     pipe = Pipeline(flat, flat.example_inputs, leaf_modules=[m for m in leaf_modules if isinstance(m, type)],
-                    verify=verify, onnx=False, heads=heads)
+                    verify=verify, onnx=False, heads=heads, groups=groups)
     try:
         graph = pipe.graph
     except TraceError as exc:

@@ -80,12 +80,14 @@ class Pipeline:
     ``"module"`` (a pruned copy of the model, same class, from either capture: :mod:`fxprune.rewrite.module`;
     channels counted by literals of the model's code are then pinned before planning).
     ``heads`` is what attention heads prune: ``"dims"`` (each head's dims, the same count per head)
-    or ``"whole"`` heads (see :func:`fxprune.couple.couple`); a plan records it.
+    or ``"whole"`` heads, and ``groups`` what a grouped conv loses (``"balanced"`` counts, ``"whole"``
+    groups, or ``"blocked"``: whole where ORT runs them blocked; see :func:`fxprune.couple.couple`); a plan
+    records both.
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
                  verify: bool = True, onnx: bool = True, capture: str = "auto", output: str = "graph",
-                 heads: str = "dims"):
+                 heads: str = "dims", groups: str = "balanced"):
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         self.output = output
@@ -97,6 +99,7 @@ class Pipeline:
         self.onnx = onnx
         self.capture = capture
         self.heads = heads
+        self.groups = groups
         self.table = FX_RULES  # the capture replaces it with its dialect's table
         self._graph: ChannelGraph | None = None
 
@@ -117,7 +120,7 @@ class Pipeline:
                                              stack_traces=self.output == "module")
         t1 = time.perf_counter()
         try:
-            graph = couple(gm, self.example_inputs, self.table, heads=self.heads)
+            graph = couple(gm, self.example_inputs, self.table, heads=self.heads, groups=self.groups)
         except FxPruneError:
             raise
         except Exception as exc:  # the rules' own failures become pins; this is the analysis itself
@@ -161,7 +164,8 @@ class Pipeline:
         if not callable(criterion):
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
         name = name or getattr(criterion, "__name__", "custom")
-        meta = {"method": name, **({"heads": self.heads} if self.heads != "dims" else {}), **(meta or {})}
+        meta = {"method": name, **({"heads": self.heads} if self.heads != "dims" else {}),
+                **({"groups": self.groups} if self.groups != "balanced" else {}), **(meta or {})}
         options = dict(method_options or {})
         graph = self.graph
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
@@ -263,12 +267,14 @@ class Pipeline:
                            graph_module=pruned_graph, onnx=onnx)
 
     def apply(self, plan: Plan, output: str | None = None):
-        """:meth:`build` for a plan made earlier (its method and ``heads`` are read from the plan)."""
-        heads = plan.meta.get("heads", "dims")
-        if heads != self.heads:
-            if self._graph is not None:
-                raise ConfigError(f"the plan was made with heads={heads!r}, this pipeline analysed heads={self.heads!r}")
-            self.heads = heads
+        """:meth:`build` for a plan made earlier (its method, ``heads`` and ``groups`` are read from the plan)."""
+        for option, default in (("heads", "dims"), ("groups", "balanced")):
+            made = plan.meta.get(option, default)
+            if made != getattr(self, option):
+                if self._graph is not None:
+                    raise ConfigError(f"the plan was made with {option}={made!r}, this pipeline analysed "
+                                      f"{option}={getattr(self, option)!r}")
+                setattr(self, option, made)
         return self.build(plan, method=plan.meta.get("method", "plan"), output=output)
 
     def _onnx_fails_unpruned(self, exc: Exception) -> dict:

@@ -1041,6 +1041,12 @@ class LatencyModel:
             return _Term(node.name, "grouped", cin, _Fixed(0),
                          lambda x, y: Sig("conv", cin=x, cout=x * mult, groups=x, **geo), FLAT, FLAT, grid,
                          4.0 * kh * kw * mult)
+        if "fxprune_group_width" in node.meta and cin.free:   # whole groups: fewer groups, each as wide
+            k_in, k_out = node.meta["fxprune_group_width"]
+            return _Term(node.name, "grouped", cin, _Fixed(0),
+                         lambda x, y: Sig("conv", cin=_up(x, k_in), cout=_up(x, k_in) // k_in * k_out,
+                                          groups=_up(x, k_in) // k_in, **geo),
+                         Steps(k_in, (0,), (1.0,) * k_in), FLAT, grid, 4.0 * kh * kw * k_out)
         per_group = Steps(g, (0,), (1.0,) * g)
         term = _Term(node.name, "grouped", cin, cout,
                      lambda x, y: Sig("conv", cin=_up(x, g), cout=_up(y, g), groups=g, **geo),

@@ -1,4 +1,4 @@
 """The coupling stage: channel labels per node and the analysis that turns them into channel groups."""
-from .analysis import HEADS, Context, couple
+from .analysis import GROUPS, HEADS, Context, couple
 
-__all__ = ["HEADS", "Context", "couple"]
+__all__ = ["GROUPS", "HEADS", "Context", "couple"]

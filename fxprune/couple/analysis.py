@@ -238,6 +238,22 @@ class Context:
         self.balance(blocks)
         return True
 
+    def grouped_conv(self, ins: torch.Tensor, outs: torch.Tensor, whole, balanced) -> None:
+        """A grouped conv's channels (ids ``[groups, k]`` of its input and output), coupled one of two ways:
+        ``whole()`` (each group is one channel, kept or removed whole) or ``balanced()`` (each group keeps
+        the same count). Whole groups (``groups="whole"``, or ``"blocked"`` for groups whose widths are
+        multiples of :data:`BLOCK`, see :func:`couple`) wait for the walk's end
+        (:meth:`Analysis.choose_groups`): they stay whole unless other ties put channels of two groups
+        together (a channel shuffle), where whole groups would tie every group into one."""
+        mode = self._a.groups
+        on_block = ins.shape[1] % BLOCK == outs.shape[1] % BLOCK == 0
+        if on_block:
+            self.node.meta["fxprune_on_block"] = True   # "blocked" would take its groups whole
+        if mode == "whole" or mode == "blocked" and on_block:
+            self._a.grouped_convs.append((ins.clone(), outs.clone(), whole, balanced))
+        else:
+            balanced()
+
     def grouped_member(self, param: str, dim: int, blocks: torch.Tensor) -> None:
         """``param``'s positions along ``dim`` are read per group: column ``j`` of group ``b`` (rows
         ``b * rows // B ...``) reads id ``blocks[b, j]`` (a grouped convolution's weight)."""
@@ -268,11 +284,13 @@ class Context:
 
 
 class Analysis:
-    def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims", example_inputs: tuple = ()):
+    def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims", example_inputs: tuple = (),
+                 groups: str = "balanced"):
         self.table = table
         self.example_inputs = example_inputs
         self._at_batch: dict | None = None
         self.heads = heads
+        self.groups = groups
         self.gm = gm
         self.uf = UnionFind()
         self.blocks: list[tuple[fx.Node, torch.Tensor]] = []
@@ -283,6 +301,7 @@ class Analysis:
         self.multiples: list[tuple[torch.Tensor, int]] = []   # (ids, count multiple): see Context.count_multiple
         self.later: dict[fx.Node, torch.Tensor] = {}
         self.grouped: list[tuple[str, int, torch.Tensor]] = []
+        self.grouped_convs: list[tuple] = []  # (input ids, output ids, whole, balanced): see Context.grouped_conv
         self.computed: list[tuple[str, int, torch.Tensor, str]] = []
         self.costs: dict[str, list[tuple[float, list[torch.Tensor]]]] = {}
         self.env: dict[fx.Node, object] = {}
@@ -302,11 +321,29 @@ class Analysis:
         self.seed_rows()
         for node in self.gm.graph.nodes:
             self.env[node] = self.visit(node)
+        self.choose_groups()
         self.sizes_on_dims_left_whole()
         self.sizes_checked_by_asserts()
         for node in list(self.row_seeds):  # a rule that never took its seed (it pinned the node): kept whole
             ctx = Context(self, node)
             ctx.pin(ctx.take_rows(), f"{describe(node, self.gm)} could not take the rows of its computed weight")
+
+    def choose_groups(self) -> None:
+        """Couple each grouped conv (:meth:`Context.grouped_conv`) by whole groups where that keeps its groups
+        apart, else by balanced counts. Tried on a copy of the ties, all whole at once: where that puts two
+        groups of one conv together (a channel shuffle between two grouped convs), every conv whose channels
+        meet those is balanced (whole groups there would tie all of them into one channel)."""
+        trial = UnionFind()
+        trial.parent, trial.size = self.uf.parent.copy(), self.uf.size
+        rows = [torch.cat([ins, outs], 1).numpy() for ins, outs, _, _ in self.grouped_convs]
+        for ids in rows:
+            if (ids >= 0).all():
+                trial.union(np.broadcast_to(ids[:, :1], ids.shape).ravel(), ids.ravel())
+        roots = [np.where(ids >= 0, trial.find(np.maximum(ids, 0).ravel()).reshape(ids.shape), FIXED) for ids in rows]
+        clashed = [ids.min() < 0 or len(np.unique(r[:, 0])) < len(r) for ids, r in zip(rows, roots)]
+        mixed = np.concatenate([r[r >= 0] for r, c in zip(roots, clashed) if c] or [np.zeros(0, dtype=np.int64)])
+        for (ins, outs, whole, balanced), r, c in zip(self.grouped_convs, roots, clashed):
+            (balanced if c or np.isin(r, mixed).any() else whole)()
 
     def seed_rows(self) -> None:
         """Label the rows of parameters a conv's weight is computed from (timm's ``StdConv2d``: the weight
@@ -606,17 +643,28 @@ def _parameter_sources(node: fx.Node, params: dict, seen: set) -> list[fx.Node] 
 
 
 HEADS = ("dims", "whole")
+GROUPS = ("balanced", "blocked", "whole")
+# ORT's CPU kernels run a grouped conv in their blocked layout (NCHWc, 16 channels on AVX-512) only while
+# its widths per group are multiples of the block: cut the same number from each group and it runs in NCHW
+# between two reorders; ``groups="blocked"`` removes such groups whole instead
+BLOCK = 16
 
 
-def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: str = "dims") -> ChannelGraph:
+def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: str = "dims",
+           groups: str = "balanced") -> ChannelGraph:
     """Analyse a traced, shape-annotated module (see :func:`fxprune.capture.trace`).
 
     ``heads`` says what a reshape into attention heads (``view(b, n, heads, head_dim)``) prunes:
     ``"dims"`` each head's dims, equal counts per head (:meth:`Context.balance`), or ``"whole"``
-    heads (:meth:`Context.heads`)."""
+    heads (:meth:`Context.heads`). ``groups`` says what a grouped conv loses: ``"balanced"`` the same
+    number of channels from each group, ``"whole"`` whole groups (``groups`` shrinks, each group keeps its
+    width), ``"blocked"`` whole groups where their widths are multiples of :data:`BLOCK`, balanced counts
+    elsewhere (:meth:`Context.grouped_conv`)."""
     if heads not in HEADS:
         raise ConfigError(f"heads must be one of {HEADS}, not {heads!r}")
-    a = Analysis(gm, table, heads, example_inputs)
+    if groups not in GROUPS:
+        raise ConfigError(f"groups must be one of {GROUPS}, not {groups!r}")
+    a = Analysis(gm, table, heads, example_inputs, groups)
     a.run()
     _consolidate_members(a)
     balanced = _resolve_balances(a)

@@ -42,20 +42,31 @@ def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
                                                                   "computed weight rows follow its channels")
         ctx.cost(out)
     else:
-        # A grouped conv keeps its groups: each group keeps as many input channels as the others
-        # (balanced blocks, free positions in each) and as many output channels; the weight's
-        # input columns are cut group by group (grouped_member).
-        blocks = ins.view(groups, c_in // groups)
-        ctx.balance(blocks, whole=False)
-        if weight is not None:
-            ctx.grouped_member(weight, in_dim, blocks)
-        ctx.node.meta["fxprune_grouped"] = groups
         out = ctx.fresh(c_out) if out is None else out
-        if c_out // groups > 1:
-            ctx.balance(out.view(groups, c_out // groups), whole=False)
-        else:
-            ctx.pin(out, f"grouped {describe(ctx.node, ctx.gm)} has one output channel per group")
-        ctx.cost(out, ins)
+        ins_rows, out_rows = ins.view(groups, c_in // groups), out.view(groups, c_out // groups)
+        name = f"grouped {describe(ctx.node, ctx.gm)}"
+
+        def whole():
+            # group b's input and output channels are one channel, kept or removed together: its weight rows
+            # go with it, its columns stay, and the rewrite sets ``groups`` from the kept width
+            ctx.unify(ins_rows[:, :1], torch.cat([ins_rows, out_rows], 1), f"{name} loses whole groups")
+            ctx.node.meta["fxprune_group_width"] = (c_in // groups, c_out // groups)
+            ctx.cost(out)
+
+        def balanced():
+            # each group keeps as many input channels as the others (balanced blocks, free positions in
+            # each) and as many output channels; the weight's input columns are cut group by group
+            ctx.balance(ins_rows, whole=False)
+            if weight is not None:
+                ctx.grouped_member(weight, in_dim, ins_rows)
+            ctx.node.meta["fxprune_grouped"] = groups
+            if c_out // groups > 1:
+                ctx.balance(out_rows, whole=False)
+            else:
+                ctx.pin(out, f"{name} has one output channel per group")
+            ctx.cost(out, ins)
+
+        ctx.grouped_conv(ins_rows, out_rows, whole, balanced)
     if weight is not None:
         ctx.member(weight, out_dim, out, "producer", "weight")
     if bias is not None:
@@ -266,18 +277,20 @@ def resize_conv(m, node, rw):
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     old_out = m.out_channels
     m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
-    if m.groups > 1 and (transposed or m.in_channels == m.groups):  # depthwise: it loses whole groups
-        m.groups = m.out_channels // (old_out // m.groups)
+    if m.groups > 1 and (transposed or m.in_channels == m.groups or "fxprune_group_width" in node.meta):
+        m.groups = m.out_channels // (old_out // m.groups)  # depthwise, or whole groups: it loses groups
     m.in_channels = m.weight.shape[0] if transposed else m.weight.shape[1] * m.groups
 
 
 def fix_groups(index: int = 6):
     """A depthwise conv call's ``groups`` argument (at position ``index``) follows its pruned output channels
-    (it loses whole groups); a grouped conv keeps its groups (balanced blocks)."""
+    (it loses whole groups), as a grouped conv's does where it loses whole groups (``groups="whole"`` or
+    ``"blocked"``, :func:`fxprune.couple.couple`); else a grouped conv keeps its groups (balanced blocks)."""
 
     def fix_conv_function(node, rw):
         groups = arg(node.args, node.kwargs, index, "groups", 1)
-        if isinstance(groups, int) and groups > 1 and rw.old_shape(node.args[0])[1] == groups:
+        if isinstance(groups, int) and groups > 1 and (rw.old_shape(node.args[0])[1] == groups or
+                                                       "fxprune_group_width" in node.meta):
             old, new = rw.old_shape(node)[1], rw.new_shape(node)[1]
             rw.set_arg(node, index, "groups", new // (old // groups))
 

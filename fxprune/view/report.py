@@ -61,6 +61,10 @@ class Report:
         ]
         if self.output != "graph":
             rows.insert(1, ("output", f"a pruned copy of the model ({self.output})", "", ""))
+        if self.plan.meta.get("groups"):   # grouped convs coupled by whole groups (fxprune.couple.couple)
+            lose = {"whole": "whole groups", "blocked": "whole groups where 16-wide, else balanced counts"}.get(
+                self.plan.meta["groups"], self.plan.meta["groups"])
+            rows.insert(1, ("grouped convs lose", lose, "", ""))
         if self.mask:
             diff = f"max rel diff {self.mask['max_rel_diff']:.1e}"
             if self.mask.get("checked_in"):  # float32 rounding past the tolerance, re-checked in float64
