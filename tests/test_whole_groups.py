@@ -183,3 +183,32 @@ def test_save_and_load_rebuild_whole_groups(tmp_path):
     again = fxprune.load(tmp_path / "p.pt", Grouped, (X,))
     assert again.get_submodule("g").groups == 3
     assert torch.equal(again(X), pruned(X))
+
+
+class StdGrouped(nn.Module):
+    """A grouped conv whose weight is standardised at every call (timm's ScaledStdConv2d in NF-RegNets):
+    its columns are read at run time, where whole groups keep every one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 1)
+        self.weight = nn.Parameter(torch.randn(64, 16, 3, 3))
+        self.out = nn.Conv2d(64, 5, 1)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, 64, -1), None, None, training=True, momentum=0.0, eps=1e-5)
+        x = F.conv2d(torch.relu(self.a(x)), w.reshape_as(self.weight), None, 1, 1, 1, 4)
+        return self.out(torch.relu(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_standardised_weight_keeps_each_kept_groups_columns(capture):
+    torch.manual_seed(0)
+    model = StdGrouped().eval()
+    pruned = fxprune.compile(model, (X,), method="l2", ratio=0.5, round_to=None, capture=capture, groups="blocked")
+    rep = fxprune.report(pruned)
+    assert rep.mask["ok"] and rep.onnx["ok"]
+    convs = [n for n in pruned.graph.nodes if n.target in (F.conv2d, torch.conv2d, torch.ops.aten.conv2d.default)]
+    assert [n.args[6] for n in convs if len(n.args) > 6] == [2]                      # 2 of 4 groups
+    assert not [n for n in pruned.graph.nodes if n.target in (torch.gather, torch.ops.aten.gather.default)]
+    assert pruned.state_dict()["weight"].shape == (32, 16, 3, 3)   # its rows sliced, its columns whole

@@ -321,10 +321,12 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     """At rewrite time: a conv's weight computed at run time (``node.meta["fxprune_weight_gather"]``, see
     :func:`fxprune.ops.conv._conv_call`) read at the kept output channels (its rows, unless the parameters
     were sliced by rows already) and kept input channels (its columns: by ``index_select``; a grouped
-    conv's, each group its own, by one ``gather``; a depthwise conv's, one per group, stay). A linear
-    layer's weight or bias computed at run time (the meta's third field, the channels' axis: -1) is read at
-    the kept outputs and inputs the same way."""
+    conv's, each group its own, by one ``gather``; a depthwise conv's, one per group, and those of a grouped
+    conv that loses whole groups stay). A linear layer's weight or bias computed at run time (the meta's third
+    field, the channels' axis: -1) is read at the kept outputs and inputs the same way."""
     where, (out_dim, in_dim), axis = node.meta["fxprune_weight_gather"]
+    if "fxprune_group_width" in node.meta:   # a grouped conv losing whole groups: each kept group's columns stay
+        in_dim = None
     weight = picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
     x, graph = node.args[0], node.graph
     out_shape, in_shape = rw.old_shape(node), rw.old_shape(x)
