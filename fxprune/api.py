@@ -143,7 +143,8 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
             latency_model = True
     by_default = is_default(round_to)
     round_to, latency_model = pipe.rounding(round_to, latency_model, strict=latency is not None)
-    if groups == "auto" and round_to == "fast" and not getattr(criterion, "relaxed_fast_counts", False):
+    if groups == "auto" and round_to == "fast" and isinstance(latency_model, LatencyModel) and \
+            not getattr(criterion, "relaxed_fast_counts", False):
         pipe, latency_model = _choose_groups(pipe, latency_model, dict(ratio=ratio, flops=flops, params=params,
                                                                        latency=latency),
                                              dict(min_keep=min_keep, floor=floor, ignore=ignore))
