@@ -103,9 +103,9 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     whole groups where their widths are multiples of 16 (ORT runs such a conv in its blocked layout only
     while they stay so), balanced counts elsewhere. ``"auto"`` (the default) is ``"blocked"`` or
     ``"balanced"``, whichever the latency model predicts faster for an ``l2`` plan at this budget (for
-    ``latency=``: the one whose plan meets it, then the one that keeps more FLOPs), where the model has such groups and counts are rounded
-    to fast counts; else ``"balanced"`` (and always for the methods that train towards a cut, which
-    schedule it on the graph ``analyze`` gives). ``report.plan.meta["groups"]`` says which was taken.
+    ``latency=``: the one whose plan meets it, then the one that keeps more FLOPs), where the model has
+    such groups and counts are rounded to fast counts; else ``"balanced"`` (and always for the methods
+    that train towards a cut, which schedule it on the graph ``analyze`` gives). ``report.plan.meta["groups"]`` says which was taken.
     """
     if isinstance(method, str):
         criterion, name = passes.get(method), method
@@ -166,8 +166,8 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 def _choose_groups(pipe: Pipeline, latency_model: LatencyModel, budget: dict, options: dict):
     """``groups="auto"``: ``(pipeline, latency model)`` of the coupling that runs faster, ``"blocked"`` or
     ``pipe``'s ``"balanced"``, judged by an ``l2`` plan at ``budget`` on each: its predicted latency (for a
-    latency budget: whether it meets it, then the FLOPs it keeps). Measured side by side, the two orderings agreed with ORT on every
-    model tried: whole groups ran timm's regnetz_b16 at 0.58x against 0.69x, balanced counts dpn68 at 0.47x
+    latency budget: whether it meets it, then the FLOPs it keeps). Measured side by side, the two orderings
+    agreed with ORT on every model tried: whole groups ran timm's regnetz_b16 at 0.58x against 0.69x, balanced counts dpn68 at 0.47x
     against 0.62x (``tools/results/latency.md``)."""
     if not any(node.meta.get("fxprune_on_block") for node in pipe.graph.module.graph.nodes):
         return pipe, latency_model

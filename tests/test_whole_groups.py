@@ -130,16 +130,10 @@ def test_a_channel_shuffle_between_grouped_convs_keeps_balanced_counts():
     assert fxprune.report(pruned).mask["ok"]
 
 
-def blocked(sig):
-    """A fake table: a conv costs its MACs, its channels padded to blocks of 16."""
-    pad = lambda c: -(-c // 16) * 16   # noqa: E731
-    return 1e-6 * pad(sig.cin) * pad(sig.cout) * sig.h * sig.w * sig.kh * sig.kw / sig.groups
-
-
 def test_the_latency_model_costs_fewer_groups_each_as_wide():
     model = Grouped(groups=4, width=16).eval()
     graph = fxprune.analyze(model, (X,), groups="blocked")
-    lm = LatencyModel(graph, table=FunctionTable(blocked))
+    lm = LatencyModel(graph, table=FunctionTable(padded_table(16)), progress=False)   # convs padded to blocks of 16
     keep = torch.ones(graph.num_channels, dtype=torch.bool).numpy()
     full = lm.node_latency(keep)["g"]
     keep[graph.offsets["a"] + 1] = False                      # one group of four

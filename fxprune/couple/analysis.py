@@ -58,6 +58,12 @@ class UnionFind:
         self.size = start + n
         return torch.arange(start, start + n, dtype=torch.long)
 
+    def copy(self) -> "UnionFind":
+        """An independent copy (ties made on it leave this one as it is)."""
+        other = UnionFind()
+        other.parent, other.size, other.version = self.parent.copy(), self.size, self.version
+        return other
+
     def find(self, ids: np.ndarray) -> np.ndarray:
         """Roots of ``ids`` (all >= 0), compressing their paths."""
         parent = self.parent
@@ -333,8 +339,7 @@ class Analysis:
         apart, else by balanced counts. Tried on a copy of the ties, all whole at once: where that puts two
         groups of one conv together (a channel shuffle between two grouped convs), every conv whose channels
         meet those is balanced (whole groups there would tie all of them into one channel)."""
-        trial = UnionFind()
-        trial.parent, trial.size = self.uf.parent.copy(), self.uf.size
+        trial = self.uf.copy()
         rows = [torch.cat([ins, outs], 1).numpy() for ins, outs, _, _ in self.grouped_convs]
         for ids in rows:
             if (ids >= 0).all():

@@ -51,6 +51,9 @@ def _conv(ctx, x, weight, bias, groups, transposed=False, out=None):
             # go with it, its columns stay, and the rewrite sets ``groups`` from the kept width
             ctx.unify(ins_rows[:, :1], torch.cat([ins_rows, out_rows], 1), f"{name} loses whole groups")
             ctx.node.meta["fxprune_group_width"] = (c_in // groups, c_out // groups)
+            if "fxprune_weight_gather" in ctx.node.meta:   # a weight computed at run time: its columns stay too
+                where, (rows_dim, _), axis = ctx.node.meta["fxprune_weight_gather"]
+                ctx.node.meta["fxprune_weight_gather"] = (where, (rows_dim, None), axis)
             ctx.cost(out)
 
         def balanced():

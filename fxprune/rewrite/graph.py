@@ -325,8 +325,6 @@ def gather_weight(node: fx.Node, rw, root: torch.nn.Module) -> None:
     conv that loses whole groups stay). A linear layer's weight or bias computed at run time (the meta's third
     field, the channels' axis: -1) is read at the kept outputs and inputs the same way."""
     where, (out_dim, in_dim), axis = node.meta["fxprune_weight_gather"]
-    if "fxprune_group_width" in node.meta:   # a grouped conv losing whole groups: each kept group's columns stay
-        in_dim = None
     weight = picked = node.args[where] if isinstance(where, int) else node.kwargs[where]
     x, graph = node.args[0], node.graph
     out_shape, in_shape = rw.old_shape(node), rw.old_shape(x)
