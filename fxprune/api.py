@@ -100,8 +100,9 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     ``nn.MultiheadAttention`` and Swin's attention prune dims either way (their width is the stream's).
     ``groups`` says what a grouped (not depthwise) conv loses: ``"balanced"`` the same number of channels
     from each group; ``"whole"`` whole groups (``groups`` shrinks, each group keeps its width); ``"blocked"``
-    whole groups where their widths are multiples of 16 (ORT runs such a conv in its blocked layout only
-    while they stay so), balanced counts elsewhere. ``"auto"`` (the default) is ``"blocked"`` or
+    whole groups where their widths are multiples of ORT's NCHWc block on this machine (16 on AVX-512, 8 on
+    AVX2: ORT runs such a conv in its blocked layout only while they stay so; the plan records the block),
+    balanced counts elsewhere. ``"auto"`` (the default) is ``"blocked"`` or
     ``"balanced"``, whichever the latency model predicts faster for an ``l2`` plan at this budget (for
     ``latency=``: the one whose plan meets it, then the one that keeps more FLOPs), where the model has
     such groups and counts are rounded to fast counts; else ``"balanced"`` (and always for the methods
@@ -169,11 +170,14 @@ def _choose_groups(pipe: Pipeline, latency_model: LatencyModel, budget: dict, op
     latency budget: whether it meets it, then the FLOPs it keeps). Measured side by side, the two orderings
     agreed with ORT on every model tried: whole groups ran timm's regnetz_b16 at 0.58x against 0.69x, balanced counts dpn68 at 0.47x
     against 0.62x (``tools/results/latency.md``)."""
-    if not any(node.meta.get("fxprune_on_block") for node in pipe.graph.module.graph.nodes):
+    block = latency_model.block   # ORT's NCHWc block, as the latency model knows it
+    widths = [node.meta["fxprune_widths_per_group"] for node in pipe.graph.module.graph.nodes
+              if "fxprune_widths_per_group" in node.meta]
+    if not block or not any(k_in % block == k_out % block == 0 for k_in, k_out in widths):
         return pipe, latency_model
     blocked = Pipeline(pipe.model, pipe.example_inputs, leaf_modules=pipe.leaf_modules, concrete_args=pipe.concrete_args,
                        verify=pipe.verify, onnx=pipe.onnx, capture=pipe.capture, output=pipe.output, heads=pipe.heads,
-                       groups="blocked")
+                       groups="blocked", block=block)
     if not any("fxprune_group_width" in node.meta for node in blocked.graph.module.graph.nodes):
         return pipe, latency_model
     target = budget["latency"]

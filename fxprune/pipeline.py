@@ -53,8 +53,8 @@ import torch.fx as fx
 
 from .capture import capture_model
 from .cost import CostModel, count_params, graph_flops
-from .cost.latency_table import FAST_UNDER, FastCounts, LatencyError, LatencyModel
-from .couple import couple
+from .cost.latency_table import FAST_UNDER, FastCounts, LatencyError, LatencyModel, nchwc_block
+from .couple import BLOCK, couple
 from .errors import ConfigError, DataError, ExportError, FxPruneError, VerificationError
 from .io.onnx import export_onnx
 from .ir import ChannelGraph
@@ -82,12 +82,13 @@ class Pipeline:
     ``heads`` is what attention heads prune: ``"dims"`` (each head's dims, the same count per head)
     or ``"whole"`` heads, and ``groups`` what a grouped conv loses (``"balanced"`` counts, ``"whole"``
     groups, or ``"blocked"``: whole where ORT runs them blocked; see :func:`fxprune.couple.couple`); a plan
-    records both.
+    records both. ``block`` is ORT's NCHWc block that ``"blocked"`` means (default: this machine's,
+    :func:`~fxprune.cost.latency_table.nchwc_block`, or 16 where ORT blocks nothing; a plan records it).
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
                  verify: bool = True, onnx: bool = True, capture: str = "auto", output: str = "graph",
-                 heads: str = "dims", groups: str = "balanced"):
+                 heads: str = "dims", groups: str = "balanced", block: int | None = None):
         if output not in ("graph", "module"):
             raise ConfigError(f"output must be 'graph' or 'module', not {output!r}")
         self.output = output
@@ -100,6 +101,7 @@ class Pipeline:
         self.capture = capture
         self.heads = heads
         self.groups = groups
+        self.block = block
         self.table = FX_RULES  # the capture replaces it with its dialect's table
         self._graph: ChannelGraph | None = None
 
@@ -120,7 +122,10 @@ class Pipeline:
                                              stack_traces=self.output == "module")
         t1 = time.perf_counter()
         try:
-            graph = couple(gm, self.example_inputs, self.table, heads=self.heads, groups=self.groups)
+            if self.block is None:
+                self.block = nchwc_block() or BLOCK
+            graph = couple(gm, self.example_inputs, self.table, heads=self.heads, groups=self.groups,
+                           block=self.block)
         except FxPruneError:
             raise
         except Exception as exc:  # the rules' own failures become pins; this is the analysis itself
@@ -165,7 +170,8 @@ class Pipeline:
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
         name = name or getattr(criterion, "__name__", "custom")
         meta = {"method": name, **({"heads": self.heads} if self.heads != "dims" else {}),
-                **({"groups": self.groups} if self.groups != "balanced" else {}), **(meta or {})}
+                **({"groups": self.groups} if self.groups != "balanced" else {}),
+                **({"block": self.block} if self.groups == "blocked" else {}), **(meta or {})}
         options = dict(method_options or {})
         graph = self.graph
         common = dict(round_to=round_to, min_keep=min_keep, floor=floor, ignore=ignore, meta=meta)
@@ -267,9 +273,12 @@ class Pipeline:
                            graph_module=pruned_graph, onnx=onnx)
 
     def apply(self, plan: Plan, output: str | None = None):
-        """:meth:`build` for a plan made earlier (its method, ``heads`` and ``groups`` are read from the plan)."""
-        for option, default in (("heads", "dims"), ("groups", "balanced")):
-            made = plan.meta.get(option, default)
+        """:meth:`build` for a plan made earlier (its method, ``heads``, ``groups`` and ``block`` are read from
+        the plan)."""
+        recorded = {"heads": plan.meta.get("heads", "dims"), "groups": plan.meta.get("groups", "balanced")}
+        if recorded["groups"] == "blocked":   # plans made before the block was recorded: 16
+            recorded["block"] = plan.meta.get("block", BLOCK)
+        for option, made in recorded.items():
             if made != getattr(self, option):
                 if self._graph is not None:
                     raise ConfigError(f"the plan was made with {option}={made!r}, this pipeline analysed "

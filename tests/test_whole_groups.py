@@ -1,5 +1,5 @@
 """Grouped convs that lose whole groups (``groups="whole"``, and ``"blocked"`` for groups whose widths are
-multiples of 16; ``compile``'s ``"auto"`` takes ``"blocked"`` where the latency model predicts it faster): each group's input and output channels go together, the conv's ``groups`` shrinks and each kept group
+multiples of ORT's NCHWc block; ``compile``'s ``"auto"`` takes ``"blocked"`` where the latency model predicts it faster): each group's input and output channels go together, the conv's ``groups`` shrinks and each kept group
 keeps its width. Dead groups planted by hand must be exactly the ones removed, the output unchanged."""
 from __future__ import annotations
 
@@ -206,3 +206,38 @@ def test_a_standardised_weight_keeps_each_kept_groups_columns(capture):
     assert [n.args[6] for n in convs if len(n.args) > 6] == [2]                      # 2 of 4 groups
     assert not [n for n in pruned.graph.nodes if n.target in (torch.gather, torch.ops.aten.gather.default)]
     assert pruned.state_dict()["weight"].shape == (32, 16, 3, 3)   # its rows sliced, its columns whole
+
+
+def test_nchwc_block_is_the_width_ort_runs_grouped_convs_blocked_at():
+    """Asked of ORT's optimiser on this machine (16 on AVX-512, 8 on AVX2): a grouped conv whose widths per
+    group are the block runs blocked, half of it does not."""
+    from fxprune.cost.latency_table import Sig, build_onnx, nchwc_block, optimized_layouts
+
+    block = nchwc_block()
+    if block is None:
+        pytest.skip("ONNX Runtime blocks no conv on this machine")
+    layout = lambda w: optimized_layouts(build_onnx(Sig("conv", cin=4 * w, cout=4 * w, h=8, w=8, kh=3, kw=3,  # noqa: E731
+                                                          ph=1, pw=1, groups=4)))[0]
+    assert layout(block) and layout(2 * block) and not layout(block // 2) and not layout(block + block // 2)
+
+
+def test_blocked_takes_groups_whole_on_the_block_the_plan_records(tmp_path):
+    """Groups of 8 are on AVX2's block, not AVX-512's: ``"blocked"`` takes them whole at ``block=8`` only, the
+    plan records the block, and applying it elsewhere (a pipeline left to find its own) rebuilds the same model."""
+    torch.manual_seed(0)
+    model = dead_groups(Grouped(groups=4, width=8).eval(), [1], width=8)
+    at = {b: fxprune.Pipeline(model, (X,), groups="blocked", block=b, onnx=False) for b in (8, 16)}
+    assert sorted(g.size for g in at[8].graph.groups.values()) == [4, 5]                 # one channel per group
+    assert 4 not in [g.size for g in at[16].graph.groups.values()]                        # balanced: no whole groups
+    pipe = at[8]
+    plan = pipe.planner(fxprune.passes.get("l1"), "l1", round_to=None)(ratio=0.25)
+    assert plan.meta["groups"] == "blocked" and plan.meta["block"] == 8
+    pruned = pipe.build(plan)
+    assert pruned.get_submodule("g").groups == 3 and torch.allclose(pruned(X), model(X), atol=1e-5)
+    again = fxprune.Pipeline(model, (X,), onnx=False, block=16).apply(plan)
+    assert again.get_submodule("g").groups == 3 and torch.equal(again(X), pruned(X))
+    fxprune.save(pruned, tmp_path / "p.pt")
+    assert torch.equal(fxprune.load(tmp_path / "p.pt", lambda: Grouped(groups=4, width=8), (X,))(X), pruned(X))
+    old = plan.__class__(**{**plan.__dict__, "meta": {k: v for k, v in plan.meta.items() if k != "block"}})
+    with pytest.raises(fxprune.errors.ConfigError, match="block=16"):   # a plan from before the block was recorded
+        at[8].apply(old)

@@ -61,6 +61,7 @@ import platform
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -639,6 +640,23 @@ class Layout:
         return bool(self.blocked[n - 1 - ((n - c) % period)])
 
 
+@lru_cache(maxsize=None)
+def nchwc_block() -> int | None:
+    """ORT's NCHWc block on this machine (16 channels on AVX-512, 8 on AVX2; None where its optimiser blocks
+    no conv): the narrowest width per group at which it runs a grouped conv in its blocked layout, asked of
+    the optimiser (:func:`optimized_layouts`), once per process. The 1x1 chain's timing can show a coarser
+    period than the layout's block (on AVX2 its kernels step every 16 while groups of 8 run blocked).
+
+        >>> nchwc_block() in (None, 4, 8, 16, 32, 64)
+        True
+    """
+    for width in (4, 8, 16, 32, 64):
+        sig = Sig("conv", cin=4 * width, cout=4 * width, h=8, w=8, kh=3, kw=3, ph=1, pw=1, groups=4)
+        if optimized_layouts(build_onnx(sig))[0]:
+            return width
+    return None
+
+
 LAYOUT_PROBES = {  # family -> signature whose op reading count c is the one asked about
     "conv": PROBES["conv"],
     "dw": lambda c: Sig("dwchain", cin=128, cout=c, h=56, w=56),
@@ -818,7 +836,7 @@ class LatencyModel:
     costs its attention (``"attn"``: heads kept, their dims narrowed) and the projections inside it; a
     permute that ORT copies costs its elements. A grouped conv keeps its groups and narrows them (the
     coupling balances its channels over them): its signature has the kept input and output widths per
-    group. ORT runs grouped convs off its NCHWc block (:attr:`block`, read from the 1x1 chain probe;
+    group. ORT runs grouped convs off its NCHWc block (:attr:`block`, asked of its optimiser, :func:`nchwc_block`;
     :func:`_conv_layout`), SE scales and global pools in NCHW between its blocked
     convs: every value it reorders (:func:`reordered`) costs a measured ``"reorder"`` term. A grouped
     conv on the block is blocked until a plan's widths per group leave it: then its input and output
@@ -836,7 +854,8 @@ class LatencyModel:
         steps = probe(self.table)
         self.family_steps = steps
         self.layouts = probe_layout(self.table)
-        self.block = steps["conv"].period   # ORT's NCHWc block, as the 1x1 chain's steps show it
+        # ORT's NCHWc block, asked of its optimiser (a table of fake times: its 1x1 chain's period)
+        self.block = nchwc_block() if isinstance(self.table, LatencyTable) else steps["conv"].period
         mods = dict(graph.module.named_modules())
         self._dw_ids = self._depthwise_channels(graph, mods)
         terms = []

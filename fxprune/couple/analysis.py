@@ -248,13 +248,12 @@ class Context:
         """A grouped conv's channels (ids ``[groups, k]`` of its input and output), coupled one of two ways:
         ``whole()`` (each group is one channel, kept or removed whole) or ``balanced()`` (each group keeps
         the same count). Whole groups (``groups="whole"``, or ``"blocked"`` for groups whose widths are
-        multiples of :data:`BLOCK`, see :func:`couple`) wait for the walk's end
+        multiples of the analysis' ``block``, see :func:`couple`) wait for the walk's end
         (:meth:`Analysis.choose_groups`): they stay whole unless other ties put channels of two groups
         together (a channel shuffle), where whole groups would tie every group into one."""
         mode = self._a.groups
-        on_block = ins.shape[1] % BLOCK == outs.shape[1] % BLOCK == 0
-        if on_block:
-            self.node.meta["fxprune_on_block"] = True   # "blocked" would take its groups whole
+        self.node.meta["fxprune_widths_per_group"] = (ins.shape[1], outs.shape[1])   # for groups="auto"
+        on_block = ins.shape[1] % self._a.block == outs.shape[1] % self._a.block == 0
         if mode == "whole" or mode == "blocked" and on_block:
             self._a.grouped_convs.append((ins.clone(), outs.clone(), whole, balanced))
         else:
@@ -291,8 +290,9 @@ class Context:
 
 class Analysis:
     def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims", example_inputs: tuple = (),
-                 groups: str = "balanced"):
+                 groups: str = "balanced", block: int = 16):
         self.table = table
+        self.block = block
         self.example_inputs = example_inputs
         self._at_batch: dict | None = None
         self.heads = heads
@@ -649,27 +649,30 @@ def _parameter_sources(node: fx.Node, params: dict, seen: set) -> list[fx.Node] 
 
 HEADS = ("dims", "whole")
 GROUPS = ("balanced", "blocked", "whole")
-# ORT's CPU kernels run a grouped conv in their blocked layout (NCHWc, 16 channels on AVX-512) only while
-# its widths per group are multiples of the block: cut the same number from each group and it runs in NCHW
-# between two reorders; ``groups="blocked"`` removes such groups whole instead
+# ORT's CPU kernels run a grouped conv in their blocked layout (NCHWc: 16 channels on AVX-512, 8 on AVX2) only
+# while its widths per group are multiples of the block: cut the same number from each group and it runs in
+# NCHW between two reorders; ``groups="blocked"`` removes such groups whole instead. The default block when
+# none is given (the pipeline asks ORT for its own: fxprune.cost.latency_table.nchwc_block)
 BLOCK = 16
 
 
 def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: str = "dims",
-           groups: str = "balanced") -> ChannelGraph:
+           groups: str = "balanced", block: int = BLOCK) -> ChannelGraph:
     """Analyse a traced, shape-annotated module (see :func:`fxprune.capture.trace`).
 
     ``heads`` says what a reshape into attention heads (``view(b, n, heads, head_dim)``) prunes:
     ``"dims"`` each head's dims, equal counts per head (:meth:`Context.balance`), or ``"whole"``
     heads (:meth:`Context.heads`). ``groups`` says what a grouped conv loses: ``"balanced"`` the same
     number of channels from each group, ``"whole"`` whole groups (``groups`` shrinks, each group keeps its
-    width), ``"blocked"`` whole groups where their widths are multiples of :data:`BLOCK`, balanced counts
-    elsewhere (:meth:`Context.grouped_conv`)."""
+    width), ``"blocked"`` whole groups where their widths are multiples of ``block`` (ORT's NCHWc block),
+    balanced counts elsewhere (:meth:`Context.grouped_conv`)."""
     if heads not in HEADS:
         raise ConfigError(f"heads must be one of {HEADS}, not {heads!r}")
     if groups not in GROUPS:
         raise ConfigError(f"groups must be one of {GROUPS}, not {groups!r}")
-    a = Analysis(gm, table, heads, example_inputs, groups)
+    if not isinstance(block, int) or block < 1:
+        raise ConfigError(f"block must be a positive int (ORT's NCHWc block, e.g. 16 or 8), not {block!r}")
+    a = Analysis(gm, table, heads, example_inputs, groups, block)
     a.run()
     _consolidate_members(a)
     balanced = _resolve_balances(a)
