@@ -275,6 +275,16 @@ def configs(model, x, graph, scores, threads):
     }
 
 
+def plan_graph(model, x, graph, lm, plan, threads):
+    """The channel graph a plan was made on, and its latency model: ``graph`` and ``lm`` unless the defaults
+    (``groups="auto"``) took whole groups of the grouped convs on ORT's block."""
+    groups = plan.meta.get("groups", "balanced")
+    if groups == "balanced":
+        return graph, lm
+    g = fxprune.Pipeline(model, (x,), groups=groups, block=plan.meta.get("block")).graph
+    return g, LatencyModel(g, threads=threads, progress=False)
+
+
 def ratios(args):
     x = torch.randn(1, 3, 224, 224)
     rows, per_cfg = [], {}
@@ -283,7 +293,6 @@ def ratios(args):
             model = load(name)
             graph = fxprune.analyze(model, (x,))
             lm = LatencyModel(graph, threads=args.threads)
-            cost = fxprune.cost.CostModel(graph)
             scores = passes.get("l2")(graph, data=None, seed=0)
             base_path = os.path.join(tmp, f"{name}.onnx")
             write_onnx(model, (x,), base_path, dynamic_batch=False)
@@ -294,9 +303,10 @@ def ratios(args):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     plan = planner()
-                keep = plan.mask(graph).numpy()
+                g, g_lm = plan_graph(model, x, graph, lm, plan, args.threads)
+                keep = plan.mask(g).numpy()
                 path = os.path.join(tmp, f"{name}-{cfg}.onnx")
-                write_onnx(rewrite(graph, plan), (x,), path, dynamic_batch=False)
+                write_onnx(rewrite(g, plan), (x,), path, dynamic_batch=False)
                 cand = ort_session(path, args.threads)
                 rs, ks = [], []
                 for _ in range(args.rounds):   # alternating rounds, each a loop of its own per session
@@ -309,8 +319,9 @@ def ratios(args):
                 kr = statistics.median(ks)
                 med = statistics.median(rs)
                 per_cfg.setdefault(cfg, []).append(med)
+                cost = fxprune.cost.CostModel(g)
                 rows.append((name, cfg, f"{cost.flops(keep) / cost.base_flops:.3f}", f"{med:.3f}",
-                             f"{min(rs):.3f}-{max(rs):.3f}", f"{kr:.3f}", f"{lm.latency(keep) / lm.base:.3f}"))
+                             f"{min(rs):.3f}-{max(rs):.3f}", f"{kr:.3f}", f"{g_lm.latency(keep) / g_lm.base:.3f}"))
                 print(rows[-1], flush=True)
             del base
     print(tabulate(rows, headers=["model", "plan", "FLOPs kept", "ORT ratio (median)", "spread (min-max)",
