@@ -11,6 +11,11 @@ import torch
 
 os.environ["FXPRUNE_ROUND_TO"] = "none"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: each takes its share of intra-op threads, not all of them
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 @pytest.fixture(scope="module")
 def one_thread():
