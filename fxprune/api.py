@@ -26,6 +26,7 @@ from .cost.latency import fit_latency, search_latency
 from .cost.flops import CostModel
 from .cost.latency_table import LatencyModel
 from .couple import GROUPS
+from .couple.analysis import widths_on_block
 from .errors import ConfigError, TraceError
 from .ir import ChannelGraph
 from .partial import compile_parts
@@ -173,7 +174,7 @@ def _choose_groups(pipe: Pipeline, latency_model: LatencyModel, budget: dict, op
     block = latency_model.block   # ORT's NCHWc block, as the latency model knows it
     widths = [node.meta["fxprune_widths_per_group"] for node in pipe.graph.module.graph.nodes
               if "fxprune_widths_per_group" in node.meta]
-    if not block or not any(k_in % block == k_out % block == 0 for k_in, k_out in widths):
+    if not any(widths_on_block(k_in, k_out, block) for k_in, k_out in widths):
         return pipe, latency_model
     blocked = Pipeline(pipe.model, pipe.example_inputs, leaf_modules=pipe.leaf_modules, concrete_args=pipe.concrete_args,
                        verify=pipe.verify, onnx=pipe.onnx, capture=pipe.capture, output=pipe.output, heads=pipe.heads,

@@ -66,6 +66,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..couple.analysis import widths_on_block
 from ..errors import ConfigError, FxPruneError
 from ..ops import Conv2dSpec, conv2d_spec, is_linear, rule_of
 from ..ops.attention import matmul_rule, mha_module, sdpa_rule, swin_attention_rule
@@ -1369,7 +1370,7 @@ def _conv_layout(mod, block: int | None = None) -> str | None:
 
 def _on_block(cin: int, cout: int, groups: int, block: int) -> bool:
     """Whether a grouped conv of ``cin -> cout`` channels over ``groups`` has per-group widths on ``block``."""
-    return cin % groups == 0 and cout % groups == 0 and (cin // groups) % block == 0 and (cout // groups) % block == 0
+    return cin % groups == 0 and cout % groups == 0 and widths_on_block(cin // groups, cout // groups, block)
 
 
 def _is_plain(node, mods, block: int | None = None) -> bool:

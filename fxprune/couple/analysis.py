@@ -39,6 +39,22 @@ from ..labels import FIXED, along, collapse, collapse_array, varying
 from ..ops.elementwise import elementwise, first_input
 from ..ops.schema import RuleTable, T, describe, pin_all, tied
 
+# ORT's CPU kernels run a grouped conv in their blocked layout (NCHWc: 16 channels on AVX-512, 8 on AVX2) only
+# while its widths per group are multiples of the block: cut the same number from each group and it runs in
+# NCHW between two reorders; ``groups="blocked"`` removes such groups whole instead. The default block when
+# none is given (the pipeline asks ORT for its own: fxprune.cost.latency_table.nchwc_block)
+BLOCK = 16
+
+
+def widths_on_block(k_in: int, k_out: int, block: int | None) -> bool:
+    """Whether a grouped conv with ``k_in`` input and ``k_out`` output channels per group runs in ORT's blocked
+    layout at ``block`` (both multiples of it; None or 0: ORT blocks no grouped conv).
+
+    >>> widths_on_block(16, 32, 16), widths_on_block(8, 8, 16), widths_on_block(8, 8, 8), widths_on_block(8, 8, None)
+    (True, False, True, False)
+    """
+    return bool(block) and k_in % block == 0 and k_out % block == 0
+
 
 class UnionFind:
     """Union-find over channel ids, vectorised with numpy; a root is always the smallest id
@@ -253,7 +269,7 @@ class Context:
         together (a channel shuffle), where whole groups would tie every group into one."""
         mode = self._a.groups
         self.node.meta["fxprune_widths_per_group"] = (ins.shape[1], outs.shape[1])   # for groups="auto"
-        on_block = ins.shape[1] % self._a.block == outs.shape[1] % self._a.block == 0
+        on_block = widths_on_block(ins.shape[1], outs.shape[1], self._a.block)
         if mode == "whole" or mode == "blocked" and on_block:
             self._a.grouped_convs.append((ins.clone(), outs.clone(), whole, balanced))
         else:
@@ -290,7 +306,7 @@ class Context:
 
 class Analysis:
     def __init__(self, gm: fx.GraphModule, table: RuleTable, heads: str = "dims", example_inputs: tuple = (),
-                 groups: str = "balanced", block: int = 16):
+                 groups: str = "balanced", block: int = BLOCK):
         self.table = table
         self.block = block
         self.example_inputs = example_inputs
@@ -649,11 +665,6 @@ def _parameter_sources(node: fx.Node, params: dict, seen: set) -> list[fx.Node] 
 
 HEADS = ("dims", "whole")
 GROUPS = ("balanced", "blocked", "whole")
-# ORT's CPU kernels run a grouped conv in their blocked layout (NCHWc: 16 channels on AVX-512, 8 on AVX2) only
-# while its widths per group are multiples of the block: cut the same number from each group and it runs in
-# NCHW between two reorders; ``groups="blocked"`` removes such groups whole instead. The default block when
-# none is given (the pipeline asks ORT for its own: fxprune.cost.latency_table.nchwc_block)
-BLOCK = 16
 
 
 def couple(gm: fx.GraphModule, example_inputs: tuple, table: RuleTable, heads: str = "dims",
