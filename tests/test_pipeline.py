@@ -101,6 +101,23 @@ def test_one_budget_search_serves_every_planner():
         Budget(flops=0.5, ratio=0.5)
 
 
+def test_a_rounding_step_past_the_budget_is_given_back_to_the_other_groups():
+    """The step that meets ``flops=0.5`` moves group '0' from 16 to 8 channels (its rounding knows no
+    count between) and leaves 0.29 of the FLOPs; the search gives group '2' back its most important
+    channels while the budget holds: 15 of them, 0.48 of the FLOPs."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
+    graph = fxprune.analyze(net, (torch.randn(1, 3, 8, 8),))
+    from fxprune.cost import CostModel
+    scores = {"0": torch.ones(16), "2": torch.arange(1.0, 17.0)}
+    to_8_or_16 = lambda name, n: (8 if n <= 8 else 16) if name == "0" else n   # noqa: E731
+    plan = fxprune.make_plan(graph, scores, flops=0.5, round_to=to_8_or_16)
+    assert len(plan.keep["0"]) == 8 and plan.keep["2"] == list(range(1, 16))   # the least important went
+    cost = CostModel(graph)
+    kept = cost.flops(plan.mask(graph).numpy()) / cost.base_flops
+    assert 0.47 < kept <= 0.5
+
+
 def test_an_onnx_failure_of_the_unpruned_model_too_is_reported_not_raised(monkeypatch):
     """When the pruned model's ONNX file fails, the unpruned model is tried: failing too, it is the
     exporter's limit (the model comes back, checked by mask-equivalence, with a warning); passing, the
