@@ -19,20 +19,19 @@ import argparse
 import contextlib
 import copy
 import os
-import statistics
 import sys
 import warnings
 from unittest import mock
 
 import torch
-import torchvision
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxprune  # noqa: E402
-from bench_accuracy import accuracy, train  # noqa: E402
+from bench_accuracy import accuracy, mean_std, train  # noqa: E402
 from bench_equal_latency import MODELS as SMALL  # noqa: E402
+from bench_latency import load  # noqa: E402
 from fxprune.cost import count_flops, count_params  # noqa: E402
 from fxprune.plan import budget  # noqa: E402
 
@@ -45,10 +44,7 @@ def build(name):
     torch.manual_seed(0)
     if name in SMALL:
         return SMALL[name]().eval(), torch.randn(1, 1, 28, 28)
-    if name.startswith("timm:"):
-        import timm
-        return timm.create_model(name[5:], pretrained=False).eval(), torch.randn(1, 3, 224, 224)
-    return getattr(torchvision.models, name)(weights=None).eval(), torch.randn(1, 3, 224, 224)
+    return load(name), torch.randn(1, 3, 224, 224)
 
 
 def pruned(model, x, refill: bool):
@@ -83,7 +79,7 @@ def main(argv=None):
             if args.accuracy and name in SMALL:
                 accs = [100 * accuracy(train(copy.deepcopy(p), (xtr, ytr), epochs=1, lr=0.05, samples=5000, seed=s,
                                              device="cpu", desc="fine-tune"), test, "cpu") for s in range(args.seeds)]
-                row.append(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.2f}")
+                row.append("{:.2f} ± {:.2f}".format(*mean_std(accs)))
             rows.append(row)
             print(row, flush=True)
     head = ["model", "search", "FLOPs kept", "params"] + (["test acc % (mean ± std)"] if args.accuracy else [])
