@@ -188,6 +188,35 @@ def test_attribute_literal_is_set_on_the_copy_or_pinned():
     assert g.c1.out_channels == 8 and fxprune.report(g).mask["ok"]
 
 
+class Ghost(nn.Module):
+    """GhostNet's module: a conv and a cheap depthwise conv of its output, concatenated (12 channels) and
+    cut back to a width held in an attribute (``out[:, :self.out_chs]``)."""
+
+    def __init__(self, out_chs=10):
+        super().__init__()
+        self.out_chs = out_chs
+        self.primary = nn.Conv2d(3, 6, 1)
+        self.cheap = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.head = nn.Conv2d(out_chs, 4, 1)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        out = torch.cat([x1, self.cheap(x1)], 1)
+        return self.head(F.relu(out[:, :self.out_chs]))
+
+
+def test_a_slice_bound_held_in_an_attribute_is_set_on_the_copy():
+    torch.manual_seed(0)
+    model, x = Ghost().eval(), torch.randn(1, 3, 6, 6)
+    p = fxprune.compile(model, (x,), ratio=0.5, output="module")          # pinned every channel before
+    rep = fxprune.report(p)
+    assert type(p) is Ghost and rep.verified and rep.onnx["ok"] and model.out_chs == 10
+    assert p.primary.out_channels == 3 and p.out_chs == p.head.in_channels < 10
+    g = fxprune.compile(model, (x,), ratio=0.5, onnx=False)
+    with torch.no_grad():
+        assert (p(x) - g(x)).abs().max() <= 1e-5
+
+
 class Attention(nn.Module):
     """nn.MultiheadAttention on a stream whose width nothing in the code writes: embed_dim and head_dim shrink."""
 
@@ -215,6 +244,46 @@ def test_multihead_attention_module_output():
     g = fxprune.apply(model, (x,), rep.plan, onnx=False)
     with torch.no_grad():
         assert (p(x) - g(x)).abs().max() <= 1e-5                 # the query scale is folded in both
+
+
+class Mixer(nn.Module):
+    """A residual stream and an attention-like inner width of 4 heads, written back with the *stream's*
+    size read at run time (``B, N, C = x.shape ... reshape(B, N, C)``, as timm's MetaFormer attention
+    does): a module copy reads the stream's kept width there, not the inner one."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(6, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        v = self.v(x).reshape(B, N, self.heads, -1).transpose(1, 2)
+        h = F.relu(v).transpose(1, 2).reshape(B, N, C)   # RUN-TIME SIZE
+        return self.head(x + self.proj(h))
+
+
+def test_a_size_read_at_run_time_from_another_tensor_pins_in_module_output():
+    torch.manual_seed(0)
+    model, x = Mixer().eval(), torch.randn(2, 5, 6)
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1) if text.endswith("# RUN-TIME SIZE"))
+    p = fxprune.compile(model, (x,), ratio=0.5, output="module")          # raised a raw RuntimeError before
+    rep = fxprune.report(p)
+    assert type(p) is Mixer and rep.verified and rep.onnx["ok"]
+    assert p.v.out_features == 16 and p.proj.in_features == 16 and p.inp.out_features == 16   # both kept
+    pins = [str(pin) for g in fxprune.Pipeline(model, (x,), output="module").graph.groups.values() for pin in g.pins]
+    assert any(f"test_module_output.py:{line}" in pin and "reads the size" in pin and "at run time" in pin
+               for pin in pins)
+    g = fxprune.compile(model, (x,), ratio=0.5, onnx=False)               # the graph passes the number
+    assert g.get_submodule("proj").in_features == 8 and fxprune.report(g).mask["ok"]
+    plan = fxprune.report(g).plan
+    plan.keep["v"] = plan.keep["v"][::2]                      # the inner width cut to 4 (1 per head), the stream to 8
+    with pytest.raises(PlanError, match="reads the size .* at run time: under this plan, the pruned graph passes 4"):
+        fxprune.Pipeline(model, (x,), onnx=False).build(plan, output="module")   # refused by name, not a raw error
 
 
 def test_hugging_face_resnet_module_output():

@@ -620,8 +620,9 @@ def test_a_fixed_tensor_along_the_channels_is_gathered(capture):
     pruned, rep = prune_and_check(model, (X,), ratio=0.5, capture=capture, round_to=None, must_shrink=["stem"])
     kept = len(rep.plan.keep["stem"])
     gathers = [n for n in pruned.graph.nodes if n.target is torch.index_select]
-    assert len(gathers) >= 3 and kept < 12  # gamma, the embedding, the where's condition
+    assert len(gathers) == 2 and kept < 12  # the embedding, the where's condition
     assert all(int(getattr(pruned, g.args[2].target).numel()) == kept for g in gathers)
+    assert pruned.gamma.shape == (kept,)    # gamma.reshape(1, -1, 1, 1): the vector is sliced, its view follows
     assert rep.mask["max_rel_diff"] < 1e-5
 
 
@@ -632,6 +633,21 @@ def test_a_fixed_tensor_along_the_channels_pins_them_for_a_module_copy():
     assert copy.stem.out_channels == 12 and "stem" not in rep.plan.keep
     assert "kept positions" in rep.first_pin and "test_rules.py" in rep.first_pin
     assert copy.body[0].out_channels < 24  # the MLP's inner width still prunes
+
+
+class LayerScaleOnly(LayerScaleConv):
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.body(h).mul(self.gamma.reshape(1, -1, 1, 1)))
+
+
+def test_layer_scale_alone_prunes_in_a_module_copy():
+    torch.manual_seed(0)
+    model = LayerScaleOnly().eval()
+    copy = fxprune.compile(model, (X,), ratio=0.5, round_to=None, output="module")   # ONNX Runtime too
+    rep = fxprune.report(copy)
+    assert type(copy) is LayerScaleOnly and rep.verified and rep.onnx["ok"]
+    assert copy.stem.out_channels == copy.gamma.numel() == 6 and model.gamma.numel() == 12
 
 
 class GroupNormStream(nn.Module):

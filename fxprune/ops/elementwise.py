@@ -20,8 +20,10 @@ from .shape import broadcast_member, param_behind
 def elementwise(ctx, args, kwargs):
     """Same-position ops (activations, add, mul with broadcasting, dropout, clamp, ...).
 
-    A tensor without channels that varies along the dims that carry them (a parameter reshaped
-    to ``[1, C, 1, 1]``, an embedding computed at run time, rotary ``cos``/``sin`` over a heads x
+    A parameter broadcast along the channels (a class token's ``expand``, LayerScale's
+    ``gamma.view(1, -1, 1, 1)``) is sliced (:func:`~fxprune.ops.shape.param_behind`). A tensor without
+    channels that varies along the dims that carry them (a parameter reshaped to a written-out
+    ``[1, C, 1, 1]``, an embedding computed at run time, rotary ``cos``/``sin`` over a heads x
     dims grid) keeps the op exact when the pruned graph takes only its kept positions: the node
     is marked ``fxprune_gather`` and the rewrite reads it there
     (:func:`fxprune.rewrite.graph.gather_kept`; the ONNX export folds it on a constant)."""
@@ -66,10 +68,10 @@ def elementwise(ctx, args, kwargs):
             source = None if where is None else (
                 ctx.node.args[where] if isinstance(where, int) else ctx.node.kwargs[where])
             param = param_behind(ctx, source, t, vary)
-            if param is not None:   # a learned token broadcast (cls_token.expand(n, -1, -1)): sliced, as in a cat
+            if param is not None:   # cls_token.expand(n, -1, -1), gamma.view(1, -1, 1, 1): sliced, as in a cat
                 broadcast_member(ctx, param, result, vary, sizes, nd)
             elif len(vary) <= 2 and where is not None and min(dims) >= 0:
-                # LayerScale's gamma.view(1, -1, 1, 1), a computed embedding, rotary cos/sin over heads x dims
+                # a parameter viewed with its count written out, a computed embedding, rotary cos/sin over heads x dims
                 gathers.append((where, dims))
             else:
                 ctx.pin(result, f"'{ctx.node.name}' combines them with a tensor whose channels are fixed")

@@ -567,25 +567,51 @@ BROADCASTS = (torch.ops.aten.expand.default, torch.ops.aten.contiguous.default, 
 
 
 def broadcast_member(ctx, param, label, vary, shape, nd):
-    """``param`` (found by :func:`param_behind`) is sliced along the one channel dim ``vary`` of the
-    ``nd``-dim value it is broadcast to (its own ``shape`` there), as ``label`` says: a ``scale`` member."""
+    """``param`` (``(name, dim)``, found by :func:`param_behind`) is sliced along its ``dim`` as the one
+    channel dim ``vary`` of the ``nd``-dim value it is broadcast to (its own ``shape`` there), as ``label``
+    says: a ``scale`` member."""
     (d,) = vary
-    dims = len(ctx.gm.get_parameter(param).shape)
-    ctx.member(param, d - (nd - dims), along(label, d, shape[d]), "producer", "scale")
+    name, dim = param
+    ctx.member(name, dim, along(label, d, shape[d]), "producer", "scale")
+
+
+RESHAPES = ("reshape", "view", torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
 
 def param_behind(ctx, node, t, vary):
-    """The parameter that ``node`` broadcasts (``class_token.expand(n, -1, -1)``), when its
-    entries line up with the channel dim ``vary`` of the value; else None."""
+    """``(name, dim)`` of the parameter that ``node`` broadcasts, when the entries along its ``dim`` line
+    up with the channel dim ``vary`` of the value ``t``: a class token (``class_token.expand(n, -1, -1)``),
+    or a vector reshaped with ``-1`` at that dim (LayerScale's ``gamma.view(1, -1, 1, 1)``: slicing the
+    vector slices the view); else None."""
     while isinstance(node, fx.Node) and (node.op == "call_method" and node.target in ("expand", "contiguous", "clone")
                                          or node.op == "call_function" and node.target in BROADCASTS):
         node = node.args[0]
-    if len(vary) != 1 or not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    try:
-        shape = ctx.gm.get_parameter(node.target).shape
-    except AttributeError:
+    if len(vary) != 1 or not isinstance(node, fx.Node):
         return None
     (d,) = vary
+    if node.op in ("call_method", "call_function") and node.target in RESHAPES and len(node.args) >= 2:
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        td = d - (len(ctx.out_shape) - len(t.shape))  # the channel dim among the view's own dims
+        vector = _parameter(ctx, node.args[0])
+        if vector is None or len(vector[1]) != 1 or len(sizes) != len(t.shape) or not 0 <= td < len(sizes) \
+                or sizes[td] != -1 or any(s != 1 for i, s in enumerate(sizes) if i != td):
+            return None
+        return vector[0], 0
+    found = _parameter(ctx, node)
+    if found is None:
+        return None
+    name, shape = found
     pd = d - (len(t.shape) - len(shape))
-    return node.target if 0 <= pd < len(shape) and shape[pd] == t.shape[d] else None
+    return (name, pd) if 0 <= pd < len(shape) and shape[pd] == t.shape[d] else None
+
+
+def _parameter(ctx, node):
+    """``(name, shape)`` of the parameter a ``get_attr`` node reads, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        return node.target, ctx.gm.get_parameter(node.target).shape
+    except AttributeError:
+        return None

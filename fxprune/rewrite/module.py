@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import re
 
@@ -101,13 +102,28 @@ def _scratch(gm: fx.GraphModule, owner: torch.nn.Module) -> tuple[fx.Graph, dict
     return graph, {new: old for old, new in val_map.items()}
 
 
-def _literal_change(before, after):
+def _literal_change(before, after, rw=None):
     """The first literal of ``before`` (a node's target, args, kwargs) that ``after`` changes,
-    as ``(old value, new value)``; values ``before`` computes at run time (nodes) may change.
-    A list or tuple of plain numbers is one literal (``split([32, 32])``)."""
+    as ``(old value, new value)``; values ``before`` computes at run time (nodes) may change,
+    except (given ``rw``) a size the code reads at run time that a module copy would read as
+    another number than the pruned graph passes (:class:`_RunTimeSize`).
+    A list or tuple of plain numbers is one literal (``split([32, 32])``); an index is looked into
+    (``x[:, :20]`` changes the literal 20)."""
     if isinstance(before, fx.Node):
+        if rw is None or isinstance(after, fx.Node):
+            return None
+        value, sources = _copy_value(before, rw)
+        return None if value is not _UNKNOWN and _same(value, after) else (_RunTimeSize(before, value, sources), after)
+    if isinstance(before, slice) and isinstance(after, slice):  # x[:, :self.width]: the bound that changes
+        def bounds(sl):  # start None and 0 read alike, step None and 1
+            return (0 if sl.start is None else sl.start), sl.stop, (1 if sl.step is None else sl.step)
+
+        for b, a in zip(bounds(before), bounds(after)):
+            found = _literal_change(b, a, rw)
+            if found is not None:
+                return found
         return None
-    if isinstance(before, (tuple, list)) and _has_node(before):
+    if isinstance(before, (tuple, list)) and (_has_node(before) or any(isinstance(b, slice) for b in before)):
         pairs = list(zip(before, after)) if isinstance(after, (tuple, list)) else []
     elif isinstance(before, dict):
         pairs = [(before[k], after[k]) for k in before if k in after] if isinstance(after, dict) else []
@@ -115,7 +131,7 @@ def _literal_change(before, after):
         pairs = None
     if pairs is not None:
         for b, a in pairs:
-            found = _literal_change(b, a)
+            found = _literal_change(b, a, rw)
             if found is not None:
                 return found
         if type(before) is type(after) and len(before) == len(after) and (
@@ -125,6 +141,112 @@ def _literal_change(before, after):
     if isinstance(after, fx.Node) or type(before) is not type(after) or before != after:
         return (before, after)
     return None
+
+
+_UNKNOWN = object()
+_ARITHMETIC = {operator.add: 2, operator.sub: 2, operator.mul: 2, operator.floordiv: 2, operator.truediv: 2,
+               operator.mod: 2, operator.neg: 1}
+
+
+class _RunTimeSize:
+    """A size the model's code computes at run time (``C`` of ``B, N, C = x.shape``) where the pruned
+    graph passes another number: what a module copy reads there (``value``, or ``_UNKNOWN``), and the
+    ``(tensor node, dim)`` shapes it reads it from (``dim`` None: the whole shape)."""
+
+    def __init__(self, node: fx.Node, value, sources: list):
+        self.node, self.value, self.sources = node, value, sources
+
+
+def _copy_value(value, rw: Resizer):
+    """``(what a module copy computes for value, [(tensor node, dim)] read)``: ``value`` evaluated on the
+    pruned shapes (``x.shape``, ``x.size(d)``, ``aten.sym_size``, indexing and arithmetic on those);
+    ``_UNKNOWN`` for anything else."""
+    sources: list = []
+
+    def shape_of(x, dim=None):
+        shape = rw.new_shape(x) if isinstance(x, fx.Node) else None
+        if not isinstance(shape, (tuple, list, torch.Size)) or not all(isinstance(d, int) for d in shape):
+            return _UNKNOWN
+        sources.append((x, None if dim is None else dim % len(shape)))
+        return tuple(shape) if dim is None else shape[dim]
+
+    def ev(v):
+        if isinstance(v, (tuple, list)):
+            vals = [ev(a) for a in v]
+            return _UNKNOWN if any(a is _UNKNOWN for a in vals) else type(v)(vals)
+        if not isinstance(v, fx.Node):
+            return v
+        args = v.args
+        if v.op == "call_method" and v.target == "size":
+            dim = args[1] if len(args) > 1 else v.kwargs.get("dim")
+            return shape_of(args[0], dim) if dim is None or isinstance(dim, int) else _UNKNOWN
+        if v.op == "call_function" and v.target is getattr and args[1:] == ("shape",):
+            return shape_of(args[0])
+        if v.op == "call_function" and v.target is torch.ops.aten.sym_size.int:
+            return shape_of(args[0], args[1])
+        if v.op == "call_function" and v.target is operator.getitem:
+            seq, index = ev(args[0]), ev(args[1])
+            if isinstance(seq, tuple) and isinstance(index, (int, slice)):
+                return seq[index]
+            return _UNKNOWN
+        if v.op == "call_function" and _ARITHMETIC.get(v.target) == len(args):
+            vals = [ev(a) for a in args]
+            return _UNKNOWN if any(not isinstance(a, (int, float)) for a in vals) else v.target(*vals)
+        return _UNKNOWN
+
+    return ev(value), sources
+
+
+def _source_channels(sources: list) -> torch.Tensor:
+    """The global channels along the dims of the shapes a run-time size reads."""
+    found = [torch.zeros(0, dtype=torch.long)]
+    for x, dim in sources:
+        label, shape = x.meta.get("fxprune"), meta_shapes(x)
+        if not isinstance(label, torch.Tensor):
+            continue
+        for d in varying(label) if dim is None else [dim]:
+            if d in varying(label):
+                found.append(along(label, d, shape[d]))
+    ch = torch.unique(torch.cat(found))
+    return ch[ch >= 0]
+
+
+def _replaces_node(before, after) -> bool:
+    """Whether ``after`` passes a number where ``before`` passed a value computed at run time."""
+    if isinstance(before, fx.Node):
+        return not isinstance(after, fx.Node)
+    if isinstance(before, (tuple, list)) and isinstance(after, (tuple, list)) and len(before) == len(after):
+        return any(_replaces_node(b, a) for b, a in zip(before, after))
+    if isinstance(before, dict) and isinstance(after, dict):
+        return any(_replaces_node(before[k], after[k]) for k in before if k in after)
+    return False
+
+
+def _probe_masks(n: int) -> list[torch.Tensor]:
+    """Keep-masks unlike one another (every third channel out, the first half, a random half): a size the
+    code reads at run time that equals what the pruned graph passes under each of them reads the same
+    channels (with every unpinned channel removed, two different sets of channels both count 0)."""
+    idx = torch.arange(n)
+    return [idx % 3 != 0, idx < n // 2, torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.5]
+
+
+def _run_time_change(node: fx.Node, rule, before, probes: list):
+    """The first :class:`_RunTimeSize` change of ``node``'s ``fix`` under the ``probes``' plans, else None;
+    ``node`` is left as the fix made it before."""
+    fixed = _snapshot(node)
+    try:
+        for rw in probes:
+            node.target, node.args, node.kwargs = before
+            try:
+                rule.fix(node, rw)
+            except Exception:  # a plan the fix cannot take (unequal heads): it says nothing of the sizes
+                continue
+            change = _literal_change(before, _snapshot(node), rw)
+            if change is not None and isinstance(change[0], _RunTimeSize):
+                return change
+        return None
+    finally:
+        node.target, node.args, node.kwargs = fixed
 
 
 def _has_node(value) -> bool:
@@ -208,6 +330,13 @@ def _reason(node, gm, change, plan=False) -> str:
                 "the pruned graph reads it at the "
                 "kept positions, a module copy runs that code unchanged, so its channels are kept (output='graph' "
                 "prunes them)")
+    if isinstance(old, _RunTimeSize):
+        reads = "a number it cannot tell" if old.value is _UNKNOWN else repr(old.value)
+        when = "under this plan" if plan else "under a plan that cuts them"
+        return (f"{describe(node, gm)} ({source_of(node)}) reads the size '{old.node.name}' at run time: {when}, the "
+                f"pruned graph passes {new!r} there, where a module copy, running that code, would read {reads}"
+                + ("" if plan else "; so its channels, and those it reads the size of, are kept (output='graph' "
+                   "passes the number)"))
     if isinstance(old, dict):  # keyword arguments the graph rewrite adds (sdpa's scale when head_dim shrinks)
         what = f"the keyword arguments {old!r} (the pruned graph passes {new!r})"
     elif isinstance(old, (int, float, tuple, list)):
@@ -338,6 +467,7 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
     rw = Resizer(keep)
     starts = sorted((off, name) for name, off in graph.offsets.items())
     bounds = torch.tensor([o for o, _ in starts], dtype=torch.long)
+    probes = [Resizer(keep | m) for m in _probe_masks(graph.num_channels)]
     added: list[Pin] = []
     found: list[tuple] = []
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -358,9 +488,15 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
         before, count = _snapshot(node), len(scratch.nodes)
         try:
             rule.fix(node, rw)
-            change = _literal_change(before, _snapshot(node))
+            change = _literal_change(before, _snapshot(node), rw)
+            if change is not None and isinstance(change[0], _RunTimeSize):
+                ch = torch.unique(torch.cat([ch, _source_channels(change[0].sources)]))
             if change is None and len(scratch.nodes) != count:   # an op added before it (a zero joined to a max)
                 change = (_ADDED, None)
+            elif change is None and _replaces_node(before, _snapshot(node)):
+                change = _run_time_change(node, rule, before, probes)
+                if change is not None:
+                    ch = torch.unique(torch.cat([ch, _source_channels(change[0].sources)]))
         except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
             change = (_UNCHECKED, f"{type(exc).__name__}: {exc}")
         if change is not None:
@@ -433,7 +569,7 @@ def rewrite_module(graph, plan, model: torch.nn.Module) -> torch.nn.Module:
                 continue  # nothing of it is removed: the fix has nothing to change
             before = _snapshot(node)
             rule.fix(node, rw)
-            change = _literal_change(before, _snapshot(node))
+            change = _literal_change(before, _snapshot(node), rw)
             attr = node.meta.get("fxprune_attribute")
             owner = new.get_submodule(attr[0]) if change is not None and attr is not None else None
             held = getattr(owner, attr[1], None) if owner is not None else None
