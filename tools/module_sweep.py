@@ -34,8 +34,8 @@ DEFAULT = ("ultralytics:yolov8n", "ultralytics:yolo11n", "ultralytics:yolov8n-cl
            "hf:GPT2LMHeadModel", "hf:T5EncoderModel", "hf:ViTForImageClassification", "hf:SwinForImageClassification",
            "hf:ConvNextForImageClassification", "hf:Wav2Vec2Model", "timm:resnet10t", "timm:vit_tiny_patch16_224",
            "timm:mobilenetv3_small_050", "timm:efficientvit_m0", "timm:efficientvit_b0", "timm:levit_128s",
-           "timm:mobilevit_xxs", "smp:Unet-resnet18")
-LITERAL = ("in the model's code", "ends a channel shuffle", "could not be checked for literal sizes")
+           "timm:mobilevit_xxs", "smp:Unet-resnet18", "timm:caformer_s18", "timm:ghostnetv2_100", "timm:convnext_atto")
+LITERAL = ("in the model's code", "ends a channel shuffle", "could not be checked for literal sizes", "reads the size")
 
 
 def worker(name: str, onnx: bool) -> dict:
