@@ -489,14 +489,12 @@ def pin_literals(graph, model: torch.nn.Module | None = None) -> list[Pin]:
         try:
             rule.fix(node, rw)
             change = _literal_change(before, _snapshot(node), rw)
-            if change is not None and isinstance(change[0], _RunTimeSize):
-                ch = torch.unique(torch.cat([ch, _source_channels(change[0].sources)]))
             if change is None and len(scratch.nodes) != count:   # an op added before it (a zero joined to a max)
                 change = (_ADDED, None)
             elif change is None and _replaces_node(before, _snapshot(node)):
                 change = _run_time_change(node, rule, before, probes)
-                if change is not None:
-                    ch = torch.unique(torch.cat([ch, _source_channels(change[0].sources)]))
+            if change is not None and isinstance(change[0], _RunTimeSize):  # the sizes it reads are kept too
+                ch = torch.unique(torch.cat([ch, _source_channels(change[0].sources)]))
         except Exception as exc:  # a fix that cannot be asked: keep its channels, say why
             change = (_UNCHECKED, f"{type(exc).__name__}: {exc}")
         if change is not None:
