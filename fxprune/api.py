@@ -66,7 +66,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
 
     ``latency=t`` plans with a :class:`~fxprune.cost.latency_table.LatencyModel` (built here, its
     ORT kernel times cached per machine, unless given as ``latency_model``): channels ranked by
-    importance, as for ``flops=``, removed until the model predicts ``t`` of the original's latency,
+    importance, removed until the model predicts ``t`` of the original's latency,
     at its fast counts; the plan is exported, timed against the original and re-planned from the
     measured misses until one measures within ``[0.9, 0.96] × latency``
     (:func:`fxprune.cost.latency.fit_latency`). ``latency_options={"ranking": "per ms"}`` ranks
@@ -84,7 +84,11 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
     (:func:`fxprune.plan.budget.default_round_to`; ``$FXPRUNE_ROUND_TO`` overrides it), whichever
     method plans; where the fast counts cannot reach the budget (a small model whose groups are one
     block wide), counts below a group's first fast count stay as the budget needs, the others still
-    rounded (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`, with a warning).
+    rounded (:meth:`~fxprune.cost.latency_table.FastCounts.relaxed`, with a warning). On fast counts a
+    ``flops=`` budget ranks channels ``"latency-weighted"`` (:func:`fxprune.plan.make_plan`: importance over
+    the square root of the group's predicted latency per FLOP, every group keeping a quarter where the budget
+    allows), so the FLOPs it removes are those ORT spends most time on; ``latency_options={"ranking":
+    "importance"}`` ranks by importance alone (training-time methods' cuts always do).
     ``round_to=None`` does not round. ``data`` feeds data-driven
     criteria. With ``verify`` (the default) the result is checked by
     mask-equivalence and, with ``onnx``, in ONNX Runtime; a mismatch raises
@@ -138,9 +142,9 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         raise ConfigError("give exactly one budget: latency= cannot be combined with ratio=, flops= or params=")
     own_plan = callable(getattr(criterion, "plan", None))   # CURL, CATRO: the latency model only rounds their counts
     options = dict(latency_options or {})
-    ranking = options.pop("ranking", "importance")
+    ranking = options.pop("ranking", None)
+    _check_ranking(ranking, own_plan, name, latency_model)
     if latency is not None:
-        _check_ranking(ranking, own_plan, name, latency_model)
         if latency_model is None and not own_plan:
             latency_model = True
     by_default = is_default(round_to)
@@ -161,7 +165,7 @@ def compile(model: torch.nn.Module, example_inputs, method="l2", *, ratio=None, 
         plan, history = fit_latency(model, pipe.graph, latency, planner=lambda t: planner(latency=t), **options)
     else:   # no latency model (CURL, CATRO, latency_model=False): fit the FLOPs budget
         plan, history = search_latency(model, pipe.graph, latency, planner=lambda f: planner(flops=f), **options)
-    plan.meta["ranking"] = ranking
+    plan.meta["ranking"] = ranking or "importance"
     return pipe.build(plan, method=name, search=history)
 
 
@@ -196,14 +200,17 @@ def _choose_groups(pipe: Pipeline, latency_model: LatencyModel, budget: dict, op
 
 
 def _check_ranking(ranking, own_plan: bool, name: str, latency_model) -> None:
-    """Raise :class:`ConfigError` unless ``latency_options["ranking"]`` names a ranking this method can use."""
+    """Raise :class:`ConfigError` unless ``latency_options["ranking"]`` (None: the default) names a ranking this
+    method can use."""
+    if ranking is None or ranking == "importance":
+        return
     if ranking not in RANKINGS:
         raise ConfigError(f"latency_options ranking={ranking!r}: give one of {', '.join(map(repr, RANKINGS))}")
-    if ranking == "per ms" and own_plan:
-        raise ConfigError(f"method '{name}' chooses its channels itself, so it cannot rank them per millisecond: "
-                          "drop latency_options ranking='per ms' (its latency= fits the FLOPs budget)")
-    if ranking == "per ms" and latency_model is False:
-        raise ConfigError("the per-ms ranking needs a latency model: drop latency_model=False, or the ranking")
+    if own_plan:
+        raise ConfigError(f"method '{name}' chooses its channels itself, so it cannot rank them by latency: "
+                          f"drop latency_options ranking={ranking!r} (its latency= fits the FLOPs budget)")
+    if latency_model is False:
+        raise ConfigError(f"the {ranking!r} ranking needs a latency model: drop latency_model=False, or the ranking")
 
 
 def _check_parts(data, latency, latency_model, output, why: str) -> None:

@@ -154,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--repeats", type=int, default=30, help="--latency: timed runs per candidate (median)")
     prune.add_argument("--steps", type=int, default=None,
                        help="--latency: candidates measured (default 6)")
-    prune.add_argument("--latency-ranking", choices=("importance", "per-ms"), default="importance",
-                       help="--latency: plan on a measured per-op latency model with channels ranked by importance "
-                            "(the default) or by importance per millisecond (per-ms, HALP's ranking); either way "
-                            "each plan is measured against the original and corrected")
+    prune.add_argument("--latency-ranking", choices=("importance", "per-ms", "latency-weighted"), default=None,
+                       help="how channels are ranked on the measured per-op latency model: --latency ranks by "
+                            "importance by default (or per-ms: importance per millisecond, HALP's ranking), each "
+                            "plan measured against the original and corrected; --flops with the default fast "
+                            "counts ranks latency-weighted by default (importance over the square root of the "
+                            "group's latency per FLOP), importance alone with 'importance'")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help=MODEL_HELP)
@@ -248,14 +250,15 @@ def _model(args):
 def _prune(args) -> int:
     model = _model(args)
     inputs = _inputs(args)
-    latency_options = None
+    ranking = args.latency_ranking.replace("-", " ") if args.latency_ranking == "per-ms" else args.latency_ranking
+    latency_options = None if ranking is None else {"ranking": ranking}
     if args.latency is not None:
         steps = args.steps or 6
         if args.repeats < 1 or steps < 1:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
-        ranking = args.latency_ranking.replace("-", " ")
+        ranking = ranking or "importance"
         latency_options = {"steps": steps, "repeats": args.repeats, "progress": True, "ranking": ranking}
-        how = f"latency model, channels ranked by {'importance per ms' if ranking == 'per ms' else 'importance'}"
+        how = f"latency model, channels ranked by {'importance per ms' if ranking == 'per ms' else ranking}"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
               f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "
               "rounds, median of the rounds' ratios):", flush=True)

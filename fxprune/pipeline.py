@@ -154,7 +154,7 @@ class Pipeline:
 
     def planner(self, criterion, name: str | None = None, *, data=None, seed: int = 0, method_options=None,
                 ignore=(), min_keep: int = 1, floor: float = 0.0, round_to=None, meta=None, latency_model=None,
-                ranking: str = "importance"):
+                ranking: str | None = None):
         """A function ``(ratio=, flops=, params=, latency=) -> Plan`` for ``criterion`` on this model.
 
         A criterion with a ``plan`` attribute chooses its own channels under the budget
@@ -164,7 +164,8 @@ class Pipeline:
         once, ``criterion(graph, data=, seed=, **method_options)``, and its scores are planned
         by :func:`~fxprune.plan.make_plan` for every budget asked (``latency=`` and
         ``round_to="fast"`` with ``latency_model``, a :class:`~fxprune.cost.latency_table.LatencyModel`;
-        ``ranking`` says how a ``latency=`` budget ranks channels).
+        ``ranking`` says how channels are ranked, None: :func:`~fxprune.plan.budget.default_ranking`, and
+        importance for a training-time method's cut).
         """
         if not callable(criterion):
             raise ConfigError(f"method must be a registered name or a callable, not {type(criterion).__name__}")
@@ -182,6 +183,8 @@ class Pipeline:
             # channels its training schedule drove to zero rounds as that schedule did (resolve_rounding)
             fast = FastCounts(latency_model or LatencyModel(graph))
             common["round_to"] = fast.relaxed() if relaxed else fast
+        if relaxed and ranking is None:   # the cut takes what the method's schedule chose, ranked by importance
+            ranking = "importance"
         if callable(own):
 
             def plan(ratio=None, flops=None, params=None, latency=None) -> Plan:

@@ -251,7 +251,7 @@ class Growing:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the budget cannot be met")
             plan = make_plan(self.graph, scores, flops=self.flops, ignore=self.ignore, round_to=self.round_to,
-                             latency_model=self.latency_model, meta={"method": "schedule"})
+                             latency_model=self.latency_model, ranking="importance", meta={"method": "schedule"})
         self.scheduled = {}
         for name, kept in plan.keep.items():
             if name in self.members:

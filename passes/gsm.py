@@ -213,7 +213,7 @@ class GSM(torch.optim.SGD):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the budget cannot be met")
             plan = make_plan(self.graph, scores, flops=self.flops, round_to=self.round_to,
-                             latency_model=self.latency_model, meta={"method": "gsm"})
+                             latency_model=self.latency_model, ranking="importance", meta={"method": "gsm"})
         self.active = {}
         for name in sal:
             act = torch.ones(self.graph.groups[name].size, dtype=torch.bool)

@@ -695,6 +695,72 @@ def test_compile_latency_ranking_errors(method, options, why):
         fxprune.compile(wide_net(), (X8,), method=method, latency=0.5, latency_options=options, **kw)
 
 
+def dw_heavy_net():
+    """Group '0' feeds a depthwise conv (costly per FLOP in :func:`dw_heavy`), '4' and '6' plain convs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 8, 3, padding=1)).eval()
+
+
+def dw_heavy(sig):
+    """The fake table, with depthwise convs 30 times slower per MAC than the others (as in ORT)."""
+    return 30 * fake(sig) if sig.kind == "conv" and sig.groups > 1 else fake(sig)
+
+
+def test_flops_budget_ranks_latency_weighted_by_default():
+    """Rounded to fast counts, ``flops=`` ranks channels by importance over the square root of their group's
+    latency per FLOP (against the model's): at the same FLOPs the plan runs faster, the costly group losing
+    more; each group keeps a quarter where the budget allows; with exact counts, importance alone."""
+    from fxprune.cost import CostModel
+    from fxprune.plan.budget import WEIGHTED_FLOOR, latency_intensity
+
+    x = torch.randn(1, 3, 16, 16)
+    graph = fxprune.analyze(dw_heavy_net(), (x,))
+    lm = LatencyModel(graph, table=FunctionTable(dw_heavy))
+    groups = [g for g in graph.groups.values() if g.prunable]
+    intensity = latency_intensity(graph, groups, lm)
+    assert intensity["0"] > 4 and intensity["4"] < 1 and intensity["6"] < 1
+    torch.manual_seed(0)
+    scores = {n: 1 + 0.01 * torch.rand(g.size) for n, g in graph.groups.items()}   # alike importance
+    plans = {r: make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm, ranking=r)
+             for r in (None, "importance")}
+    assert plans[None].meta["ranking"] == "latency-weighted" and plans["importance"].meta["ranking"] == "importance"
+    assert plans[None].keep == make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm,
+                                              ranking="latency-weighted").keep
+    cost = CostModel(graph)
+    kept = {r: {n: len(p.keep.get(n, range(graph.groups[n].size))) for n in intensity} for r, p in plans.items()}
+    assert kept[None]["0"] < kept["importance"]["0"] and kept[None]["0"] >= WEIGHTED_FLOOR * 32
+    predicted = {r: lm.latency(p.mask(graph).numpy()) / lm.base for r, p in plans.items()}
+    flops = {r: cost.flops(p.mask(graph).numpy()) / cost.base_flops for r, p in plans.items()}
+    assert all(0.45 < f <= 0.5 for f in flops.values())
+    assert predicted[None] < 0.9 * predicted["importance"]           # 0.57 against 0.67
+    assert plans[None].meta["floor"] == WEIGHTED_FLOOR
+    # a budget the quarter floor cannot meet: planned without it, and met
+    deep = make_plan(graph, scores, flops=0.1, round_to="fast", latency_model=lm)
+    assert deep.meta["floor"] == 0.0 and deep.meta.get("met", True)
+    assert cost.flops(deep.mask(graph).numpy()) <= 0.1 * cost.base_flops
+    # exact counts, or no latency model: importance; a latency ranking asked without one is a clear error
+    assert make_plan(graph, scores, flops=0.5, latency_model=lm).meta["ranking"] == "importance"
+    assert make_plan(graph, scores, flops=0.5).meta["ranking"] == "importance"
+    with pytest.raises(ConfigError, match="latency_model"):
+        make_plan(graph, scores, flops=0.5, ranking="latency-weighted")
+
+
+def test_zero_scores_still_go_first_under_the_latency_weighted_ranking():
+    """Channels a training-time method drove to zero (score 0) are removed before any other, whatever
+    their group's latency: the cut that takes them stays free."""
+    x = torch.randn(1, 3, 16, 16)
+    graph = fxprune.analyze(dw_heavy_net(), (x,))
+    lm = LatencyModel(graph, table=FunctionTable(dw_heavy))
+    scores = {n: torch.ones(g.size) for n, g in graph.groups.items()}
+    scores["6"][:20] = 0          # the cheapest group per FLOP holds the zeros
+    plan = make_plan(graph, scores, flops=0.75, round_to="fast", latency_model=lm)
+    assert plan.meta["ranking"] == "latency-weighted"
+    removed = set(range(32)) - set(plan.keep["6"])
+    assert set(plan.keep) == {"6"} and removed and removed <= set(range(20))   # zeros only, none of group '0'
+
+
 # -- grouped convs, balanced blocks and layout reorders ------------------------------------------
 
 class GroupedNet(nn.Module):
@@ -866,7 +932,8 @@ def test_default_fast_counts_too_coarse_for_a_small_model_relax_under_the_first_
     lm = LatencyModel(graph, table=FunctionTable(fake))
     assert lm.steps("0") == [4] and lm.steps("2") == [4, 8, 12, 16]
     with pytest.warns(UserWarning, match="cannot reach this budget on this model: groups below their first fast"):
-        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.3, latency_model=lm, onnx=False))
+        rep = fxprune.report(fxprune.compile(net, (X8,), flops=0.3, latency_model=lm, onnx=False,
+                                             latency_options={"ranking": "importance"}))   # (the rounding alone)
     kept = {name: len(idx) for name, idx in rep.plan.keep.items()}
     assert rep.plan.meta["round_to"] == "fast, under the first step"
     assert rep.flops_after <= 0.3 * rep.flops_before

@@ -8,7 +8,10 @@ each with ``method="l2"`` and the default rounding (fast counts):
 * ``latency planner`` (the default ranking, importance): ``fxprune.compile(model, x, latency=T)`` —
   channels ranked by importance, the FLOPs budget (with the latency model's fast counts) fitted so that
   the exported model measures within ``[0.9, 0.96] × T``, every candidate timed against the original.
-  This is the FLOPs budget at equal latency of the issue's comparison: ``latency=`` fits it;
+  This is a FLOPs budget ranked by importance alone, at equal latency: ``latency=`` fits it;
+* ``latency-weighted ranking``: the same with ``latency_options={"ranking": "latency-weighted"}``, the
+  ranking of a FLOPs budget on fast counts (the defaults' ``flops=``): at equal latency, the plan a FLOPs
+  budget fitted to that latency returns;
 * ``per-ms ranking``: the same with ``latency_options={"ranking": "per ms"}``: channels ranked by
   importance per millisecond of a measured per-op latency model (HALP's ranking), its plans measured
   against the original and corrected the same way.
@@ -84,13 +87,14 @@ class MobileNetS(nn.Module):
 MODELS = {"resnet20": ResNet20, "mobilenet_s": MobileNetS}
 
 
-ARMS = ("latency planner (importance ranking, default)", "per-ms ranking")
+ARMS = ("latency planner (importance ranking, default)", "per-ms ranking", "latency-weighted ranking")
+RANKING = {"per-ms ranking": "per ms", "latency-weighted ranking": "latency-weighted"}
 
 
 def prune(base, x1, target, arm, args):
     options = {"threads": args.threads, "repeats": args.search_repeats, "rounds": 3}
-    if arm == "per-ms ranking":
-        options["ranking"] = "per ms"
+    if arm in RANKING:
+        options["ranking"] = RANKING[arm]
     os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -108,6 +112,7 @@ def fmt_ratio(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["resnet20", "mobilenet_s"])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
     ap.add_argument("--target", type=float, default=0.5, help="latency target, fraction of the baseline's (batch 1)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--base-epochs", type=int, default=1)
@@ -141,7 +146,7 @@ def main(argv=None):
         print(f"{name}: baseline {base_acc:.4f} ({time.time() - t_start:.0f} s)", flush=True)
         rows.append((name, "baseline", "1.000", f"{p0:,}", "1 (reference)", "1 (reference)", f"{100 * base_acc:.2f}",
                      "-", "-"))
-        for arm in ARMS:
+        for arm in args.arms:
             pruned = prune(base, x1, args.target, arm, args)
             rep = fxprune.report(pruned)
             meta = rep.plan.meta

@@ -1,12 +1,15 @@
 """ONNX Runtime latency of pruned models: the measured latency model's error, and plans that run fast.
 
     python tools/bench_latency.py --check             # predicted vs measured latency, unpruned and flops=0.5
-    python tools/bench_latency.py                     # latency ratio table: no rounding, round_to=8, defaults, latency=0.5
+    python tools/bench_latency.py                     # latency ratio table: no rounding, round_to=8, defaults, importance ranking, latency=0.5
+    python tools/bench_latency.py --configs defaults "importance ranking" --rounds 9   # the defaults' two rankings
     python tools/bench_latency.py --breakdown         # where the time goes: ORT kernel ms per op kind, original vs defaults
     python tools/bench_latency.py --scan --rounds 7 --repeats 35   # the defaults on 56 more torchvision and timm models (20 min)
 
 ``defaults`` is ``fxprune.compile(model, (x,), method="l2", flops=0.5)`` with nothing else given (round_to
-defaults to fast counts for these convolutional models); ``latency=0.5`` is ``compile(..., latency=0.5)``:
+defaults to fast counts for these convolutional models, and channels are ranked latency-weighted);
+``importance ranking`` is the same ranked by importance alone (``latency_options={"ranking": "importance"}``,
+the defaults until the ranking became latency-weighted); ``latency=0.5`` is ``compile(..., latency=0.5)``:
 planned on the latency model (channels ranked by importance, fast counts), each plan measured against the
 original and re-planned from the misses until one measures within ``[0.45, 0.48]`` of its latency (at ``--threads``).
 
@@ -214,10 +217,12 @@ def breakdown(args):
             model = load(name)
             graph = fxprune.analyze(model, (x,))
             lm = LatencyModel(graph, threads=args.threads, progress=False)
-            scores = passes.get("l2")(graph, data=None, seed=0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                plan = make_plan(graph, scores, flops=0.5, round_to="fast", latency_model=lm)
+                os.environ.pop("FXPRUNE_ROUND_TO", None)   # the defaults as a user gets them
+                plan = fxprune.report(fxprune.compile(model, (x,), method="l2", flops=0.5, verify=False,
+                                                      onnx=False)).plan
+            graph, lm = plan_graph(model, x, graph, lm, plan, args.threads)  # the graph the plan was made on
             cols = {}
             for label, p in (("original", None), ("defaults", plan)):
                 keep = np.ones(graph.num_channels, bool) if p is None else p.mask(graph).numpy()
@@ -271,6 +276,7 @@ def configs(model, x, graph, scores, threads):
         "no rounding": lambda: make_plan(graph, scores, flops=0.5),
         "round_to=8": lambda: make_plan(graph, scores, flops=0.5, round_to=8),
         "defaults": lambda: compiled(flops=0.5),
+        "importance ranking": lambda: compiled(flops=0.5, latency_options={"ranking": "importance"}),
         "latency=0.5": lambda: compiled(latency=0.5, latency_options={"threads": threads, "repeats": 20}),
     }
 

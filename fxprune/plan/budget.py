@@ -325,13 +325,38 @@ def ranked(g, s: torch.Tensor) -> np.ndarray:
     return np.lexsort((np.arange(g.size), key.numpy()))
 
 
-RANKINGS = ("importance", "per ms")   # how a latency= budget ranks channels
+RANKINGS = ("importance", "per ms", "latency-weighted")   # how a FLOPs or latency budget ranks channels
+
+
+def default_ranking(budget: Budget, latency_model) -> str:
+    """The ranking of :func:`make_plan` when none is given: ``"latency-weighted"`` for a FLOPs budget rounded to
+    fast counts (:class:`~fxprune.cost.latency_table.FastCounts` of ``latency_model``, the default for
+    convolutional models), else ``"importance"``."""
+    fast = isinstance(budget.round_to, FastCounts) and latency_model is not None
+    return "latency-weighted" if budget.flops is not None and fast else "importance"
+
+
+INTENSITY_CLAMP = (0.1, 10.0)   # a group's latency per FLOP, against the model's, is taken within these
+WEIGHTED_FLOOR = 0.25   # the latency-weighted ranking leaves every group this fraction, where the budget allows
+
+
+def latency_intensity(graph, groups, latency_model) -> dict[str, float]:
+    """Each group's predicted ORT milliseconds saved per FLOP saved, as a multiple of the model's (the share of
+    the latency a channel saves over the share of the FLOPs it saves), within :data:`INTENSITY_CLAMP`: above 1
+    where ORT spends more time than the FLOPs say (a depthwise conv, the activations, SE gates and layout
+    reorders that scale with the channels, weights read once per image), under 1 where less."""
+    cost = CostModel(graph)
+    per_ms = ms_per_channel(graph, groups, latency_model)
+    per_flop = cost_per_channel(graph, groups, cost.flops, cost.base_flops)
+    lo, hi = INTENSITY_CLAMP
+    return {name: min(hi, max(lo, (per_ms[name] / latency_model.base) / (per_flop[name] / cost.base_flops)))
+            for name in per_ms}
 
 
 @paused_gc
 def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None, params=None, latency=None,
               round_to=None, min_keep: int = 1, floor: float = 0.0, ignore=(), meta=None, latency_model=None,
-              ranking: str = "importance") -> Plan:
+              ranking: str | None = None) -> Plan:
     """Choose the channels to keep under exactly one budget, from per-group scores.
 
     ``scores`` maps each prunable group's name to a tensor of its size (higher means
@@ -342,9 +367,16 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     and meets the budget with :func:`search`; when even every removable channel is not
     enough it warns and returns the smallest plan.
 
+    Rounded to fast counts (``round_to="fast"``), a ``flops`` budget ranks by default
+    ``"latency-weighted"``: each normalised score divided by the square root of its group's
+    :func:`latency_intensity`, so that among channels of like importance those that cost ORT more time than
+    their FLOPs say go first; every group then keeps at least :data:`WEIGHTED_FLOOR` of its channels (or
+    ``floor``, if more) where the budget can be met so. ``ranking="importance"`` ranks by the normalised
+    score alone.
+
     ``latency=`` keeps that fraction of the ONNX Runtime latency predicted by ``latency_model``
     (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given),
-    channels ranked as for ``flops=``, or with ``ranking="per ms"`` by importance per millisecond
+    channels ranked by importance by default, or with ``ranking="per ms"`` by importance per millisecond
     saved (HALP's ranking). ``round_to="fast"`` rounds each group up
     to a count ONNX Runtime runs well (:class:`~fxprune.cost.latency_table.FastCounts`); where those
     counts cannot meet a FLOPs, parameter or ratio budget, the plan is searched again with counts under
@@ -353,30 +385,38 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
     """
     budget = Budget(ratio=ratio, flops=flops, params=params, latency=latency, round_to=round_to, floor=floor,
                     min_keep=min_keep)
-    if ranking not in RANKINGS:
+    if ranking is not None and ranking not in RANKINGS:
         raise ConfigError(f"ranking={ranking!r}: give one of {', '.join(map(repr, RANKINGS))}")
     if latency_model is None and (latency is not None or round_to == "fast"):
         latency_model = LatencyModel(graph)
+    if ranking not in (None, "importance") and latency_model is None:
+        raise ConfigError(f"ranking={ranking!r} ranks on predicted latency: give a latency_model or round_to='fast'")
     if latency_model is not None and latency_model.graph.num_channels != graph.num_channels:
         raise ConfigError("latency_model was built for another model (its channel graph differs): build it "
                           "with LatencyModel(fxprune.analyze(model, example_inputs))")
     if round_to == "fast":
         budget = replace(budget, round_to=FastCounts(latency_model))
+    ranking = ranking or default_ranking(budget, latency_model)
     slice_count = slice_rounding(budget)
     ignored = ignored_groups(graph, ignore)
     groups = [g for g in graph.groups.values() if g.prunable > 0 and g.name not in ignored]
     checked_scores(groups, scores)
-    floors = {g.name: budget.min_kept(g) for g in groups}
     order = {g.name: ranked(g, scores[g.name]) for g in groups}
 
     keys = None
     if budget.ratio is None:
         keys = {g.name: normalized(scores[g.name], ~g.pinned).numpy() for g in groups}
-        if budget.latency is not None and ranking == "per ms":  # importance per millisecond saved
+        if ranking == "per ms":  # importance per millisecond saved
             per_ms = ms_per_channel(graph, groups, latency_model)
             keys = {name: k / per_ms[name] for name, k in keys.items()}
+        elif ranking == "latency-weighted":
+            intensity = latency_intensity(graph, groups, latency_model)
+            weight = {name: math.sqrt(v) for name, v in intensity.items()}   # a negative score moves the other way
+            keys = {name: np.where(k >= 0, k / weight[name], k * weight[name]) for name, k in keys.items()}
 
     def searched(budget):
+        floors = {g.name: budget.min_kept(g) for g in groups}
+
         def kept_count(g, removed):
             return budget.rounded(g, max(g.size - removed, floors[g.name]))
 
@@ -385,14 +425,19 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         return search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count),
                       budget, kept_count, latency_model)
 
-    found, budget = search_rounded(budget, searched)
+    found = None
+    if ranking == "latency-weighted" and budget.floor < WEIGHTED_FLOOR:  # no group emptied for its latency
+        found, floored = search_rounded(replace(budget, floor=WEIGHTED_FLOOR), searched)
+        budget = floored if found.met else budget
+    if found is None or not found.met:
+        found, budget = search_rounded(budget, searched)
     info = budget.info()
     if not found.met:
         rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""
         warnings.warn(f"the budget cannot be met: with every prunable channel removed{rounded} the model keeps "
                       f"{found.cost:.1%}", stacklevel=2)
         info["met"] = False
-    if budget.latency is not None:
+    if budget.latency is not None or budget.flops is not None or budget.params is not None:
         info["ranking"] = ranking
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts, slice_count),
                           {**info, **(meta or {})})

@@ -61,6 +61,11 @@ class Report:
         ]
         if self.output != "graph":
             rows.insert(1, ("output", f"a pruned copy of the model ({self.output})", "", ""))
+        ranking = self.plan.meta.get("ranking")
+        if ranking in ("latency-weighted", "per ms"):   # ranked on the ORT latency model (fxprune.plan.make_plan)
+            why = ("importance over the square root of the group's latency per FLOP" if ranking == "latency-weighted"
+                   else "importance per millisecond saved")
+            rows.insert(1, ("channels ranked", ranking, why, ""))
         if self.plan.meta.get("groups"):   # grouped convs coupled by whole groups (fxprune.couple.couple)
             lose = {"whole": "whole groups", "blocked": "whole groups where 16-wide, else balanced counts"}.get(
                 self.plan.meta["groups"], self.plan.meta["groups"])
