@@ -155,11 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--steps", type=int, default=None,
                        help="--latency: candidates measured (default 6)")
     prune.add_argument("--latency-ranking", choices=("importance", "per-ms", "latency-weighted"), default=None,
-                       help="how channels are ranked on the measured per-op latency model: --latency ranks by "
-                            "importance by default (or per-ms: importance per millisecond, HALP's ranking), each "
-                            "plan measured against the original and corrected; --flops with the default fast "
-                            "counts ranks latency-weighted by default (importance over the square root of the "
-                            "group's latency per FLOP), importance alone with 'importance'")
+                       help="how channels are ranked on the measured per-op latency model: --latency, and "
+                            "--flops with the default fast counts, rank latency-weighted by default (importance "
+                            "over the square root of the group's latency per FLOP); 'importance' ranks by importance "
+                            "alone, 'per-ms' by importance per millisecond (HALP's ranking)")
 
     inspect = sub.add_parser("inspect", help="print the channel groups of a model, or draw its graph")
     inspect.add_argument("model", help=MODEL_HELP)
@@ -256,8 +255,8 @@ def _prune(args) -> int:
         steps = args.steps or 6
         if args.repeats < 1 or steps < 1:
             raise FxPruneError(f"--repeats {args.repeats} and --steps {steps} must be at least 1")
-        ranking = ranking or "importance"
-        latency_options = {"steps": steps, "repeats": args.repeats, "progress": True, "ranking": ranking}
+        latency_options = {"steps": steps, "repeats": args.repeats, "progress": True, **(latency_options or {})}
+        ranking = ranking or "latency-weighted"
         how = f"latency model, channels ranked by {'importance per ms' if ranking == 'per ms' else ranking}"
         print(f"searching a plan within {args.latency} × the original's ONNX Runtime CPU latency "
               f"({how}: at most {steps} candidates, at least {args.repeats} runs each in 5 alternating "

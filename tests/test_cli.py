@@ -146,7 +146,8 @@ def test_a_timm_model_by_name_at_its_native_size(capsys):
     assert code == 2 and "timm has no model 'no_such_net'" in err
 
 
-@pytest.mark.parametrize("ranking, said", [(None, "importance ranking"), ("per-ms", "per ms ranking")])
+@pytest.mark.parametrize("ranking, said", [(None, "latency-weighted ranking"), ("importance", "importance ranking"),
+                                            ("per-ms", "per ms ranking")])
 def test_prune_latency(capsys, ranking, said):
     code, out, _ = run(capsys, "prune", "test_cli:wide", "--input-shape", "1,3,32,32", "--latency", "0.6",
                        "--steps", "1", "--repeats", "8", "--round-to", "8",

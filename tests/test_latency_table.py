@@ -650,11 +650,10 @@ def test_compile_latency_per_ms_uses_the_model_then_measures(monkeypatch):
     assert rep.plan.meta["latency_budget"] == best["predicted"] and rep.plan.meta["latency_ratio"] <= 0.5
 
 
-def test_compile_latency_ranks_by_importance_by_default(monkeypatch):
-    """By default ``latency=`` plans on the latency model with channels ranked by importance (as for
-    ``flops=``): the plan returned is the importance-ranked plan of the predicted-latency budget found,
-    at the fast counts; ``ranking="per ms"`` ranks by importance per millisecond instead, and at the
-    same predicted latency keeps other channels."""
+def test_compile_latency_ranks_latency_weighted_by_default(monkeypatch):
+    """``latency=`` plans on the latency model: the plan returned is the plan of the predicted-latency budget
+    found, at the fast counts, for each ranking (importance alone, per ms); by default latency-weighted (as
+    ``flops=`` on fast counts), and at the same predicted latency the rankings keep other channels."""
     from fxprune.cost import latency
 
     net = wide_net()
@@ -676,7 +675,10 @@ def test_compile_latency_ranks_by_importance_by_default(monkeypatch):
         assert meta["latency_ratio"] <= 0.5       # (the fast counts of this small net step past the band)
     default = fxprune.report(fxprune.compile(net, (X8,), method="l1", latency=0.5, latency_model=lm, onnx=False,
                                              round_to="fast"))
-    assert default.plan.keep == reps["importance"].plan.keep and default.plan.meta["ranking"] == "importance"
+    assert default.plan.meta["ranking"] == "latency-weighted"
+    expected = make_plan(graph, scores, latency=default.plan.meta["latency_budget"], round_to="fast", latency_model=lm,
+                         ranking="latency-weighted")
+    assert default.plan.keep == expected.keep
     # the two rankings differ: per ms, the costlier group per channel loses more
     at = {r: make_plan(graph, scores, latency=0.6, latency_model=lm, ranking=r) for r in RANKINGS}
     assert at["importance"].keep != at["per ms"].keep

@@ -5,13 +5,13 @@ blocks, depthwise 3x3 convs), both on 28x28x1 inputs: train a baseline once, the
 same ONNX Runtime CPU latency target (``--target`` × the original's, batch 1, 2 threads) three ways,
 each with ``method="l2"`` and the default rounding (fast counts):
 
-* ``latency planner`` (the default ranking, importance): ``fxprune.compile(model, x, latency=T)`` —
-  channels ranked by importance, the FLOPs budget (with the latency model's fast counts) fitted so that
-  the exported model measures within ``[0.9, 0.96] × T``, every candidate timed against the original.
-  This is a FLOPs budget ranked by importance alone, at equal latency: ``latency=`` fits it;
-* ``latency-weighted ranking``: the same with ``latency_options={"ranking": "latency-weighted"}``, the
-  ranking of a FLOPs budget on fast counts (the defaults' ``flops=``): at equal latency, the plan a FLOPs
-  budget fitted to that latency returns;
+* ``latency planner`` (the default ranking, latency-weighted): ``fxprune.compile(model, x, latency=T)`` —
+  channels ranked by importance over the square root of their group's predicted latency per FLOP, the
+  latency budget fitted so that the exported model measures within ``[0.9, 0.96] × T``, every candidate
+  timed against the original. A FLOPs budget on fast counts ranks the same way, so this is also the FLOPs
+  budget at equal latency of the issue's comparison;
+* ``importance ranking``: the same with ``latency_options={"ranking": "importance"}``: a FLOPs budget
+  ranked by importance alone (the defaults before commit 55e4c9b), at equal latency;
 * ``per-ms ranking``: the same with ``latency_options={"ranking": "per ms"}``: channels ranked by
   importance per millisecond of a measured per-op latency model (HALP's ranking), its plans measured
   against the original and corrected the same way.
@@ -87,8 +87,8 @@ class MobileNetS(nn.Module):
 MODELS = {"resnet20": ResNet20, "mobilenet_s": MobileNetS}
 
 
-ARMS = ("latency planner (importance ranking, default)", "per-ms ranking", "latency-weighted ranking")
-RANKING = {"per-ms ranking": "per ms", "latency-weighted ranking": "latency-weighted"}
+ARMS = ("latency planner (latency-weighted ranking, default)", "importance ranking", "per-ms ranking")
+RANKING = {"importance ranking": "importance", "per-ms ranking": "per ms"}
 
 
 def prune(base, x1, target, arm, args):

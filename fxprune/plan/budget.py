@@ -329,11 +329,11 @@ RANKINGS = ("importance", "per ms", "latency-weighted")   # how a FLOPs or laten
 
 
 def default_ranking(budget: Budget, latency_model) -> str:
-    """The ranking of :func:`make_plan` when none is given: ``"latency-weighted"`` for a FLOPs budget rounded to
-    fast counts (:class:`~fxprune.cost.latency_table.FastCounts` of ``latency_model``, the default for
-    convolutional models), else ``"importance"``."""
+    """The ranking of :func:`make_plan` when none is given: ``"latency-weighted"`` for a latency budget, and for
+    a FLOPs budget rounded to fast counts (:class:`~fxprune.cost.latency_table.FastCounts` of ``latency_model``,
+    the default for convolutional models); else ``"importance"``."""
     fast = isinstance(budget.round_to, FastCounts) and latency_model is not None
-    return "latency-weighted" if budget.flops is not None and fast else "importance"
+    return "latency-weighted" if budget.latency is not None or (budget.flops is not None and fast) else "importance"
 
 
 INTENSITY_CLAMP = (0.1, 10.0)   # a group's latency per FLOP, against the model's, is taken within these
@@ -376,8 +376,8 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
 
     ``latency=`` keeps that fraction of the ONNX Runtime latency predicted by ``latency_model``
     (a :class:`~fxprune.cost.latency_table.LatencyModel`, built for ``graph`` when not given),
-    channels ranked by importance by default, or with ``ranking="per ms"`` by importance per millisecond
-    saved (HALP's ranking). ``round_to="fast"`` rounds each group up
+    channels ranked latency-weighted by default, by importance alone with ``ranking="importance"``, or with
+    ``ranking="per ms"`` by importance per millisecond saved (HALP's ranking). ``round_to="fast"`` rounds each group up
     to a count ONNX Runtime runs well (:class:`~fxprune.cost.latency_table.FastCounts`); where those
     counts cannot meet a FLOPs, parameter or ratio budget, the plan is searched again with counts under
     each group's first fast count left as they are (``meta["round_to"]`` then says
