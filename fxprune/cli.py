@@ -249,7 +249,7 @@ def _model(args):
 def _prune(args) -> int:
     model = _model(args)
     inputs = _inputs(args)
-    ranking = args.latency_ranking.replace("-", " ") if args.latency_ranking == "per-ms" else args.latency_ranking
+    ranking = {"per-ms": "per ms"}.get(args.latency_ranking, args.latency_ranking)
     latency_options = None if ranking is None else {"ranking": ranking}
     if args.latency is not None:
         steps = args.steps or 6

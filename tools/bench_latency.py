@@ -10,7 +10,7 @@
 defaults to fast counts for these convolutional models, and channels are ranked latency-weighted);
 ``importance ranking`` is the same ranked by importance alone (``latency_options={"ranking": "importance"}``,
 the defaults until the ranking became latency-weighted); ``latency=0.5`` is ``compile(..., latency=0.5)``:
-planned on the latency model (channels ranked by importance, fast counts), each plan measured against the
+planned on the latency model (channels ranked latency-weighted, fast counts), each plan measured against the
 original and re-planned from the misses until one measures within ``[0.45, 0.48]`` of its latency (at ``--threads``).
 
 Latency is ORT CPU, batch 1, ``--threads`` intra-op threads (default 2). Two figures per model:

@@ -425,19 +425,20 @@ def make_plan(graph, scores: dict[str, torch.Tensor], *, ratio=None, flops=None,
         return search(graph, groups, steps, lambda counts: keep_mask(graph, groups, order, counts, slice_count),
                       budget, kept_count, latency_model)
 
-    found = None
+    tries = [budget]
     if ranking == "latency-weighted" and budget.floor < WEIGHTED_FLOOR:  # no group emptied for its latency
-        found, floored = search_rounded(replace(budget, floor=WEIGHTED_FLOOR), searched)
-        budget = floored if found.met else budget
-    if found is None or not found.met:
-        found, budget = search_rounded(budget, searched)
+        tries.insert(0, replace(budget, floor=WEIGHTED_FLOOR))
+    for tried in tries:
+        found, budget = search_rounded(tried, searched)
+        if found.met:
+            break
     info = budget.info()
     if not found.met:
         rounded = f" (each group rounded to round_to={round_to!r})" if round_to is not None else ""
         warnings.warn(f"the budget cannot be met: with every prunable channel removed{rounded} the model keeps "
                       f"{found.cost:.1%}", stacklevel=2)
         info["met"] = False
-    if budget.latency is not None or budget.flops is not None or budget.params is not None:
+    if budget.ratio is None:   # a ratio budget ranks nothing: every group loses its share
         info["ranking"] = ranking
     return plan_from_mask(graph, groups, keep_mask(graph, groups, order, found.counts, slice_count),
                           {**info, **(meta or {})})
